@@ -1,0 +1,129 @@
+"""Tensor container: the safetensors layout (8-byte header length, JSON header, raw LE tensors).
+
+Written and read with numpy alone, so a device needs no extra library, and every read validates
+the header before it touches the data: a malformed buffer raises ``CodecError`` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+
+# safetensors dtype tags <-> numpy dtypes (little-endian on the wire).
+_DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "F64": np.dtype("<f8"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "I16": np.dtype("<i2"),
+    "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"),
+}
+_TAGS: dict[np.dtype, str] = {dt: tag for tag, dt in _DTYPES.items()}
+
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+class CodecError(ValueError):
+    """A buffer that is not a valid tensor container; ``reason`` is a short counted code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def dtype_tag(dtype: np.dtype) -> str:
+    """The safetensors tag of a numpy dtype (native byte order accepted)."""
+    dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
+    if dt not in _TAGS:
+        raise CodecError("bad_dtype", f"{dtype} cannot be encoded; use one of {sorted(_DTYPES)}")
+    return _TAGS[dt]
+
+
+def write_tensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise ``tensors`` (in insertion order) with string ``metadata`` into one buffer."""
+    header: dict[str, object] = {}
+    if metadata:
+        bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+        if bad:
+            raise TypeError(f"metadata values must be str; not for {bad}")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    blobs: list[bytes] = []
+    for name, arr in tensors.items():
+        a = np.asarray(arr)
+        tag = dtype_tag(a.dtype)
+        raw = np.ascontiguousarray(a, dtype=_DTYPES[tag]).tobytes()
+        header[name] = {"dtype": tag, "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hjson += b" " * (-len(hjson) % 8)
+    return struct.pack("<Q", len(hjson)) + hjson + b"".join(blobs)
+
+
+def read_header(buf: bytes | memoryview) -> tuple[dict[str, dict[str, object]], dict[str, str], int]:
+    """Parse and validate the header: (tensor entries, metadata, data start offset)."""
+    if len(buf) < 8:
+        raise CodecError("not_container", f"{len(buf)} bytes; a container has at least 8")
+    (hlen,) = struct.unpack_from("<Q", buf, 0)
+    if hlen > MAX_HEADER_BYTES or 8 + hlen > len(buf):
+        raise CodecError("not_container", f"header length {hlen} does not fit a {len(buf)}-byte buffer")
+    try:
+        header = json.loads(bytes(buf[8 : 8 + hlen]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CodecError("not_container", f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CodecError("not_container", "header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise CodecError("not_container", "__metadata__ must map strings to strings")
+    data_len = len(buf) - 8 - hlen
+    spans: list[tuple[int, int]] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise CodecError("not_container", f"tensor {name!r}: expected dtype, shape, data_offsets")
+        tag, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if tag not in _DTYPES:
+            raise CodecError("bad_dtype", f"tensor {name!r} has dtype {tag!r}")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise CodecError("bad_shape", f"tensor {name!r} has shape {shape!r}")
+        if not (
+            isinstance(offs, list)
+            and len(offs) == 2
+            and all(isinstance(o, int) for o in offs)
+            and 0 <= offs[0] <= offs[1] <= data_len
+        ):
+            raise CodecError("not_container", f"tensor {name!r} has offsets {offs!r} outside the data")
+        n = int(np.prod(shape, dtype=np.int64)) * _DTYPES[tag].itemsize
+        if offs[1] - offs[0] != n:
+            raise CodecError("bad_shape", f"tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape}")
+        spans.append((offs[0], offs[1]))
+    spans.sort()
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise CodecError("not_container", "tensor data overlaps")
+    return header, meta, 8 + hlen
+
+
+def read_tensors(buf: bytes | memoryview) -> dict[str, np.ndarray]:
+    """All tensors of a container, as read-only arrays viewing ``buf``, in header order."""
+    return read_container(buf)[0]
+
+
+def read_container(buf: bytes | memoryview) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a container."""
+    header, meta, start = read_header(buf)
+    out: dict[str, np.ndarray] = {}
+    for name, entry in header.items():
+        dt = _DTYPES[str(entry["dtype"])]
+        b, e = entry["data_offsets"]  # type: ignore[misc]
+        shape = tuple(entry["shape"])  # type: ignore[arg-type]
+        out[name] = np.frombuffer(buf, dtype=dt, count=(e - b) // dt.itemsize, offset=start + b).reshape(shape)
+    return out, meta
