@@ -1,0 +1,165 @@
+"""The attack contract: what an eavesdropper sees, what it produces, and the one verb between.
+
+An attack gets an intercepted update, the global model it was computed at and public metadata,
+and returns a ``Reconstruction``. None of these types has a field that could carry the device's
+images, labels or example indices: the truth enters only ``attacks.leakage.evaluate``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
+
+import numpy as np
+
+from edge.manifest import Manifest
+
+UpdateKind = Literal["gradient", "delta"]
+Algorithm = Literal["fedsgd", "fedavg"]
+Device = Literal["cpu", "cuda"]
+MAX_THREADS = 2
+
+
+@dataclass(frozen=True)
+class AttackUpdate:
+    """One intercepted update, exactly as it crossed the wire.
+
+    ``params`` maps parameter names (manifest order) to float32 arrays: the mean cross-entropy
+    gradient over the batch (``kind="gradient"``, FedSGD) or ``w_local - w_global`` after local
+    SGD (``kind="delta"``, FedAvg). The task's hyper-parameters come along because the task
+    message that carried them is public to every subscriber.
+    """
+
+    params: Mapping[str, np.ndarray] = field(repr=False)
+    kind: UpdateKind
+    num_examples: int
+    lr: float
+    epochs: int
+    batch_size: int
+    algorithm: Algorithm
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gradient", "delta"):
+            raise ValueError(f"kind {self.kind!r}; expected 'gradient' or 'delta'")
+        if self.algorithm not in ("fedsgd", "fedavg"):
+            raise ValueError(f"algorithm {self.algorithm!r}; expected 'fedsgd' or 'fedavg'")
+        if self.num_examples < 1:
+            raise ValueError(f"num_examples={self.num_examples}; an update covers at least one")
+        bad = [k for k, v in self.params.items() if np.asarray(v).dtype != np.float32]
+        if bad:
+            raise ValueError(f"params must be float32 arrays; convert {bad[:3]} with .astype")
+
+    @property
+    def local_batches(self) -> list[int]:
+        """Sizes of the local minibatches of one epoch (sequential, the last may be short)."""
+        n, b = self.num_examples, self.batch_size if self.batch_size > 0 else self.num_examples
+        return [min(b, n - i) for i in range(0, n, b)]
+
+
+@dataclass(frozen=True)
+class AttackMetadata:
+    """Public knowledge shared by all attacks: model layout, pixel space, budget, device.
+
+    Images live in [0, 1]. The device feeds its model ``(lo + (hi - lo) * image - mean) / std``
+    per channel, with ``(lo, hi) = pixel_range``; every attack reconstructs in [0, 1] and applies
+    this map inside its model wrapper (``attacks.model.InputMap``).
+    """
+
+    manifest: Manifest
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    pixel_range: tuple[float, float] = (0.0, 1.0)
+    budget_s: float = 60.0
+    device: Device | None = None  # None: CUDA when available, else CPU
+
+    def __post_init__(self) -> None:
+        channels = self.manifest.input_shape[0]
+        for name, v in (("mean", self.mean), ("std", self.std)):
+            if len(v) not in (1, channels):
+                raise ValueError(f"{name} has {len(v)} values; expected 1 or {channels}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std {self.std} must be positive")
+        if not self.budget_s > 0:
+            raise ValueError(f"budget_s={self.budget_s}; give a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """What an attack recovered.
+
+    ``images``: float32 [N, C, H, W] in [0, 1], or None for label-only attacks. ``labels``: int64
+    [N] (one per recovered example, ordered like ``images``) or None. ``confidence``: float32
+    [N], higher is surer; comparable within one attack only.
+    """
+
+    images: np.ndarray | None = field(repr=False)
+    labels: np.ndarray | None
+    confidence: np.ndarray = field(repr=False)
+    seconds: float
+    attack: str
+
+    def __post_init__(self) -> None:
+        n = len(self.confidence)
+        if self.images is not None and (self.images.ndim != 4 or len(self.images) != n):
+            raise ValueError(f"images {self.images.shape}: expected [N={n}, C, H, W]")
+        if self.labels is not None and self.labels.shape != (n,):
+            raise ValueError(f"labels {self.labels.shape}: expected [{n}]")
+        if self.images is None and self.labels is None:
+            raise ValueError("a reconstruction needs images, labels or both")
+
+    @property
+    def count(self) -> int:
+        return len(self.confidence)
+
+
+class Attack(Protocol):
+    """An attack: one class with one verb."""
+
+    name: ClassVar[str]
+    config: Any
+
+    def reconstruct(
+        self,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+    ) -> Reconstruction:
+        """Invert ``update`` (computed at ``global_model``) within ``metadata.budget_s`` seconds."""
+        ...
+
+
+def check_layout(update: AttackUpdate, global_model: Mapping[str, np.ndarray], manifest: Manifest) -> None:
+    """Raise ``ValueError`` unless update and global model both match the manifest's layout."""
+    shapes = manifest.shapes()
+    for what, arrays in (("update", update.params), ("global model", global_model)):
+        if list(arrays) != list(shapes):
+            raise ValueError(
+                f"{what} has parameters {list(arrays)[:4]}...; the manifest of {manifest.model!r} "
+                f"expects {list(shapes)[:4]}... in manifest order"
+            )
+        for name, shape in shapes.items():
+            if tuple(arrays[name].shape) != shape:
+                raise ValueError(f"{what} {name}: shape {arrays[name].shape}, expected {shape}")
+
+
+@dataclass
+class Deadline:
+    """A wall-clock budget: ``left()`` seconds remain, ``fraction()`` of it is used."""
+
+    budget_s: float
+    start: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def expired(self) -> bool:
+        return self.left() <= 0
+
+    def fraction(self) -> float:
+        return min(1.0, self.elapsed() / self.budget_s) if math.isfinite(self.budget_s) else 0.0

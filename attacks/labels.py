@@ -1,0 +1,191 @@
+"""Label recovery from the last layer's update.
+
+With mean cross-entropy over a batch of B examples, the last layer's bias gradient is
+``db_c = mean_i p_ic - n_c / B`` (``p`` the softmax output, ``n_c`` the count of class c), and
+each weight row is ``dW_c = mean_i (p_ic - y_ic) h_i`` with ``h_i`` the layer's input.
+
+- ``idlg`` (Zhao et al. 2020): for one example, the label is the only class with a negative
+  signal (bias gradient, or weight-row sum when features are non-negative). Exact.
+- ``label_count`` (the LLG+/bias-corrected family: Wainakh et al. 2022, Geng et al. 2021):
+  ``n_c = B * (p̄_c - db_c)`` with the mean softmax ``p̄`` estimated on random dummy inputs at the
+  global weights, rounded to non-negative integers that sum to B. Accurate while the softmax does
+  not vary much between inputs (untrained or early-training models). FedAvg deltas are turned
+  into an equivalent mean gradient ``-delta / (lr * steps)`` first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from attacks.base import AttackMetadata, AttackUpdate, Reconstruction, check_layout
+from attacks.model import FunctionalModel, select_device, to_weights
+from edge.manifest import Manifest
+
+
+def last_layer(manifest: Manifest) -> tuple[str, str | None]:
+    """Names of the classifier's weight ``[classes, features]`` and bias ``[classes]`` (or None)."""
+    specs = list(manifest.params)
+    for i in range(len(specs) - 1, -1, -1):
+        spec = specs[i]
+        if len(spec.shape) == 2 and spec.shape[0] == manifest.num_classes:
+            nxt = specs[i + 1] if i + 1 < len(specs) else None
+            has_bias = nxt is not None and nxt.shape == (manifest.num_classes,)
+            return spec.name, nxt.name if has_bias and nxt is not None else None
+    raise ValueError(
+        f"model {manifest.model!r} has no linear layer with {manifest.num_classes} outputs: "
+        "label recovery needs a classifier as the last layer"
+    )
+
+
+def class_signal(weight_grad: np.ndarray, bias_grad: np.ndarray | None) -> np.ndarray:
+    """Per-class ``mean_i (p_ic - y_ic)`` (bias) or its feature-weighted sum (weight rows)."""
+    if bias_grad is not None:
+        return bias_grad.astype(np.float64)
+    return weight_grad.astype(np.float64).sum(axis=1)
+
+
+def equivalent_gradient(update: AttackUpdate, arrays: np.ndarray) -> np.ndarray:
+    """The mean gradient that would give this update: itself, or ``-delta / (lr * steps)``."""
+    if update.kind == "gradient":
+        return arrays
+    steps = update.epochs * len(update.local_batches)
+    return -arrays / (update.lr * steps)
+
+
+def idlg_label(signal: np.ndarray) -> int:
+    """The one class whose signal is negative (the smallest)."""
+    return int(np.argmin(signal))
+
+
+def round_counts(estimate: np.ndarray, total: int) -> np.ndarray:
+    """Non-negative integers summing to ``total`` closest to ``estimate`` (largest remainder)."""
+    est = np.clip(np.asarray(estimate, dtype=np.float64), 0.0, None)
+    if est.sum() > 0:
+        est = est * (total / est.sum())
+    counts = np.floor(est).astype(np.int64)
+    order = np.argsort(-(est - counts), kind="stable")
+    counts[order[: total - int(counts.sum())]] += 1
+    return counts
+
+
+def estimate_counts(bias_signal: np.ndarray, mean_probs: np.ndarray, total: int) -> np.ndarray:
+    """Class counts from ``db_c = p̄_c - n_c / B``."""
+    return round_counts(total * (mean_probs - bias_signal), total)
+
+
+def counts_to_labels(counts: np.ndarray) -> np.ndarray:
+    """The multiset of labels that ``counts`` describes, ascending, int64."""
+    return np.repeat(np.arange(len(counts)), counts).astype(np.int64)
+
+
+def dummy_mean_probs(
+    model: FunctionalModel,
+    weights: Mapping[str, torch.Tensor],
+    input_shape: tuple[int, ...],
+    *,
+    samples: int,
+    seed: int,
+) -> np.ndarray:
+    """Mean softmax output over uniform random images in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((samples, *input_shape), generator=gen).to(model.input_map.scale.device)
+    with torch.no_grad():
+        probs = torch.softmax(model.logits(weights, x), dim=1).mean(0)
+    return probs.double().cpu().numpy()
+
+
+def recover_labels(
+    update: AttackUpdate,
+    global_model: Mapping[str, np.ndarray],
+    metadata: AttackMetadata,
+    *,
+    samples: int = 64,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels int64 [B], confidence [B]): iDLG for one example, counts for a batch."""
+    weight_name, bias_name = last_layer(metadata.manifest)
+    bias = update.params[bias_name] if bias_name is not None else None
+    weight = equivalent_gradient(update, update.params[weight_name])
+    signal = class_signal(weight, None if bias is None else equivalent_gradient(update, bias))
+    n = update.num_examples
+    if n == 1 and update.kind == "gradient":
+        label = idlg_label(signal)
+        margin = np.sort(signal)[1] - signal[label] if len(signal) > 1 else 1.0
+        return np.array([label], dtype=np.int64), np.array([margin], dtype=np.float32)
+    if bias is None:
+        raise ValueError(
+            f"{metadata.manifest.model!r} has no classifier bias: batch label counts need one"
+        )
+    device = select_device(metadata.device)
+    model = FunctionalModel.from_metadata(metadata, device)
+    probs = dummy_mean_probs(
+        model,
+        to_weights(global_model, device),
+        metadata.manifest.input_shape,
+        samples=samples,
+        seed=seed,
+    )
+    raw = n * (probs - signal)
+    counts = estimate_counts(signal, probs, n)
+    labels = counts_to_labels(counts)
+    # Confidence: how far each class's raw estimate sits from a rounding boundary.
+    closeness = 1.0 - 2.0 * np.abs(raw - np.round(raw)).clip(0, 0.5)
+    return labels, closeness[labels].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """``samples`` random dummy inputs estimate the mean softmax; ``seed`` draws them."""
+
+    samples: int = 64
+    seed: int = 0
+
+
+class _LabelAttack:
+    config: LabelConfig
+    name: ClassVar[str]
+
+    def __init__(self, config: LabelConfig | None = None) -> None:
+        self.config = config or LabelConfig()
+
+    def reconstruct(
+        self,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+    ) -> Reconstruction:
+        start = time.perf_counter()
+        check_layout(update, global_model, metadata.manifest)
+        self._check(update)
+        labels, conf = recover_labels(
+            update, global_model, metadata, samples=self.config.samples, seed=self.config.seed
+        )
+        return Reconstruction(None, labels, conf, time.perf_counter() - start, self.name)
+
+    def _check(self, update: AttackUpdate) -> None:
+        pass
+
+
+class IDLG(_LabelAttack):
+    """iDLG: the label of a single-example gradient from the sign of the last layer's gradient."""
+
+    name = "idlg"
+
+    def _check(self, update: AttackUpdate) -> None:
+        if update.num_examples != 1 or update.kind != "gradient":
+            raise ValueError(
+                f"idlg needs a one-example gradient; got {update.num_examples} examples "
+                f"({update.kind}): use 'label_count' for batches and deltas"
+            )
+
+
+class LabelCount(_LabelAttack):
+    """Batch label counts from the last layer's bias update (see the module docstring)."""
+
+    name = "label_count"

@@ -1,0 +1,208 @@
+"""The victim model as the attacker rebuilds it: a functional torch model over named weights.
+
+The same code computes a client's update (FedSGD gradient or FedAvg delta) for the bench's
+simulated victims and, differentiably, for the attacks that match it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks.base import MAX_THREADS, AttackMetadata, AttackUpdate, Device
+from edge.manifest import Manifest, ParamSpec
+
+Weights = dict[str, torch.Tensor]
+
+
+def select_device(preference: Device | None = None) -> torch.device:
+    """CUDA when asked for or available (``None``), else CPU; also caps torch's CPU threads."""
+    torch.set_num_threads(min(MAX_THREADS, torch.get_num_threads()))
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
+    use_cuda = preference == "cuda" or (preference is None and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def build_module(manifest: Manifest) -> nn.Module:
+    """The zoo model named by ``manifest``; its parameter names must match the manifest's."""
+    from export import zoo
+
+    module = zoo.build(manifest.model, manifest.input_shape, manifest.num_classes)
+    names = [n for n, _ in module.named_parameters()]
+    if names != manifest.param_names:
+        raise ValueError(
+            f"zoo model {manifest.model!r} has parameters {names[:3]}..., the manifest "
+            f"{manifest.param_names[:3]}...: the manifest was written by another version of the zoo"
+        )
+    return module
+
+
+def manifest_for(
+    name: str, module: nn.Module, input_shape: tuple[int, ...], num_classes: int
+) -> Manifest:
+    """A manifest (layout only, no artifacts) describing ``module``."""
+    specs = tuple(ParamSpec(n, tuple(p.shape)) for n, p in module.named_parameters())
+    return Manifest(name, tuple(input_shape), num_classes, specs)
+
+
+def to_weights(arrays: Mapping[str, np.ndarray], device: torch.device) -> Weights:
+    """Named float32 arrays as tensors on ``device`` (copies, in the given order)."""
+    return {k: torch.tensor(np.asarray(v), dtype=torch.float32, device=device) for k, v in arrays.items()}
+
+
+def to_arrays(weights: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Named tensors as float32 numpy arrays."""
+    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in weights.items()}
+
+
+@dataclass(frozen=True)
+class InputMap:
+    """The affine map from images in [0, 1] to model inputs: ``x * scale + shift`` per channel."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    @classmethod
+    def from_metadata(cls, meta: AttackMetadata, device: torch.device) -> InputMap:
+        lo, hi = meta.pixel_range
+        channels = meta.manifest.input_shape[0]
+        mean = torch.tensor(meta.mean, dtype=torch.float32).expand(channels)
+        std = torch.tensor(meta.std, dtype=torch.float32).expand(channels)
+        scale = ((hi - lo) / std).reshape(1, -1, 1, 1).to(device)
+        shift = ((lo - mean) / std).reshape(1, -1, 1, 1).to(device)
+        return cls(scale, shift)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images * self.scale + self.shift
+
+    def inverse(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (inputs - self.shift) / self.scale
+
+
+class FunctionalModel:
+    """A module evaluated at weights given per call, fed images in [0, 1]."""
+
+    def __init__(self, module: nn.Module, input_map: InputMap) -> None:
+        self.module = module
+        self.input_map = input_map
+        self.names = [n for n, _ in module.named_parameters()]
+
+    @classmethod
+    def from_metadata(cls, meta: AttackMetadata, device: torch.device) -> FunctionalModel:
+        return cls(build_module(meta.manifest).to(device), InputMap.from_metadata(meta, device))
+
+    def logits(self, weights: Mapping[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.module, dict(weights), (self.input_map(images),))
+
+    def loss(
+        self, weights: Mapping[str, torch.Tensor], images: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean cross-entropy; ``targets`` are class indices or per-class probabilities."""
+        return F.cross_entropy(self.logits(weights, images), targets)
+
+    def gradient(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        create_graph: bool = False,
+    ) -> Weights:
+        """The FedSGD update: the mean cross-entropy gradient of the batch at ``weights``."""
+        params = [weights[n] for n in self.names]
+        loss = self.loss(weights, images, targets)
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        return dict(zip(self.names, grads, strict=True))
+
+    def delta(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        lr: float,
+        epochs: int,
+        batch_sizes: list[int],
+        create_graph: bool = False,
+    ) -> Weights:
+        """The FedAvg update ``w_local - w_global`` after ``epochs`` epochs of minibatch SGD.
+
+        Each epoch visits the examples in order, in consecutive minibatches of ``batch_sizes``.
+        """
+        w = dict(weights)
+        for _ in range(epochs):
+            start = 0
+            for size in batch_sizes:
+                sl = slice(start, start + size)
+                g = self.gradient(w, images[sl], targets[sl], create_graph=create_graph)
+                w = {n: w[n] - lr * g[n] for n in self.names}
+                start += size
+        return {n: w[n] - weights[n] for n in self.names}
+
+    def update(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        like: AttackUpdate,
+        *,
+        create_graph: bool = False,
+    ) -> Weights:
+        """The update of the same kind and hyper-parameters as ``like`` for this batch."""
+        if like.kind == "gradient":
+            return self.gradient(weights, images, targets, create_graph=create_graph)
+        return self.delta(
+            weights,
+            images,
+            targets,
+            lr=like.lr,
+            epochs=like.epochs,
+            batch_sizes=like.local_batches,
+            create_graph=create_graph,
+        )
+
+
+def simulate_update(
+    model: FunctionalModel,
+    global_model: Mapping[str, np.ndarray],
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    algorithm: str = "fedsgd",
+    lr: float = 0.1,
+    epochs: int = 1,
+    batch_size: int = 0,
+) -> AttackUpdate:
+    """What an honest client sends for ``images``/``labels`` (the victim's side, for benches)."""
+    device = model.input_map.scale.device
+    n = len(images)
+    template = AttackUpdate(
+        params={},
+        kind="gradient" if algorithm == "fedsgd" else "delta",
+        num_examples=n,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        algorithm="fedsgd" if algorithm == "fedsgd" else "fedavg",
+    )
+    w = to_weights(global_model, device)
+    x = torch.tensor(images, dtype=torch.float32, device=device)
+    y = torch.tensor(labels, dtype=torch.int64, device=device)
+    for v in w.values():
+        v.requires_grad_(True)
+    params = to_arrays(model.update(w, x, y, template))
+    return AttackUpdate(
+        params=params,
+        kind=template.kind,
+        num_examples=n,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        algorithm=template.algorithm,
+    )

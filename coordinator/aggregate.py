@@ -1,0 +1,84 @@
+"""Aggregation rules as pure functions over ``(arrays, num_examples)`` pairs.
+
+Every rule returns one array per parameter name: the aggregated gradient (FedSGD) or delta
+(FedAvg). ``apply_update`` turns it into the next global model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+Weighted = tuple[Params, int]
+
+
+def _names(updates: Sequence[Weighted]) -> list[str]:
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    return list(updates[0][0])
+
+
+def weighted_mean(updates: Sequence[Weighted]) -> Params:
+    """Mean of the updates weighted by their example counts (FedAvg, McMahan et al. 2017)."""
+    names = _names(updates)
+    total = float(sum(n for _, n in updates))
+    out: Params = {}
+    for k in names:
+        acc = np.zeros_like(updates[0][0][k], dtype=np.float64)
+        for p, n in updates:
+            acc += p[k].astype(np.float64) * (n / total)
+        out[k] = acc.astype(np.float32)
+    return out
+
+
+def coordinate_median(updates: Sequence[Weighted]) -> Params:
+    """Coordinate-wise median, unweighted (Yin et al. 2018)."""
+    return {k: np.median(np.stack([p[k] for p, _ in updates]), axis=0).astype(np.float32)
+            for k in _names(updates)}
+
+
+def trimmed_mean(updates: Sequence[Weighted], *, trim: float = 0.1) -> Params:
+    """Coordinate-wise mean after dropping the ``trim`` fraction at each end (Yin et al. 2018)."""
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    cut = int(trim * len(updates))
+    out: Params = {}
+    for k in _names(updates):
+        s = np.sort(np.stack([p[k] for p, _ in updates]), axis=0)
+        out[k] = s[cut : len(updates) - cut].mean(axis=0).astype(np.float32)
+    return out
+
+
+def krum(updates: Sequence[Weighted], *, num_byzantine: int = 0) -> Params:
+    """The update closest to its n - f - 2 nearest neighbours (Blanchard et al. 2017)."""
+    names = _names(updates)
+    flat = np.stack([np.concatenate([p[k].ravel() for k in names]) for p, _ in updates]).astype(np.float64)
+    d = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(-1)
+    m = max(1, len(updates) - num_byzantine - 2)
+    scores = [np.sort(np.delete(d[i], i))[:m].sum() for i in range(len(updates))]
+    return dict(updates[int(np.argmin(scores))][0])
+
+
+AGGREGATORS: dict[str, Callable[[Sequence[Weighted]], Params]] = {
+    "mean": weighted_mean,
+    "median": coordinate_median,
+    "trimmed_mean": trimmed_mean,
+    "krum": krum,
+}
+
+
+def get_aggregator(name: str) -> Callable[[Sequence[Weighted]], Params]:
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {name!r}; expected one of {', '.join(AGGREGATORS)}")
+    return AGGREGATORS[name]
+
+
+def apply_update(weights: Params, aggregate: Params, *, kind: str, server_lr: float) -> Params:
+    """Next global model: ``w - server_lr * g`` for gradients (FedSGD), ``w + server_lr * d`` for deltas."""
+    if kind not in ("gradient", "delta"):
+        raise ValueError(f"kind must be 'gradient' or 'delta', got {kind!r}")
+    sign = -1.0 if kind == "gradient" else 1.0
+    step = np.float32(sign * server_lr)
+    return {k: (w + step * aggregate[k]).astype(np.float32) for k, w in weights.items()}

@@ -1,0 +1,23 @@
+"""Evaluation of a global model on held-out data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge.backends.base import Backend, Params
+
+
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of integer labels under softmax(logits), numerically stable."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def evaluate(backend: Backend, weights: Params, x: np.ndarray, y: np.ndarray, *,
+             batch_size: int = 1000) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``weights`` on ``(x, y)``."""
+    logits = np.concatenate(
+        [backend.logits(weights, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    )
+    return float((logits.argmax(1) == y).mean()), cross_entropy(logits, y)

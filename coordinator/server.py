@@ -1,0 +1,271 @@
+"""The coordinator: selects devices, broadcasts tasks, collects and validates updates, aggregates,
+evaluates and records every message in the byte ledger."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from coordinator.aggregate import apply_update, get_aggregator
+from coordinator.store import MessageRow, RunStore
+from edge import wire
+from edge.manifest import ModelArtifact
+from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, wait_until
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, np.ndarray]
+Evaluator = Callable[[Params], tuple[float, float]]
+UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How every round runs. FedSGD: w <- w - server_lr*lr*mean(g); FedAvg: w <- w + server_lr*mean(delta)."""
+
+    algorithm: str = "fedavg"
+    lr: float = 0.05
+    epochs: int = 1
+    batch_size: int = 32
+    fraction: float = 1.0
+    deadline_s: float = 120.0
+    server_lr: float = 1.0
+    aggregator: str = "mean"
+    codec: str = "f32"
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    selected: int
+    accepted: int
+    rejected: int
+    bytes_up: int
+    bytes_down: int
+    accuracy: float
+    loss: float
+    train_loss: float
+    seconds: float
+    rejections: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _RoundState:
+    round: int
+    selected: set[str]
+    accepted: dict[str, wire.Update] = field(default_factory=dict)
+    rejections: dict[str, int] = field(default_factory=dict)
+    bytes_up: int = 0
+
+
+class Coordinator:
+    """One run's server side over MQTT. Use as a context manager (connects, subscribes, stops)."""
+
+    def __init__(self, run: str, artifact: ModelArtifact, broker: BrokerAddress, store: RunStore,
+                 plan: RoundPlan, *, evaluator: Evaluator | None = None, seed: int = 0,
+                 weights: Params | None = None) -> None:
+        if plan.algorithm not in UPDATE_KIND:
+            raise ValueError(f"algorithm {plan.algorithm!r}; expected one of {', '.join(UPDATE_KIND)}")
+        self.run = run
+        self.artifact = artifact
+        self.manifest = artifact.manifest
+        self.broker = broker
+        self.store = store
+        self.plan = plan
+        self.aggregate = get_aggregator(plan.aggregator)
+        self.evaluator = evaluator
+        self.seed = seed
+        self.weights: Params = weights if weights is not None else artifact.initial_params()
+        self.online: dict[str, dict[str, object]] = {}
+        self.nonces: set[str] = set()
+        self.round = 0
+        self._state: _RoundState | None = None
+        self._inbox: queue.Queue[Received] = queue.Queue()
+        self._ready: list[str] = []
+        prefix = f"{wire.TOPIC_PREFIX}/{run}"
+        self.client: mqtt.Client = make_client(
+            f"coordinator-{run}", self._inbox, protocol=broker.protocol,
+            subscriptions=(f"{prefix}/update/+", f"{prefix}/status/+"), on_ready=self._ready,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> Coordinator:
+        self.client.connect(self.broker.host, self.broker.port, keepalive=60)
+        self.client.loop_start()
+        wait_until(lambda: bool(self._ready), 10, "the coordinator's subscriptions")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def end(self) -> None:
+        """Tell every device that the run is over."""
+        self.client.publish(wire.control_topic(self.run), b"end", qos=QOS).wait_for_publish(10)
+
+    def wait_for_devices(self, n: int, timeout: float) -> None:
+        """Block until ``n`` devices announced themselves online."""
+        end = time.monotonic() + timeout
+        while len(self.online) < n:
+            if time.monotonic() > end:
+                raise TimeoutError(f"only {len(self.online)} of {n} devices came online in {timeout:.0f} s")
+            self._drain(0.05)
+
+    # -- message handling -----------------------------------------------------------------------
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            msg = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._handle(msg)
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _ledger(self, msg: Received, device: str, kind: str) -> int:
+        size = msg.packet_bytes
+        self.store.add_messages([MessageRow(self.run, self.round, device, msg.topic, "up", kind, size,
+                                            len(msg.payload), time.time())])
+        return size
+
+    def _handle(self, msg: Received) -> None:
+        try:
+            _run, channel, device = wire.parse_topic(msg.topic)
+        except wire.WireError as e:
+            self._reject(msg.topic, "?", e)
+            return
+        assert device is not None
+        if channel == "status":
+            self._on_status(msg, device)
+        elif channel == "update":
+            size = self._ledger(msg, device, "update")
+            if self._state is not None:
+                self._state.bytes_up += size
+            try:
+                update = self._validate(msg, device)
+            except wire.WireError as e:
+                self._reject(msg.topic, device, e)
+                return
+            assert self._state is not None
+            self._state.accepted[device] = update
+
+    def _on_status(self, msg: Received, device: str) -> None:
+        if not msg.retain:
+            self._ledger(msg, device, "status")
+        try:
+            status = json.loads(msg.payload)
+            state = status["state"]
+        except (ValueError, KeyError, TypeError):
+            self._reject(msg.topic, device, wire.WireError("bad_status", msg.payload[:60].decode(errors="replace")))
+            return
+        if state == "online":
+            self.online[device] = status
+        else:
+            self.online.pop(device, None)
+
+    def _validate(self, msg: Received, device: str) -> wire.Update:
+        update = wire.decode_update(msg.payload, self.manifest)
+        st = self._state
+        if update.run != self.run:
+            raise wire.WireError("wrong_run", f"run {update.run!r}")
+        if update.device != device:
+            raise wire.WireError("device_mismatch", f"metadata says {update.device!r}, topic {device!r}")
+        if update.nonce in self.nonces:
+            raise wire.WireError("replayed_nonce", update.nonce)
+        self.nonces.add(update.nonce)
+        if st is None or update.round < st.round:
+            raise wire.WireError("stale_round", f"round {update.round}, current {self.round}")
+        if update.round > st.round:
+            raise wire.WireError("future_round", f"round {update.round}, current {st.round}")
+        if device not in st.selected:
+            raise wire.WireError("not_selected", f"{device} was not selected in round {st.round}")
+        if device in st.accepted:
+            raise wire.WireError("duplicate", f"{device} already answered round {st.round}")
+        if update.kind != UPDATE_KIND[self.plan.algorithm]:
+            raise wire.WireError("bad_kind", f"{update.kind!r} in a {self.plan.algorithm} round")
+        return update
+
+    def _reject(self, topic: str, device: str, err: wire.WireError) -> None:
+        if self._state is not None:
+            self._state.rejections[err.reason] = self._state.rejections.get(err.reason, 0) + 1
+        log.info("rejected %s from %s: %s", err.reason, device, err.detail)
+        self.store.add_rejection(self.run, self.round, device, topic, err.reason, err.detail)
+
+    # -- rounds ---------------------------------------------------------------------------------
+
+    def select(self, round_: int) -> list[str]:
+        """A seeded sample of ``fraction`` of the online devices (at least one)."""
+        pool = sorted(self.online)
+        if not pool:
+            raise RuntimeError("no device is online: start devices (edgeleak device ...) first")
+        k = max(1, math.ceil(self.plan.fraction * len(pool)))
+        rng = np.random.default_rng([self.seed, round_])
+        return sorted(rng.choice(pool, size=k, replace=False).tolist())
+
+    def broadcast(self, devices: list[str]) -> int:
+        """Publish this round's task to each device; returns downlink bytes."""
+        rows: list[MessageRow] = []
+        infos = []
+        for device in devices:
+            task = wire.Task(
+                run=self.run, round=self.round, device=device, algorithm=self.plan.algorithm,
+                lr=self.plan.lr, epochs=self.plan.epochs, batch_size=self.plan.batch_size,
+                model_hash=self.manifest.sha256, weights=self.weights,
+                deadline_s=self.plan.deadline_s, codec=self.plan.codec,
+            )
+            payload = wire.encode_task(task)
+            topic = wire.task_topic(self.run, device)
+            infos.append(self.client.publish(topic, payload, qos=QOS))
+            rows.append(MessageRow(self.run, self.round, device, topic, "down", "task",
+                                   publish_packet_bytes(topic, len(payload), QOS, protocol=self.broker.protocol),
+                                   len(payload), time.time()))
+        self.store.add_messages(rows)
+        return sum(r.bytes for r in rows)
+
+    def run_round(self, round_: int) -> RoundResult:
+        """One full round: select, broadcast, collect until all answered or the deadline, aggregate."""
+        t0 = time.monotonic()
+        self._drain(0.0)
+        self.round = round_
+        selected = self.select(round_)
+        st = _RoundState(round_, set(selected))
+        self._state = st
+        bytes_down = self.broadcast(selected)
+        deadline = t0 + self.plan.deadline_s
+        while len(st.accepted) < len(selected) and time.monotonic() < deadline:
+            self._drain(0.05)
+        self._state = None
+        updates = [(u.params, u.num_examples) for u in st.accepted.values()]
+        if updates:
+            agg = self.aggregate(updates)
+            kind = UPDATE_KIND[self.plan.algorithm]
+            lr = self.plan.server_lr * (self.plan.lr if kind == "gradient" else 1.0)
+            self.weights = apply_update(self.weights, agg, kind=kind, server_lr=lr)
+        else:
+            log.warning("round %d: no update arrived before the deadline; model unchanged", round_)
+        acc, loss = self.evaluator(self.weights) if self.evaluator else (float("nan"), float("nan"))
+        train_loss = float(np.mean([u.train_loss for u in st.accepted.values()])) if updates else float("nan")
+        result = RoundResult(
+            round=round_, selected=len(selected), accepted=len(st.accepted),
+            rejected=sum(st.rejections.values()), bytes_up=st.bytes_up, bytes_down=bytes_down,
+            accuracy=acc, loss=loss, train_loss=train_loss, seconds=time.monotonic() - t0,
+            rejections=dict(st.rejections),
+        )
+        self.store.add_round(
+            self.run, round_, selected=result.selected, accepted=result.accepted,
+            rejected=result.rejected, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
+            accuracy=acc, loss=loss, train_loss=train_loss, seconds=result.seconds,
+        )
+        return result

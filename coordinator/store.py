@@ -1,0 +1,113 @@
+"""The run store: SQLite tables for runs, rounds, the byte ledger (messages) and rejections."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run TEXT PRIMARY KEY, created REAL, config TEXT, broker TEXT, runtime TEXT,
+    devices INTEGER, model TEXT, model_hash TEXT
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    run TEXT, round INTEGER, selected INTEGER, accepted INTEGER, rejected INTEGER,
+    bytes_up INTEGER, bytes_down INTEGER, accuracy REAL, loss REAL, train_loss REAL, seconds REAL,
+    PRIMARY KEY (run, round)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    run TEXT, round INTEGER, device TEXT, topic TEXT, direction TEXT, kind TEXT,
+    bytes INTEGER, payload_bytes INTEGER, t REAL
+);
+CREATE TABLE IF NOT EXISTS rejections (
+    run TEXT, round INTEGER, device TEXT, topic TEXT, reason TEXT, detail TEXT, t REAL
+);
+CREATE INDEX IF NOT EXISTS messages_run_round ON messages (run, round);
+"""
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """One MQTT PUBLISH as the ledger records it; ``bytes`` is the whole MQTT packet."""
+
+    run: str
+    round: int
+    device: str
+    topic: str
+    direction: str  # "up" (device -> broker) or "down" (broker -> device)
+    kind: str  # "task", "update", "status", "control"
+    bytes: int
+    payload_bytes: int
+    t: float
+
+
+class RunStore:
+    """Thin wrapper over one SQLite file; every write commits."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def add_run(self, run: str, *, config: dict[str, object], broker: str, runtime: str,
+                devices: int, model: str, model_hash: str) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?)",
+            (run, time.time(), json.dumps(config, sort_keys=True), broker, runtime, devices, model, model_hash),
+        )
+        self.db.commit()
+
+    def add_messages(self, rows: list[MessageRow]) -> None:
+        self.db.executemany(
+            "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
+            [(r.run, r.round, r.device, r.topic, r.direction, r.kind, r.bytes, r.payload_bytes, r.t)
+             for r in rows],
+        )
+        self.db.commit()
+
+    def add_rejection(self, run: str, round_: int, device: str, topic: str, reason: str,
+                      detail: str) -> None:
+        self.db.execute(
+            "INSERT INTO rejections VALUES (?,?,?,?,?,?,?)",
+            (run, round_, device, topic, reason, detail[:500], time.time()),
+        )
+        self.db.commit()
+
+    def add_round(self, run: str, round_: int, *, selected: int, accepted: int, rejected: int,
+                  bytes_up: int, bytes_down: int, accuracy: float, loss: float, train_loss: float,
+                  seconds: float) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (run, round_, selected, accepted, rejected, bytes_up, bytes_down, accuracy, loss,
+             train_loss, seconds),
+        )
+        self.db.commit()
+
+    def ledger_bytes(self, run: str, *, direction: str, kinds: tuple[str, ...] = ("task", "update"),
+                     round_: int | None = None) -> int:
+        """Sum of packet bytes for a run (optionally one round), one direction, the given kinds."""
+        q = f"SELECT COALESCE(SUM(bytes),0) FROM messages WHERE run=? AND direction=? AND kind IN ({','.join('?' * len(kinds))})"
+        args: list[object] = [run, direction, *kinds]
+        if round_ is not None:
+            q += " AND round=?"
+            args.append(round_)
+        return int(self.db.execute(q, args).fetchone()[0])
+
+    def rejection_counts(self, run: str) -> dict[str, int]:
+        rows = self.db.execute(
+            "SELECT reason, COUNT(*) FROM rejections WHERE run=? GROUP BY reason", (run,)
+        ).fetchall()
+        return {str(r): int(n) for r, n in rows}
+
+    def rounds(self, run: str) -> list[dict[str, object]]:
+        cur = self.db.execute("SELECT * FROM rounds WHERE run=? ORDER BY round", (run,))
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]

@@ -1,0 +1,252 @@
+"""Fleet emulation: N devices on this machine, each with its own MQTT connection.
+
+Devices are sharded over worker processes; inside a worker one selector loop drives all its
+paho clients (``socket()``, ``loop_read()``, ``loop_write()``, ``loop_misc()``), since paho's own
+loops use ``select()`` and stall past ~333 clients per process. Each worker opens the model once
+per runtime: the gradient graph takes the parameters as inputs, so one session serves every device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import resource
+import selectors
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from edge import wire
+from edge.backends import Backend, load_backend
+from edge.device import Device, TrainingRecord
+from edge.manifest import ModelArtifact
+from edge.mqtt import QOS, BrokerAddress, Received, make_client, parse_broker_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One emulated device: its id, its examples (indices into the training set), its runtime."""
+
+    device_id: str
+    indices: np.ndarray = field(repr=False)
+    runtime: str = "onnx"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    run: str
+    broker_url: str
+    model_dir: str
+    dataset: str
+    devices: tuple[DeviceSpec, ...]
+    workers: int = 2
+    truth_dir: str | None = None  # where each worker writes which examples every update used
+
+
+class SelectorLoop:
+    """Drives many paho clients from one selector, in the calling thread."""
+
+    def __init__(self) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.clients: list[mqtt.Client] = []
+
+    def add(self, client: mqtt.Client) -> None:
+        def opened(c: mqtt.Client, _u: Any, sock: Any) -> None:
+            self.sel.register(sock, selectors.EVENT_READ, c)
+
+        def closed(_c: mqtt.Client, _u: Any, sock: Any) -> None:
+            try:
+                self.sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+
+        def want_write(c: mqtt.Client, _u: Any, sock: Any) -> None:
+            self.sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, c)
+
+        def done_write(c: mqtt.Client, _u: Any, sock: Any) -> None:
+            try:
+                self.sel.modify(sock, selectors.EVENT_READ, c)
+            except (KeyError, ValueError):
+                pass
+
+        client.on_socket_open = opened
+        client.on_socket_close = closed
+        client.on_socket_register_write = want_write
+        client.on_socket_unregister_write = done_write
+        self.clients.append(client)
+
+    def poll(self, timeout: float) -> None:
+        """Serve every ready socket once."""
+        for key, mask in self.sel.select(timeout):
+            c: mqtt.Client = key.data
+            if mask & selectors.EVENT_READ:
+                c.loop_read()
+            if mask & selectors.EVENT_WRITE and c.want_write():
+                c.loop_write()
+
+    def misc(self) -> None:
+        """Keepalives and reconnects."""
+        for c in self.clients:
+            if c.loop_misc() == mqtt.MQTT_ERR_NO_CONN:
+                try:
+                    c.reconnect()
+                except OSError as e:
+                    log.warning("reconnect failed: %s", e)
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run_devices(devices: list[Device], broker: BrokerAddress, *, idle_exit_s: float | None = None,
+                connect_batch: int = 50) -> None:
+    """Run ``devices`` on one selector loop until their run's control topic says ``end``."""
+    _raise_fd_limit()
+    inbox: queue.Queue[Received] = queue.Queue()
+    loop = SelectorLoop()
+    clients: dict[str, mqtt.Client] = {}
+    by_task_topic = {d.task_topic: d for d in devices}
+    for d in devices:
+        c = make_client(
+            d.device_id, inbox, protocol=broker.protocol,
+            will=(d.status_topic, d.status("offline")), subscriptions=d.subscriptions,
+            announce=(d.status_topic, d.status("online")),
+        )
+        loop.add(c)
+        clients[d.device_id] = c
+    for i, c in enumerate(clients.values()):
+        c.connect(broker.host, broker.port, keepalive=120)
+        if i % connect_batch == connect_batch - 1:
+            loop.poll(0)  # let CONNACKs flow while the rest connect
+    ended = False
+    last_misc = last_msg = time.monotonic()
+    while not ended:
+        loop.poll(0 if not inbox.empty() else 0.05)
+        now = time.monotonic()
+        if now - last_misc > 1.0:
+            loop.misc()
+            last_misc = now
+        try:
+            msg = inbox.get_nowait()
+        except queue.Empty:
+            if idle_exit_s is not None and now - last_msg > idle_exit_s:
+                break
+            continue
+        last_msg = now
+        if msg.topic.endswith("/control"):
+            ended = msg.payload == b"end"
+            continue
+        device = by_task_topic.get(msg.topic)
+        if device is None:
+            continue
+        out = device.handle(msg)
+        if out is not None:
+            clients[device.device_id].publish(out.topic, out.payload, qos=QOS)
+    for d in devices:
+        clients[d.device_id].publish(d.status_topic, d.status("offline"), qos=QOS, retain=True)
+    _flush(loop, list(clients.values()), timeout=30)
+    for c in clients.values():
+        c.disconnect()
+    _flush(loop, list(clients.values()), timeout=5)
+
+
+def _flush(loop: SelectorLoop, clients: list[mqtt.Client], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while any(c.want_write() for c in clients) and time.monotonic() < end:
+        loop.poll(0.02)
+
+
+# -- worker processes -----------------------------------------------------------------------------
+
+
+def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    from devices.datasets import load_dataset
+
+    data = load_dataset(spec.dataset)
+    artifact = ModelArtifact.load(spec.model_dir)
+    backends: dict[str, Backend] = {}
+    truth = None
+    if spec.truth_dir:
+        truth = open(Path(spec.truth_dir) / f"worker-{worker_id}.jsonl", "a")  # noqa: SIM115
+
+    devices = []
+    for ds in shard:
+        if ds.runtime not in backends:
+            backends[ds.runtime] = load_backend(ds.runtime, artifact)
+        on_trained = None
+        if truth is not None:
+            on_trained = _truth_writer(truth, ds.indices)
+        devices.append(Device(
+            ds.device_id, spec.run, artifact, backends[ds.runtime],
+            data.x_train[ds.indices], data.y_train[ds.indices], seed=ds.seed, on_trained=on_trained,
+        ))
+    try:
+        run_devices(devices, parse_broker_url(spec.broker_url))
+    finally:
+        if truth is not None:
+            truth.close()
+
+
+def _truth_writer(f: Any, indices: np.ndarray) -> Any:
+    def write(rec: TrainingRecord) -> None:
+        f.write(json.dumps({"run": rec.run, "round": rec.round, "device": rec.device,
+                            "examples": indices[rec.used].tolist()}) + "\n")
+        f.flush()
+    return write
+
+
+def read_truth(truth_dir: str | Path) -> list[dict[str, Any]]:
+    """Every training record the fleet wrote (ground truth for the leakage evaluator only)."""
+    out: list[dict[str, Any]] = []
+    for p in sorted(Path(truth_dir).glob("worker-*.jsonl")):
+        out.extend(json.loads(line) for line in p.read_text().splitlines() if line)
+    return out
+
+
+class Fleet:
+    """Start the fleet's worker processes for the block; they exit on the run's ``end``."""
+
+    def __init__(self, spec: FleetSpec) -> None:
+        if not spec.devices:
+            raise ValueError("a fleet needs at least one device")
+        self.spec = spec
+        self.procs: list[mp.process.BaseProcess] = []
+
+    def __enter__(self) -> Fleet:
+        n = max(1, min(self.spec.workers, len(self.spec.devices)))
+        ctx = mp.get_context("spawn")
+        if self.spec.truth_dir:
+            os.makedirs(self.spec.truth_dir, exist_ok=True)
+        for w in range(n):
+            shard = list(self.spec.devices[w::n])
+            p = ctx.Process(target=_worker, args=(self.spec, shard, w), name=f"fleet-{w}", daemon=True)
+            p.start()
+            self.procs.append(p)
+        return self
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.join(timeout=30)
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+

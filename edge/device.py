@@ -1,0 +1,157 @@
+"""The device: turns tasks into updates. Network drivers live beside it (``run_device``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge import wire
+from edge.backends.base import Backend
+from edge.manifest import ModelArtifact
+from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, running
+from edge.train import LocalResult, fedavg, fedsgd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """Device-local truth of one update (which examples it used): never sent on the wire."""
+
+    run: str
+    round: int
+    device: str
+    used: np.ndarray
+
+
+class Device:
+    """One federated client: its data, its runtime, its identity. No I/O of its own."""
+
+    def __init__(
+        self,
+        device_id: str,
+        run: str,
+        artifact: ModelArtifact,
+        backend: Backend,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        seed: int = 0,
+        on_trained: Callable[[TrainingRecord], None] | None = None,
+        max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
+    ) -> None:
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})")
+        want = artifact.manifest.input_shape
+        if tuple(x.shape[1:]) != want:
+            raise ValueError(f"device {device_id}: examples of shape {x.shape[1:]}, model expects {want}")
+        self.device_id = device_id
+        self.run = run
+        self.artifact = artifact
+        self.backend = backend
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.y = np.ascontiguousarray(y, dtype=np.int64)
+        self.seed = seed
+        self.on_trained = on_trained
+        self.max_message_bytes = max_message_bytes
+        self.rejected: dict[str, int] = {}
+        self.rounds_done = 0
+
+    @property
+    def task_topic(self) -> str:
+        return wire.task_topic(self.run, self.device_id)
+
+    @property
+    def status_topic(self) -> str:
+        return wire.status_topic(self.run, self.device_id)
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        return (self.task_topic, wire.control_topic(self.run))
+
+    def status(self, state: str) -> bytes:
+        return json.dumps(
+            {"state": state, "runtime": self.backend.name, "examples": len(self.x)}, sort_keys=True
+        ).encode()
+
+    def train(self, task: wire.Task) -> LocalResult:
+        """Run the task's local training on this device's data."""
+        rng = np.random.default_rng([self.seed, task.round])
+        if task.algorithm == "fedsgd":
+            return fedsgd(self.backend, task.weights, self.x, self.y, task.batch_size, rng)
+        return fedavg(
+            self.backend, task.weights, self.x, self.y,
+            epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, rng=rng,
+        )
+
+    def handle(self, msg: Received) -> Outgoing | None:
+        """A task in, an update out; anything else is counted and dropped."""
+        if msg.topic != self.task_topic:
+            return None
+        try:
+            task = wire.decode_task(msg.payload, self.artifact.manifest)
+            if task.run != self.run or task.device != self.device_id:
+                raise wire.WireError("not_mine", f"task for {task.run}/{task.device}")
+            if task.model_hash != self.artifact.manifest.sha256:
+                raise wire.WireError("model_mismatch", f"task model {task.model_hash[:12]}")
+        except wire.WireError as e:
+            self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
+            log.warning("device %s rejected a task: %s", self.device_id, e)
+            return None
+        result = self.train(task)
+        if self.on_trained is not None:
+            self.on_trained(TrainingRecord(self.run, task.round, self.device_id, result.used))
+        update = wire.Update(
+            run=self.run, round=task.round, device=self.device_id, kind=result.kind,
+            num_examples=result.num_examples, params=result.params,
+            train_loss=result.train_loss, runtime=self.backend.name, codec=task.codec,
+        )
+        payload = wire.encode_update(update)
+        topic = wire.update_topic(self.run, self.device_id)
+        size = publish_packet_bytes(topic, len(payload), QOS)
+        if size > self.max_message_bytes:
+            # paho would retry an over-size packet forever after the broker drops the connection.
+            log.error("device %s: update of %d bytes exceeds %d; not sent", self.device_id, size,
+                      self.max_message_bytes)
+            return None
+        self.rounds_done += 1
+        return Outgoing(topic, payload)
+
+
+def run_device(device: Device, broker: BrokerAddress, *, stop: threading.Event | None = None,
+               exit_on_end: bool = True) -> None:
+    """Run one device on its own MQTT connection until the run's control topic says ``end``."""
+    inbox: queue.Queue[Received] = queue.Queue()
+    client = make_client(
+        device.device_id, inbox, protocol=broker.protocol,
+        will=(device.status_topic, device.status("offline")),
+        subscriptions=device.subscriptions,
+        announce=(device.status_topic, device.status("online")),
+    )
+    stop = stop or threading.Event()
+    with running(client, broker):
+        while not stop.is_set():
+            try:
+                msg = inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if msg.topic == wire.control_topic(device.run):
+                if msg.payload == b"end" and exit_on_end:
+                    break
+                continue
+            out = device.handle(msg)
+            if out is not None:
+                client.publish(out.topic, out.payload, qos=QOS).wait_for_publish(timeout=60)
+        client.publish(device.status_topic, device.status("offline"), qos=QOS, retain=True).wait_for_publish(5)

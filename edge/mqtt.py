@@ -1,0 +1,184 @@
+"""MQTT plumbing shared by every role: broker URLs, packet sizes, and queue-fed paho clients.
+
+paho callbacks only hand messages to a queue; training and aggregation run elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+QOS = 1
+log = logging.getLogger(__name__)
+
+
+# URL scheme -> MQTT protocol level. MQTT 5 is the contract; 3.1.1 serves brokers without 5
+# (the embedded amqtt). Packet sizes differ only by the properties field.
+SCHEMES = {"mqtt": 5, "mqtt311": 4}
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    protocol: int = 5  # MQTT protocol level: 5, or 4 for 3.1.1
+
+    @property
+    def url(self) -> str:
+        scheme = next(k for k, v in SCHEMES.items() if v == self.protocol)
+        return f"{scheme}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://HOST:PORT`` (MQTT 5) or ``mqtt311://HOST:PORT`` (MQTT 3.1.1); port defaults to 1883."""
+    p = urlparse(url)
+    if p.scheme not in SCHEMES or not p.hostname:
+        raise ValueError(
+            f"broker URL {url!r}: expected mqtt://HOST:PORT (or mqtt311:// for an MQTT 3.1.1 "
+            f"broker), e.g. mqtt://127.0.0.1:1883"
+        )
+    return BrokerAddress(p.hostname, p.port or 1883, SCHEMES[p.scheme])
+
+
+def varint_len(n: int) -> int:
+    """Bytes of an MQTT variable byte integer."""
+    if not 0 <= n <= 268_435_455:
+        raise ValueError(f"{n} does not fit an MQTT variable byte integer")
+    return 1 if n < 128 else 2 if n < 16_384 else 3 if n < 2_097_152 else 4
+
+
+def read_varint(buf: bytes, offset: int = 0) -> tuple[int, int]:
+    """(value, bytes used) of the MQTT variable byte integer at ``offset``."""
+    value, mult = 0, 1
+    for i in range(4):
+        if offset + i >= len(buf):
+            break
+        b = buf[offset + i]
+        value += (b & 0x7F) * mult
+        if not b & 0x80:
+            return value, i + 1
+        mult *= 128
+    raise ValueError("malformed MQTT variable byte integer")
+
+
+def publish_packet_bytes(topic: str, payload_len: int, qos: int = QOS, properties_len: int = 0,
+                         protocol: int = 5) -> int:
+    """Exact size of a PUBLISH packet: fixed header, variable header, properties (MQTT 5), payload."""
+    variable = 2 + len(topic.encode()) + (2 if qos > 0 else 0)
+    if protocol == 5:
+        variable += varint_len(properties_len) + properties_len
+    remaining = variable + payload_len
+    return 1 + varint_len(remaining) + remaining
+
+
+@dataclass(frozen=True)
+class Received:
+    """One delivered message, as the network thread saw it."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    t: float
+    qos: int = QOS
+    properties_len: int = 0
+    protocol: int = 5
+
+    @property
+    def packet_bytes(self) -> int:
+        """Size of the PUBLISH packet that carried this message."""
+        return publish_packet_bytes(
+            self.topic, len(self.payload), self.qos, self.properties_len, self.protocol
+        )
+
+
+def make_client(
+    client_id: str,
+    inbox: queue.Queue[Received] | None = None,
+    *,
+    protocol: int = 5,
+    will: tuple[str, bytes] | None = None,
+    subscriptions: tuple[str, ...] = (),
+    on_ready: list[str] | None = None,
+    announce: tuple[str, bytes] | None = None,
+) -> mqtt.Client:
+    """A paho client whose messages land in ``inbox``; subscribes on every (re)connect.
+
+    Once the subscriptions are acknowledged, ``announce`` (topic, payload) is published retained
+    (so "online" is only ever seen for a device that can already receive its task) and the client
+    id is appended to ``on_ready``.
+    """
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311,
+    )
+    if will is not None:
+        client.will_set(will[0], will[1], qos=QOS, retain=True)
+    pending: set[int] = set()
+
+    def ready(c: mqtt.Client) -> None:
+        if announce is not None:
+            c.publish(announce[0], announce[1], qos=QOS, retain=True)
+        if on_ready is not None:
+            on_ready.append(client_id)
+
+    def on_connect(c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        if rc.is_failure:
+            log.warning("%s: broker refused the connection: %s", client_id, rc)
+            return
+        if subscriptions:
+            _, mid = c.subscribe([(s, QOS) for s in subscriptions])
+            pending.add(mid)
+        else:
+            ready(c)
+
+    def on_subscribe(c: mqtt.Client, _u: object, mid: int, _rc: object, _p: object) -> None:
+        if mid in pending:
+            pending.discard(mid)
+            ready(c)
+
+    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        if inbox is not None:
+            props = msg.properties.pack() if msg.properties is not None else b"\x00"
+            inbox.put(
+                Received(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic(),
+                         msg.qos, read_varint(props)[0], protocol)
+            )
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.max_inflight_messages_set(0)  # 0 = unlimited: a device never queues behind itself
+    client.max_queued_messages_set(0)
+    return client
+
+
+@contextmanager
+def running(client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 60) -> Iterator[mqtt.Client]:
+    """Connect and run paho's network thread for the duration of the block."""
+    client.connect(broker.host, broker.port, keepalive=keepalive)
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def wait_until(predicate: object, timeout: float, what: str, poll: float = 0.01) -> None:
+    """Poll ``predicate()`` until true; TimeoutError naming ``what`` otherwise."""
+    assert callable(predicate)
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)

@@ -1,0 +1,310 @@
+"""The wire contract: topics, message schema, codecs and validation.
+
+Every message is one tensor container (see ``edge.codec``, the safetensors layout) whose
+``__metadata__`` carries the message fields as strings. Topics (``<run>`` is the run id)::
+
+    edgeleak/<run>/task/<device>     coordinator -> device  Task: global weights + hyper-parameters
+    edgeleak/<run>/update/<device>   device -> coordinator  Update: gradient or weight delta
+    edgeleak/<run>/status/<device>   device -> all          JSON {"state": "online"|"offline", ...},
+                                                            retained; "offline" is the last will
+    edgeleak/<run>/control           coordinator -> all     b"end" when the run is over
+
+Decoding validates everything before use and raises ``WireError`` with a short ``reason``
+(counted by the coordinator) and a ``detail`` for people.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge.codec import CodecError, read_container, write_tensors
+from edge.manifest import Manifest
+
+SCHEMA_VERSION = 1
+TOPIC_PREFIX = "edgeleak"
+ALGORITHMS = ("fedsgd", "fedavg")
+UPDATE_KINDS = ("gradient", "delta")
+# MQTT caps a packet at 268,435,455 bytes; brokers usually allow far less. Checked before publish.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+Params = dict[str, np.ndarray]
+
+
+class WireError(ValueError):
+    """A message that breaks the contract; ``reason`` is the counted code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# -- topics -------------------------------------------------------------------------------------
+
+
+def _check_segment(value: str, what: str) -> str:
+    if not value or any(c in value for c in "/+#\0"):
+        raise ValueError(f"{what} {value!r} must be non-empty and free of '/', '+', '#'")
+    return value
+
+
+def task_topic(run: str, device: str) -> str:
+    return f"{TOPIC_PREFIX}/{_check_segment(run, 'run')}/task/{_check_segment(device, 'device')}"
+
+
+def update_topic(run: str, device: str) -> str:
+    return f"{TOPIC_PREFIX}/{_check_segment(run, 'run')}/update/{_check_segment(device, 'device')}"
+
+
+def status_topic(run: str, device: str) -> str:
+    return f"{TOPIC_PREFIX}/{_check_segment(run, 'run')}/status/{_check_segment(device, 'device')}"
+
+
+def control_topic(run: str) -> str:
+    return f"{TOPIC_PREFIX}/{_check_segment(run, 'run')}/control"
+
+
+def parse_topic(topic: str) -> tuple[str, str, str | None]:
+    """(run, channel, device or None) of a contract topic; ``WireError('bad_topic')`` otherwise."""
+    parts = topic.split("/")
+    if len(parts) == 3 and parts[0] == TOPIC_PREFIX and parts[2] == "control":
+        return parts[1], "control", None
+    if len(parts) == 4 and parts[0] == TOPIC_PREFIX and parts[2] in ("task", "update", "status"):
+        return parts[1], parts[2], parts[3]
+    raise WireError("bad_topic", f"{topic!r} is not an edgeleak topic")
+
+
+# -- codecs -------------------------------------------------------------------------------------
+# A codec turns named float32 arrays into named wire tensors and back. Dense f32 and f16 now;
+# int8-with-scale and top-k fit the same slot (several wire tensors per parameter).
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    encode: Callable[[Params], dict[str, np.ndarray]]
+    decode: Callable[[Mapping[str, np.ndarray], Manifest], Params]
+
+
+def _dense_decoder(wire_dtype: np.dtype) -> Callable[[Mapping[str, np.ndarray], Manifest], Params]:
+    def decode(tensors: Mapping[str, np.ndarray], manifest: Manifest) -> Params:
+        expected = manifest.param_names
+        if set(tensors) != set(expected):
+            missing = sorted(set(expected) - set(tensors))
+            extra = sorted(set(tensors) - set(expected))
+            raise WireError("bad_params", f"missing {missing[:5]}, unexpected {extra[:5]}")
+        out: Params = {}
+        for spec in manifest.params:
+            t = tensors[spec.name]
+            if t.dtype != wire_dtype:
+                raise WireError("bad_dtype", f"{spec.name}: {t.dtype}, expected {wire_dtype}")
+            if tuple(t.shape) != spec.shape:
+                raise WireError("bad_shape", f"{spec.name}: {tuple(t.shape)}, expected {spec.shape}")
+            out[spec.name] = t.astype(np.float32)
+        return out
+
+    return decode
+
+
+CODECS: dict[str, Codec] = {
+    "f32": Codec(
+        "f32",
+        lambda p: {k: np.asarray(v, dtype=np.float32) for k, v in p.items()},
+        _dense_decoder(np.dtype("<f4")),
+    ),
+    "f16": Codec(
+        "f16",
+        lambda p: {k: np.asarray(v, dtype=np.float16) for k, v in p.items()},
+        _dense_decoder(np.dtype("<f2")),
+    ),
+}
+
+
+def get_codec(name: str) -> Codec:
+    if name not in CODECS:
+        raise WireError("bad_codec", f"codec {name!r}; expected one of {', '.join(CODECS)}")
+    return CODECS[name]
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+
+def new_nonce() -> str:
+    return os.urandom(12).hex()
+
+
+@dataclass(frozen=True)
+class Task:
+    """A round's instruction to one device, with the global weights."""
+
+    run: str
+    round: int
+    device: str
+    algorithm: str
+    lr: float
+    epochs: int
+    batch_size: int
+    model_hash: str
+    weights: Params = field(repr=False)
+    deadline_s: float = 60.0
+    codec: str = "f32"
+    nonce: str = field(default_factory=new_nonce)
+
+
+@dataclass(frozen=True)
+class Update:
+    """A device's answer: a batch gradient (FedSGD) or a weight delta after local training (FedAvg)."""
+
+    run: str
+    round: int
+    device: str
+    kind: str
+    num_examples: int
+    params: Params = field(repr=False)
+    train_loss: float = float("nan")
+    runtime: str = ""
+    codec: str = "f32"
+    defence: str = "{}"
+    nonce: str = field(default_factory=new_nonce)
+
+
+def encode_task(task: Task) -> bytes:
+    meta = {
+        "edgeleak": str(SCHEMA_VERSION),
+        "type": "task",
+        "run": task.run,
+        "round": str(task.round),
+        "device": task.device,
+        "algorithm": task.algorithm,
+        "lr": repr(float(task.lr)),
+        "epochs": str(task.epochs),
+        "batch_size": str(task.batch_size),
+        "model": task.model_hash,
+        "deadline_s": repr(float(task.deadline_s)),
+        "codec": task.codec,
+        "nonce": task.nonce,
+    }
+    return write_tensors(get_codec(task.codec).encode(task.weights), meta)
+
+
+def encode_update(update: Update) -> bytes:
+    meta = {
+        "edgeleak": str(SCHEMA_VERSION),
+        "type": "update",
+        "run": update.run,
+        "round": str(update.round),
+        "device": update.device,
+        "kind": update.kind,
+        "n": str(update.num_examples),
+        "loss": repr(float(update.train_loss)),
+        "runtime": update.runtime,
+        "codec": update.codec,
+        "defence": update.defence,
+        "nonce": update.nonce,
+    }
+    return write_tensors(get_codec(update.codec).encode(update.params), meta)
+
+
+def _field(meta: Mapping[str, str], key: str) -> str:
+    if key not in meta:
+        raise WireError("missing_field", f"metadata has no {key!r}")
+    return meta[key]
+
+
+def _int(meta: Mapping[str, str], key: str, lo: int = 0) -> int:
+    raw = _field(meta, key)
+    try:
+        v = int(raw)
+    except ValueError:
+        raise WireError("bad_field", f"{key}={raw!r} is not an integer") from None
+    if v < lo:
+        raise WireError("bad_field", f"{key}={v} is below {lo}")
+    return v
+
+
+def _float(meta: Mapping[str, str], key: str, *, allow_nan: bool = False) -> float:
+    raw = _field(meta, key)
+    try:
+        v = float(raw)
+    except ValueError:
+        raise WireError("bad_field", f"{key}={raw!r} is not a number") from None
+    if not math.isfinite(v) and not (allow_nan and math.isnan(v)):
+        raise WireError("bad_field", f"{key}={raw!r} is not finite")
+    return v
+
+
+def _choice(meta: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str:
+    v = _field(meta, key)
+    if v not in allowed:
+        raise WireError("bad_field", f"{key}={v!r}; expected one of {', '.join(allowed)}")
+    return v
+
+
+def _open(buf: bytes, expected_type: str, max_bytes: int) -> tuple[Mapping[str, np.ndarray], dict[str, str]]:
+    if len(buf) > max_bytes:
+        raise WireError("oversize", f"{len(buf)} bytes > limit {max_bytes}")
+    try:
+        tensors, meta = read_container(buf)
+    except CodecError as e:
+        raise WireError("not_schema" if e.reason == "not_container" else e.reason, e.detail) from None
+    if "edgeleak" not in meta:
+        raise WireError("not_schema", "no 'edgeleak' schema version in the metadata")
+    if meta["edgeleak"] != str(SCHEMA_VERSION):
+        raise WireError("bad_version", f"schema {meta['edgeleak']!r}; this build speaks {SCHEMA_VERSION}")
+    if meta.get("type") != expected_type:
+        raise WireError("bad_type", f"type {meta.get('type')!r}; expected {expected_type!r}")
+    return tensors, meta
+
+
+def _finite(params: Params) -> None:
+    for name, arr in params.items():
+        if not np.isfinite(arr).all():
+            raise WireError("non_finite", f"{name} has NaN or Inf")
+
+
+def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Task:
+    """Validate and decode a task for a model with ``manifest``."""
+    tensors, meta = _open(buf, "task", max_bytes)
+    codec = get_codec(_field(meta, "codec"))
+    weights = codec.decode(tensors, manifest)
+    _finite(weights)
+    return Task(
+        run=_field(meta, "run"),
+        round=_int(meta, "round"),
+        device=_field(meta, "device"),
+        algorithm=_choice(meta, "algorithm", ALGORITHMS),
+        lr=_float(meta, "lr"),
+        epochs=_int(meta, "epochs", 1),
+        batch_size=_int(meta, "batch_size", 0),
+        model_hash=_field(meta, "model"),
+        weights=weights,
+        deadline_s=_float(meta, "deadline_s"),
+        codec=codec.name,
+        nonce=_field(meta, "nonce"),
+    )
+
+
+def decode_update(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Update:
+    """Validate and decode an update for a model with ``manifest``."""
+    tensors, meta = _open(buf, "update", max_bytes)
+    codec = get_codec(_field(meta, "codec"))
+    params = codec.decode(tensors, manifest)
+    _finite(params)
+    return Update(
+        run=_field(meta, "run"),
+        round=_int(meta, "round"),
+        device=_field(meta, "device"),
+        kind=_choice(meta, "kind", UPDATE_KINDS),
+        num_examples=_int(meta, "n", 1),
+        params=params,
+        train_loss=_float(meta, "loss", allow_nan=True),
+        runtime=_field(meta, "runtime"),
+        codec=codec.name,
+        defence=_field(meta, "defence"),
+        nonce=_field(meta, "nonce"),
+    )

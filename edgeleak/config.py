@@ -1,0 +1,112 @@
+"""The experiment configuration: one frozen dataclass, validated field by field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from edge.backends import RUNTIMES
+from edge.wire import ALGORITHMS, CODECS
+
+MODELS = ("mlp", "lenet_zhu", "lenet", "convnet")
+DATASETS = ("fashion-mnist", "mnist-digits")
+PARTITIONS = ("iid", "dirichlet")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
+
+
+class ConfigError(ValueError):
+    """A config value outside what is allowed; the message names the field and the allowed values."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    devices: int = 20
+    rounds: int = 10
+    model: str = "lenet"
+    dataset: str = "fashion-mnist"
+    partition: str = "iid"
+    alpha: float = 0.5
+    algorithm: str = "fedavg"
+    lr: float = 0.05
+    epochs: int = 1
+    batch_size: int = 32
+    fraction: float = 1.0
+    server_lr: float = 1.0
+    aggregator: str = "mean"
+    codec: str = "f32"
+    runtime: str = "onnx"  # one runtime, or a comma-separated mix assigned round-robin
+    workers: int = 2
+    deadline_s: float = 120.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("model", self.model, MODELS)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("partition", self.partition, PARTITIONS)
+        _choice("algorithm", self.algorithm, ALGORITHMS)
+        _choice("aggregator", self.aggregator, AGGREGATORS)
+        _choice("codec", self.codec, tuple(CODECS))
+        for r in self.runtimes:
+            _choice("runtime", r, RUNTIMES)
+        _at_least("devices", self.devices, 1)
+        _at_least("rounds", self.rounds, 1)
+        _at_least("epochs", self.epochs, 1)
+        _at_least("batch_size", self.batch_size, 0)
+        _at_least("workers", self.workers, 1)
+        _positive("lr", self.lr)
+        _positive("server_lr", self.server_lr)
+        _positive("alpha", self.alpha)
+        _positive("deadline_s", self.deadline_s)
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction={self.fraction!r}: expected a number in (0, 1]")
+
+    @property
+    def runtimes(self) -> list[str]:
+        return [r.strip() for r in self.runtime.split(",")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
+        valid = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {', '.join(valid)}")
+        defaults = cls()
+        typed: dict[str, Any] = {}
+        for k, v in d.items():
+            want = type(getattr(defaults, k))
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, want) or isinstance(v, bool):
+                raise ConfigError(f"{k}={v!r}: expected type {want.__name__}")
+            typed[k] = v
+        return cls(**typed)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ExperimentConfig:
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields")
+        return cls.from_dict(d)
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def _at_least(name: str, value: object, lo: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise ConfigError(f"{name}={value!r}: expected an integer >= {lo}")
+
+
+def _positive(name: str, value: object) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{name}={value!r}: expected a number > 0")
