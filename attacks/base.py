@@ -74,6 +74,7 @@ class AttackMetadata:
     pixel_range: tuple[float, float] = (0.0, 1.0)
     budget_s: float = 60.0
     device: Device | None = None  # None: CUDA when available, else CPU
+    threads: int = 1  # torch CPU threads; 2 threads on 2 busy cores ran ~60x slower than 1
 
     def __post_init__(self) -> None:
         channels = self.manifest.input_shape[0]
@@ -82,6 +83,8 @@ class AttackMetadata:
                 raise ValueError(f"{name} has {len(v)} values; expected 1 or {channels}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std {self.std} must be positive")
+        if not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads={self.threads}; use 1 to {MAX_THREADS}")
         if not self.budget_s > 0:
             raise ValueError(f"budget_s={self.budget_s}; give a positive number of seconds")
 

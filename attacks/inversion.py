@@ -174,7 +174,7 @@ class _UpdateMatching:
         check_layout(update, global_model, metadata.manifest)
         if update.kind not in self.kinds:
             raise ValueError(f"{self.name} inverts {' or '.join(self.kinds)} updates, not {update.kind!r}")
-        device = select_device(metadata.device)
+        device = select_device(metadata.device, metadata.threads)
         model = FunctionalModel.from_metadata(metadata, device)
         weights = {k: v.requires_grad_(True) for k, v in to_weights(global_model, device).items()}
         labels, _ = recover_labels(update, global_model, metadata)

@@ -122,7 +122,7 @@ def recover_labels(
         raise ValueError(
             f"{metadata.manifest.model!r} has no classifier bias: batch label counts need one"
         )
-    device = select_device(metadata.device)
+    device = select_device(metadata.device, metadata.threads)
     model = FunctionalModel.from_metadata(metadata, device)
     probs = dummy_mean_probs(
         model,

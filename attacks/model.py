@@ -20,9 +20,9 @@ from edge.manifest import Manifest, ParamSpec
 Weights = dict[str, torch.Tensor]
 
 
-def select_device(preference: Device | None = None) -> torch.device:
-    """CUDA when asked for or available (``None``), else CPU; also caps torch's CPU threads."""
-    torch.set_num_threads(min(MAX_THREADS, torch.get_num_threads()))
+def select_device(preference: Device | None = None, threads: int = 1) -> torch.device:
+    """CUDA when asked for or available (``None``), else CPU; sets torch's CPU threads."""
+    torch.set_num_threads(max(1, min(MAX_THREADS, threads)))
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
     use_cuda = preference == "cuda" or (preference is None and torch.cuda.is_available())

@@ -118,11 +118,12 @@ class Coordinator:
         while len(self.online) < n:
             if time.monotonic() > end:
                 raise TimeoutError(f"only {len(self.online)} of {n} devices came online in {timeout:.0f} s")
-            self._drain(0.05)
+            self.poll(0.05)
 
     # -- message handling -----------------------------------------------------------------------
 
-    def _drain(self, timeout: float) -> None:
+    def poll(self, timeout: float = 0.05) -> None:
+        """Handle every message that arrives within ``timeout`` (status, late updates)."""
         try:
             msg = self._inbox.get(timeout=timeout)
         except queue.Empty:
@@ -237,7 +238,7 @@ class Coordinator:
     def run_round(self, round_: int) -> RoundResult:
         """One full round: select, broadcast, collect until all answered or the deadline, aggregate."""
         t0 = time.monotonic()
-        self._drain(0.0)
+        self.poll(0.0)
         self.round = round_
         selected = self.select(round_)
         st = _RoundState(round_, set(selected))
@@ -245,7 +246,7 @@ class Coordinator:
         bytes_down = self.broadcast(selected)
         deadline = t0 + self.plan.deadline_s
         while len(st.accepted) < len(selected) and time.monotonic() < deadline:
-            self._drain(0.05)
+            self.poll(0.05)
         self._state = None
         updates = [(u.params, u.num_examples) for u in st.accepted.values()]
         if updates:

@@ -52,6 +52,7 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; no fsync per row
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:

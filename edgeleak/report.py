@@ -13,6 +13,7 @@ def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path, *, title: str = ""
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     r = [x["round"] for x in rounds]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -23,7 +24,9 @@ def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path, *, title: str = ""
     ax2.bar([i - w / 2 for i in r], [x["bytes_up"] / 1e6 for x in rounds], w, label="up (updates)")
     ax2.bar([i + w / 2 for i in r], [x["bytes_down"] / 1e6 for x in rounds], w, label="down (tasks)")
     ax2.set(xlabel="round", ylabel="MQTT bytes (MB)", title="traffic per round")
-    ax2.legend()
+    ax2.legend(loc="lower right")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.grid(alpha=0.3, axis="y")
     if title:
         fig.suptitle(title)

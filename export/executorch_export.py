@@ -9,15 +9,27 @@ the name in ``model.named_parameters()``. The batch dimension is dynamic, 1 to `
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 MAX_BATCH = 64
-PARAM_PREFIX = "model."
+PTE_FILE = "model.pte"
 
 INSTALL_HINT = "pip install 'edgeleak[executorch]'  (executorch==1.5.1, torch==2.13.0)"
+
+
+class Example(Protocol):
+    """What ``export_target`` needs: the model and example inputs (shapes only)."""
+
+    @property
+    def model(self) -> nn.Module: ...
+    @property
+    def x(self) -> torch.Tensor: ...
+    @property
+    def y(self) -> torch.Tensor: ...
 
 
 class _WithLoss(nn.Module):
@@ -70,9 +82,10 @@ def export_pte(
     y = example_y.detach().to(torch.int64)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"example_x has batch {x.shape[0]} but example_y has {y.shape[0]}")
-    if x.shape[0] < 2:
-        # A batch of 1 would be specialised to a constant by torch.export: trace with 2.
-        x, y = x[:1].repeat(2, *([1] * (x.dim() - 1))), y[:1].repeat(2)
+    # Only shapes matter for tracing: trace with a batch in [2, MAX_BATCH] (torch.export would
+    # fix a batch of 1 as a constant, and rejects an example outside the Dim's range).
+    rows = torch.arange(min(max(x.shape[0], 2), MAX_BATCH)) % x.shape[0]
+    x, y = x[rows], y[rows]
 
     # On-device training needs the loss inside the model, as the first output.
     wrapped = _WithLoss(model)
@@ -100,3 +113,9 @@ def export_pte(
     edge = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     program = edge.to_executorch()
     Path(path).write_bytes(program.buffer)
+
+
+def export_target(example: Example, out_dir: Path) -> dict[str, str]:
+    """Target ``executorch`` of ``export_model``: writes ``model.pte``, manifest kind ``pte``."""
+    export_pte(example.model, example.x, example.y, Path(out_dir) / PTE_FILE)
+    return {"pte": PTE_FILE}

@@ -32,12 +32,11 @@ from edge.codec import write_tensors
 from edge.manifest import MANIFEST_FILE, Manifest, ModelArtifact, ParamSpec, content_hash
 from export import zoo
 
-GRAD_FILE, INFER_FILE, INIT_FILE, PT2_FILE = (
-    "grad.onnx",
-    "infer.onnx",
-    "init.safetensors",
-    "model.pt2",
-)
+GRAD_FILE = "grad.onnx"
+INFER_FILE = "infer.onnx"
+INIT_FILE = "init.safetensors"
+PT2_FILE = "model.pt2"
+PTE_FILE = "model.pte"
 OPSET = 20
 MAX_BATCH = 65536
 
@@ -249,7 +248,18 @@ def _export_init(t: _Traced, out_dir: Path) -> dict[str, str]:
     return {"init": INIT_FILE}
 
 
-_TARGETS: dict[str, Callable[[_Traced, Path], dict[str, str]]] = {"onnx": _export_onnx}
+def _export_executorch(t: _Traced, out_dir: Path) -> dict[str, str]:
+    """Target ``executorch``: the joint forward-backward training program (needs executorch)."""
+    from export.executorch_export import export_pte
+
+    export_pte(t.model, t.x, t.y, out_dir / PTE_FILE)
+    return {"pte": PTE_FILE}
+
+
+_TARGETS: dict[str, Callable[[_Traced, Path], dict[str, str]]] = {
+    "onnx": _export_onnx,
+    "executorch": _export_executorch,
+}
 TARGETS = tuple(_TARGETS)
 
 

@@ -59,7 +59,7 @@ class TorchBackend:
         loss, logits, ps = self._run(params, x, y, grad=True)
         grads = torch.autograd.grad(loss, ps)
         return StepResult(
-            float(loss),
+            float(loss.detach()),
             logits.detach().numpy(),
             {n: g.numpy() for n, g in zip(self._names, grads, strict=True)},
         )

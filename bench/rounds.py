@@ -1,0 +1,182 @@
+"""Round time, memory and transport overhead of the emulated fleet over a real broker.
+
+For each fleet size N, all of Fashion-MNIST is split IID over N devices and every device runs
+one FedAvg epoch (B=32) per round on the ONNX runtime, over mosquitto. The baseline is the same
+local training and aggregation in a bare in-process loop, no MQTT, measured in the same run.
+
+    python bench/rounds.py --json rounds.json [--devices 10 100 1000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator.aggregate import apply_update, weighted_mean
+from coordinator.server import Coordinator, RoundPlan
+from coordinator.store import RunStore
+from devices.datasets import load_dataset
+from devices.fleet import DeviceSpec, Fleet, FleetSpec
+from devices.partition import iid
+from edge import wire
+from edge.backends import load_backend
+from edge.manifest import ModelArtifact
+from edge.train import fedavg
+from edgeleak.broker import local_broker
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Sum of the resident set sizes of ``pids`` (MB), read from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def child_pids(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for k in kids:
+            out += [int(k), *child_pids(int(k))]
+    return out
+
+
+class PeakRss:
+    """Samples the RSS of this process and all its descendants (fleet workers, broker)."""
+
+    def __init__(self, period: float = 0.2) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _run(self, period: float) -> None:
+        while not self._stop.is_set():
+            me = os.getpid()
+            self.peak = max(self.peak, rss_mb([me, *child_pids(me)]))
+            time.sleep(period)
+
+    def __enter__(self) -> PeakRss:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def bare_round(artifact: ModelArtifact, x: np.ndarray, y: np.ndarray, shards: list[np.ndarray],
+               plan: RoundPlan) -> float:
+    """Seconds for one round of the same local training and aggregation, in-process, no MQTT."""
+    backend = load_backend("onnx", artifact)
+    w = artifact.initial_params()
+    t0 = time.perf_counter()
+    ups = []
+    for i, s in enumerate(shards):
+        r = fedavg(backend, w, x[s], y[s], epochs=plan.epochs, batch_size=plan.batch_size, lr=plan.lr,
+                   rng=np.random.default_rng([i, 1]))
+        ups.append((r.params, r.num_examples))
+    apply_update(w, weighted_mean(ups), kind="delta", server_lr=1.0)
+    return time.perf_counter() - t0
+
+
+def fleet_rounds(artifact: ModelArtifact, n: int, rounds: int, plan: RoundPlan, shards: list[np.ndarray],
+                 workers: int) -> dict[str, Any]:
+    run = "bench" + uuid.uuid4().hex[:6]
+    with tempfile.TemporaryDirectory() as tmp, local_broker("mosquitto") as (broker, _), PeakRss() as rss:
+        store = RunStore(Path(tmp) / "run.db")
+        devices = tuple(DeviceSpec(f"d{i:04d}", s, "onnx", seed=i) for i, s in enumerate(shards))
+        spec = FleetSpec(run, broker.url, str(artifact.folder), "fashion-mnist", devices, workers)
+        t_connect = time.perf_counter()
+        with Coordinator(run, artifact, broker, store, plan) as coord, Fleet(spec):
+            coord.wait_for_devices(n, 120 + n * 0.2)
+            t_connect = time.perf_counter() - t_connect
+            results = [coord.run_round(r) for r in range(1, rounds + 1)]
+            coord.end()
+        store.close()
+    timed = results[1:] if len(results) > 1 else results  # round 1 pays for session warm-up
+    return {
+        "devices": n,
+        "seconds_per_round": float(np.mean([r.seconds for r in timed])),
+        "peak_rss_mb": round(rss.peak, 1),
+        "lost_messages": int(sum(r.selected - r.accepted for r in results)),
+        "connect_seconds": round(t_connect, 2),
+        "mb_per_round": (results[-1].bytes_up + results[-1].bytes_down) / 1e6,
+    }
+
+
+def codec_figures(artifact: ModelArtifact, iters: int = 300) -> dict[str, float]:
+    """Encode+decode throughput of a LeNet update and the container's header overhead."""
+    w = artifact.initial_params()
+    upd = wire.Update(run="bench", round=1, device="d0000", kind="delta", num_examples=60, params=w)
+    payload = wire.encode_update(upd)
+    raw = sum(v.nbytes for v in w.values())
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        wire.decode_update(wire.encode_update(upd), artifact.manifest)
+    dt = time.perf_counter() - t0
+    return {"gb_per_s": raw * iters / dt / 1e9, "header_overhead_pct": 100 * (len(payload) - raw) / raw,
+            "payload_bytes": len(payload), "tensor_bytes": raw}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True, help="write the figures here")
+    ap.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from export import export_model
+
+    console = Console()
+    data = load_dataset("fashion-mnist")
+    plan = RoundPlan(algorithm="fedavg", lr=0.05, epochs=1, batch_size=32, deadline_s=600)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = export_model("lenet", tmp, seed=0)
+        codec = codec_figures(artifact)
+        for n in args.devices:
+            shards = iid(len(data.y_train), n, seed=0)
+            console.print(f"[bold]{n} devices[/]: bare loop ...")
+            bare = bare_round(artifact, data.x_train, data.y_train, shards, plan)
+            console.print(f"[bold]{n} devices[/]: fleet over mosquitto, {args.rounds} rounds ...")
+            row = fleet_rounds(artifact, n, args.rounds, plan, shards, args.workers)
+            row["bare_loop_seconds"] = bare
+            row["overhead_ratio"] = row["seconds_per_round"] / bare
+            rows.append(row)
+    table = Table(title="rounds over mosquitto (lenet, FedAvg E=1 B=32, all of Fashion-MNIST per round)")
+    for col in ("devices", "s/round", "bare loop s", "ratio", "peak RSS MB", "lost", "connect s", "MB/round"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["devices"]), f"{r['seconds_per_round']:.2f}", f"{r['bare_loop_seconds']:.2f}",
+                      f"{r['overhead_ratio']:.2f}", f"{r['peak_rss_mb']:.0f}", str(r["lost_messages"]),
+                      f"{r['connect_seconds']:.1f}", f"{r['mb_per_round']:.1f}")
+    console.print(table)
+    console.print(f"codec: {codec['gb_per_s']:.2f} GB/s encode+decode, header overhead "
+                  f"{codec['header_overhead_pct']:.2f}% ({codec['payload_bytes']} B payload)")
+    Path(args.json).write_text(json.dumps({"rounds": rows, "codec": codec}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
