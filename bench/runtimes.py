@@ -14,7 +14,6 @@ largest absolute gradient difference from eager torch at the initial parameters,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -72,32 +71,11 @@ def run_child(runtime: str, folder: Path, batch: int, seconds: float, out: Path)
     out.write_text(json.dumps(figures))
 
 
-def export(model: str, folder: Path) -> Path:
-    """Export ``model`` with the onnx and executorch targets into ``folder``."""
-    from export import TARGETS, export_model
+def export(model: str, folder: Path, runtimes: list[str]) -> Path:
+    """Export ``model`` into ``folder`` with the targets that ``runtimes`` need."""
+    from export import export_model
 
-    wanted = ("onnx", "executorch")
-    art = export_model(model, folder, targets=[t for t in wanted if t in TARGETS])
-    if "pte" not in art.manifest.artifacts:
-        # Until export_model knows the executorch target: add its file to the manifest here.
-        import torch
-
-        from edge.manifest import MANIFEST_FILE, content_hash
-        from export.executorch_export import PTE_FILE, export_pte
-        from export.zoo import build
-
-        torch_model = build(model, art.manifest.input_shape, art.manifest.num_classes)
-        export_pte(
-            torch_model,
-            torch.zeros(2, *art.manifest.input_shape),
-            torch.zeros(2, dtype=torch.int64),
-            folder / PTE_FILE,
-        )
-        manifest = dataclasses.replace(
-            art.manifest, artifacts={**art.manifest.artifacts, "pte": PTE_FILE}
-        )
-        manifest = dataclasses.replace(manifest, sha256=content_hash(manifest, folder))
-        (folder / MANIFEST_FILE).write_text(manifest.to_json())
+    export_model(model, folder, targets=[r for r in runtimes if r != "torch"])
     return folder
 
 
@@ -137,7 +115,7 @@ def main() -> None:
 
     runtimes = [r for r in args.runtimes if r != "torch"] + ["torch"]  # torch is the baseline
     with tempfile.TemporaryDirectory(prefix="edgeleak-bench-") as tmp:
-        folder = export(args.model, Path(tmp))
+        folder = export(args.model, Path(tmp), runtimes)
         measured = {r: measure(r, folder, args.batch, args.seconds) for r in runtimes}
     ref = measured["torch"]
     rows: list[dict[str, Any]] = []

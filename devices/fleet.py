@@ -41,6 +41,7 @@ class DeviceSpec:
     indices: np.ndarray = field(repr=False)
     runtime: str = "onnx"
     seed: int = 0
+    profile: str = ""
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
             on_trained = _truth_writer(truth, ds.indices)
         devices.append(Device(
             ds.device_id, spec.run, artifact, backends[ds.runtime],
-            data.x_train[ds.indices], data.y_train[ds.indices], seed=ds.seed, on_trained=on_trained,
+            data.x_train[ds.indices], data.y_train[ds.indices], seed=ds.seed, profile=ds.profile,
+            on_trained=on_trained,
         ))
     try:
         run_devices(devices, parse_broker_url(spec.broker_url))

@@ -53,17 +53,25 @@ def write_tensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | Non
             raise TypeError(f"metadata values must be str; not for {bad}")
         header["__metadata__"] = dict(metadata)
     offset = 0
-    blobs: list[bytes] = []
+    arrays: list[np.ndarray] = []
     for name, arr in tensors.items():
         a = np.asarray(arr)
         tag = dtype_tag(a.dtype)
-        raw = np.ascontiguousarray(a, dtype=_DTYPES[tag]).tobytes()
-        header[name] = {"dtype": tag, "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
-        offset += len(raw)
-        blobs.append(raw)
+        a = np.asarray(a, dtype=_DTYPES[tag], order="C")  # keeps 0-d shapes, unlike ascontiguousarray
+        header[name] = {"dtype": tag, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
     hjson = json.dumps(header, separators=(",", ":")).encode()
     hjson += b" " * (-len(hjson) % 8)
-    return struct.pack("<Q", len(hjson)) + hjson + b"".join(blobs)
+    # One allocation, one copy of each tensor.
+    out = bytearray(8 + len(hjson) + offset)
+    struct.pack_into("<Q", out, 0, len(hjson))
+    out[8 : 8 + len(hjson)] = hjson
+    pos = 8 + len(hjson)
+    for a in arrays:
+        out[pos : pos + a.nbytes] = a.reshape(-1).tobytes() if a.size == 0 else memoryview(a.reshape(-1)).cast("B")
+        pos += a.nbytes
+    return bytes(out)
 
 
 def read_header(buf: bytes | memoryview) -> tuple[dict[str, dict[str, object]], dict[str, str], int]:

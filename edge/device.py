@@ -49,6 +49,7 @@ class Device:
         y: np.ndarray,
         *,
         seed: int = 0,
+        profile: str = "",
         on_trained: Callable[[TrainingRecord], None] | None = None,
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
     ) -> None:
@@ -64,6 +65,7 @@ class Device:
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.y = np.ascontiguousarray(y, dtype=np.int64)
         self.seed = seed
+        self.profile = profile
         self.on_trained = on_trained
         self.max_message_bytes = max_message_bytes
         self.rejected: dict[str, int] = {}
@@ -82,9 +84,11 @@ class Device:
         return (self.task_topic, wire.control_topic(self.run))
 
     def status(self, state: str) -> bytes:
-        return json.dumps(
-            {"state": state, "runtime": self.backend.name, "examples": len(self.x)}, sort_keys=True
-        ).encode()
+        """The retained status message: state, runtime, examples and (if any) device profile."""
+        info: dict[str, object] = {"state": state, "runtime": self.backend.name, "examples": len(self.x)}
+        if self.profile:
+            info["profile"] = self.profile
+        return json.dumps(info, sort_keys=True).encode()
 
     def train(self, task: wire.Task) -> LocalResult:
         """Run the task's local training on this device's data."""

@@ -105,7 +105,7 @@ def _dense_decoder(wire_dtype: np.dtype) -> Callable[[Mapping[str, np.ndarray], 
                 raise WireError("bad_dtype", f"{spec.name}: {t.dtype}, expected {wire_dtype}")
             if tuple(t.shape) != spec.shape:
                 raise WireError("bad_shape", f"{spec.name}: {tuple(t.shape)}, expected {spec.shape}")
-            out[spec.name] = t.astype(np.float32)
+            out[spec.name] = t.astype(np.float32, copy=False)
         return out
 
     return decode

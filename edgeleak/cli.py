@@ -44,7 +44,8 @@ def _run_device(args: argparse.Namespace) -> int:
 
     x, y = load_shard(args.data)
     artifact = ModelArtifact.load(args.model)
-    device = Device(args.id, args.run, artifact, load_backend(args.runtime, artifact), x, y, seed=args.seed)
+    device = Device(args.id, args.run, artifact, load_backend(args.runtime, artifact), x, y, seed=args.seed,
+                    profile=args.profile)
     print(f"device {args.id}: {len(x)} examples, runtime {args.runtime}, run {args.run}, broker {args.broker}",
           flush=True)
     run_device(device, parse_broker_url(args.broker))
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--id", required=True, help="this device's id (its MQTT client id)")
     v.add_argument("--runtime", default="onnx")
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--profile", default="", help="device profile name it announces (e.g. rpi4)")
     v.set_defaults(func=_run_device)
 
     e = sub.add_parser("export", help="export a zoo model for devices")

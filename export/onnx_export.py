@@ -4,6 +4,8 @@ One straight-line function per target writes its files and returns its manifest 
 
 - ``onnx``: ``grad.onnx`` (inputs ``*params, x, y``; outputs ``loss, logits, grad.<param>...``)
   and ``infer.onnx`` (inputs ``*params, x``; output ``logits``) for plain onnxruntime;
+- ``executorch``: ``model.pte``, the joint forward-backward training program
+  (``export.executorch_export``; needs executorch);
 - always: ``init.safetensors`` (the seeded initial parameters) and ``model.pt2`` (the forward with
   loss as a ``torch.export`` program, parameters as inputs: the torch reference backend
   differentiates it with eager autograd and needs nothing from this package).
@@ -164,9 +166,11 @@ def _trace(fn: Callable[..., Any], args: Sequence[torch.Tensor], decompose: bool
     """``fn`` as an FX graph with symbolic shapes (so the batch dimension stays free)."""
     table = _decompositions() if decompose else {}
     gm = make_fx(fn, tracing_mode="symbolic", decomposition_table=table)(*args)
-    left = sorted({str(n.target) for n in gm.graph.nodes if "backward" in str(n.target)})
-    if decompose and left:
-        raise NotImplementedError(f"no decomposition for {left}; add one to _decompositions()")
+    if decompose:
+        # A new layer type must fail here, at export, not silently on the device.
+        left = sorted({str(n.target) for n in gm.graph.nodes if "backward" in str(n.target)})
+        if left:
+            raise NotImplementedError(f"no decomposition for {left}; add one to _decompositions()")
     return gm
 
 
@@ -217,9 +221,9 @@ def _to_onnx(
 
 def _export_onnx(t: _Traced, out_dir: Path) -> dict[str, str]:
     """Target ``onnx``: the gradient graph and the inference graph for plain onnxruntime."""
-    # onnxruntime has no autograd: the backward pass is traced into the graph itself (make_fx of
-    # grad_and_value; exporting autograd.grad inside forward, or the joint program of
-    # torch.export, silently drops the gradients), decomposed to standard ops.
+    # Plain onnxruntime has no autograd, so the backward pass is traced into the graph itself:
+    # make_fx of grad_and_value, decomposed to standard ops. (Exporting autograd.grad inside
+    # forward fails; exporting torch.export's joint program drops the gradients silently.)
     grad = _trace(t.loss_logits_grads, (*t.params, t.x, t.y), decompose=True)
     grad_outputs = ["loss", "logits", *(f"grad.{n}" for n in t.names)]
     _to_onnx(grad, t, out_dir / GRAD_FILE, [*t.names, "x", "y"], grad_outputs)

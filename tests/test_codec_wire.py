@@ -160,3 +160,16 @@ def test_mqtt_packet_sizes() -> None:
     assert parse_broker_url("mqtt311://h").protocol == 4
     with pytest.raises(ValueError, match="expected mqtt://HOST:PORT"):
         parse_broker_url("http://h:1")
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [np.float32(3.0), np.zeros((0, 3), np.float32), np.ones((2, 2), np.float16),
+     np.arange(12, dtype=np.float32).reshape(3, 4).T],
+    ids=["scalar", "empty", "f16", "transposed"],
+)
+def test_container_keeps_shape_and_values(arr: np.ndarray) -> None:
+    a = np.asarray(arr)
+    back = read_container(write_tensors({"a": a}))[0]["a"]
+    assert back.shape == a.shape and back.dtype == a.dtype
+    np.testing.assert_array_equal(back, a)

@@ -149,6 +149,24 @@ def test_lenet_sgd_parity_batch1(tmp_path: Path) -> None:
     check_sgd_parity(model, make_artifact(model, "lenet", (1, 28, 28), tmp_path), batch=1)
 
 
+@needs_executorch
+def test_export_model_target(tmp_path: Path) -> None:
+    """``export_model(targets=("executorch",))`` gives a ``pte`` that the backend loads by name."""
+    from edge.backends import load_backend
+    from export import export_model
+
+    art = export_model("lenet", tmp_path, targets=("executorch",))
+    assert art.manifest.artifacts["pte"] == "model.pte"
+    params = art.initial_params()
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, *art.manifest.input_shape)).astype(np.float32)
+    y = rng.integers(0, art.manifest.num_classes, 8).astype(np.int64)
+    res = ExecuTorchBackend(art).loss_and_grad(params, x, y)
+    ref = load_backend("torch", art).loss_and_grad(params, x, y)
+    assert res.loss == pytest.approx(ref.loss, rel=RTOL, abs=TOL)
+    assert max_diff(res.grads, ref.grads) < TOL
+
+
 def _head(features: list[nn.Module], shape: tuple[int, ...]) -> nn.Sequential:
     with torch.no_grad():
         n = int(nn.Sequential(*features)(torch.zeros(1, *shape)).numel())

@@ -93,7 +93,6 @@ class ExecuTorchBackend:
         live = self._module.named_parameters()
         self._names = match_names(list(live), self.manifest.param_names)
         self._live = {n: live[r] for n, r in self._names.items()}
-        self._specs = {spec.name: spec for spec in self.manifest.params}
         for spec in self.manifest.params:
             shape = tuple(self._live[spec.name].shape)
             if shape != spec.shape:
@@ -147,23 +146,25 @@ class ExecuTorchBackend:
         y = self._check_y(y, x.shape[0])
         self._load(params)
         n = x.shape[0]
+        if n <= self.max_batch:  # one run: the runtime's outputs as they are
+            out = self._run(x, y)
+            named = self._module.named_gradients()
+            grads = {name: named[rname].numpy() for name, rname in self._names.items()}
+            return StepResult(loss=float(out[0]), logits=out[1].numpy(), grads=grads)
         loss = 0.0
         logits: list[np.ndarray] = []
-        grads: Params = {
-            name: np.zeros(spec.shape, np.float32) for name, spec in self._specs.items()
+        grads = {
+            name: np.zeros(shape, np.float32) for name, shape in self.manifest.shapes().items()
         }
         for start in range(0, n, self.max_batch):
             stop = min(start + self.max_batch, n)
             out = self._run(x[start:stop], y[start:stop])
             named = self._module.named_gradients()
-            if stop - start == n:  # the whole batch in one run: the runtime's output as is
-                grads = {name: named[rname].numpy() for name, rname in self._names.items()}
-                return StepResult(loss=float(out[0]), logits=out[1].numpy(), grads=grads)
-            weight = np.float32((stop - start) / n)
-            loss += float(out[0]) * float(weight)
+            weight = (stop - start) / n
+            loss += float(out[0]) * weight
             logits.append(out[1].numpy())
             for name, rname in self._names.items():
-                grads[name] += named[rname].numpy() * weight
+                grads[name] += named[rname].numpy() * np.float32(weight)
         return StepResult(loss=loss, logits=np.concatenate(logits), grads=grads)
 
     def logits(self, params: Params, x: np.ndarray) -> np.ndarray:
