@@ -71,7 +71,18 @@ class CaptureStore:
             cur = self.db.execute(
                 "INSERT INTO captures (t, topic, run, channel, device, round, bytes, file, decoded, error)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (time.time(), msg.topic, run, channel, device, round_, len(msg.payload), "", 0, error),
+                (
+                    time.time(),
+                    msg.topic,
+                    run,
+                    channel,
+                    device,
+                    round_,
+                    len(msg.payload),
+                    "",
+                    0,
+                    error,
+                ),
             )
             cid = int(cur.lastrowid or 0)
             name = f"payloads/{cid}.bin"
@@ -99,7 +110,9 @@ class CaptureStore:
         for cid, run_, device, round_ in self.db.execute(q + " ORDER BY id", args).fetchall():
             task_row = self.db.execute(
                 "SELECT id FROM captures WHERE channel='task' AND run=? AND device=? AND round=? "
-                "ORDER BY id DESC LIMIT 1", (run_, device, round_)).fetchone()
+                "ORDER BY id DESC LIMIT 1",
+                (run_, device, round_),
+            ).fetchone()
             if task_row is None:
                 continue
             try:
@@ -108,13 +121,20 @@ class CaptureStore:
             except wire.WireError:
                 continue
             yield Intercepted(
-                run=run_, round=upd.round, device=upd.device,
+                run=run_,
+                round=upd.round,
+                device=upd.device,
                 update=AttackUpdate(
-                    params=upd.params, kind=upd.kind, num_examples=upd.num_examples,  # type: ignore[arg-type]
-                    lr=task.lr, epochs=task.epochs, batch_size=task.batch_size,
+                    params=upd.params,
+                    kind=upd.kind,
+                    num_examples=upd.num_examples,  # type: ignore[arg-type]
+                    lr=task.lr,
+                    epochs=task.epochs,
+                    batch_size=task.batch_size,
                     algorithm=task.algorithm,  # type: ignore[arg-type]
                 ),
-                global_model=task.weights, capture_id=cid,
+                global_model=task.weights,
+                capture_id=cid,
             )
 
     def close(self) -> None:
@@ -127,15 +147,20 @@ class Eavesdropper:
     Use as a context manager; storing runs on its own thread, off the network thread.
     """
 
-    def __init__(self, broker: BrokerAddress, run: str, store: CaptureStore, *,
-                 client_id: str | None = None) -> None:
+    def __init__(
+        self, broker: BrokerAddress, run: str, store: CaptureStore, *, client_id: str | None = None
+    ) -> None:
         self.broker = broker
         self.store = store
         self.inbox: queue.Queue[Received] = queue.Queue()
         self._ready: list[str] = []
-        self.client = make_client(client_id or f"eavesdropper-{run}", self.inbox,
-                                  protocol=broker.protocol,
-                                  subscriptions=(f"{wire.TOPIC_PREFIX}/{run}/#",), on_ready=self._ready)
+        self.client = make_client(
+            client_id or f"eavesdropper-{run}",
+            self.inbox,
+            protocol=broker.protocol,
+            subscriptions=(f"{wire.TOPIC_PREFIX}/{run}/#",),
+            on_ready=self._ready,
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self.captured = 0
@@ -161,4 +186,3 @@ class Eavesdropper:
         self.client.loop_stop()
         self._stop.set()
         self._thread.join()
-

@@ -82,25 +82,44 @@ class PeakRss:
         self._t.join()
 
 
-def bare_round(artifact: ModelArtifact, x: np.ndarray, y: np.ndarray, shards: list[np.ndarray],
-               plan: RoundPlan) -> float:
+def bare_round(
+    artifact: ModelArtifact, x: np.ndarray, y: np.ndarray, shards: list[np.ndarray], plan: RoundPlan
+) -> float:
     """Seconds for one round of the same local training and aggregation, in-process, no MQTT."""
     backend = load_backend("onnx", artifact)
     w = artifact.initial_params()
     t0 = time.perf_counter()
     ups = []
     for i, s in enumerate(shards):
-        r = fedavg(backend, w, x[s], y[s], epochs=plan.epochs, batch_size=plan.batch_size, lr=plan.lr,
-                   rng=np.random.default_rng([i, 1]))
+        r = fedavg(
+            backend,
+            w,
+            x[s],
+            y[s],
+            epochs=plan.epochs,
+            batch_size=plan.batch_size,
+            lr=plan.lr,
+            rng=np.random.default_rng([i, 1]),
+        )
         ups.append((r.params, r.num_examples))
     apply_update(w, weighted_mean(ups), kind="delta", server_lr=1.0)
     return time.perf_counter() - t0
 
 
-def fleet_rounds(artifact: ModelArtifact, n: int, rounds: int, plan: RoundPlan, shards: list[np.ndarray],
-                 workers: int) -> dict[str, Any]:
+def fleet_rounds(
+    artifact: ModelArtifact,
+    n: int,
+    rounds: int,
+    plan: RoundPlan,
+    shards: list[np.ndarray],
+    workers: int,
+) -> dict[str, Any]:
     run = "bench" + uuid.uuid4().hex[:6]
-    with tempfile.TemporaryDirectory() as tmp, local_broker("mosquitto") as (broker, _), PeakRss() as rss:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        local_broker("mosquitto") as (broker, _),
+        PeakRss() as rss,
+    ):
         store = RunStore(Path(tmp) / "run.db")
         devices = tuple(DeviceSpec(f"d{i:04d}", s, "onnx", seed=i) for i, s in enumerate(shards))
         spec = FleetSpec(run, broker.url, str(artifact.folder), "fashion-mnist", devices, workers)
@@ -132,12 +151,18 @@ def codec_figures(artifact: ModelArtifact, iters: int = 300) -> dict[str, float]
     for _ in range(iters):
         wire.decode_update(wire.encode_update(upd), artifact.manifest)
     dt = time.perf_counter() - t0
-    return {"gb_per_s": raw * iters / dt / 1e9, "header_overhead_pct": 100 * (len(payload) - raw) / raw,
-            "payload_bytes": len(payload), "tensor_bytes": raw}
+    return {
+        "gb_per_s": raw * iters / dt / 1e9,
+        "header_overhead_pct": 100 * (len(payload) - raw) / raw,
+        "payload_bytes": len(payload),
+        "tensor_bytes": raw,
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--json", required=True, help="write the figures here")
     ap.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, default=3)
@@ -165,16 +190,36 @@ def main() -> None:
             row["bare_loop_seconds"] = bare
             row["overhead_ratio"] = row["seconds_per_round"] / bare
             rows.append(row)
-    table = Table(title="rounds over mosquitto (lenet, FedAvg E=1 B=32, all of Fashion-MNIST per round)")
-    for col in ("devices", "s/round", "bare loop s", "ratio", "peak RSS MB", "lost", "connect s", "MB/round"):
+    table = Table(
+        title="rounds over mosquitto (lenet, FedAvg E=1 B=32, all of Fashion-MNIST per round)"
+    )
+    for col in (
+        "devices",
+        "s/round",
+        "bare loop s",
+        "ratio",
+        "peak RSS MB",
+        "lost",
+        "connect s",
+        "MB/round",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["devices"]), f"{r['seconds_per_round']:.2f}", f"{r['bare_loop_seconds']:.2f}",
-                      f"{r['overhead_ratio']:.2f}", f"{r['peak_rss_mb']:.0f}", str(r["lost_messages"]),
-                      f"{r['connect_seconds']:.1f}", f"{r['mb_per_round']:.1f}")
+        table.add_row(
+            str(r["devices"]),
+            f"{r['seconds_per_round']:.2f}",
+            f"{r['bare_loop_seconds']:.2f}",
+            f"{r['overhead_ratio']:.2f}",
+            f"{r['peak_rss_mb']:.0f}",
+            str(r["lost_messages"]),
+            f"{r['connect_seconds']:.1f}",
+            f"{r['mb_per_round']:.1f}",
+        )
     console.print(table)
-    console.print(f"codec: {codec['gb_per_s']:.2f} GB/s encode+decode, header overhead "
-                  f"{codec['header_overhead_pct']:.2f}% ({codec['payload_bytes']} B payload)")
+    console.print(
+        f"codec: {codec['gb_per_s']:.2f} GB/s encode+decode, header overhead "
+        f"{codec['header_overhead_pct']:.2f}% ({codec['payload_bytes']} B payload)"
+    )
     Path(args.json).write_text(json.dumps({"rounds": rows, "codec": codec}, indent=2))
 
 

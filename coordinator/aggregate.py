@@ -35,8 +35,10 @@ def weighted_mean(updates: Sequence[Weighted]) -> Params:
 
 def coordinate_median(updates: Sequence[Weighted]) -> Params:
     """Coordinate-wise median, unweighted (Yin et al. 2018)."""
-    return {k: np.median(np.stack([p[k] for p, _ in updates]), axis=0).astype(np.float32)
-            for k in _names(updates)}
+    return {
+        k: np.median(np.stack([p[k] for p, _ in updates]), axis=0).astype(np.float32)
+        for k in _names(updates)
+    }
 
 
 def trimmed_mean(updates: Sequence[Weighted], *, trim: float = 0.1) -> Params:
@@ -54,7 +56,9 @@ def trimmed_mean(updates: Sequence[Weighted], *, trim: float = 0.1) -> Params:
 def krum(updates: Sequence[Weighted], *, num_byzantine: int = 0) -> Params:
     """The update closest to its n - f - 2 nearest neighbours (Blanchard et al. 2017)."""
     names = _names(updates)
-    flat = np.stack([np.concatenate([p[k].ravel() for k in names]) for p, _ in updates]).astype(np.float64)
+    flat = np.stack([np.concatenate([p[k].ravel() for k in names]) for p, _ in updates]).astype(
+        np.float64
+    )
     d = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(-1)
     m = max(1, len(updates) - num_byzantine - 2)
     scores = [np.sort(np.delete(d[i], i))[:m].sum() for i in range(len(updates))]

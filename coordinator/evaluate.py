@@ -14,8 +14,9 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     return float(-logp[np.arange(len(y)), y].mean())
 
 
-def evaluate(backend: Backend, weights: Params, x: np.ndarray, y: np.ndarray, *,
-             batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(
+    backend: Backend, weights: Params, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1000
+) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``weights`` on ``(x, y)``."""
     logits = np.concatenate(
         [backend.logits(weights, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]

@@ -10,6 +10,7 @@ import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -25,6 +26,15 @@ log = logging.getLogger(__name__)
 Params = dict[str, np.ndarray]
 Evaluator = Callable[[Params], tuple[float, float]]
 UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
+
+
+class RoundClock(Protocol):
+    """Virtual time of emulated devices (``devices.clock.VirtualClock``): who is online in a
+    round, and how many seconds after the broadcast an update would have arrived."""
+
+    def available(self, device: str, round_: int) -> bool: ...
+
+    def arrival(self, device: str, *, examples: int, bytes_down: int, bytes_up: int) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class RoundResult:
     train_loss: float
     seconds: float
     rejections: dict[str, int] = field(default_factory=dict)
+    virtual_seconds: float | None = None  # with a clock: min(deadline, slowest arrival)
 
 
 @dataclass
@@ -64,6 +75,8 @@ class _RoundState:
     accepted: dict[str, wire.Update] = field(default_factory=dict)
     rejections: dict[str, int] = field(default_factory=dict)
     bytes_up: int = 0
+    down: dict[str, int] = field(default_factory=dict)  # packet bytes of each device's task
+    up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
 
 
 class Coordinator:
@@ -71,7 +84,11 @@ class Coordinator:
 
     def __init__(self, run: str, artifact: ModelArtifact, broker: BrokerAddress, store: RunStore,
                  plan: RoundPlan, *, evaluator: Evaluator | None = None, seed: int = 0,
-                 weights: Params | None = None) -> None:
+                 weights: Params | None = None, clock: RoundClock | None = None,
+                 collect_timeout_s: float = 600.0) -> None:
+        """With a ``clock``, ``plan.deadline_s`` is virtual: rounds select available devices only,
+        wait in real time (up to ``collect_timeout_s``) for every selected device, then drop the
+        updates whose virtual arrival is after the deadline (rejection ``straggler``)."""
         if plan.algorithm not in UPDATE_KIND:
             raise ValueError(f"algorithm {plan.algorithm!r}; expected one of {', '.join(UPDATE_KIND)}")
         self.run = run
@@ -83,6 +100,8 @@ class Coordinator:
         self.aggregate = get_aggregator(plan.aggregator)
         self.evaluator = evaluator
         self.seed = seed
+        self.clock = clock
+        self.collect_timeout_s = collect_timeout_s
         self.weights: Params = weights if weights is not None else artifact.initial_params()
         self.online: dict[str, dict[str, object]] = {}
         self.nonces: set[str] = set()
@@ -161,6 +180,7 @@ class Coordinator:
                 return
             assert self._state is not None
             self._state.accepted[device] = update
+            self._state.up[device] = size
 
     def _on_status(self, msg: Received, device: str) -> None:
         if not msg.retain:
@@ -207,10 +227,16 @@ class Coordinator:
     # -- rounds ---------------------------------------------------------------------------------
 
     def select(self, round_: int) -> list[str]:
-        """A seeded sample of ``fraction`` of the online devices (at least one)."""
+        """A seeded sample of ``fraction`` of the online devices (at least one); with a clock,
+        of those it says are available (possibly none)."""
         pool = sorted(self.online)
         if not pool:
             raise RuntimeError("no device is online: start devices (edgeleak device ...) first")
+        if self.clock is not None:
+            pool = [d for d in pool if self.clock.available(d, round_)]
+            if not pool:
+                log.warning("round %d: none of %d online devices is available", round_, len(self.online))
+                return []
         k = max(1, math.ceil(self.plan.fraction * len(pool)))
         rng = np.random.default_rng([self.seed, round_])
         return sorted(rng.choice(pool, size=k, replace=False).tolist())
@@ -233,7 +259,27 @@ class Coordinator:
                                    publish_packet_bytes(topic, len(payload), QOS, protocol=self.broker.protocol),
                                    len(payload), time.time()))
         self.store.add_messages(rows)
+        if self._state is not None:
+            self._state.down.update({r.device: r.bytes for r in rows})
         return sum(r.bytes for r in rows)
+
+    def _drop_stragglers(self, st: _RoundState) -> float:
+        """Reject the updates that arrive after the deadline in virtual time; returns the round's
+        virtual length: the slowest arrival, or the deadline when any selected device missed it."""
+        assert self.clock is not None
+        slowest = 0.0
+        for device in sorted(st.accepted):
+            n = st.accepted[device].num_examples
+            t = self.clock.arrival(
+                device, examples=n * self.plan.epochs if self.plan.algorithm == "fedavg" else n,
+                bytes_down=st.down[device], bytes_up=st.up[device],
+            )
+            slowest = max(slowest, t)
+            if t > self.plan.deadline_s:
+                del st.accepted[device]
+                self._reject(wire.update_topic(self.run, device), device, wire.WireError(
+                    "straggler", f"arrives at {t:.3f} s virtual, after the {self.plan.deadline_s} s deadline"))
+        return self.plan.deadline_s if len(st.accepted) < len(st.selected) else slowest
 
     def run_round(self, round_: int) -> RoundResult:
         """One full round: select, broadcast, collect until all answered or the deadline, aggregate."""
@@ -244,9 +290,10 @@ class Coordinator:
         st = _RoundState(round_, set(selected))
         self._state = st
         bytes_down = self.broadcast(selected)
-        deadline = t0 + self.plan.deadline_s
+        deadline = t0 + (self.collect_timeout_s if self.clock is not None else self.plan.deadline_s)
         while len(st.accepted) < len(selected) and time.monotonic() < deadline:
             self.poll(0.05)
+        virtual = self._drop_stragglers(st) if self.clock is not None else None
         self._state = None
         updates = [(u.params, u.num_examples) for u in st.accepted.values()]
         if updates:
@@ -262,7 +309,7 @@ class Coordinator:
             round=round_, selected=len(selected), accepted=len(st.accepted),
             rejected=sum(st.rejections.values()), bytes_up=st.bytes_up, bytes_down=bytes_down,
             accuracy=acc, loss=loss, train_loss=train_loss, seconds=time.monotonic() - t0,
-            rejections=dict(st.rejections),
+            rejections=dict(st.rejections), virtual_seconds=virtual,
         )
         self.store.add_round(
             self.run, round_, selected=result.selected, accepted=result.accepted,

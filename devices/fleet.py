@@ -15,7 +15,6 @@ import os
 import queue
 import resource
 import selectors
-
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,6 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge import wire
 from edge.backends import Backend, load_backend
 from edge.device import Device, TrainingRecord
 from edge.manifest import ModelArtifact

@@ -8,13 +8,16 @@ import numpy as np
 def iid(num_examples: int, num_devices: int, *, seed: int) -> list[np.ndarray]:
     """Shuffle, then cut into ``num_devices`` near-equal shards."""
     if not 0 < num_devices <= num_examples:
-        raise ValueError(f"need 1..{num_examples} devices for {num_examples} examples, got {num_devices}")
+        raise ValueError(
+            f"need 1..{num_examples} devices for {num_examples} examples, got {num_devices}"
+        )
     order = np.random.default_rng(seed).permutation(num_examples)
     return [np.sort(s) for s in np.array_split(order, num_devices)]
 
 
-def dirichlet(labels: np.ndarray, num_devices: int, *, alpha: float, seed: int,
-              min_size: int = 1) -> list[np.ndarray]:
+def dirichlet(
+    labels: np.ndarray, num_devices: int, *, alpha: float, seed: int, min_size: int = 1
+) -> list[np.ndarray]:
     """Per class, split its examples over devices in proportions drawn from Dirichlet(alpha).
 
     Redraws until every device has at least ``min_size`` examples (small alpha = strong skew).
@@ -22,7 +25,9 @@ def dirichlet(labels: np.ndarray, num_devices: int, *, alpha: float, seed: int,
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     if num_devices * min_size > len(labels):
-        raise ValueError(f"{num_devices} devices × {min_size} examples exceed {len(labels)} examples")
+        raise ValueError(
+            f"{num_devices} devices × {min_size} examples exceed {len(labels)} examples"
+        )
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     for _ in range(1000):
@@ -36,4 +41,6 @@ def dirichlet(labels: np.ndarray, num_devices: int, *, alpha: float, seed: int,
         out = [np.sort(np.concatenate(s)) for s in shards]
         if min(len(s) for s in out) >= min_size:
             return out
-    raise RuntimeError(f"no Dirichlet({alpha}) split gives every device {min_size} examples; raise alpha")
+    raise RuntimeError(
+        f"no Dirichlet({alpha}) split gives every device {min_size} examples; raise alpha"
+    )

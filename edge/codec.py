@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,8 +58,14 @@ def write_tensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | Non
     for name, arr in tensors.items():
         a = np.asarray(arr)
         tag = dtype_tag(a.dtype)
-        a = np.asarray(a, dtype=_DTYPES[tag], order="C")  # keeps 0-d shapes, unlike ascontiguousarray
-        header[name] = {"dtype": tag, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        a = np.asarray(
+            a, dtype=_DTYPES[tag], order="C"
+        )  # keeps 0-d shapes, unlike ascontiguousarray
+        header[name] = {
+            "dtype": tag,
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
         arrays.append(a)
     hjson = json.dumps(header, separators=(",", ":")).encode()
@@ -69,18 +76,32 @@ def write_tensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | Non
     out[8 : 8 + len(hjson)] = hjson
     pos = 8 + len(hjson)
     for a in arrays:
-        out[pos : pos + a.nbytes] = a.reshape(-1).tobytes() if a.size == 0 else memoryview(a.reshape(-1)).cast("B")
+        out[pos : pos + a.nbytes] = (
+            a.reshape(-1).tobytes() if a.size == 0 else memoryview(a.reshape(-1)).cast("B")  # type: ignore[arg-type]
+        )
         pos += a.nbytes
     return bytes(out)
 
 
-def read_header(buf: bytes | memoryview) -> tuple[dict[str, dict[str, object]], dict[str, str], int]:
+@dataclass(frozen=True)
+class TensorEntry:
+    """One validated header entry: dtype, shape and byte span within the data section."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(buf: bytes | memoryview) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
     """Parse and validate the header: (tensor entries, metadata, data start offset)."""
     if len(buf) < 8:
         raise CodecError("not_container", f"{len(buf)} bytes; a container has at least 8")
     (hlen,) = struct.unpack_from("<Q", buf, 0)
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(buf):
-        raise CodecError("not_container", f"header length {hlen} does not fit a {len(buf)}-byte buffer")
+        raise CodecError(
+            "not_container", f"header length {hlen} does not fit a {len(buf)}-byte buffer"
+        )
     try:
         header = json.loads(bytes(buf[8 : 8 + hlen]))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -93,10 +114,12 @@ def read_header(buf: bytes | memoryview) -> tuple[dict[str, dict[str, object]], 
     ):
         raise CodecError("not_container", "__metadata__ must map strings to strings")
     data_len = len(buf) - 8 - hlen
-    spans: list[tuple[int, int]] = []
+    entries: dict[str, TensorEntry] = {}
     for name, entry in header.items():
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise CodecError("not_container", f"tensor {name!r}: expected dtype, shape, data_offsets")
+            raise CodecError(
+                "not_container", f"tensor {name!r}: expected dtype, shape, data_offsets"
+            )
         tag, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
         if tag not in _DTYPES:
             raise CodecError("bad_dtype", f"tensor {name!r} has dtype {tag!r}")
@@ -108,16 +131,20 @@ def read_header(buf: bytes | memoryview) -> tuple[dict[str, dict[str, object]], 
             and all(isinstance(o, int) for o in offs)
             and 0 <= offs[0] <= offs[1] <= data_len
         ):
-            raise CodecError("not_container", f"tensor {name!r} has offsets {offs!r} outside the data")
+            raise CodecError(
+                "not_container", f"tensor {name!r} has offsets {offs!r} outside the data"
+            )
         n = int(np.prod(shape, dtype=np.int64)) * _DTYPES[tag].itemsize
         if offs[1] - offs[0] != n:
-            raise CodecError("bad_shape", f"tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape}")
-        spans.append((offs[0], offs[1]))
-    spans.sort()
+            raise CodecError(
+                "bad_shape", f"tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape}"
+            )
+        entries[name] = TensorEntry(_DTYPES[tag], tuple(shape), offs[0], offs[1])
+    spans = sorted((e.begin, e.end) for e in entries.values())
     for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         if start < end:
             raise CodecError("not_container", "tensor data overlaps")
-    return header, meta, 8 + hlen
+    return entries, meta, 8 + hlen
 
 
 def read_tensors(buf: bytes | memoryview) -> dict[str, np.ndarray]:
@@ -127,11 +154,9 @@ def read_tensors(buf: bytes | memoryview) -> dict[str, np.ndarray]:
 
 def read_container(buf: bytes | memoryview) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, metadata) of a container."""
-    header, meta, start = read_header(buf)
+    entries, meta, start = read_header(buf)
     out: dict[str, np.ndarray] = {}
-    for name, entry in header.items():
-        dt = _DTYPES[str(entry["dtype"])]
-        b, e = entry["data_offsets"]  # type: ignore[misc]
-        shape = tuple(entry["shape"])  # type: ignore[arg-type]
-        out[name] = np.frombuffer(buf, dtype=dt, count=(e - b) // dt.itemsize, offset=start + b).reshape(shape)
+    for name, e in entries.items():
+        count = (e.end - e.begin) // e.dtype.itemsize
+        out[name] = np.frombuffer(buf, e.dtype, count, start + e.begin).reshape(e.shape)
     return out, meta

@@ -19,5 +19,7 @@ def load_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{path}: expected an .npz with arrays 'x' and 'y', found {sorted(z)}")
         x, y = z["x"].astype(np.float32), z["y"].astype(np.int64)
     if x.ndim != 4 or len(x) != len(y):
-        raise ValueError(f"{path}: expected x of shape (N, C, H, W) and N labels, got {x.shape}, {y.shape}")
+        raise ValueError(
+            f"{path}: expected x of shape (N, C, H, W) and N labels, got {x.shape}, {y.shape}"
+        )
     return x, y

@@ -54,10 +54,14 @@ class Device:
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
     ) -> None:
         if len(x) != len(y) or len(x) == 0:
-            raise ValueError(f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})")
+            raise ValueError(
+                f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
+            )
         want = artifact.manifest.input_shape
         if tuple(x.shape[1:]) != want:
-            raise ValueError(f"device {device_id}: examples of shape {x.shape[1:]}, model expects {want}")
+            raise ValueError(
+                f"device {device_id}: examples of shape {x.shape[1:]}, model expects {want}"
+            )
         self.device_id = device_id
         self.run = run
         self.artifact = artifact
@@ -85,7 +89,11 @@ class Device:
 
     def status(self, state: str) -> bytes:
         """The retained status message: state, runtime, examples and (if any) device profile."""
-        info: dict[str, object] = {"state": state, "runtime": self.backend.name, "examples": len(self.x)}
+        info: dict[str, object] = {
+            "state": state,
+            "runtime": self.backend.name,
+            "examples": len(self.x),
+        }
         if self.profile:
             info["profile"] = self.profile
         return json.dumps(info, sort_keys=True).encode()
@@ -96,8 +104,14 @@ class Device:
         if task.algorithm == "fedsgd":
             return fedsgd(self.backend, task.weights, self.x, self.y, task.batch_size, rng)
         return fedavg(
-            self.backend, task.weights, self.x, self.y,
-            epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, rng=rng,
+            self.backend,
+            task.weights,
+            self.x,
+            self.y,
+            epochs=task.epochs,
+            batch_size=task.batch_size,
+            lr=task.lr,
+            rng=rng,
         )
 
     def handle(self, msg: Received) -> Outgoing | None:
@@ -118,28 +132,45 @@ class Device:
         if self.on_trained is not None:
             self.on_trained(TrainingRecord(self.run, task.round, self.device_id, result.used))
         update = wire.Update(
-            run=self.run, round=task.round, device=self.device_id, kind=result.kind,
-            num_examples=result.num_examples, params=result.params,
-            train_loss=result.train_loss, runtime=self.backend.name, codec=task.codec,
+            run=self.run,
+            round=task.round,
+            device=self.device_id,
+            kind=result.kind,
+            num_examples=result.num_examples,
+            params=result.params,
+            train_loss=result.train_loss,
+            runtime=self.backend.name,
+            codec=task.codec,
         )
         payload = wire.encode_update(update)
         topic = wire.update_topic(self.run, self.device_id)
         size = publish_packet_bytes(topic, len(payload), QOS)
         if size > self.max_message_bytes:
             # paho would retry an over-size packet forever after the broker drops the connection.
-            log.error("device %s: update of %d bytes exceeds %d; not sent", self.device_id, size,
-                      self.max_message_bytes)
+            log.error(
+                "device %s: update of %d bytes exceeds %d; not sent",
+                self.device_id,
+                size,
+                self.max_message_bytes,
+            )
             return None
         self.rounds_done += 1
         return Outgoing(topic, payload)
 
 
-def run_device(device: Device, broker: BrokerAddress, *, stop: threading.Event | None = None,
-               exit_on_end: bool = True) -> None:
+def run_device(
+    device: Device,
+    broker: BrokerAddress,
+    *,
+    stop: threading.Event | None = None,
+    exit_on_end: bool = True,
+) -> None:
     """Run one device on its own MQTT connection until the run's control topic says ``end``."""
     inbox: queue.Queue[Received] = queue.Queue()
     client = make_client(
-        device.device_id, inbox, protocol=broker.protocol,
+        device.device_id,
+        inbox,
+        protocol=broker.protocol,
         will=(device.status_topic, device.status("offline")),
         subscriptions=device.subscriptions,
         announce=(device.status_topic, device.status("online")),
@@ -158,4 +189,6 @@ def run_device(device: Device, broker: BrokerAddress, *, stop: threading.Event |
             out = device.handle(msg)
             if out is not None:
                 client.publish(out.topic, out.payload, qos=QOS).wait_for_publish(timeout=60)
-        client.publish(device.status_topic, device.status("offline"), qos=QOS, retain=True).wait_for_publish(5)
+        client.publish(
+            device.status_topic, device.status("offline"), qos=QOS, retain=True
+        ).wait_for_publish(5)

@@ -70,8 +70,9 @@ def read_varint(buf: bytes, offset: int = 0) -> tuple[int, int]:
     raise ValueError("malformed MQTT variable byte integer")
 
 
-def publish_packet_bytes(topic: str, payload_len: int, qos: int = QOS, properties_len: int = 0,
-                         protocol: int = 5) -> int:
+def publish_packet_bytes(
+    topic: str, payload_len: int, qos: int = QOS, properties_len: int = 0, protocol: int = 5
+) -> int:
     """Exact size of a PUBLISH packet: fixed header, variable header, properties (MQTT 5), payload."""
     variable = 2 + len(topic.encode()) + (2 if qos > 0 else 0)
     if protocol == 5:
@@ -137,7 +138,8 @@ def make_client(
             return
         if subscriptions:
             _, mid = c.subscribe([(s, QOS) for s in subscriptions])
-            pending.add(mid)
+            if mid is not None:
+                pending.add(mid)
         else:
             ready(c)
 
@@ -150,8 +152,15 @@ def make_client(
         if inbox is not None:
             props = msg.properties.pack() if msg.properties is not None else b"\x00"
             inbox.put(
-                Received(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic(),
-                         msg.qos, read_varint(props)[0], protocol)
+                Received(
+                    msg.topic,
+                    bytes(msg.payload),
+                    bool(msg.retain),
+                    time.monotonic(),
+                    msg.qos,
+                    read_varint(props)[0],
+                    protocol,
+                )
             )
 
     client.on_connect = on_connect
@@ -163,7 +172,9 @@ def make_client(
 
 
 @contextmanager
-def running(client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 60) -> Iterator[mqtt.Client]:
+def running(
+    client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 60
+) -> Iterator[mqtt.Client]:
     """Connect and run paho's network thread for the duration of the block."""
     client.connect(broker.host, broker.port, keepalive=keepalive)
     client.loop_start()

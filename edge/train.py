@@ -32,16 +32,31 @@ def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.nd
     return [order[i : i + b] for i in range(0, n, b)]
 
 
-def fedsgd(backend: Backend, weights: Params, x: np.ndarray, y: np.ndarray, batch_size: int,
-           rng: np.random.Generator) -> LocalResult:
+def fedsgd(
+    backend: Backend,
+    weights: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> LocalResult:
     """The mean gradient of one batch of ``batch_size`` examples (all of them for 0)."""
     idx = minibatches(len(x), batch_size, rng)[0]
     step = backend.loss_and_grad(weights, x[idx], y[idx])
     return LocalResult(step.grads, "gradient", len(idx), step.loss, idx)
 
 
-def fedavg(backend: Backend, weights: Params, x: np.ndarray, y: np.ndarray, *, epochs: int,
-           batch_size: int, lr: float, rng: np.random.Generator) -> LocalResult:
+def fedavg(
+    backend: Backend,
+    weights: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    rng: np.random.Generator,
+) -> LocalResult:
     """``epochs`` epochs of minibatch SGD at ``lr``; the update is w_local - w_global."""
     w = dict(weights)
     losses: list[float] = []

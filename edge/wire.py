@@ -104,7 +104,9 @@ def _dense_decoder(wire_dtype: np.dtype) -> Callable[[Mapping[str, np.ndarray], 
             if t.dtype != wire_dtype:
                 raise WireError("bad_dtype", f"{spec.name}: {t.dtype}, expected {wire_dtype}")
             if tuple(t.shape) != spec.shape:
-                raise WireError("bad_shape", f"{spec.name}: {tuple(t.shape)}, expected {spec.shape}")
+                raise WireError(
+                    "bad_shape", f"{spec.name}: {tuple(t.shape)}, expected {spec.shape}"
+                )
             out[spec.name] = t.astype(np.float32, copy=False)
         return out
 
@@ -245,17 +247,23 @@ def _choice(meta: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str:
     return v
 
 
-def _open(buf: bytes, expected_type: str, max_bytes: int) -> tuple[Mapping[str, np.ndarray], dict[str, str]]:
+def _open(
+    buf: bytes, expected_type: str, max_bytes: int
+) -> tuple[Mapping[str, np.ndarray], dict[str, str]]:
     if len(buf) > max_bytes:
         raise WireError("oversize", f"{len(buf)} bytes > limit {max_bytes}")
     try:
         tensors, meta = read_container(buf)
     except CodecError as e:
-        raise WireError("not_schema" if e.reason == "not_container" else e.reason, e.detail) from None
+        raise WireError(
+            "not_schema" if e.reason == "not_container" else e.reason, e.detail
+        ) from None
     if "edgeleak" not in meta:
         raise WireError("not_schema", "no 'edgeleak' schema version in the metadata")
     if meta["edgeleak"] != str(SCHEMA_VERSION):
-        raise WireError("bad_version", f"schema {meta['edgeleak']!r}; this build speaks {SCHEMA_VERSION}")
+        raise WireError(
+            "bad_version", f"schema {meta['edgeleak']!r}; this build speaks {SCHEMA_VERSION}"
+        )
     if meta.get("type") != expected_type:
         raise WireError("bad_type", f"type {meta.get('type')!r}; expected {expected_type!r}")
     return tensors, meta

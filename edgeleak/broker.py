@@ -71,7 +71,9 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float, wh
 
 
 @contextmanager
-def local_broker(kind: str = "auto", *, port: int | None = None) -> Iterator[tuple[BrokerAddress, str]]:
+def local_broker(
+    kind: str = "auto", *, port: int | None = None
+) -> Iterator[tuple[BrokerAddress, str]]:
     """Start a broker on loopback for the block; yields (address, "mosquitto" | "amqtt").
 
     ``kind``: "auto" (mosquitto if installed, else amqtt), "mosquitto" or "amqtt".

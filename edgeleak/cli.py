@@ -15,8 +15,24 @@ def _demo(args: argparse.Namespace) -> int:
     from edgeleak.experiment import run_experiment
 
     base = ExperimentConfig.from_file(args.config).to_dict() if args.config else {}
-    for key in ("devices", "rounds", "seed", "model", "dataset", "algorithm", "runtime", "fraction",
-                "partition", "alpha", "workers", "lr", "epochs", "batch_size", "aggregator", "codec"):
+    for key in (
+        "devices",
+        "rounds",
+        "seed",
+        "model",
+        "dataset",
+        "algorithm",
+        "runtime",
+        "fraction",
+        "partition",
+        "alpha",
+        "workers",
+        "lr",
+        "epochs",
+        "batch_size",
+        "aggregator",
+        "codec",
+    ):
         value = getattr(args, key)
         if value is not None:
             base[key] = value
@@ -28,9 +44,11 @@ def _demo(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
     res = run_experiment(cfg, out, broker_url=args.broker)
     s = res.summary
-    print(f"run {res.run}: accuracy {100 * s['final_accuracy']:.2f}% after {cfg.rounds} rounds, "
-          f"{s['bytes_up'] / 1e6:.2f} MB up, {s['bytes_down'] / 1e6:.2f} MB down, "
-          f"{s['seconds']:.1f} s, broker {s['broker']}")
+    print(
+        f"run {res.run}: accuracy {100 * s['final_accuracy']:.2f}% after {cfg.rounds} rounds, "
+        f"{s['bytes_up'] / 1e6:.2f} MB up, {s['bytes_down'] / 1e6:.2f} MB down, "
+        f"{s['seconds']:.1f} s, broker {s['broker']}"
+    )
     print(f"wrote {out}/run.db, {out}/summary.json, {out}/rounds.png")
     return 0
 
@@ -44,10 +62,20 @@ def _run_device(args: argparse.Namespace) -> int:
 
     x, y = load_shard(args.data)
     artifact = ModelArtifact.load(args.model)
-    device = Device(args.id, args.run, artifact, load_backend(args.runtime, artifact), x, y, seed=args.seed,
-                    profile=args.profile)
-    print(f"device {args.id}: {len(x)} examples, runtime {args.runtime}, run {args.run}, broker {args.broker}",
-          flush=True)
+    device = Device(
+        args.id,
+        args.run,
+        artifact,
+        load_backend(args.runtime, artifact),
+        x,
+        y,
+        seed=args.seed,
+        profile=args.profile,
+    )
+    print(
+        f"device {args.id}: {len(x)} examples, runtime {args.runtime}, run {args.run}, broker {args.broker}",
+        flush=True,
+    )
     run_device(device, parse_broker_url(args.broker))
     print(f"device {args.id}: run ended after {device.rounds_done} updates", flush=True)
     return 0
@@ -57,17 +85,24 @@ def _export(args: argparse.Namespace) -> int:
     from export import export_model
 
     shape = tuple(int(s) for s in args.input_shape.split("x")) if args.input_shape else None
-    art = export_model(args.model, args.out, input_shape=shape, seed=args.seed,
-                       targets=tuple(args.targets.split(",")))
+    art = export_model(
+        args.model,
+        args.out,
+        input_shape=shape,
+        seed=args.seed,
+        targets=tuple(args.targets.split(",")),
+    )
     m = art.manifest
-    print(f"exported {m.model} ({m.num_parameters} parameters) to {args.out}: {', '.join(m.artifacts.values())}")
+    print(
+        f"exported {m.model} ({m.num_parameters} parameters) to {args.out}: {', '.join(m.artifacts.values())}"
+    )
     return 0
 
 
 def _shards(args: argparse.Namespace) -> int:
     from devices.datasets import load_dataset
-    from edge.data import save_shard
     from devices.partition import dirichlet, iid
+    from edge.data import save_shard
 
     data = load_dataset(args.dataset)
     if args.partition == "iid":
@@ -87,13 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="run a federated experiment on a local (or --broker) MQTT broker")
+    d = sub.add_parser(
+        "demo", help="run a federated experiment on a local (or --broker) MQTT broker"
+    )
     d.add_argument("--config", help="JSON file of ExperimentConfig fields (flags override it)")
     d.add_argument("--devices", type=int)
     d.add_argument("--rounds", type=int)
     d.add_argument("--seed", type=int)
     d.add_argument("--out", help="output folder (default runs/demo-<time>)")
-    d.add_argument("--broker", help="external broker mqtt://HOST:PORT (default: start one on loopback)")
+    d.add_argument(
+        "--broker", help="external broker mqtt://HOST:PORT (default: start one on loopback)"
+    )
     d.add_argument("--model")
     d.add_argument("--dataset")
     d.add_argument("--algorithm", help="fedavg or fedsgd")
@@ -141,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     return int(args.func(args))
 
 

@@ -74,7 +74,9 @@ class ExperimentConfig:
         valid = {f.name: f.type for f in fields(cls)}
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {', '.join(valid)}")
+            raise ConfigError(
+                f"unknown config field(s) {unknown}; valid fields: {', '.join(valid)}"
+            )
         defaults = cls()
         typed: dict[str, Any] = {}
         for k, v in d.items():

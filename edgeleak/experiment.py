@@ -42,80 +42,156 @@ def broker_for(url: str | None) -> Iterator[tuple[BrokerAddress, str]]:
             yield b
 
 
-def fleet_spec(cfg: ExperimentConfig, run: str, broker: BrokerAddress, model_dir: Path,
-               labels: np.ndarray, truth_dir: Path | None) -> FleetSpec:
+def fleet_spec(
+    cfg: ExperimentConfig,
+    run: str,
+    broker: BrokerAddress,
+    model_dir: Path,
+    labels: np.ndarray,
+    truth_dir: Path | None,
+) -> FleetSpec:
     """Partition the training set and give each device a runtime (round-robin over the mix)."""
     if cfg.partition == "iid":
         shards = iid(len(labels), cfg.devices, seed=cfg.seed)
     else:
-        shards = dirichlet(labels, cfg.devices, alpha=cfg.alpha, seed=cfg.seed, min_size=cfg.batch_size or 1)
+        shards = dirichlet(
+            labels, cfg.devices, alpha=cfg.alpha, seed=cfg.seed, min_size=cfg.batch_size or 1
+        )
     runtimes = cfg.runtimes
     devices = tuple(
         DeviceSpec(f"d{i:04d}", shard, runtimes[i % len(runtimes)], seed=cfg.seed * 100_003 + i)
         for i, shard in enumerate(shards)
     )
-    return FleetSpec(run, broker.url, str(model_dir), cfg.dataset, devices, cfg.workers,
-                     str(truth_dir) if truth_dir else None)
+    return FleetSpec(
+        run,
+        broker.url,
+        str(model_dir),
+        cfg.dataset,
+        devices,
+        cfg.workers,
+        str(truth_dir) if truth_dir else None,
+    )
 
 
-def run_experiment(cfg: ExperimentConfig, out: Path, *, broker_url: str | None = None,
-                   progress: bool = True, run: str | None = None) -> ExperimentResult:
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: Path,
+    *,
+    broker_url: str | None = None,
+    progress: bool = True,
+    run: str | None = None,
+) -> ExperimentResult:
     """Run ``cfg`` and write run.db, summary.json and rounds.png into ``out``."""
-    from export import export_model
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from export import export_model
 
     out.mkdir(parents=True, exist_ok=True)
     run = run or time.strftime("run-%Y%m%d-%H%M%S")
     data = load_dataset(cfg.dataset)
-    artifact = export_model(cfg.model, out / "model", input_shape=data.input_shape,
-                            num_classes=data.num_classes, seed=cfg.seed)
+    artifact = export_model(
+        cfg.model,
+        out / "model",
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        seed=cfg.seed,
+    )
     artifact = ModelArtifact.load(out / "model")
     evaluator_backend = load_backend("onnx", artifact)
 
     def evaluator(w: dict[str, np.ndarray]) -> tuple[float, float]:
         return evaluate(evaluator_backend, w, data.x_test, data.y_test)
 
-    plan = RoundPlan(algorithm=cfg.algorithm, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                     fraction=cfg.fraction, deadline_s=cfg.deadline_s, server_lr=cfg.server_lr,
-                     aggregator=cfg.aggregator, codec=cfg.codec)
+    plan = RoundPlan(
+        algorithm=cfg.algorithm,
+        lr=cfg.lr,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        fraction=cfg.fraction,
+        deadline_s=cfg.deadline_s,
+        server_lr=cfg.server_lr,
+        aggregator=cfg.aggregator,
+        codec=cfg.codec,
+    )
     store = RunStore(out / "run.db")
     results: list[RoundResult] = []
     t_start = time.monotonic()
     with broker_for(broker_url) as (broker, broker_kind):
-        store.add_run(run, config=cfg.to_dict(), broker=f"{broker_kind} {broker.url}",
-                      runtime=cfg.runtime, devices=cfg.devices, model=cfg.model,
-                      model_hash=artifact.manifest.sha256)
+        store.add_run(
+            run,
+            config=cfg.to_dict(),
+            broker=f"{broker_kind} {broker.url}",
+            runtime=cfg.runtime,
+            devices=cfg.devices,
+            model=cfg.model,
+            model_hash=artifact.manifest.sha256,
+        )
         spec = fleet_spec(cfg, run, broker, out / "model", data.y_train, out / "truth")
-        with Coordinator(run, artifact, broker, store, plan, evaluator=evaluator, seed=cfg.seed) as coord, \
-                Fleet(spec) as fleet:
+        with (
+            Coordinator(
+                run, artifact, broker, store, plan, evaluator=evaluator, seed=cfg.seed
+            ) as coord,
+            Fleet(spec) as fleet,
+        ):
             coord.wait_for_devices(cfg.devices, timeout=60 + cfg.devices * 0.1)
-            cols = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+            cols = (
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+            )
             with Progress(*cols, disable=not progress) as bar:
-                job = bar.add_task(f"{cfg.algorithm} {cfg.devices} devices", total=cfg.rounds, status="")
+                job = bar.add_task(
+                    f"{cfg.algorithm} {cfg.devices} devices", total=cfg.rounds, status=""
+                )
                 for r in range(1, cfg.rounds + 1):
                     if not fleet.alive():
                         raise RuntimeError("a fleet worker died; see its error above")
                     res = coord.run_round(r)
                     results.append(res)
-                    bar.update(job, advance=1, status=(
-                        f"acc {100 * res.accuracy:.1f}%  up {res.bytes_up / 1e6:.1f} MB  "
-                        f"down {res.bytes_down / 1e6:.1f} MB  {res.accepted}/{res.selected} ok"))
+                    bar.update(
+                        job,
+                        advance=1,
+                        status=(
+                            f"acc {100 * res.accuracy:.1f}%  up {res.bytes_up / 1e6:.1f} MB  "
+                            f"down {res.bytes_down / 1e6:.1f} MB  {res.accepted}/{res.selected} ok"
+                        ),
+                    )
             coord.end()
-        summary = build_summary(cfg, run, broker_kind, broker, results, store,
-                                seconds=time.monotonic() - t_start, artifact=artifact)
+        summary = build_summary(
+            cfg,
+            run,
+            broker_kind,
+            broker,
+            results,
+            store,
+            seconds=time.monotonic() - t_start,
+            artifact=artifact,
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from edgeleak.report import plot_rounds
 
-    plot_rounds(summary["rounds"], out / "rounds.png",
-                title=f"{cfg.model} · {cfg.algorithm} · {cfg.devices} devices · {cfg.dataset}")
+    plot_rounds(
+        summary["rounds"],
+        out / "rounds.png",
+        title=f"{cfg.model} · {cfg.algorithm} · {cfg.devices} devices · {cfg.dataset}",
+    )
     store.close()
     return ExperimentResult(run, out, summary)
 
 
-def build_summary(cfg: ExperimentConfig, run: str, broker_kind: str, broker: BrokerAddress,
-                  results: list[RoundResult], store: RunStore, *, seconds: float,
-                  artifact: ModelArtifact) -> dict[str, Any]:
+def build_summary(
+    cfg: ExperimentConfig,
+    run: str,
+    broker_kind: str,
+    broker: BrokerAddress,
+    results: list[RoundResult],
+    store: RunStore,
+    *,
+    seconds: float,
+    artifact: ModelArtifact,
+) -> dict[str, Any]:
     """summary.json: the run's totals and one object per round."""
     return {
         "run": run,
@@ -134,9 +210,18 @@ def build_summary(cfg: ExperimentConfig, run: str, broker_kind: str, broker: Bro
         "rejections": store.rejection_counts(run),
         "config": cfg.to_dict(),
         "rounds": [
-            {"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "train_loss": r.train_loss,
-             "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "selected": r.selected,
-             "accepted": r.accepted, "rejected": r.rejected, "seconds": round(r.seconds, 3)}
+            {
+                "round": r.round,
+                "accuracy": r.accuracy,
+                "loss": r.loss,
+                "train_loss": r.train_loss,
+                "bytes_up": r.bytes_up,
+                "bytes_down": r.bytes_down,
+                "selected": r.selected,
+                "accepted": r.accepted,
+                "rejected": r.rejected,
+                "seconds": round(r.seconds, 3),
+            }
             for r in results
         ],
     }

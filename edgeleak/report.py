@@ -22,7 +22,9 @@ def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path, *, title: str = ""
     ax1.grid(alpha=0.3)
     w = 0.4
     ax2.bar([i - w / 2 for i in r], [x["bytes_up"] / 1e6 for x in rounds], w, label="up (updates)")
-    ax2.bar([i + w / 2 for i in r], [x["bytes_down"] / 1e6 for x in rounds], w, label="down (tasks)")
+    ax2.bar(
+        [i + w / 2 for i in r], [x["bytes_down"] / 1e6 for x in rounds], w, label="down (tasks)"
+    )
     ax2.set(xlabel="round", ylabel="MQTT bytes (MB)", title="traffic per round")
     ax2.legend(loc="lower right")
     for ax in (ax1, ax2):

@@ -17,8 +17,11 @@ weights go in with each call.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,18 +208,33 @@ def _to_onnx(
     """Write ``gm`` as one self-contained ONNX file with a dynamic batch dimension."""
     n_batched = len(inputs) - len(t.names)
     args = (*t.params, t.x, t.y)[: len(inputs)]
-    torch.onnx.export(
-        _GraphModule(gm).eval(),
-        args,
-        str(path),
-        dynamo=True,
-        external_data=False,
-        opset_version=OPSET,
-        input_names=inputs,
-        output_names=outputs,
-        dynamic_shapes=_dynamic_shapes(len(t.names), n_batched),
-        verbose=False,
-    )
+    with _quiet():
+        torch.onnx.export(
+            _GraphModule(gm).eval(),
+            args,
+            str(path),
+            dynamo=True,
+            external_data=False,
+            opset_version=OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=_dynamic_shapes(len(t.names), n_batched),
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's chatter (absent torchvision ops, axis renames, deprecations)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _export_onnx(t: _Traced, out_dir: Path) -> dict[str, str]:

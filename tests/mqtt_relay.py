@@ -99,11 +99,21 @@ class CountingRelay:
             up = socket.create_connection((self.upstream.host, self.upstream.port))
             ident: list[str] = []
             ready = threading.Event()
-            threading.Thread(target=self._pump, args=(down, up, "up", ident, ready), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, down, "down", ident, ready), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(down, up, "up", ident, ready), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(up, down, "down", ident, ready), daemon=True
+            ).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, ident: list[str],
-              ready: threading.Event) -> None:
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        direction: str,
+        ident: list[str],
+        ready: threading.Event,
+    ) -> None:
         split = _Splitter()
         try:
             while data := src.recv(1 << 16):

@@ -26,7 +26,10 @@ def test_weighted_mean_exact() -> None:
 
 def test_weighted_mean_matches_reference_on_random_data() -> None:
     rng = np.random.default_rng(0)
-    ups = [({"w": rng.standard_normal((5, 3)).astype(np.float32)}, int(n)) for n in rng.integers(1, 50, 7)]
+    ups = [
+        ({"w": rng.standard_normal((5, 3)).astype(np.float32)}, int(n))
+        for n in rng.integers(1, 50, 7)
+    ]
     ref = sum(u["w"].astype(np.float64) * n for u, n in ups) / sum(n for _, n in ups)
     np.testing.assert_allclose(weighted_mean(ups)["w"], ref, rtol=1e-6)
 
@@ -44,8 +47,12 @@ def test_krum_picks_a_central_update() -> None:
 
 def test_apply_update_signs() -> None:
     w = p(1, 1)
-    np.testing.assert_array_equal(apply_update(w, p(1, 2), kind="gradient", server_lr=0.5)["w"], [0.5, 0.0])
-    np.testing.assert_array_equal(apply_update(w, p(1, 2), kind="delta", server_lr=1.0)["w"], [2.0, 3.0])
+    np.testing.assert_array_equal(
+        apply_update(w, p(1, 2), kind="gradient", server_lr=0.5)["w"], [0.5, 0.0]
+    )
+    np.testing.assert_array_equal(
+        apply_update(w, p(1, 2), kind="delta", server_lr=1.0)["w"], [2.0, 3.0]
+    )
 
 
 def test_registry_errors_list_names() -> None:

@@ -15,8 +15,11 @@ from edge.manifest import Manifest, ParamSpec
 from edge.mqtt import parse_broker_url, publish_packet_bytes, read_varint, varint_len
 
 MANIFEST = Manifest(
-    model="toy", input_shape=(1, 4, 4), num_classes=3,
-    params=(ParamSpec("fc.weight", (3, 16)), ParamSpec("fc.bias", (3,))), sha256="abc",
+    model="toy",
+    input_shape=(1, 4, 4),
+    num_classes=3,
+    params=(ParamSpec("fc.weight", (3, 16)), ParamSpec("fc.bias", (3,))),
+    sha256="abc",
 )
 
 
@@ -26,8 +29,16 @@ def params(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def update(**kw: object) -> wire.Update:
-    base: dict[str, object] = dict(run="r1", round=3, device="d0001", kind="delta", num_examples=17,
-                                   params=params(), train_loss=0.5, runtime="onnx")
+    base: dict[str, object] = dict(
+        run="r1",
+        round=3,
+        device="d0001",
+        kind="delta",
+        num_examples=17,
+        params=params(),
+        train_loss=0.5,
+        runtime="onnx",
+    )
     base.update(kw)
     return wire.Update(**base)  # type: ignore[arg-type]
 
@@ -72,7 +83,13 @@ def test_update_round_trip_is_exact() -> None:
     u = update()
     back = wire.decode_update(wire.encode_update(u), MANIFEST)
     assert (back.run, back.round, back.device, back.kind, back.num_examples, back.nonce) == (
-        "r1", 3, "d0001", "delta", 17, u.nonce)
+        "r1",
+        3,
+        "d0001",
+        "delta",
+        17,
+        u.nonce,
+    )
     for k in u.params:
         np.testing.assert_array_equal(back.params[k], u.params[k])
 
@@ -88,12 +105,23 @@ def test_f16_codec_halves_the_tensor_bytes() -> None:
     h32, h16 = (struct.unpack("<Q", b[:8])[0] for b in (u32, u16))
     assert len(u32) - 8 - h32 == 2 * (len(u16) - 8 - h16)
     back = wire.decode_update(u16, MANIFEST)
-    np.testing.assert_allclose(back.params["fc.weight"], params()["fc.weight"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        back.params["fc.weight"], params()["fc.weight"], rtol=1e-3, atol=1e-3
+    )
 
 
 def test_task_round_trip() -> None:
-    t = wire.Task(run="r1", round=2, device="d7", algorithm="fedsgd", lr=0.1, epochs=1, batch_size=8,
-                  model_hash="abc", weights=params(1))
+    t = wire.Task(
+        run="r1",
+        round=2,
+        device="d7",
+        algorithm="fedsgd",
+        lr=0.1,
+        epochs=1,
+        batch_size=8,
+        model_hash="abc",
+        weights=params(1),
+    )
     back = wire.decode_task(wire.encode_task(t), MANIFEST)
     assert (back.algorithm, back.lr, back.batch_size, back.model_hash) == ("fedsgd", 0.1, 8, "abc")
     np.testing.assert_array_equal(back.weights["fc.bias"], t.weights["fc.bias"])
@@ -115,14 +143,34 @@ def _meta_swap(payload: bytes, **changes: str) -> bytes:
         (lambda p: _meta_swap(p, kind="weights"), "bad_field"),
         (lambda p: _meta_swap(p, n="many"), "bad_field"),
         (lambda p: _meta_swap(p, codec="zip"), "bad_codec"),
-        (lambda p: wire.encode_update(update(params={**params(), "fc.bias": np.zeros(4, np.float32)})), "bad_shape"),
-        (lambda p: wire.encode_update(update(params={"fc.weight": params()["fc.weight"]})), "bad_params"),
-        (lambda p: write_tensors({k: v.astype(np.float64) for k, v in params().items()}, read_container(p)[1]),
-         "bad_dtype"),
-        (lambda p: wire.encode_update(update(params={**params(), "fc.bias": np.array([0, np.nan, 0], np.float32)})),
-         "non_finite"),
-        (lambda p: wire.encode_update(update(params={**params(), "fc.bias": np.array([0, np.inf, 0], np.float32)})),
-         "non_finite"),
+        (
+            lambda p: wire.encode_update(
+                update(params={**params(), "fc.bias": np.zeros(4, np.float32)})
+            ),
+            "bad_shape",
+        ),
+        (
+            lambda p: wire.encode_update(update(params={"fc.weight": params()["fc.weight"]})),
+            "bad_params",
+        ),
+        (
+            lambda p: write_tensors(
+                {k: v.astype(np.float64) for k, v in params().items()}, read_container(p)[1]
+            ),
+            "bad_dtype",
+        ),
+        (
+            lambda p: wire.encode_update(
+                update(params={**params(), "fc.bias": np.array([0, np.nan, 0], np.float32)})
+            ),
+            "non_finite",
+        ),
+        (
+            lambda p: wire.encode_update(
+                update(params={**params(), "fc.bias": np.array([0, np.inf, 0], np.float32)})
+            ),
+            "non_finite",
+        ),
     ],
 )
 def test_decode_rejects_with_reason(mutate: object, reason: str) -> None:
@@ -150,7 +198,15 @@ def test_topics() -> None:
 
 
 def test_mqtt_packet_sizes() -> None:
-    assert [varint_len(n) for n in (0, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152)] == [1, 1, 2, 2, 3, 3, 4]
+    assert [varint_len(n) for n in (0, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152)] == [
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+    ]
     # MQTT 5, QoS 1: 1 + len(remaining) + (2 + topic + 2 + 1 props) + payload
     assert publish_packet_bytes("a/b", 10) == 1 + 1 + 2 + 3 + 2 + 1 + 10
     assert publish_packet_bytes("a/b", 10, qos=0, protocol=4) == 1 + 1 + 2 + 3 + 10
@@ -164,8 +220,12 @@ def test_mqtt_packet_sizes() -> None:
 
 @pytest.mark.parametrize(
     "arr",
-    [np.float32(3.0), np.zeros((0, 3), np.float32), np.ones((2, 2), np.float16),
-     np.arange(12, dtype=np.float32).reshape(3, 4).T],
+    [
+        np.float32(3.0),
+        np.zeros((0, 3), np.float32),
+        np.ones((2, 2), np.float16),
+        np.arange(12, dtype=np.float32).reshape(3, 4).T,
+    ],
     ids=["scalar", "empty", "f16", "transposed"],
 )
 def test_container_keeps_shape_and_values(arr: np.ndarray) -> None:

@@ -14,7 +14,9 @@ from edge.data import load_shard, save_shard
 from edgeleak.config import ConfigError, ExperimentConfig
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="apt-get install -y dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(), reason="apt-get install -y dataset-fashion-mnist"
+)
 def test_fashion_mnist_from_debian() -> None:
     d = load_dataset("fashion-mnist")
     assert d.x_train.shape == (60_000, 1, 28, 28) and d.x_test.shape == (10_000, 1, 28, 28)
@@ -83,7 +85,9 @@ def test_bad_config_names_field_and_allowed_values(field: str, value: object, me
 
 def test_config_file_unknown_field(tmp_path: Path) -> None:
     (tmp_path / "c.json").write_text(json.dumps({"devices": 5, "rouns": 3}))
-    with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['rouns'\]; valid fields: devices, rounds"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config field\(s\) \['rouns'\]; valid fields: devices, rounds"
+    ):
         ExperimentConfig.from_file(tmp_path / "c.json")
     (tmp_path / "d.json").write_text(json.dumps({"devices": "5"}))
     with pytest.raises(ConfigError, match="devices='5': expected type int"):

@@ -12,9 +12,27 @@ from pathlib import Path
 def test_demo_writes_run_db_summary_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "edgeleak.cli", "demo", "--devices", "3", "--rounds", "2",
-         "--out", str(out), "--seed", "1", "--epochs", "1", "--fraction", "1.0"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "edgeleak.cli",
+            "demo",
+            "--devices",
+            "3",
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+            "--epochs",
+            "1",
+            "--fraction",
+            "1.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
@@ -22,21 +40,44 @@ def test_demo_writes_run_db_summary_and_plot(tmp_path: Path) -> None:
     assert (s["devices"], s["runtime"], s["broker"]) == (3, "onnx", "mosquitto")
     assert [r["round"] for r in s["rounds"]] == [1, 2]
     for r in s["rounds"]:
-        assert {"round", "accuracy", "loss", "bytes_up", "bytes_down", "accepted", "rejected", "seconds"} <= set(r)
+        assert {
+            "round",
+            "accuracy",
+            "loss",
+            "bytes_up",
+            "bytes_down",
+            "accepted",
+            "rejected",
+            "seconds",
+        } <= set(r)
         assert (r["accepted"], r["rejected"]) == (3, 0)
     assert s["rounds"][-1]["accuracy"] > 0.6  # 3 devices × 20,000 Fashion-MNIST examples, 2 rounds
     assert s["bytes_up"] == sum(r["bytes_up"] for r in s["rounds"])
     assert s["bytes_down"] == sum(r["bytes_down"] for r in s["rounds"])
     db = sqlite3.connect(out / "run.db")
     assert db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 2
-    assert db.execute("SELECT COUNT(*) FROM messages WHERE kind IN ('task','update')").fetchone()[0] == 12
+    assert (
+        db.execute("SELECT COUNT(*) FROM messages WHERE kind IN ('task','update')").fetchone()[0]
+        == 12
+    )
     assert (out / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_bad_flag_names_field(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "edgeleak.cli", "demo", "--algorithm", "fedprox", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "edgeleak.cli",
+            "demo",
+            "--algorithm",
+            "fedprox",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "algorithm='fedprox': expected one of fedsgd, fedavg" in proc.stderr

@@ -20,16 +20,32 @@ from edgeleak.broker import local_broker
 from tests.fedutil import contiguous_shards, fleet
 
 
-def test_device_cli_process_joins_a_round(mosquitto: BrokerAddress, lenet_artifact: ModelArtifact,
-                                          tmp_path: Path) -> None:
+def test_device_cli_process_joins_a_round(
+    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
     run = "p" + uuid.uuid4().hex[:8]
     data = load_dataset("fashion-mnist")
     save_shard(tmp_path / "shard.npz", data.x_train[:40], data.y_train[:40])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeleak.cli", "device", "--broker", mosquitto.url,
-         "--data", str(tmp_path / "shard.npz"), "--model", str(lenet_artifact.folder),
-         "--run", run, "--id", "phone-1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "edgeleak.cli",
+            "device",
+            "--broker",
+            mosquitto.url,
+            "--data",
+            str(tmp_path / "shard.npz"),
+            "--model",
+            str(lenet_artifact.folder),
+            "--run",
+            run,
+            "--id",
+            "phone-1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     store = RunStore(tmp_path / "run.db")
     plan = RoundPlan(algorithm="fedavg", lr=0.05, batch_size=8, deadline_s=60)

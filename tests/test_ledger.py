@@ -17,8 +17,9 @@ from tests.mqtt_relay import CountingRelay
 
 
 @pytest.mark.parametrize("codec", ["f32", "f16"])
-def test_ledger_matches_a_counting_relay(codec: str, mosquitto: BrokerAddress,
-                                         lenet_artifact: ModelArtifact, tmp_path: Path) -> None:
+def test_ledger_matches_a_counting_relay(
+    codec: str, mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
     run = "L" + uuid.uuid4().hex[:8]
     relay = CountingRelay(mosquitto)
     store = RunStore(tmp_path / "run.db")
@@ -33,8 +34,11 @@ def test_ledger_matches_a_counting_relay(codec: str, mosquitto: BrokerAddress,
     relay.close()
     for d in devices:
         for direction, channel in (("up", "update"), ("down", "task")):
-            on_wire = sum(b for (cid, dr, topic), b in relay.log.publish.items()
-                          if cid == d.device_id and dr == direction and f"/{channel}/" in topic)
+            on_wire = sum(
+                b
+                for (cid, dr, topic), b in relay.log.publish.items()
+                if cid == d.device_id and dr == direction and f"/{channel}/" in topic
+            )
             ledger = store.db.execute(
                 "SELECT SUM(bytes) FROM messages WHERE run=? AND device=? AND direction=? AND kind=?",
                 (run, d.device_id, direction, "update" if channel == "update" else "task"),
