@@ -42,9 +42,9 @@ class RoundPlan:
     """How every round runs. FedSGD: w <- w - server_lr*lr*mean(g); FedAvg: w <- w + server_lr*mean(delta)."""
 
     algorithm: str = "fedavg"
-    lr: float = 0.05
+    lr: float = 0.1
     epochs: int = 1
-    batch_size: int = 32
+    batch_size: int = 16
     fraction: float = 1.0
     deadline_s: float = 120.0
     server_lr: float = 1.0

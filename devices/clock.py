@@ -46,7 +46,9 @@ def is_available(profile: DeviceProfile, draw: float, hour: int) -> bool:
     return draw < profile.availability[hour % HOURS]
 
 
-def assign_profiles(n: int, names: Sequence[str], shares: Sequence[float] | None = None) -> list[str]:
+def assign_profiles(
+    n: int, names: Sequence[str], shares: Sequence[float] | None = None
+) -> list[str]:
     """Profile names for ``n`` devices: round-robin over ``names``, or in proportion to ``shares``.
 
     With shares, counts are rounded by largest remainder and the names are interleaved (the
@@ -84,33 +86,60 @@ class VirtualClock:
     default: DeviceProfile | None = field(default=None)
 
     @classmethod
-    def from_names(cls, names: Mapping[str, str], *, base_seconds_per_example: float, seed: int,
-                   **kw: float) -> VirtualClock:
+    def from_names(
+        cls,
+        names: Mapping[str, str],
+        *,
+        base_seconds_per_example: float,
+        seed: int,
+        start_hour: float = 0.0,
+        hours_per_round: float = 1.0,
+    ) -> VirtualClock:
         """A clock from device id -> profile name (``devices/profiles/<name>.json``)."""
-        return cls({d: load_profile(p) for d, p in names.items()},
-                   base_seconds_per_example=base_seconds_per_example, seed=seed, **kw)
+        return cls(
+            {d: load_profile(p) for d, p in names.items()},
+            base_seconds_per_example=base_seconds_per_example,
+            seed=seed,
+            start_hour=start_hour,
+            hours_per_round=hours_per_round,
+        )
 
     def profile(self, device: str) -> DeviceProfile:
         """The profile of ``device``; ``KeyError`` naming the fix when it has none."""
         p = self.profiles.get(device, self.default)
         if p is None:
-            raise KeyError(f"device {device!r} has no profile in this virtual clock; give it one "
-                           f"(DeviceSpec(profile=...)) or pass VirtualClock(default=...)")
+            raise KeyError(
+                f"device {device!r} has no profile in this virtual clock; give it one "
+                f"(DeviceSpec(profile=...)) or pass VirtualClock(default=...)"
+            )
         return p
 
     def available(self, device: str, round_: int) -> bool:
         """Whether ``device`` is online in round ``round_`` (seeded, order-independent)."""
-        hour = hour_of_round(round_, start_hour=self.start_hour, hours_per_round=self.hours_per_round)
+        hour = hour_of_round(
+            round_, start_hour=self.start_hour, hours_per_round=self.hours_per_round
+        )
         return is_available(self.profile(device), uniform_draw(self.seed, device, round_), hour)
 
     def arrival(self, device: str, *, examples: int, bytes_down: int, bytes_up: int) -> float:
         """Virtual seconds from the task's broadcast until the update has arrived."""
-        return round_time(self.profile(device), examples=examples, bytes_down=bytes_down,
-                          bytes_up=bytes_up, base_seconds_per_example=self.base_seconds_per_example)
+        return round_time(
+            self.profile(device),
+            examples=examples,
+            bytes_down=bytes_down,
+            bytes_up=bytes_up,
+            base_seconds_per_example=self.base_seconds_per_example,
+        )
 
 
-def hold_seconds(profile: DeviceProfile, task: Received, update_topic: str, update: bytes, *,
-                 base_seconds_per_example: float) -> float:
+def hold_seconds(
+    profile: DeviceProfile,
+    task: Received,
+    update_topic: str,
+    update: bytes,
+    *,
+    base_seconds_per_example: float,
+) -> float:
     """Real-time mode: seconds after a task arrived before its update may leave the device.
 
     Examples and bytes are read from the messages themselves (task and update headers, exact
@@ -118,14 +147,27 @@ def hold_seconds(profile: DeviceProfile, task: Received, update_topic: str, upda
     """
     task_meta = read_header(task.payload)[1]
     n = int(read_header(update)[1]["n"])
-    examples = examples_processed(task_meta["algorithm"], epochs=int(task_meta["epochs"]), reported=n)
+    examples = examples_processed(
+        task_meta["algorithm"], epochs=int(task_meta["epochs"]), reported=n
+    )
     bytes_up = publish_packet_bytes(update_topic, len(update), QOS, protocol=task.protocol)
-    return round_time(profile, examples=examples, bytes_down=task.packet_bytes, bytes_up=bytes_up,
-                      base_seconds_per_example=base_seconds_per_example)
+    return round_time(
+        profile,
+        examples=examples,
+        bytes_down=task.packet_bytes,
+        bytes_up=bytes_up,
+        base_seconds_per_example=base_seconds_per_example,
+    )
 
 
-def measure_seconds_per_example(artifact: ModelArtifact, *, runtime: str = "onnx",
-                                batch_size: int = 32, steps: int = 10, seed: int = 0) -> float:
+def measure_seconds_per_example(
+    artifact: ModelArtifact,
+    *,
+    runtime: str = "onnx",
+    batch_size: int = 32,
+    steps: int = 10,
+    seed: int = 0,
+) -> float:
     """Seconds per training example (forward + backward) of this machine, one thread.
 
     The median of ``steps`` timed steps on random data of the model's input shape, after one

@@ -4,10 +4,16 @@ Devices are sharded over worker processes; inside a worker one selector loop dri
 paho clients (``socket()``, ``loop_read()``, ``loop_write()``, ``loop_misc()``), since paho's own
 loops use ``select()`` and stall past ~333 clients per process. Each worker opens the model once
 per runtime: the gradient graph takes the parameters as inputs, so one session serves every device.
+
+Real-time mode (``FleetSpec.realtime``): each device holds its update back until its profile's
+round time (compute + link + RTT, ``devices.clock.hold_seconds``) has passed in wall time since
+its task arrived; the selector loop schedules the publish and never sleeps on it.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -16,6 +22,7 @@ import queue
 import resource
 import selectors
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +31,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from edge.backends import Backend, load_backend
-from edge.device import Device, TrainingRecord
+from edge.device import Device, Outgoing, TrainingRecord
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, make_client, parse_broker_url
 
@@ -51,6 +58,12 @@ class FleetSpec:
     devices: tuple[DeviceSpec, ...]
     workers: int = 2
     truth_dir: str | None = None  # where each worker writes which examples every update used
+    realtime: bool = False  # hold each update for its device profile's round time
+    base_seconds_per_example: float = 0.0  # this machine's compute speed (real-time mode)
+
+
+# Seconds after a task's arrival before the device's update may be published.
+HoldFn = Callable[[Device, Received, Outgoing], float]
 
 
 class SelectorLoop:
@@ -110,9 +123,19 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def run_devices(devices: list[Device], broker: BrokerAddress, *, idle_exit_s: float | None = None,
-                connect_batch: int = 50) -> None:
-    """Run ``devices`` on one selector loop until their run's control topic says ``end``."""
+def run_devices(
+    devices: list[Device],
+    broker: BrokerAddress,
+    *,
+    idle_exit_s: float | None = None,
+    connect_batch: int = 50,
+    hold: HoldFn | None = None,
+) -> None:
+    """Run ``devices`` on one selector loop until their run's control topic says ``end``.
+
+    With ``hold``, an update is published ``hold(device, task, update)`` seconds after its task
+    arrived (at once if training took longer); updates still held at ``end`` are dropped.
+    """
     _raise_fd_limit()
     inbox: queue.Queue[Received] = queue.Queue()
     loop = SelectorLoop()
@@ -120,8 +143,11 @@ def run_devices(devices: list[Device], broker: BrokerAddress, *, idle_exit_s: fl
     by_task_topic = {d.task_topic: d for d in devices}
     for d in devices:
         c = make_client(
-            d.device_id, inbox, protocol=broker.protocol,
-            will=(d.status_topic, d.status("offline")), subscriptions=d.subscriptions,
+            d.device_id,
+            inbox,
+            protocol=broker.protocol,
+            will=(d.status_topic, d.status("offline")),
+            subscriptions=d.subscriptions,
             announce=(d.status_topic, d.status("online")),
         )
         loop.add(c)
@@ -131,17 +157,23 @@ def run_devices(devices: list[Device], broker: BrokerAddress, *, idle_exit_s: fl
         if i % connect_batch == connect_batch - 1:
             loop.poll(0)  # let CONNACKs flow while the rest connect
     ended = False
+    held: list[tuple[float, int, str, Outgoing]] = []  # (due, order, device, update): a heap
+    order = itertools.count()
     last_misc = last_msg = time.monotonic()
     while not ended:
-        loop.poll(0 if not inbox.empty() else 0.05)
+        wait = 0.05 if not held else min(0.05, max(0.0, held[0][0] - time.monotonic()))
+        loop.poll(0 if not inbox.empty() else wait)
         now = time.monotonic()
+        while held and held[0][0] <= now:
+            _, _, device_id, due_out = heapq.heappop(held)
+            clients[device_id].publish(due_out.topic, due_out.payload, qos=QOS)
         if now - last_misc > 1.0:
             loop.misc()
             last_misc = now
         try:
             msg = inbox.get_nowait()
         except queue.Empty:
-            if idle_exit_s is not None and now - last_msg > idle_exit_s:
+            if idle_exit_s is not None and not held and now - last_msg > idle_exit_s:
                 break
             continue
         last_msg = now
@@ -151,9 +183,14 @@ def run_devices(devices: list[Device], broker: BrokerAddress, *, idle_exit_s: fl
         device = by_task_topic.get(msg.topic)
         if device is None:
             continue
-        out = device.handle(msg)
-        if out is not None:
-            clients[device.device_id].publish(out.topic, out.payload, qos=QOS)
+        update = device.handle(msg)
+        if update is None:
+            continue
+        if hold is None:
+            clients[device.device_id].publish(update.topic, update.payload, qos=QOS)
+        else:
+            due = msg.t + hold(device, msg, update)
+            heapq.heappush(held, (due, next(order), device.device_id, update))
     for d in devices:
         clients[d.device_id].publish(d.status_topic, d.status("offline"), qos=QOS, retain=True)
     _flush(loop, list(clients.values()), timeout=30)
@@ -189,23 +226,62 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
         on_trained = None
         if truth is not None:
             on_trained = _truth_writer(truth, ds.indices)
-        devices.append(Device(
-            ds.device_id, spec.run, artifact, backends[ds.runtime],
-            data.x_train[ds.indices], data.y_train[ds.indices], seed=ds.seed, profile=ds.profile,
-            on_trained=on_trained,
-        ))
+        devices.append(
+            Device(
+                ds.device_id,
+                spec.run,
+                artifact,
+                backends[ds.runtime],
+                data.x_train[ds.indices],
+                data.y_train[ds.indices],
+                seed=ds.seed,
+                profile=ds.profile,
+                on_trained=on_trained,
+            )
+        )
     try:
-        run_devices(devices, parse_broker_url(spec.broker_url))
+        run_devices(devices, parse_broker_url(spec.broker_url), hold=_realtime_hold(spec, shard))
     finally:
         if truth is not None:
             truth.close()
 
 
+def _realtime_hold(spec: FleetSpec, shard: list[DeviceSpec]) -> HoldFn | None:
+    """In real-time mode, each device's hold from its profile; ``None`` otherwise."""
+    if not spec.realtime:
+        return None
+    from devices.clock import hold_seconds
+    from devices.profiles import load_profile
+
+    profiles = {ds.device_id: load_profile(ds.profile) for ds in shard}
+
+    def hold(device: Device, task: Received, out: Outgoing) -> float:
+        return hold_seconds(
+            profiles[device.device_id],
+            task,
+            out.topic,
+            out.payload,
+            base_seconds_per_example=spec.base_seconds_per_example,
+        )
+
+    return hold
+
+
 def _truth_writer(f: Any, indices: np.ndarray) -> Any:
     def write(rec: TrainingRecord) -> None:
-        f.write(json.dumps({"run": rec.run, "round": rec.round, "device": rec.device,
-                            "examples": indices[rec.used].tolist()}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "run": rec.run,
+                    "round": rec.round,
+                    "device": rec.device,
+                    "examples": indices[rec.used].tolist(),
+                }
+            )
+            + "\n"
+        )
         f.flush()
+
     return write
 
 
@@ -223,6 +299,11 @@ class Fleet:
     def __init__(self, spec: FleetSpec) -> None:
         if not spec.devices:
             raise ValueError("a fleet needs at least one device")
+        if spec.realtime and (missing := [d.device_id for d in spec.devices if not d.profile]):
+            raise ValueError(
+                f"real-time mode needs a profile per device; none for {missing[:5]} "
+                f"(set DeviceSpec(profile=...), e.g. rpi4)"
+            )
         self.spec = spec
         self.procs: list[mp.process.BaseProcess] = []
 
@@ -233,7 +314,9 @@ class Fleet:
             os.makedirs(self.spec.truth_dir, exist_ok=True)
         for w in range(n):
             shard = list(self.spec.devices[w::n])
-            p = ctx.Process(target=_worker, args=(self.spec, shard, w), name=f"fleet-{w}", daemon=True)
+            p = ctx.Process(
+                target=_worker, args=(self.spec, shard, w), name=f"fleet-{w}", daemon=True
+            )
             p.start()
             self.procs.append(p)
         return self
@@ -248,5 +331,3 @@ class Fleet:
             if p.is_alive():
                 p.terminate()
                 p.join(5)
-
-

@@ -29,9 +29,9 @@ class ExperimentConfig:
     partition: str = "iid"
     alpha: float = 0.5
     algorithm: str = "fedavg"
-    lr: float = 0.05
+    lr: float = 0.1
     epochs: int = 1
-    batch_size: int = 32
+    batch_size: int = 16
     fraction: float = 1.0
     server_lr: float = 1.0
     aggregator: str = "mean"

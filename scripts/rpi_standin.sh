@@ -60,7 +60,7 @@ mkdir -p "$ROOT/wheels"
   --platform manylinux2014_aarch64 -d "$ROOT/wheels" "${PACKAGES[@]}"
 
 # Check: the packages install from /wheels and import under aarch64.
-chroot "$ROOT" /bin/sh -c '
+chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root /bin/sh -c '
   set -e
   [ -x /opt/edgeleak-check/bin/python ] || python3 -m venv /opt/edgeleak-check
   /opt/edgeleak-check/bin/pip install -q --no-index --find-links /wheels '"${PACKAGES[*]}"'

@@ -1,0 +1,196 @@
+"""Real link shaping: devices in network namespaces, tc token buckets (and netem delay where the
+kernel has it, else the delaying relay), bytes that take the time their profile says."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from coordinator.server import Coordinator, RoundPlan
+from coordinator.store import RunStore
+from devices import netem
+from devices.datasets import load_dataset
+from devices.netem import (
+    LinkShape,
+    NetLab,
+    link_shape,
+    namespaces,
+    tbf_burst,
+    tc_commands,
+    transfer_seconds,
+)
+from devices.profiles import load_profile
+from edge.data import save_shard
+from edge.manifest import ModelArtifact
+from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, running
+
+REPO = Path(__file__).resolve().parents[1]
+WHY = netem.missing_tools()
+needs_root = pytest.mark.skipif(WHY is not None, reason=f"link shaping: {WHY}")
+
+# Runs inside a namespace: wait for one message on argv[2], report when it came, answer on argv[3]
+# with argv[4] bytes and report when the answer left.
+PROBE = """
+import queue, sys, time
+from edge.mqtt import QOS, make_client, parse_broker_url, running
+inbox = queue.Queue(); ready = []
+c = make_client("probe", inbox, subscriptions=(sys.argv[2],), on_ready=ready)
+with running(c, parse_broker_url(sys.argv[1])):
+    while not ready: time.sleep(0.01)
+    print("ready", flush=True)
+    m = inbox.get(timeout=60)
+    print("got", m.t, len(m.payload), flush=True)
+    t = time.monotonic()
+    c.publish(sys.argv[3], b"u" * int(sys.argv[4]), qos=QOS).wait_for_publish(60)
+    print("sent", t, flush=True)
+"""
+
+
+def test_link_shape_and_tc_commands() -> None:
+    shape = link_shape(load_profile("phone-low"))
+    assert shape == LinkShape(15.0, 5.0, 30.0)
+    assert transfer_seconds(250_000, rate_mbps=2.0, delay_ms=50) == pytest.approx(1.05)
+    (tbf,) = tc_commands("veth0", rate_mbps=2.0, delay_ms=50, netem=False)
+    assert tbf[:8] == ["tc", "qdisc", "replace", "dev", "veth0", "root", "handle", "1:"]
+    assert tbf[8:11] == ["tbf", "rate", "2000kbit"]
+    delay, child = tc_commands("veth0", rate_mbps=2.0, delay_ms=50, netem=True)
+    assert delay[8:11] == ["netem", "delay", "50ms"] and child[5:7] == ["parent", "1:1"]
+
+
+@needs_root
+def test_a_message_takes_bytes_over_rate_plus_delay(mosquitto: BrokerAddress) -> None:
+    link = LinkShape(down_mbps=2.0, up_mbps=1.0, delay_ms=50.0)
+    down_bytes, up_bytes = 250_000, 125_000
+    t_in, t_out = "edgeleak/netem/in", "edgeleak/netem/out"
+    inbox: queue.Queue[Received] = queue.Queue()
+    host = make_client("netem-host", inbox, subscriptions=(t_out,))
+    with NetLab([link], mosquitto) as lab, running(host, mosquitto):
+        probe = subprocess.Popen(
+            lab.argv(0, [sys.executable, "-c", PROBE, lab.broker_url, t_in, t_out, str(up_bytes)]),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert probe.stdout is not None
+            assert probe.stdout.readline().split() == ["ready"]
+            t0 = time.monotonic()
+            host.publish(t_in, b"t" * down_bytes, qos=QOS)
+            _, t_got, n = probe.stdout.readline().split()
+            _, t_sent = probe.stdout.readline().split()
+            reply = inbox.get(timeout=30)
+            probe.wait(30)
+        finally:
+            probe.kill()
+    assert int(n) == down_bytes and len(reply.payload) == up_bytes
+    down = float(t_got) - t0
+    up = reply.t - float(t_sent)
+    # At least (bytes - token bucket depth) / rate + delay (TCP/IP headers only add to the
+    # bytes); at most 25% + 0.15 s more.
+    want_down = transfer_seconds(
+        publish_packet_bytes(t_in, down_bytes) - tbf_burst(link.down_mbps),
+        rate_mbps=link.down_mbps,
+        delay_ms=link.delay_ms,
+    )
+    want_up = transfer_seconds(
+        publish_packet_bytes(t_out, up_bytes) - tbf_burst(link.up_mbps),
+        rate_mbps=link.up_mbps,
+        delay_ms=link.delay_ms,
+    )
+    print(f"down {down:.3f} s (least {want_down:.3f}), up {up:.3f} s (least {want_up:.3f})")
+    assert want_down <= down <= want_down * 1.25 + 0.15, (down, want_down)
+    assert want_up <= up <= want_up * 1.25 + 0.15, (up, want_up)
+    assert lab.names[0] not in namespaces()
+
+
+@needs_root
+def test_device_process_in_a_namespace_joins_a_round(
+    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    run = "n" + uuid.uuid4().hex[:8]
+    data = load_dataset("fashion-mnist")
+    save_shard(tmp_path / "shard.npz", data.x_train[:16], data.y_train[:16])
+    link = link_shape(load_profile("phone-low"))
+    store = RunStore(tmp_path / "run.db")
+    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=60)
+    with NetLab([link], mosquitto) as lab:
+        proc = subprocess.Popen(
+            lab.argv(
+                0,
+                [
+                    sys.executable,
+                    "-m",
+                    "edgeleak.cli",
+                    "device",
+                    "--broker",
+                    lab.broker_url,
+                    "--data",
+                    str(tmp_path / "shard.npz"),
+                    "--model",
+                    str(lenet_artifact.folder),
+                    "--run",
+                    run,
+                    "--id",
+                    "phone-1",
+                    "--profile",
+                    "phone-low",
+                ],
+            ),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            with Coordinator(run, lenet_artifact, mosquitto, store, plan) as coord:
+                coord.wait_for_devices(1, 60)
+                res = coord.run_round(1)
+                coord.end()
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert (res.selected, res.accepted) == (1, 1)
+    least = transfer_seconds(
+        res.bytes_down - tbf_burst(link.down_mbps), rate_mbps=link.down_mbps, delay_ms=link.delay_ms
+    ) + transfer_seconds(
+        res.bytes_up - tbf_burst(link.up_mbps), rate_mbps=link.up_mbps, delay_ms=link.delay_ms
+    )
+    assert res.seconds >= least, (res.seconds, least)
+
+
+@needs_root
+def test_namespaces_are_removed_even_on_failure(
+    mosquitto: BrokerAddress, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = namespaces()
+    links = [LinkShape(10, 5, 10), LinkShape(10, 5, 10)]
+    with pytest.raises(RuntimeError, match="boom"), NetLab(links, mosquitto) as lab:
+        made = list(lab.names)
+        assert set(made) <= set(namespaces())
+        raise RuntimeError("boom")
+    assert namespaces() == before
+    links_after = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    assert f"elbr{lab.tag}" not in links_after and f"elh{lab.tag}" not in links_after
+    # A failure half-way through building (the second device's tc) also leaves nothing behind.
+    real = netem.tc_commands
+    calls: list[str] = []
+
+    def failing(dev: str, **kw: float | bool) -> list[list[str]]:
+        calls.append(dev)
+        if len(calls) == 3:
+            return [["tc", "qdisc", "replace", "dev", dev, "root", "no-such-qdisc"]]
+        return real(dev, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(netem, "tc_commands", failing)
+    with pytest.raises(RuntimeError, match="no-such-qdisc"):
+        with NetLab(links, mosquitto):
+            pass
+    assert len(calls) == 3 and namespaces() == before
