@@ -88,6 +88,23 @@ class AttackMetadata:
         if not self.budget_s > 0:
             raise ValueError(f"budget_s={self.budget_s}; give a positive number of seconds")
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel ``(scale, shift)``, float32 [C]: model input = image * scale + shift."""
+        lo, hi = self.pixel_range
+        channels = self.manifest.input_shape[0]
+        mean = np.broadcast_to(np.asarray(self.mean, dtype=np.float64), (channels,))
+        std = np.broadcast_to(np.asarray(self.std, dtype=np.float64), (channels,))
+        return ((hi - lo) / std).astype(np.float32), ((lo - mean) / std).astype(np.float32)
+
+
+def inputs_to_images(
+    inputs: np.ndarray, metadata: AttackMetadata, *, clip: bool = True
+) -> np.ndarray:
+    """Model inputs [..., C, H, W] back to image pixels (clipped to [0, 1]), float32."""
+    scale, shift = metadata.affine()
+    images = (inputs - shift[:, None, None]) / scale[:, None, None]
+    return (np.clip(images, 0.0, 1.0) if clip else images).astype(np.float32)
+
 
 @dataclass(frozen=True)
 class Reconstruction:
@@ -134,7 +151,9 @@ class Attack(Protocol):
         ...
 
 
-def check_layout(update: AttackUpdate, global_model: Mapping[str, np.ndarray], manifest: Manifest) -> None:
+def check_layout(
+    update: AttackUpdate, global_model: Mapping[str, np.ndarray], manifest: Manifest
+) -> None:
     """Raise ``ValueError`` unless update and global model both match the manifest's layout."""
     shapes = manifest.shapes()
     for what, arrays in (("update", update.params), ("global model", global_model)):

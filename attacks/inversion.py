@@ -113,7 +113,9 @@ def lbfgs(
 ) -> torch.Tensor:
     """Minimise ``objective`` with L-BFGS (strong-Wolfe line search), 20 evaluations a step."""
     x = x0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=20, history_size=100, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [x], lr=1.0, max_iter=20, history_size=100, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> torch.Tensor:
         total, _ = objective(x, deadline.fraction())
@@ -123,7 +125,7 @@ def lbfgs(
     for _ in range(max_iterations):
         if deadline.expired():
             break
-        opt.step(closure)  # type: ignore[no-untyped-call]
+        opt.step(closure)
         if boxed:
             with torch.no_grad():
                 x.clamp_(0, 1)
@@ -147,11 +149,12 @@ class DLGConfig:
 class IGConfig:
     """Inverting Gradients: signed Adam at ``lr`` with step decay, TV prior, restarts.
 
-    ``cosine="per_layer"`` averages one cosine distance per parameter tensor instead of taking
-    one over the whole update (Geiping et al.'s choice, ``"global"``): on the untrained sigmoid
-    LeNet the global cosine is dominated by the classifier and stalls near 15 dB, per-layer
-    reaches 40+ dB. ``tv_decay`` scales the TV weight with the learning rate, so the prior
-    shapes the start and no longer biases the end.
+    ``cosine``: ``"global"`` is one cosine distance over the whole update (Geiping et al.);
+    ``"per_layer"`` averages one per parameter tensor; ``"auto"`` takes per-layer for a single
+    example and global for a batch. Measured on the untrained sigmoid LeNet, 10 s on one core:
+    B=1 global ~15 dB (the classifier dominates), per-layer ~70 dB; B=8 global ~21 dB,
+    per-layer ~12 dB. ``tv_decay`` scales the TV weight with the learning rate, so the prior
+    shapes the start of the run and no longer biases its end.
     """
 
     max_iterations: int = 24_000
@@ -159,7 +162,7 @@ class IGConfig:
     lr: float = 0.1
     tv_weight: float = 1e-4
     tv_decay: bool = True
-    cosine: Literal["global", "per_layer"] = "per_layer"
+    cosine: Literal["auto", "global", "per_layer"] = "auto"
     signed: bool = True
     init: Init = "randn"
     seed: int = 0
@@ -199,7 +202,7 @@ class _UpdateMatching:
 
         def objective(x: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
             dummy = model.update(weights, x, targets, update, create_graph=True)
-            match = self.distance(list(dummy.values()), observed)
+            match = self.distance(list(dummy.values()), observed, update.num_examples)
             return match + self.prior(x, progress), match
 
         cfg = self.config
@@ -219,7 +222,9 @@ class _UpdateMatching:
         conf = np.full(len(images), self.confidence(score), dtype=np.float32)
         return Reconstruction(images, labels, conf, deadline.elapsed(), self.name)
 
-    def distance(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    def distance(
+        self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], batch: int
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def prior(self, x: torch.Tensor, progress: float) -> torch.Tensor:
@@ -241,7 +246,9 @@ class DLG(_UpdateMatching):
     def __init__(self, config: DLGConfig | None = None) -> None:
         self.config = config or DLGConfig()
 
-    def distance(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    def distance(
+        self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], batch: int
+    ) -> torch.Tensor:
         return l2_distance(a, b)
 
     def confidence(self, score: float) -> float:
@@ -261,8 +268,11 @@ class InvertingGradients(_UpdateMatching):
     def __init__(self, config: IGConfig | None = None) -> None:
         self.config = config or IGConfig()
 
-    def distance(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-        if self.config.cosine == "global":
+    def distance(
+        self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], batch: int
+    ) -> torch.Tensor:
+        cosine = self.config.cosine
+        if cosine == "global" or (cosine == "auto" and batch > 1):
             return cosine_distance(a, b)
         return torch.stack([cosine_distance([u], [v]) for u, v in zip(a, b, strict=True)]).mean()
 

@@ -100,15 +100,53 @@ def dummy_mean_probs(
     return probs.double().cpu().numpy()
 
 
+def local_training_mean_probs(
+    model: FunctionalModel,
+    weights: Mapping[str, torch.Tensor],
+    update: AttackUpdate,
+    labels: np.ndarray,
+    input_shape: tuple[int, ...],
+    *,
+    seed: int,
+) -> np.ndarray:
+    """Mean softmax over the local SGD steps of ``update``, replayed on random dummy images.
+
+    Each step contributes the mean softmax of its minibatch at the weights of that step, as in
+    the client's update; the dummies carry ``labels`` so that the replay moves the model as the
+    real data did (Dimitrov et al. 2022).
+    """
+    device = model.input_map.scale.device
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((len(labels), *input_shape), generator=gen).to(device)
+    y = torch.tensor(labels, device=device)
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in weights.items()}
+    steps: list[torch.Tensor] = []
+    for _ in range(update.epochs):
+        start = 0
+        for size in update.local_batches:
+            sl = slice(start, start + size)
+            with torch.no_grad():
+                steps.append(torch.softmax(model.logits(w, x[sl]), dim=1).mean(0))
+            g = model.gradient(w, x[sl], y[sl])
+            w = {k: (w[k] - update.lr * g[k]).detach().requires_grad_(True) for k in w}
+            start += size
+    return torch.stack(steps).mean(0).double().cpu().numpy()
+
+
 def recover_labels(
     update: AttackUpdate,
     global_model: Mapping[str, np.ndarray],
     metadata: AttackMetadata,
     *,
     samples: int = 64,
+    replays: int = 3,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels int64 [B], confidence [B]): iDLG for one example, counts for a batch."""
+    """(labels int64 [B], confidence [B]): iDLG for one example, counts for a batch.
+
+    For a FedAvg delta the mean softmax is re-estimated ``replays`` times by replaying the local
+    training with the current label estimate.
+    """
     weight_name, bias_name = last_layer(metadata.manifest)
     bias = update.params[bias_name] if bias_name is not None else None
     weight = equivalent_gradient(update, update.params[weight_name])
@@ -124,15 +162,15 @@ def recover_labels(
         )
     device = select_device(metadata.device, metadata.threads)
     model = FunctionalModel.from_metadata(metadata, device)
-    probs = dummy_mean_probs(
-        model,
-        to_weights(global_model, device),
-        metadata.manifest.input_shape,
-        samples=samples,
-        seed=seed,
-    )
-    raw = n * (probs - signal)
+    weights = to_weights(global_model, device)
+    shape = metadata.manifest.input_shape
+    probs = dummy_mean_probs(model, weights, shape, samples=samples, seed=seed)
     counts = estimate_counts(signal, probs, n)
+    for _ in range(replays if update.kind == "delta" else 0):
+        labels = counts_to_labels(counts)
+        probs = local_training_mean_probs(model, weights, update, labels, shape, seed=seed)
+        counts = estimate_counts(signal, probs, n)
+    raw = n * (probs - signal)
     labels = counts_to_labels(counts)
     # Confidence: how far each class's raw estimate sits from a rounding boundary.
     closeness = 1.0 - 2.0 * np.abs(raw - np.round(raw)).clip(0, 0.5)
@@ -140,19 +178,27 @@ def recover_labels(
 
 
 @dataclass(frozen=True)
-class LabelConfig:
-    """``samples`` random dummy inputs estimate the mean softmax; ``seed`` draws them."""
+class IDLGConfig:
+    """iDLG has no settings."""
+
+
+@dataclass(frozen=True)
+class LabelCountConfig:
+    """``samples`` random dummies estimate the mean softmax (drawn with ``seed``); ``replays``
+    re-estimations by replaying local training, for FedAvg deltas."""
 
     samples: int = 64
+    replays: int = 3
     seed: int = 0
 
 
-class _LabelAttack:
-    config: LabelConfig
-    name: ClassVar[str]
+class IDLG:
+    """iDLG: the label of a one-example gradient from the sign of the last layer's gradient."""
 
-    def __init__(self, config: LabelConfig | None = None) -> None:
-        self.config = config or LabelConfig()
+    name: ClassVar[str] = "idlg"
+
+    def __init__(self, config: IDLGConfig | None = None) -> None:
+        self.config = config or IDLGConfig()
 
     def reconstruct(
         self,
@@ -162,30 +208,33 @@ class _LabelAttack:
     ) -> Reconstruction:
         start = time.perf_counter()
         check_layout(update, global_model, metadata.manifest)
-        self._check(update)
-        labels, conf = recover_labels(
-            update, global_model, metadata, samples=self.config.samples, seed=self.config.seed
-        )
-        return Reconstruction(None, labels, conf, time.perf_counter() - start, self.name)
-
-    def _check(self, update: AttackUpdate) -> None:
-        pass
-
-
-class IDLG(_LabelAttack):
-    """iDLG: the label of a single-example gradient from the sign of the last layer's gradient."""
-
-    name = "idlg"
-
-    def _check(self, update: AttackUpdate) -> None:
         if update.num_examples != 1 or update.kind != "gradient":
             raise ValueError(
                 f"idlg needs a one-example gradient; got {update.num_examples} examples "
                 f"({update.kind}): use 'label_count' for batches and deltas"
             )
+        labels, conf = recover_labels(update, global_model, metadata)
+        return Reconstruction(None, labels, conf, time.perf_counter() - start, self.name)
 
 
-class LabelCount(_LabelAttack):
+class LabelCount:
     """Batch label counts from the last layer's bias update (see the module docstring)."""
 
-    name = "label_count"
+    name: ClassVar[str] = "label_count"
+
+    def __init__(self, config: LabelCountConfig | None = None) -> None:
+        self.config = config or LabelCountConfig()
+
+    def reconstruct(
+        self,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+    ) -> Reconstruction:
+        start = time.perf_counter()
+        check_layout(update, global_model, metadata.manifest)
+        c = self.config
+        labels, conf = recover_labels(
+            update, global_model, metadata, samples=c.samples, replays=c.replays, seed=c.seed
+        )
+        return Reconstruction(None, labels, conf, time.perf_counter() - start, self.name)

@@ -53,7 +53,10 @@ def manifest_for(
 
 def to_weights(arrays: Mapping[str, np.ndarray], device: torch.device) -> Weights:
     """Named float32 arrays as tensors on ``device`` (copies, in the given order)."""
-    return {k: torch.tensor(np.asarray(v), dtype=torch.float32, device=device) for k, v in arrays.items()}
+    return {
+        k: torch.tensor(np.asarray(v), dtype=torch.float32, device=device)
+        for k, v in arrays.items()
+    }
 
 
 def to_arrays(weights: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -70,19 +73,11 @@ class InputMap:
 
     @classmethod
     def from_metadata(cls, meta: AttackMetadata, device: torch.device) -> InputMap:
-        lo, hi = meta.pixel_range
-        channels = meta.manifest.input_shape[0]
-        mean = torch.tensor(meta.mean, dtype=torch.float32).expand(channels)
-        std = torch.tensor(meta.std, dtype=torch.float32).expand(channels)
-        scale = ((hi - lo) / std).reshape(1, -1, 1, 1).to(device)
-        shift = ((lo - mean) / std).reshape(1, -1, 1, 1).to(device)
+        scale, shift = (torch.from_numpy(a).reshape(1, -1, 1, 1).to(device) for a in meta.affine())
         return cls(scale, shift)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return images * self.scale + self.shift
-
-    def inverse(self, inputs: torch.Tensor) -> torch.Tensor:
-        return (inputs - self.shift) / self.scale
 
 
 class FunctionalModel:

@@ -16,7 +16,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from coordinator.aggregate import apply_update, get_aggregator
-from coordinator.store import MessageRow, RunStore
+from coordinator.store import MessageRow, RoundResult, RunStore
 from edge import wire
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, wait_until
@@ -50,22 +50,6 @@ class RoundPlan:
     server_lr: float = 1.0
     aggregator: str = "mean"
     codec: str = "f32"
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    round: int
-    selected: int
-    accepted: int
-    rejected: int
-    bytes_up: int
-    bytes_down: int
-    accuracy: float
-    loss: float
-    train_loss: float
-    seconds: float
-    rejections: dict[str, int] = field(default_factory=dict)
-    virtual_seconds: float | None = None  # with a clock: min(deadline, slowest arrival)
 
 
 @dataclass
@@ -311,9 +295,5 @@ class Coordinator:
             accuracy=acc, loss=loss, train_loss=train_loss, seconds=time.monotonic() - t0,
             rejections=dict(st.rejections), virtual_seconds=virtual,
         )
-        self.store.add_round(
-            self.run, round_, selected=result.selected, accepted=result.accepted,
-            rejected=result.rejected, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
-            accuracy=acc, loss=loss, train_loss=train_loss, seconds=result.seconds,
-        )
+        self.store.add_round(self.run, result)
         return result

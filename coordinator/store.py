@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA = """
@@ -16,6 +16,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS rounds (
     run TEXT, round INTEGER, selected INTEGER, accepted INTEGER, rejected INTEGER,
     bytes_up INTEGER, bytes_down INTEGER, accuracy REAL, loss REAL, train_loss REAL, seconds REAL,
+    virtual_seconds REAL,
     PRIMARY KEY (run, round)
 );
 CREATE TABLE IF NOT EXISTS messages (
@@ -27,6 +28,24 @@ CREATE TABLE IF NOT EXISTS rejections (
 );
 CREATE INDEX IF NOT EXISTS messages_run_round ON messages (run, round);
 """
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One finished round as the coordinator reports it and the ``rounds`` table keeps it."""
+
+    round: int
+    selected: int
+    accepted: int
+    rejected: int
+    bytes_up: int
+    bytes_down: int
+    accuracy: float
+    loss: float
+    train_loss: float
+    seconds: float
+    rejections: dict[str, int] = field(default_factory=dict)
+    virtual_seconds: float | None = None  # with a clock: min(deadline, slowest arrival)
 
 
 @dataclass(frozen=True)
@@ -113,37 +132,12 @@ class RunStore:
         )
         self.db.commit()
 
-    def add_round(
-        self,
-        run: str,
-        round_: int,
-        *,
-        selected: int,
-        accepted: int,
-        rejected: int,
-        bytes_up: int,
-        bytes_down: int,
-        accuracy: float,
-        loss: float,
-        train_loss: float,
-        seconds: float,
-    ) -> None:
+    def add_round(self, run: str, r: RoundResult) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                run,
-                round_,
-                selected,
-                accepted,
-                rejected,
-                bytes_up,
-                bytes_down,
-                accuracy,
-                loss,
-                train_loss,
-                seconds,
-            ),
-        )
+            "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (run, r.round, r.selected, r.accepted, r.rejected, r.bytes_up, r.bytes_down,
+             r.accuracy, r.loss, r.train_loss, r.seconds, r.virtual_seconds),
+        )  # fmt: skip
         self.db.commit()
 
     def ledger_bytes(

@@ -6,7 +6,7 @@ A bundle is a folder that runs on any device with Python 3.11+::
     model/             the exported artifact: manifest.json and every file it names
     data.npz           the device's shard (optional: else pass --data to start.sh)
     config.json        settings for ``python -m edge --config`` (broker, run, id, runtime, profile)
-    requirements.txt   the base install: numpy, paho-mqtt, onnxruntime, safetensors
+    requirements.txt   what edge imports: numpy, paho-mqtt, onnxruntime (pins from pyproject.toml)
     start.sh           creates .venv on first start, then runs ``python -m edge --config config.json``
     wheels/            (optional) wheels for an offline install
 
@@ -36,8 +36,10 @@ from edge.backends import RUNTIMES
 from edge.data import load_shard
 from edge.manifest import MANIFEST_FILE, ModelArtifact
 
-# The base install of pyproject.toml: what ``edge`` needs on a device.
-BASE_REQUIREMENTS = ("numpy>=1.26", "paho-mqtt>=2.1,<3", "onnxruntime>=1.20", "safetensors>=0.4")
+# What ``edge`` imports on a device, pinned as in pyproject.toml's base install. The safetensors
+# package is not among them (edge.codec reads the layout with numpy): leaving it out spares
+# Termux a Rust build.
+BASE_REQUIREMENTS = ("numpy>=1.26", "paho-mqtt>=2.1,<3", "onnxruntime>=1.20")
 EXTRA_REQUIREMENTS = {
     "onnx": (),
     "torch": ("torch==2.13.0",),

@@ -44,3 +44,23 @@ def dirichlet(
     raise RuntimeError(
         f"no Dirichlet({alpha}) split gives every device {min_size} examples; raise alpha"
     )
+
+
+SCHEMES = ("iid", "dirichlet")
+
+
+def partition(
+    labels: np.ndarray,
+    num_devices: int,
+    *,
+    scheme: str,
+    seed: int,
+    alpha: float = 0.5,
+    min_size: int = 1,
+) -> list[np.ndarray]:
+    """Split example indices over devices by ``scheme`` (see ``SCHEMES``)."""
+    if scheme == "iid":
+        return iid(len(labels), num_devices, seed=seed)
+    if scheme == "dirichlet":
+        return dirichlet(labels, num_devices, alpha=alpha, seed=seed, min_size=min_size)
+    raise ValueError(f"unknown partition {scheme!r}; expected one of {', '.join(SCHEMES)}")

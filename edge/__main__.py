@@ -44,7 +44,9 @@ def settings(argv: list[str] | None = None) -> argparse.Namespace:
         cfg = json.loads(path.read_text())
         unknown = set(cfg) - set(SETTINGS)
         if unknown:
-            parser.error(f"{path}: unknown settings {sorted(unknown)}; expected {', '.join(SETTINGS)}")
+            parser.error(
+                f"{path}: unknown settings {sorted(unknown)}; expected {', '.join(SETTINGS)}"
+            )
         for key in PATHS:
             if cfg.get(key):
                 cfg[key] = str(path.parent / cfg[key])
@@ -69,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     x, y = load_shard(args.data)
     artifact = ModelArtifact.load(args.model)
     backend = load_backend(args.runtime, artifact)
-    device = Device(args.id, args.run, artifact, backend, x, y, seed=args.seed, profile=args.profile)
+    device = Device(
+        args.id, args.run, artifact, backend, x, y, seed=args.seed, profile=args.profile
+    )
     print(
         f"device {args.id}: {len(x)} examples, runtime {args.runtime}, {platform.machine()}, "
         f"run {args.run}, broker {args.broker}, edge from {Path(edge.__file__).parent}",

@@ -4,6 +4,7 @@ with the base install (no torch, no rich)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -14,29 +15,11 @@ def _demo(args: argparse.Namespace) -> int:
     from edgeleak.config import ConfigError, ExperimentConfig
     from edgeleak.experiment import run_experiment
 
-    base = ExperimentConfig.from_file(args.config).to_dict() if args.config else {}
-    for key in (
-        "devices",
-        "rounds",
-        "seed",
-        "model",
-        "dataset",
-        "algorithm",
-        "runtime",
-        "fraction",
-        "partition",
-        "alpha",
-        "workers",
-        "lr",
-        "epochs",
-        "batch_size",
-        "aggregator",
-        "codec",
-    ):
-        value = getattr(args, key)
-        if value is not None:
-            base[key] = value
     try:
+        base = ExperimentConfig.from_file(args.config).to_dict() if args.config else {}
+        for f in dataclasses.fields(ExperimentConfig):
+            if getattr(args, f.name) is not None:
+                base[f.name] = getattr(args, f.name)
         cfg = ExperimentConfig.from_dict(base)
     except ConfigError as e:
         print(f"edgeleak demo: bad config: {e}", file=sys.stderr)
@@ -53,62 +36,88 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_device(args: argparse.Namespace) -> int:
-    from edge.backends import load_backend
-    from edge.data import load_shard
-    from edge.device import Device, run_device
-    from edge.manifest import ModelArtifact
-    from edge.mqtt import parse_broker_url
+def _device(rest: list[str]) -> int:
+    """``device bundle ...``, ``device deploy ...``, else run one device (``python -m edge``)."""
+    if rest and rest[0] in ("bundle", "deploy"):
+        sub = _device_tools_parser().parse_args(rest)
+        return int(sub.func(sub))
+    from edge.__main__ import main as run_device
 
-    x, y = load_shard(args.data)
-    artifact = ModelArtifact.load(args.model)
-    device = Device(
-        args.id,
-        args.run,
-        artifact,
-        load_backend(args.runtime, artifact),
-        x,
-        y,
-        seed=args.seed,
-        profile=args.profile,
-    )
-    print(
-        f"device {args.id}: {len(x)} examples, runtime {args.runtime}, run {args.run}, broker {args.broker}",
-        flush=True,
-    )
-    run_device(device, parse_broker_url(args.broker))
-    print(f"device {args.id}: run ended after {device.rounds_done} updates", flush=True)
+    return run_device(rest)
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from devices.deploy import build_bundle
+
+    out = build_bundle(
+        args.out, model_dir=args.model, runtime=args.runtime, profile=args.profile,
+        data=args.data, broker=args.broker, run=args.run, device_id=args.id, seed=args.seed,
+        wheels=args.wheels,
+    )  # fmt: skip
+    print(f"bundle in {out}: run ./start.sh on the device, or `edgeleak device deploy`")
     return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from devices.deploy import deploy_ssh
+
+    extra = [a for k in ("broker", "run", "id") if (v := getattr(args, k)) for a in (f"--{k}", v)]
+    dep = deploy_ssh(
+        args.bundle, args.target, identity=args.identity, args=extra,
+        ssh_options=tuple(args.ssh_option or ()),
+    )  # fmt: skip
+    print(f"started on {args.target} (pid {dep.pid}); log: device.log in the bundle folder")
+    return 0
+
+
+def _device_tools_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeleak device")
+    sub = p.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("bundle", help="build a self-contained device bundle (edge + model + data)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--model", required=True, help="model folder written by `edgeleak export`")
+    b.add_argument("--runtime", default="onnx")
+    b.add_argument("--profile", default="", help="device profile, e.g. rpi4")
+    b.add_argument("--data", help=".npz shard to ship with the bundle")
+    b.add_argument("--broker", help="mqtt://HOST:PORT written into the bundle's config")
+    b.add_argument("--run")
+    b.add_argument("--id")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--wheels", help="folder of wheels for an offline install on the device")
+    b.set_defaults(func=_bundle)
+    d = sub.add_parser("deploy", help="copy a bundle over SSH and start the device there")
+    d.add_argument("target", help="ssh://user@host[:port]/path")
+    d.add_argument("--bundle", required=True)
+    d.add_argument("--identity", help="SSH private key")
+    d.add_argument("--ssh-option", action="append", help="extra ssh -o option (repeatable)")
+    d.add_argument("--broker")
+    d.add_argument("--run")
+    d.add_argument("--id")
+    d.set_defaults(func=_deploy)
+    return p
 
 
 def _export(args: argparse.Namespace) -> int:
     from export import export_model
 
     shape = tuple(int(s) for s in args.input_shape.split("x")) if args.input_shape else None
-    art = export_model(
-        args.model,
-        args.out,
-        input_shape=shape,
-        seed=args.seed,
-        targets=tuple(args.targets.split(",")),
-    )
+    targets = tuple(args.targets.split(","))
+    art = export_model(args.model, args.out, input_shape=shape, seed=args.seed, targets=targets)
     m = art.manifest
-    print(
-        f"exported {m.model} ({m.num_parameters} parameters) to {args.out}: {', '.join(m.artifacts.values())}"
-    )
+    files = ", ".join(m.artifacts.values())
+    print(f"exported {m.model} ({m.num_parameters} parameters) to {args.out}: {files}")
     return 0
 
 
 def _shards(args: argparse.Namespace) -> int:
     from devices.datasets import load_dataset
-    from devices.partition import dirichlet, iid
+    from devices.partition import partition
     from edge.data import save_shard
 
     data = load_dataset(args.dataset)
-    if args.partition == "iid":
-        parts = iid(len(data.y_train), args.devices, seed=args.seed)
-    else:
-        parts = dirichlet(data.y_train, args.devices, alpha=args.alpha, seed=args.seed)
+    parts = partition(
+        data.y_train, args.devices, scheme=args.partition, alpha=args.alpha, seed=args.seed
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, idx in enumerate(parts):
@@ -117,47 +126,37 @@ def _shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ExperimentConfig field (``batch_size`` -> ``--batch-size``), default unset."""
+    from edgeleak.config import ExperimentConfig
+
+    defaults = ExperimentConfig()
+    for f in dataclasses.fields(ExperimentConfig):
+        value = getattr(defaults, f.name)
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, type=type(value),
+            help=f"default {value!r}",
+        )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeleak", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser(
-        "demo", help="run a federated experiment on a local (or --broker) MQTT broker"
-    )
+    d = sub.add_parser("demo", help="run a federated experiment on a local (or --broker) broker")
     d.add_argument("--config", help="JSON file of ExperimentConfig fields (flags override it)")
-    d.add_argument("--devices", type=int)
-    d.add_argument("--rounds", type=int)
-    d.add_argument("--seed", type=int)
     d.add_argument("--out", help="output folder (default runs/demo-<time>)")
-    d.add_argument(
-        "--broker", help="external broker mqtt://HOST:PORT (default: start one on loopback)"
-    )
-    d.add_argument("--model")
-    d.add_argument("--dataset")
-    d.add_argument("--algorithm", help="fedavg or fedsgd")
-    d.add_argument("--runtime", help="onnx, torch, executorch, or a comma-separated mix")
-    d.add_argument("--fraction", type=float)
-    d.add_argument("--partition", help="iid or dirichlet")
-    d.add_argument("--alpha", type=float)
-    d.add_argument("--workers", type=int)
-    d.add_argument("--lr", type=float)
-    d.add_argument("--epochs", type=int)
-    d.add_argument("--batch-size", dest="batch_size", type=int)
-    d.add_argument("--aggregator")
-    d.add_argument("--codec")
+    d.add_argument("--broker", help="external broker mqtt://HOST:PORT (default: start one here)")
+    _add_config_flags(d)
     d.set_defaults(func=_demo)
 
-    v = sub.add_parser("device", help="run one real device process")
-    v.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
-    v.add_argument("--data", required=True, help=".npz with x (N,C,H,W float32) and y (N int64)")
-    v.add_argument("--model", required=True, help="model folder written by `edgeleak export`")
-    v.add_argument("--run", required=True, help="run id the coordinator uses")
-    v.add_argument("--id", required=True, help="this device's id (its MQTT client id)")
-    v.add_argument("--runtime", default="onnx")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--profile", default="", help="device profile name it announces (e.g. rpi4)")
-    v.set_defaults(func=_run_device)
+    v = sub.add_parser(
+        "device", add_help=False,
+        help="run one device (flags of `python -m edge`: --broker --data --model --run --id "
+        "[--runtime --profile --seed --config]), or `device bundle ...` / `device deploy ...`",
+    )  # fmt: skip
+    v.add_argument("rest", nargs=argparse.REMAINDER)  # dispatched in main(): see _device
 
     e = sub.add_parser("export", help="export a zoo model for devices")
     e.add_argument("model")
@@ -179,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["device"]:
+        # The device's own flags belong to `python -m edge`; argparse cannot pass them through.
+        logging.basicConfig(level=logging.WARNING)
+        return _device(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

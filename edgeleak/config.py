@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from devices.profiles import PROFILES
 from edge.backends import RUNTIMES
 from edge.wire import ALGORITHMS, CODECS
 
@@ -14,6 +15,7 @@ MODELS = ("mlp", "lenet_zhu", "lenet", "convnet")
 DATASETS = ("fashion-mnist", "mnist-digits")
 PARTITIONS = ("iid", "dirichlet")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
+CLOCKS = ("none", "virtual", "real")
 
 
 class ConfigError(ValueError):
@@ -37,6 +39,10 @@ class ExperimentConfig:
     aggregator: str = "mean"
     codec: str = "f32"
     runtime: str = "onnx"  # one runtime, or a comma-separated mix assigned round-robin
+    clock: str = (
+        "none"  # none | virtual (profiles drive deadlines, no waiting) | real (devices wait)
+    )
+    profiles: str = ""  # comma-separated device profiles, round-robin; empty: all of them
     workers: int = 2
     deadline_s: float = 120.0
     seed: int = 0
@@ -50,6 +56,9 @@ class ExperimentConfig:
         _choice("codec", self.codec, tuple(CODECS))
         for r in self.runtimes:
             _choice("runtime", r, RUNTIMES)
+        _choice("clock", self.clock, CLOCKS)
+        for name in self.profile_names:
+            _choice("profiles", name, PROFILES)
         _at_least("devices", self.devices, 1)
         _at_least("rounds", self.rounds, 1)
         _at_least("epochs", self.epochs, 1)
@@ -65,6 +74,10 @@ class ExperimentConfig:
     @property
     def runtimes(self) -> list[str]:
         return [r.strip() for r in self.runtime.split(",")]
+
+    @property
+    def profile_names(self) -> list[str]:
+        return [p.strip() for p in self.profiles.split(",") if p.strip()] or list(PROFILES)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

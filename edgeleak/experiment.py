@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 
 from coordinator.evaluate import evaluate
-from coordinator.server import Coordinator, RoundPlan, RoundResult
-from coordinator.store import RunStore
+from coordinator.server import Coordinator, RoundClock, RoundPlan
+from coordinator.store import RoundResult, RunStore
+from devices.clock import VirtualClock, assign_profiles, measure_seconds_per_example
 from devices.datasets import load_dataset
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
-from devices.partition import dirichlet, iid
+from devices.partition import partition
 from edge.backends import load_backend
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url
@@ -46,30 +47,57 @@ def fleet_spec(
     cfg: ExperimentConfig,
     run: str,
     broker: BrokerAddress,
-    model_dir: Path,
+    artifact: ModelArtifact,
     labels: np.ndarray,
     truth_dir: Path | None,
 ) -> FleetSpec:
-    """Partition the training set and give each device a runtime (round-robin over the mix)."""
-    if cfg.partition == "iid":
-        shards = iid(len(labels), cfg.devices, seed=cfg.seed)
-    else:
-        shards = dirichlet(
-            labels, cfg.devices, alpha=cfg.alpha, seed=cfg.seed, min_size=cfg.batch_size or 1
-        )
+    """Partition the training set; give each device a runtime and (with a clock) a profile,
+    round-robin over the configured mixes."""
+    shards = partition(
+        labels,
+        cfg.devices,
+        scheme=cfg.partition,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+        min_size=cfg.batch_size or 1,
+    )
     runtimes = cfg.runtimes
+    profiles = assign_profiles(cfg.devices, cfg.profile_names) if cfg.clock != "none" else None
     devices = tuple(
-        DeviceSpec(f"d{i:04d}", shard, runtimes[i % len(runtimes)], seed=cfg.seed * 100_003 + i)
+        DeviceSpec(
+            f"d{i:04d}",
+            shard,
+            runtimes[i % len(runtimes)],
+            seed=cfg.seed * 100_003 + i,
+            profile=profiles[i] if profiles else "",
+        )
         for i, shard in enumerate(shards)
     )
+    realtime = cfg.clock == "real"
+    base = measure_seconds_per_example(artifact) if realtime else 0.0
     return FleetSpec(
         run,
         broker.url,
-        str(model_dir),
+        str(artifact.folder),
         cfg.dataset,
         devices,
         cfg.workers,
         str(truth_dir) if truth_dir else None,
+        realtime=realtime,
+        base_seconds_per_example=base,
+    )
+
+
+def virtual_clock(
+    cfg: ExperimentConfig, spec: FleetSpec, artifact: ModelArtifact
+) -> RoundClock | None:
+    """With ``clock=virtual``: deadlines and stragglers from the devices' profiles."""
+    if cfg.clock != "virtual":
+        return None
+    return VirtualClock.from_names(
+        {d.device_id: d.profile for d in spec.devices},
+        base_seconds_per_example=measure_seconds_per_example(artifact),
+        seed=cfg.seed,
     )
 
 
@@ -84,6 +112,7 @@ def run_experiment(
     """Run ``cfg`` and write run.db, summary.json and rounds.png into ``out``."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from edgeleak.report import plot_rounds
     from export import export_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +125,6 @@ def run_experiment(
         num_classes=data.num_classes,
         seed=cfg.seed,
     )
-    artifact = ModelArtifact.load(out / "model")
     evaluator_backend = load_backend("onnx", artifact)
 
     def evaluator(w: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -116,6 +144,13 @@ def run_experiment(
     store = RunStore(out / "run.db")
     results: list[RoundResult] = []
     t_start = time.monotonic()
+    cols = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
     with broker_for(broker_url) as (broker, broker_kind):
         store.add_run(
             run,
@@ -126,38 +161,29 @@ def run_experiment(
             model=cfg.model,
             model_hash=artifact.manifest.sha256,
         )
-        spec = fleet_spec(cfg, run, broker, out / "model", data.y_train, out / "truth")
-        with (
-            Coordinator(
-                run, artifact, broker, store, plan, evaluator=evaluator, seed=cfg.seed
-            ) as coord,
-            Fleet(spec) as fleet,
-        ):
+        spec = fleet_spec(cfg, run, broker, artifact, data.y_train, out / "truth")
+        clock = virtual_clock(cfg, spec, artifact)
+        coord = Coordinator(
+            run, artifact, broker, store, plan, evaluator=evaluator, seed=cfg.seed, clock=clock
+        )
+        with coord, Fleet(spec) as fleet, Progress(*cols, disable=not progress) as bar:
             coord.wait_for_devices(cfg.devices, timeout=60 + cfg.devices * 0.1)
-            cols = (
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(),
+            job = bar.add_task(
+                f"{cfg.algorithm} {cfg.devices} devices", total=cfg.rounds, status=""
             )
-            with Progress(*cols, disable=not progress) as bar:
-                job = bar.add_task(
-                    f"{cfg.algorithm} {cfg.devices} devices", total=cfg.rounds, status=""
+            for r in range(1, cfg.rounds + 1):
+                if not fleet.alive():
+                    raise RuntimeError("a fleet worker died; see its error above")
+                res = coord.run_round(r)
+                results.append(res)
+                bar.update(
+                    job,
+                    advance=1,
+                    status=(
+                        f"acc {100 * res.accuracy:.1f}%  up {res.bytes_up / 1e6:.1f} MB  "
+                        f"down {res.bytes_down / 1e6:.1f} MB  {res.accepted}/{res.selected} ok"
+                    ),
                 )
-                for r in range(1, cfg.rounds + 1):
-                    if not fleet.alive():
-                        raise RuntimeError("a fleet worker died; see its error above")
-                    res = coord.run_round(r)
-                    results.append(res)
-                    bar.update(
-                        job,
-                        advance=1,
-                        status=(
-                            f"acc {100 * res.accuracy:.1f}%  up {res.bytes_up / 1e6:.1f} MB  "
-                            f"down {res.bytes_down / 1e6:.1f} MB  {res.accepted}/{res.selected} ok"
-                        ),
-                    )
             coord.end()
         summary = build_summary(
             cfg,
@@ -170,8 +196,6 @@ def run_experiment(
             artifact=artifact,
         )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    from edgeleak.report import plot_rounds
-
     plot_rounds(
         summary["rounds"],
         out / "rounds.png",
@@ -193,6 +217,19 @@ def build_summary(
     artifact: ModelArtifact,
 ) -> dict[str, Any]:
     """summary.json: the run's totals and one object per round."""
+    keys = (
+        "round",
+        "accuracy",
+        "loss",
+        "train_loss",
+        "bytes_up",
+        "bytes_down",
+        "selected",
+        "accepted",
+        "rejected",
+        "seconds",
+        "virtual_seconds",
+    )
     return {
         "run": run,
         "devices": cfg.devices,
@@ -203,25 +240,12 @@ def build_summary(
         "parameters": artifact.manifest.num_parameters,
         "dataset": cfg.dataset,
         "algorithm": cfg.algorithm,
+        "clock": cfg.clock,
         "bytes_up": store.ledger_bytes(run, direction="up"),
         "bytes_down": store.ledger_bytes(run, direction="down"),
         "final_accuracy": results[-1].accuracy if results else None,
         "seconds": round(seconds, 3),
         "rejections": store.rejection_counts(run),
         "config": cfg.to_dict(),
-        "rounds": [
-            {
-                "round": r.round,
-                "accuracy": r.accuracy,
-                "loss": r.loss,
-                "train_loss": r.train_loss,
-                "bytes_up": r.bytes_up,
-                "bytes_down": r.bytes_down,
-                "selected": r.selected,
-                "accepted": r.accepted,
-                "rejected": r.rejected,
-                "seconds": round(r.seconds, 3),
-            }
-            for r in results
-        ],
+        "rounds": [{k: getattr(r, k) for k in keys} for r in results],
     }

@@ -241,6 +241,10 @@ def test_a_thousand_device_mixed_fleet_stays_fast(
     assert late > 0 and res.rejections == {"straggler": late}
     assert res.accepted == len(available) - late
     assert res.virtual_seconds == predicted_round(arrivals, deadline_s=plan.deadline_s) == 60.0
+    print(
+        f"\n{n} devices: {res.selected} available, {late} stragglers, virtual "
+        f"{res.virtual_seconds:.1f} s, real {res.seconds:.2f} s"
+    )
     assert res.seconds < 30, res.seconds
 
 
@@ -299,19 +303,26 @@ def test_realtime_mode_holds_updates_for_the_profile(
         time.sleep(0.2)
     seen = obs.times()
     ledger = _ledger(store, run, 1)
-    took = {}
+    took, want = {}, {}
     for d, name in (("d0000", "phone-high"), ("d0001", "rpi3b")):
-        want = round_time(
+        want[d] = round_time(
             load_profile(name),
             examples=8,
             bytes_down=ledger[d, "task"],
             bytes_up=ledger[d, "update"],
             base_seconds_per_example=base,
         )
+        # Seen by an observer on the broker: a few ms of delivery either side of the device's.
         took[d] = seen[d, "update"] - seen[d, "task"]
-        assert want - 0.02 <= took[d] <= want + 0.5, (d, took[d], want)
+        assert want[d] - 0.05 <= took[d] <= want[d] + 0.5, (d, took[d], want[d])
+    print(
+        f"\nreal-time mode: phone-high {took['d0000']:.3f} s (profile {want['d0000']:.3f}), "
+        f"rpi3b {took['d0001']:.3f} s (profile {want['d0001']:.3f}), round {res.seconds:.3f} s"
+    )
     assert took["d0001"] > 2.4 > took["d0000"]
-    assert res.accepted == 2 and res.seconds >= took["d0001"] - 0.02
+    # The coordinator's clock starts before the broadcast: the round lasts at least the slow
+    # device's emulated time.
+    assert res.accepted == 2 and res.seconds >= want["d0001"]
 
 
 def test_realtime_mode_needs_profiles(

@@ -81,3 +81,26 @@ def test_demo_bad_flag_names_field(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "algorithm='fedprox': expected one of fedsgd, fedavg" in proc.stderr
+
+
+def test_demo_virtual_clock_drops_slow_profiles(tmp_path: Path) -> None:
+    out = tmp_path / "virtual"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeleak.cli", "demo", "--devices", "4", "--rounds", "2",
+         "--out", str(out), "--dataset", "mnist-digits", "--clock", "virtual",
+         "--profiles", "phone-low,orin-nano", "--deadline-s", "1.0"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["clock"] == "virtual"
+    # 1,000 examples on a low-end phone take longer than 1 s of virtual time; on a Jetson they don't.
+    db = sqlite3.connect(out / "run.db")
+    stragglers = {d for (d,) in db.execute("SELECT device FROM rejections WHERE reason='straggler'")}
+    assert stragglers == {"d0000", "d0002"}
+    for r in s["rounds"]:  # availability draws decide who is selected; every miss is a straggler
+        (late,) = db.execute(
+            "SELECT COUNT(*) FROM rejections WHERE reason='straggler' AND round=?", (r["round"],)
+        ).fetchone()
+        assert r["selected"] - r["accepted"] == late
+        assert (r["virtual_seconds"] == 1.0) if late else (0 < r["virtual_seconds"] < 1.0)

