@@ -14,10 +14,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
-from attacks.base import AttackUpdate
+from attacks.base import Algorithm, AttackUpdate, UpdateKind
 from edge import wire
 from edge.codec import CodecError, read_header
 from edge.manifest import Manifest
@@ -96,10 +97,10 @@ class CaptureStore:
         return (self.folder / name).read_bytes()
 
     def count(self, channel: str | None = None) -> int:
-        q, args = "SELECT COUNT(*) FROM captures", ()
-        if channel:
-            q, args = q + " WHERE channel=?", (channel,)
-        return int(self.db.execute(q, args).fetchone()[0])
+        if channel is None:
+            return int(self.db.execute("SELECT COUNT(*) FROM captures").fetchone()[0])
+        q = "SELECT COUNT(*) FROM captures WHERE channel=?"
+        return int(self.db.execute(q, (channel,)).fetchone()[0])
 
     def paired(self, manifest: Manifest, *, run: str | None = None) -> Iterator[Intercepted]:
         """Every decodable update with the task its device got in the same round."""
@@ -126,12 +127,12 @@ class CaptureStore:
                 device=upd.device,
                 update=AttackUpdate(
                     params=upd.params,
-                    kind=upd.kind,
-                    num_examples=upd.num_examples,  # type: ignore[arg-type]
+                    kind=cast(UpdateKind, upd.kind),  # validated by decode_update
+                    num_examples=upd.num_examples,
                     lr=task.lr,
                     epochs=task.epochs,
                     batch_size=task.batch_size,
-                    algorithm=task.algorithm,  # type: ignore[arg-type]
+                    algorithm=cast(Algorithm, task.algorithm),  # validated by decode_task
                 ),
                 global_model=task.weights,
                 capture_id=cid,
@@ -164,6 +165,7 @@ class Eavesdropper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self.captured = 0
+        self.ended = threading.Event()  # set when the run's control topic says "end"
 
     def _drain(self) -> None:
         while not (self._stop.is_set() and self.inbox.empty()):
@@ -173,6 +175,8 @@ class Eavesdropper:
                 continue
             self.store.add(msg)
             self.captured += 1
+            if msg.topic.endswith("/control") and msg.payload == b"end":
+                self.ended.set()
 
     def __enter__(self) -> Eavesdropper:
         self.client.connect(self.broker.host, self.broker.port, keepalive=60)

@@ -133,6 +133,27 @@ def local_training_mean_probs(
     return torch.stack(steps).mean(0).double().cpu().numpy()
 
 
+def interpolated_mean_probs(
+    model: FunctionalModel,
+    weights: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    steps: int,
+    input_shape: tuple[int, ...],
+    *,
+    samples: int,
+    seed: int,
+) -> np.ndarray:
+    """Mean softmax on random dummies at ``w + (t / steps) * delta`` for t = 0 .. steps - 1."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((samples, *input_shape), generator=gen).to(model.input_map.scale.device)
+    out = []
+    with torch.no_grad():
+        for t in range(steps):
+            w = {k: weights[k] + (t / steps) * delta[k] for k in weights}
+            out.append(torch.softmax(model.logits(w, x), dim=1).mean(0))
+    return torch.stack(out).mean(0).double().cpu().numpy()
+
+
 def recover_labels(
     update: AttackUpdate,
     global_model: Mapping[str, np.ndarray],

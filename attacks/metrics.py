@@ -18,7 +18,9 @@ def psnr(a: np.ndarray, b: np.ndarray, *, data_range: float = 1.0) -> float:
 
 
 def ssim(a: np.ndarray, b: np.ndarray, *, data_range: float = 1.0) -> float:
-    """Structural similarity of two [C, H, W] images: Gaussian window (sigma 1.5), per channel."""
+    """Structural similarity of two [C, H, W] images: Gaussian window (sigma 1.5, 11 pixels,
+    fewer for images smaller than that), averaged over channels."""
+    side = min(a.shape[-2:])
     return float(
         structural_similarity(
             np.asarray(a, np.float64),
@@ -27,6 +29,7 @@ def ssim(a: np.ndarray, b: np.ndarray, *, data_range: float = 1.0) -> float:
             channel_axis=0,
             gaussian_weights=True,
             sigma=1.5,
+            win_size=min(11, side if side % 2 else side - 1),
             use_sample_covariance=False,
         )
     )

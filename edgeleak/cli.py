@@ -97,6 +97,52 @@ def _device_tools_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _attack(args: argparse.Namespace) -> int:
+    """Capture a run's traffic live (--broker/--run), then attack what was captured."""
+    from attacks.intercept import CaptureStore, Eavesdropper
+    from edge.manifest import ModelArtifact
+    from edge.mqtt import parse_broker_url
+    from edgeleak.leak import attack_captures, fleet_truth
+
+    capture = CaptureStore(args.capture)
+    artifact = ModelArtifact.load(args.model)
+    if args.broker:
+        if not args.run:
+            print(
+                "edgeleak attack: --broker needs --run (the run id to listen to)", file=sys.stderr
+            )
+            return 2
+        with Eavesdropper(parse_broker_url(args.broker), args.run, capture) as spy:
+            print(f"listening to edgeleak/{args.run}/# on {args.broker} (until the run ends)")
+            spy.ended.wait(args.seconds)
+        print(f"captured {spy.captured} messages into {args.capture}")
+    names = [a for a in args.attack.split(",") if a]
+    if not names:
+        return 0
+    truth = fleet_truth(args.truth, args.dataset) if args.truth else None
+    out = Path(args.out or Path(args.capture) / "attack")
+    rows = attack_captures(
+        capture,
+        artifact,
+        out,
+        attacks=names,
+        budget_s=args.budget_s,
+        max_updates=args.max_updates,
+        truth=truth,
+        run=args.run,
+        db=capture.db,
+    )
+    for r in rows:
+        score = f"{r.psnr_mean:.1f} dB (baseline {r.baseline_psnr:.1f})" if r.psnr_mean else ""
+        labels = f"labels {100 * r.label_accuracy:.0f}%" if r.label_accuracy is not None else ""
+        print(
+            f"round {r.round} {r.device} {r.attack}: {r.examples} examples {score} {labels} "
+            f"{r.seconds:.1f} s"
+        )
+    print(f"wrote reconstructions to {out} and the leakage table to {args.capture}/capture.db")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from export import export_model
 
@@ -157,6 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
         "[--runtime --profile --seed --config]), or `device bundle ...` / `device deploy ...`",
     )  # fmt: skip
     v.add_argument("rest", nargs=argparse.REMAINDER)  # dispatched in main(): see _device
+
+    a = sub.add_parser("attack", help="intercept a run's updates and invert them")
+    a.add_argument("--capture", required=True, help="capture folder (written live, read offline)")
+    a.add_argument("--model", required=True, help="the run's model folder (public artifacts)")
+    a.add_argument("--broker", help="capture live from mqtt://HOST:PORT (needs --run)")
+    a.add_argument("--run", help="run id to listen to / to attack")
+    a.add_argument("--seconds", type=float, default=None, help="stop listening after S seconds")
+    a.add_argument(
+        "--attack", default="", help="comma-separated attacks, e.g. idlg,inverting_gradients"
+    )
+    a.add_argument("--budget-s", type=float, default=30.0, help="seconds per attack and update")
+    a.add_argument("--max-updates", type=int, default=4)
+    a.add_argument("--truth", help="the fleet's truth folder, to score reconstructions")
+    a.add_argument("--dataset", default="fashion-mnist", help="the dataset the fleet trained on")
+    a.add_argument("--out", help="where reconstructions go (default CAPTURE/attack)")
+    a.set_defaults(func=_attack)
 
     e = sub.add_parser("export", help="export a zoo model for devices")
     e.add_argument("model")

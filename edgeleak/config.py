@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from attacks.registry import ATTACK_NAMES
 from devices.profiles import PROFILES
 from edge.backends import RUNTIMES
 from edge.wire import ALGORITHMS, CODECS
@@ -43,6 +44,9 @@ class ExperimentConfig:
         "none"  # none | virtual (profiles drive deadlines, no waiting) | real (devices wait)
     )
     profiles: str = ""  # comma-separated device profiles, round-robin; empty: all of them
+    attack: str = ""  # comma-separated attacks run by an eavesdropper on the run's traffic
+    attack_budget_s: float = 30.0  # seconds per attack and update
+    attack_max: int = 4  # intercepted updates attacked
     workers: int = 2
     deadline_s: float = 120.0
     seed: int = 0
@@ -59,6 +63,10 @@ class ExperimentConfig:
         _choice("clock", self.clock, CLOCKS)
         for name in self.profile_names:
             _choice("profiles", name, PROFILES)
+        for name in self.attacks:
+            _choice("attack", name, ATTACK_NAMES)
+        _positive("attack_budget_s", self.attack_budget_s)
+        _at_least("attack_max", self.attack_max, 1)
         _at_least("devices", self.devices, 1)
         _at_least("rounds", self.rounds, 1)
         _at_least("epochs", self.epochs, 1)
@@ -74,6 +82,10 @@ class ExperimentConfig:
     @property
     def runtimes(self) -> list[str]:
         return [r.strip() for r in self.runtime.split(",")]
+
+    @property
+    def attacks(self) -> list[str]:
+        return [a.strip() for a in self.attack.split(",") if a.strip()]
 
     @property
     def profile_names(self) -> list[str]:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from attacks.intercept import CaptureStore, Eavesdropper
 from coordinator.evaluate import evaluate
 from coordinator.server import Coordinator, RoundClock, RoundPlan
 from coordinator.store import RoundResult, RunStore
@@ -24,6 +26,7 @@ from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url
 from edgeleak.broker import local_broker
 from edgeleak.config import ExperimentConfig
+from edgeleak.leak import attack_captures, fleet_truth
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,9 @@ def run_experiment(
         coord = Coordinator(
             run, artifact, broker, store, plan, evaluator=evaluator, seed=cfg.seed, clock=clock
         )
-        with coord, Fleet(spec) as fleet, Progress(*cols, disable=not progress) as bar:
+        capture = CaptureStore(out / "capture") if cfg.attacks else None
+        spy = Eavesdropper(broker, run, capture) if capture else contextlib.nullcontext()
+        with spy, coord, Fleet(spec) as fleet, Progress(*cols, disable=not progress) as bar:
             coord.wait_for_devices(cfg.devices, timeout=60 + cfg.devices * 0.1)
             job = bar.add_task(
                 f"{cfg.algorithm} {cfg.devices} devices", total=cfg.rounds, status=""
@@ -195,6 +200,14 @@ def run_experiment(
             seconds=time.monotonic() - t_start,
             artifact=artifact,
         )
+    if capture is not None:
+        rows = attack_captures(
+            capture, artifact, out / "attack", attacks=cfg.attacks, budget_s=cfg.attack_budget_s,
+            max_updates=cfg.attack_max, truth=fleet_truth(out / "truth", cfg.dataset), run=run,
+            db=store.db, progress=progress,
+        )  # fmt: skip
+        summary["attack"] = [asdict(r) for r in rows]
+        capture.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_rounds(
         summary["rounds"],

@@ -187,7 +187,7 @@ def test_imprint_recovers_most_of_a_batch_of_8(digits: tuple[np.ndarray, np.ndar
 
 
 def test_inverting_gradients_beats_the_mean_image(digits: tuple[np.ndarray, np.ndarray]) -> None:
-    client, weights, meta = victim("lenet_zhu", budget_s=4.0)
+    client, weights, meta = victim("lenet_zhu", budget_s=5.0)
     x, y = digits
     attack = get_attack("inverting_gradients", max_iterations=1500)
     gains = []
@@ -202,7 +202,7 @@ def test_inverting_gradients_beats_the_mean_image(digits: tuple[np.ndarray, np.n
     assert min(gains) >= GAIN_DB, gains
 
 
-GAIN_DB = 15.0
+GAIN_DB = 25.0  # measured ~50 dB (about 60 dB against a ~11 dB baseline)
 
 
 @pytest.mark.parametrize("name", ["dlg", "fedavg"])

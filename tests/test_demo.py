@@ -96,7 +96,9 @@ def test_demo_virtual_clock_drops_slow_profiles(tmp_path: Path) -> None:
     assert s["clock"] == "virtual"
     # 1,000 examples on a low-end phone take longer than 1 s of virtual time; on a Jetson they don't.
     db = sqlite3.connect(out / "run.db")
-    stragglers = {d for (d,) in db.execute("SELECT device FROM rejections WHERE reason='straggler'")}
+    stragglers = {
+        d for (d,) in db.execute("SELECT device FROM rejections WHERE reason='straggler'")
+    }
     assert stragglers == {"d0000", "d0002"}
     for r in s["rounds"]:  # availability draws decide who is selected; every miss is a straggler
         (late,) = db.execute(

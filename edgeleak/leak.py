@@ -1,0 +1,168 @@
+"""Leakage of a run: attack intercepted updates, score them against the fleet's ground truth.
+
+The attacks see only what the eavesdropper captured (``attacks.intercept``). Ground truth (which
+examples each update used, written by the fleet) enters here, in ``attacks.leakage.evaluate``
+only, and only after the attack has returned.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from attacks.base import AttackMetadata
+from attacks.intercept import CaptureStore, Intercepted
+from attacks.leakage import LeakageReport, evaluate, matched_images
+from attacks.registry import get_attack
+from attacks.report import save_grid
+from devices.datasets import load_dataset
+from devices.fleet import read_truth
+from edge.manifest import ModelArtifact
+
+LEAKAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS leakage (
+    run TEXT, round INTEGER, device TEXT, attack TEXT, capture_id INTEGER, kind TEXT,
+    examples INTEGER, psnr_mean REAL, ssim_mean REAL, baseline_psnr REAL, label_accuracy REAL,
+    label_count_accuracy REAL, recovered_fraction REAL, exact_fraction REAL, seconds REAL,
+    grid TEXT
+);
+"""
+
+
+@dataclass(frozen=True)
+class LeakRow:
+    """One attack on one intercepted update, scored (score fields are None without truth)."""
+
+    run: str
+    round: int
+    device: str
+    attack: str
+    capture_id: int
+    kind: str
+    examples: int
+    psnr_mean: float | None
+    ssim_mean: float | None
+    baseline_psnr: float | None
+    label_accuracy: float | None
+    label_count_accuracy: float | None
+    recovered_fraction: float | None
+    exact_fraction: float | None
+    seconds: float
+    grid: str
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """The fleet's records of which training examples each update used, and the data itself."""
+
+    records: dict[tuple[str, int, str], list[int]]
+    x: np.ndarray
+    y: np.ndarray
+
+    def batch(self, item: Intercepted) -> tuple[np.ndarray, np.ndarray] | None:
+        """The images and labels ``item`` was computed on (None if the fleet has no record)."""
+        used = self.records.get((item.run, item.round, item.device))
+        if used is None:
+            return None
+        # FedAvg walks its examples once per epoch: the batch is the first epoch's examples.
+        idx = np.asarray(used[: item.update.num_examples])
+        return self.x[idx], self.y[idx]
+
+    @property
+    def mean_image(self) -> np.ndarray:
+        """The "no leakage" guess: the mean training image."""
+        return np.asarray(self.x.mean(axis=0))
+
+
+def fleet_truth(truth_dir: str | Path, dataset: str) -> GroundTruth:
+    """Ground truth from the fleet's truth folder and the dataset it trained on."""
+    data = load_dataset(dataset)
+    records = {(r["run"], r["round"], r["device"]): r["examples"] for r in read_truth(truth_dir)}
+    return GroundTruth(records, data.x_train, data.y_train)
+
+
+def attack_captures(
+    capture: CaptureStore,
+    artifact: ModelArtifact,
+    out: Path,
+    *,
+    attacks: Sequence[str],
+    budget_s: float,
+    max_updates: int,
+    truth: GroundTruth | None = None,
+    run: str | None = None,
+    db: sqlite3.Connection | None = None,
+    progress: bool = True,
+) -> list[LeakRow]:
+    """Run every named attack on up to ``max_updates`` intercepted updates; score, plot, store."""
+    from rich.progress import Progress
+
+    out.mkdir(parents=True, exist_ok=True)
+    items = list(itertools.islice(capture.paired(artifact.manifest, run=run), max_updates))
+    meta = AttackMetadata(artifact.manifest, budget_s=budget_s)
+    rows: list[LeakRow] = []
+    with Progress(disable=not progress) as bar:
+        job = bar.add_task("attacking intercepted updates", total=len(items) * len(attacks))
+        for item in items:
+            for name in attacks:
+                rec = get_attack(name).reconstruct(item.update, item.global_model, meta)
+                stem = f"r{item.round:03d}-{item.device}-{name}"
+                if rec.images is not None:
+                    np.savez(
+                        out / f"{stem}.npz",
+                        images=rec.images,
+                        labels=rec.labels if rec.labels is not None else np.zeros(0, np.int64),
+                    )
+                batch = truth.batch(item) if truth is not None else None
+                report = None
+                if truth is not None and batch is not None:
+                    report = evaluate(rec, batch[0], batch[1], mean_image=truth.mean_image)
+                grid = ""
+                if batch is not None and report is not None and rec.images is not None:
+                    grid = str(
+                        save_grid(
+                            out / f"{stem}.png",
+                            batch[0],
+                            matched_images(rec, report),
+                            report.psnr,
+                            title=f"{name}: round {item.round}, {item.device}",
+                        )
+                    )
+                rows.append(_row(item, name, rec.seconds, report, grid))
+                bar.advance(job)
+    if db is not None:
+        record(db, rows)
+    return rows
+
+
+def _row(
+    item: Intercepted, name: str, seconds: float, r: LeakageReport | None, grid: str
+) -> LeakRow:
+    def score(field: str) -> float | None:
+        return None if r is None else getattr(r, field)
+
+    return LeakRow(
+        run=item.run, round=item.round, device=item.device, attack=name,
+        capture_id=item.capture_id, kind=item.update.kind, examples=item.update.num_examples,
+        psnr_mean=score("psnr_mean"), ssim_mean=score("ssim_mean"),
+        baseline_psnr=score("baseline_psnr"), label_accuracy=score("label_accuracy"),
+        label_count_accuracy=score("label_count_accuracy"),
+        recovered_fraction=score("recovered_fraction"), exact_fraction=score("exact_fraction"),
+        seconds=seconds, grid=grid,
+    )  # fmt: skip
+
+
+def record(db: sqlite3.Connection, rows: Sequence[LeakRow]) -> None:
+    """Append ``rows`` to the ``leakage`` table of a run store or capture store."""
+    db.executescript(LEAKAGE_SCHEMA)
+    cols = list(LeakRow.__dataclass_fields__)
+    db.executemany(
+        f"INSERT INTO leakage ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+        [tuple(asdict(r)[c] for c in cols) for r in rows],
+    )
+    db.commit()
