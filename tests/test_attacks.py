@@ -142,7 +142,9 @@ def test_analytic_inverts_the_mlp_exactly(digits: tuple[np.ndarray, np.ndarray])
     x, y = digits
     attack = get_attack("analytic")
     for i in range(3):
-        rec = attack.reconstruct(simulate_update(client, weights, x[i : i + 1], y[i : i + 1]), weights, meta)
+        rec = attack.reconstruct(
+            simulate_update(client, weights, x[i : i + 1], y[i : i + 1]), weights, meta
+        )
         assert rec.images is not None and rec.images.shape == (1, 1, 28, 28)
         assert metrics.psnr(rec.images[0], x[i]) >= 100
 
@@ -152,7 +154,9 @@ def test_analytic_undoes_the_input_normalisation(digits: tuple[np.ndarray, np.nd
     meta = dataclasses.replace(meta, mean=(0.1307,), std=(0.3081,))
     client = FunctionalModel(client.module, InputMap.from_metadata(meta, CPU))
     x, y = digits
-    rec = get_attack("analytic").reconstruct(simulate_update(client, weights, x[:1], y[:1]), weights, meta)
+    rec = get_attack("analytic").reconstruct(
+        simulate_update(client, weights, x[:1], y[:1]), weights, meta
+    )
     assert rec.images is not None and metrics.psnr(rec.images[0], x[0]) >= 100
 
 
@@ -211,7 +215,11 @@ def test_other_optimisation_attacks_run_within_budget(
 ) -> None:
     client, weights, meta = victim("lenet_zhu", budget_s=1.5)
     x, y = digits
-    kwargs = {"algorithm": "fedavg", "lr": 0.01, "epochs": 2, "batch_size": 2} if name == "fedavg" else {}
+    kwargs = (
+        {"algorithm": "fedavg", "lr": 0.01, "epochs": 2, "batch_size": 2}
+        if name == "fedavg"
+        else {}
+    )
     update = simulate_update(client, weights, x[:2], y[:2], **kwargs)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     rec = get_attack(name).reconstruct(update, weights, meta)
