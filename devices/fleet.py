@@ -33,7 +33,7 @@ import paho.mqtt.client as mqtt
 from edge.backends import Backend, load_backend
 from edge.device import Device, Outgoing, TrainingRecord
 from edge.manifest import ModelArtifact
-from edge.mqtt import QOS, BrokerAddress, Received, make_client, parse_broker_url
+from edge.mqtt import QOS, BrokerAddress, Received, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +142,7 @@ def run_devices(
     clients: dict[str, mqtt.Client] = {}
     by_task_topic = {d.task_topic: d for d in devices}
     for d in devices:
-        c = make_client(
-            d.device_id,
-            inbox,
-            protocol=broker.protocol,
-            will=(d.status_topic, d.status("offline")),
-            subscriptions=d.subscriptions,
-            announce=(d.status_topic, d.status("online")),
-        )
+        c = d.client(inbox, broker.protocol)
         loop.add(c)
         clients[d.device_id] = c
     for i, c in enumerate(clients.values()):

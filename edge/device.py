@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import paho.mqtt.client as mqtt
 
 from edge import wire
 from edge.backends.base import Backend
@@ -86,6 +87,15 @@ class Device:
     @property
     def subscriptions(self) -> tuple[str, ...]:
         return (self.task_topic, wire.control_topic(self.run))
+
+    def client(self, inbox: queue.Queue[Received], protocol: int) -> mqtt.Client:
+        """This device's MQTT client: its id, its subscriptions, "online" once subscribed,
+        "offline" as its last will."""
+        return make_client(
+            self.device_id, inbox, protocol=protocol,
+            will=(self.status_topic, self.status("offline")), subscriptions=self.subscriptions,
+            announce=(self.status_topic, self.status("online")),
+        )  # fmt: skip
 
     def status(self, state: str) -> bytes:
         """The retained status message: state, runtime, examples and (if any) device profile."""
@@ -167,14 +177,7 @@ def run_device(
 ) -> None:
     """Run one device on its own MQTT connection until the run's control topic says ``end``."""
     inbox: queue.Queue[Received] = queue.Queue()
-    client = make_client(
-        device.device_id,
-        inbox,
-        protocol=broker.protocol,
-        will=(device.status_topic, device.status("offline")),
-        subscriptions=device.subscriptions,
-        announce=(device.status_topic, device.status("online")),
-    )
+    client = device.client(inbox, broker.protocol)
     stop = stop or threading.Event()
     with running(client, broker):
         while not stop.is_set():
