@@ -1,13 +1,17 @@
 """Optimisation attacks: find images whose update matches the intercepted one.
 
 - ``dlg`` (Zhu et al. 2019): squared L2 distance between updates, L-BFGS.
-- ``inverting_gradients`` (Geiping et al. 2020): cosine distance over all layers at once plus a
+- ``inverting_gradients`` (Geiping et al. 2020): cosine distance between updates plus a
   total-variation prior, Adam on the sign of the image gradient (lr 0.1, step decay by 10 at 3/8,
   5/8 and 7/8 of the run), box constraint to [0, 1], restarts; labels come from
-  ``attacks.labels`` (iDLG for one example, counts for a batch).
+  ``attacks.labels`` (iDLG for one example, counts for a batch). Two departures, both settings
+  (``IGConfig``): one example is matched with a per-layer cosine, and the TV weight decays with
+  the learning rate.
 - ``fedavg`` (Geiping et al. 2020 §6, Dimitrov et al. 2022): the same objective on a FedAvg weight
   delta, with the client's local SGD steps simulated differentiably on the dummy images. The
-  attacker is assumed to know the local data order: consecutive minibatches, no shuffle.
+  attacker is assumed to know the local data order (``FedAvgConfig.epoch_orders``; default:
+  the same consecutive minibatches every epoch, no shuffle). The order matters only when an
+  epoch has several minibatches and it changes between epochs: the dummies are interchangeable.
 
 Every attack stops at ``metadata.budget_s``: the run's progress is the larger of iterations done
 over ``max_iterations`` and time used over the budget, so the learning-rate schedule completes
@@ -170,7 +174,11 @@ class IGConfig:
 
 @dataclass(frozen=True)
 class FedAvgConfig(IGConfig):
-    """Inverting Gradients settings for FedAvg deltas (the local steps are simulated in order)."""
+    """Inverting Gradients settings for FedAvg deltas, plus the assumed local data order:
+    ``epoch_orders[e % len]`` is the permutation of the batch that epoch e visits (empty: the
+    given order every epoch)."""
+
+    epoch_orders: tuple[tuple[int, ...], ...] = ()
 
 
 class _UpdateMatching:
@@ -201,7 +209,9 @@ class _UpdateMatching:
         shape = (update.num_examples, *metadata.manifest.input_shape)
 
         def objective(x: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
-            dummy = model.update(weights, x, targets, update, create_graph=True)
+            dummy = model.update(
+                weights, x, targets, update, orders=self.orders(update), create_graph=True
+            )
             match = self.distance(list(dummy.values()), observed, update.num_examples)
             return match + self.prior(x, progress), match
 
@@ -229,6 +239,9 @@ class _UpdateMatching:
 
     def prior(self, x: torch.Tensor, progress: float) -> torch.Tensor:
         return x.new_zeros(())
+
+    def orders(self, update: AttackUpdate) -> tuple[tuple[int, ...], ...]:
+        return ()
 
     def confidence(self, score: float) -> float:
         raise NotImplementedError
@@ -304,3 +317,10 @@ class FedAvgInversion(InvertingGradients):
 
     def __init__(self, config: FedAvgConfig | None = None) -> None:
         self.config = config or FedAvgConfig()
+
+    def orders(self, update: AttackUpdate) -> tuple[tuple[int, ...], ...]:
+        n = update.num_examples
+        for order in self.config.epoch_orders:
+            if sorted(order) != list(range(n)):
+                raise ValueError(f"epoch order {order} is not a permutation of 0..{n - 1}")
+        return self.config.epoch_orders

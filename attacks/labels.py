@@ -67,8 +67,7 @@ def idlg_label(signal: np.ndarray) -> int:
 def round_counts(estimate: np.ndarray, total: int) -> np.ndarray:
     """Non-negative integers summing to ``total`` closest to ``estimate`` (largest remainder)."""
     est = np.clip(np.asarray(estimate, dtype=np.float64), 0.0, None)
-    if est.sum() > 0:
-        est = est * (total / est.sum())
+    est = est * (total / est.sum()) if est.sum() > 0 else np.full(len(est), total / len(est))
     counts = np.floor(est).astype(np.int64)
     order = np.argsort(-(est - counts), kind="stable")
     counts[order[: total - int(counts.sum())]] += 1

@@ -6,7 +6,8 @@ simulated victims and, differentiably, for the attacks that match it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import MAX_THREADS, AttackMetadata, AttackUpdate, Device
+from attacks.base import MAX_THREADS, Algorithm, AttackMetadata, AttackUpdate, Device
 from edge.manifest import Manifest, ParamSpec
 
 Weights = dict[str, torch.Tensor]
@@ -124,18 +125,25 @@ class FunctionalModel:
         lr: float,
         epochs: int,
         batch_sizes: list[int],
+        orders: Sequence[Sequence[int]] = (),
         create_graph: bool = False,
     ) -> Weights:
         """The FedAvg update ``w_local - w_global`` after ``epochs`` epochs of minibatch SGD.
 
-        Each epoch visits the examples in order, in consecutive minibatches of ``batch_sizes``.
+        Epoch e visits the examples in the order ``orders[e % len(orders)]`` (in their given
+        order when ``orders`` is empty), in consecutive minibatches of ``batch_sizes``.
         """
         w = dict(weights)
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            if orders:
+                idx = torch.as_tensor(orders[epoch % len(orders)], device=images.device)
+                xs, ys = images[idx], targets[idx]
+            else:
+                xs, ys = images, targets
             start = 0
             for size in batch_sizes:
                 sl = slice(start, start + size)
-                g = self.gradient(w, images[sl], targets[sl], create_graph=create_graph)
+                g = self.gradient(w, xs[sl], ys[sl], create_graph=create_graph)
                 w = {n: w[n] - lr * g[n] for n in self.names}
                 start += size
         return {n: w[n] - weights[n] for n in self.names}
@@ -147,9 +155,11 @@ class FunctionalModel:
         targets: torch.Tensor,
         like: AttackUpdate,
         *,
+        orders: Sequence[Sequence[int]] = (),
         create_graph: bool = False,
     ) -> Weights:
-        """The update of the same kind and hyper-parameters as ``like`` for this batch."""
+        """The update of the same kind and hyper-parameters as ``like`` for this batch
+        (``orders``: the local data order per epoch, see ``delta``)."""
         if like.kind == "gradient":
             return self.gradient(weights, images, targets, create_graph=create_graph)
         return self.delta(
@@ -159,6 +169,7 @@ class FunctionalModel:
             lr=like.lr,
             epochs=like.epochs,
             batch_sizes=like.local_batches,
+            orders=orders,
             create_graph=create_graph,
         )
 
@@ -169,35 +180,30 @@ def simulate_update(
     images: np.ndarray,
     labels: np.ndarray,
     *,
-    algorithm: str = "fedsgd",
+    algorithm: Algorithm = "fedsgd",
     lr: float = 0.1,
     epochs: int = 1,
     batch_size: int = 0,
+    orders: Sequence[Sequence[int]] = (),
 ) -> AttackUpdate:
-    """What an honest client sends for ``images``/``labels`` (the victim's side, for benches)."""
+    """What an honest client sends for ``images``/``labels`` (the victim's side, for benches).
+
+    FedSGD: the mean gradient of the whole batch. FedAvg: the delta after ``epochs`` epochs of
+    consecutive minibatches of ``batch_size`` (0: the whole batch) at ``lr``, visiting the
+    examples in ``orders`` per epoch (default: as given).
+    """
     device = model.input_map.scale.device
-    n = len(images)
-    template = AttackUpdate(
+    update = AttackUpdate(
         params={},
         kind="gradient" if algorithm == "fedsgd" else "delta",
-        num_examples=n,
+        num_examples=len(images),
         lr=lr,
         epochs=epochs,
         batch_size=batch_size,
-        algorithm="fedsgd" if algorithm == "fedsgd" else "fedavg",
+        algorithm=algorithm,
     )
-    w = to_weights(global_model, device)
+    w = {k: v.requires_grad_(True) for k, v in to_weights(global_model, device).items()}
     x = torch.tensor(images, dtype=torch.float32, device=device)
     y = torch.tensor(labels, dtype=torch.int64, device=device)
-    for v in w.values():
-        v.requires_grad_(True)
-    params = to_arrays(model.update(w, x, y, template))
-    return AttackUpdate(
-        params=params,
-        kind=template.kind,
-        num_examples=n,
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        algorithm=template.algorithm,
-    )
+    params = to_arrays(model.update(w, x, y, update, orders=orders))
+    return dataclasses.replace(update, params=params)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from attacks import get_attack
-from attacks.base import AttackMetadata, AttackUpdate
+from attacks.base import Algorithm, AttackMetadata, AttackUpdate
 from attacks.imprint import brightness, build_imprint_model, quantile_thresholds
 from attacks.leakage import LeakageReport, evaluate, matched_images
 from attacks.metrics import mean_image_psnr
@@ -128,7 +128,7 @@ class Case:
     budget_s: float  # per update
     target: str
     config: dict[str, Any] = field(default_factory=dict)
-    algorithm: str = "fedsgd"
+    algorithm: Algorithm = "fedsgd"
     lr: float = 0.1
     epochs: int = 1
     imprint_bins: int = 0

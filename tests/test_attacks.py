@@ -18,6 +18,7 @@ import torch
 from attacks import ATTACK_NAMES, get_attack, metrics
 from attacks.base import AttackMetadata, AttackUpdate, Reconstruction
 from attacks.imprint import brightness, build_imprint_model, quantile_thresholds
+from attacks.labels import round_counts
 from attacks.leakage import evaluate, matched_images
 from attacks.model import FunctionalModel, InputMap, manifest_for, simulate_update
 from attacks.registry import config_class
@@ -82,7 +83,10 @@ def test_every_attack_has_one_verb_over_public_inputs() -> None:
         params = list(inspect.signature(attack.reconstruct).parameters)
         assert params == ["update", "global_model", "metadata"], name
         assert dataclasses.is_dataclass(attack.config)
-        assert type(attack.config).__dataclass_params__.frozen  # type: ignore[attr-defined]
+        fields = dataclasses.fields(attack.config)
+        if fields:
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                setattr(attack.config, fields[0].name, None)
 
 
 def test_registry_errors_name_the_choices() -> None:
@@ -132,6 +136,12 @@ def test_label_counts_of_a_fedavg_delta(digits: tuple[np.ndarray, np.ndarray]) -
         rec = attack.reconstruct(update, weights, meta)
         assert rec.labels is not None
         assert metrics.label_count_accuracy(rec.labels, yb) == 1.0
+
+
+def test_round_counts_keeps_the_total() -> None:
+    assert round_counts(np.array([2.2, 0.1, -0.4, 0.9]), 3).tolist() == [2, 0, 0, 1]
+    assert round_counts(np.zeros(4), 6).sum() == 6
+    assert round_counts(np.array([0.2, 0.2, 0.2]), 1).sum() == 1
 
 
 # -- analytic and imprint ------------------------------------------------------------------------
@@ -226,6 +236,22 @@ def test_other_optimisation_attacks_run_within_budget(
     assert time.perf_counter() - t0 < meta.budget_s + 3.0
     assert rec.images is not None and rec.images.shape == (2, 1, 28, 28)
     assert rec.images.min() >= 0 and rec.images.max() <= 1
+
+
+def test_fedavg_local_order_is_an_explicit_assumption(
+    digits: tuple[np.ndarray, np.ndarray],
+) -> None:
+    client, weights, meta = victim("lenet_zhu")
+    x, y = digits
+    hp = {"algorithm": "fedavg", "lr": 0.05, "epochs": 2, "batch_size": 1}
+    swapped = simulate_update(client, weights, x[:2], y[:2], orders=[[1, 0]], **hp)  # type: ignore[arg-type]
+    reference = simulate_update(client, weights, x[1::-1], y[1::-1], **hp)  # type: ignore[arg-type]
+    for name in weights:
+        np.testing.assert_allclose(
+            swapped.params[name], reference.params[name], rtol=1e-5, atol=1e-7
+        )
+    with pytest.raises(ValueError, match="permutation"):
+        get_attack("fedavg", epoch_orders=((0, 0),)).reconstruct(swapped, weights, meta)
 
 
 def test_attacks_refuse_updates_of_the_wrong_kind(digits: tuple[np.ndarray, np.ndarray]) -> None:

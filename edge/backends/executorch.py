@@ -115,7 +115,8 @@ class ExecuTorchBackend:
             raise KeyError(f"parameters missing: {missing}; expected {self.manifest.param_names}")
         torch = self._torch
         for spec in self.manifest.params:
-            w = np.ascontiguousarray(params[spec.name], dtype=np.float32)
+            # Writable (decoded wire tensors are read-only views): torch.from_numpy needs it.
+            w = np.require(params[spec.name], np.float32, ["C", "W"])
             if w.shape != spec.shape:
                 raise ValueError(
                     f"parameter {spec.name!r} has shape {w.shape}; expected {spec.shape}"
