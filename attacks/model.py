@@ -203,7 +203,7 @@ def simulate_update(
         algorithm=algorithm,
     )
     w = {k: v.requires_grad_(True) for k, v in to_weights(global_model, device).items()}
-    x = torch.tensor(images, dtype=torch.float32, device=device)
-    y = torch.tensor(labels, dtype=torch.int64, device=device)
+    x = torch.tensor(np.ascontiguousarray(images), dtype=torch.float32, device=device)
+    y = torch.tensor(np.ascontiguousarray(labels), dtype=torch.int64, device=device)
     params = to_arrays(model.update(w, x, y, update, orders=orders))
     return dataclasses.replace(update, params=params)

@@ -208,19 +208,18 @@ def _to_onnx(
     """Write ``gm`` as one self-contained ONNX file with a dynamic batch dimension."""
     n_batched = len(inputs) - len(t.names)
     args = (*t.params, t.x, t.y)[: len(inputs)]
-    with _quiet():
-        torch.onnx.export(
-            _GraphModule(gm).eval(),
-            args,
-            str(path),
-            dynamo=True,
-            external_data=False,
-            opset_version=OPSET,
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_shapes=_dynamic_shapes(len(t.names), n_batched),
-            verbose=False,
-        )
+    torch.onnx.export(
+        _GraphModule(gm).eval(),
+        args,
+        str(path),
+        dynamo=True,
+        external_data=False,
+        opset_version=OPSET,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_shapes=_dynamic_shapes(len(t.names), n_batched),
+        verbose=False,
+    )
 
 
 @contextlib.contextmanager
@@ -305,9 +304,10 @@ def export_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t = _example(name, input_shape, num_classes, seed)
-    artifacts = {**_export_init(t, out), **_export_pt2(t, out)}
-    for target in targets:
-        artifacts.update(_TARGETS[target](t, out))
+    with _quiet():
+        artifacts = {**_export_init(t, out), **_export_pt2(t, out)}
+        for target in targets:
+            artifacts.update(_TARGETS[target](t, out))
     manifest = Manifest(
         model=name,
         input_shape=tuple(t.x.shape[1:]),
