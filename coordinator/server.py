@@ -132,7 +132,11 @@ class Coordinator:
         except queue.Empty:
             return
         while True:
-            self._handle(msg)
+            try:
+                self._handle(msg)
+            except Exception as e:  # a message must never take the coordinator down
+                log.exception("unexpected error on %s", msg.topic)
+                self._reject(msg.topic, "?", wire.WireError("internal_error", repr(e)))
             try:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
