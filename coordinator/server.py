@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 Params = dict[str, np.ndarray]
 Evaluator = Callable[[Params], tuple[float, float]]
+# A dishonest coordinator: (round, global weights) -> the weights it actually ships.
+Tamper = Callable[[int, Params], Params]
 UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
 
 
@@ -66,15 +68,28 @@ class _RoundState:
 class Coordinator:
     """One run's server side over MQTT. Use as a context manager (connects, subscribes, stops)."""
 
-    def __init__(self, run: str, artifact: ModelArtifact, broker: BrokerAddress, store: RunStore,
-                 plan: RoundPlan, *, evaluator: Evaluator | None = None, seed: int = 0,
-                 weights: Params | None = None, clock: RoundClock | None = None,
-                 collect_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        run: str,
+        artifact: ModelArtifact,
+        broker: BrokerAddress,
+        store: RunStore,
+        plan: RoundPlan,
+        *,
+        evaluator: Evaluator | None = None,
+        seed: int = 0,
+        weights: Params | None = None,
+        clock: RoundClock | None = None,
+        collect_timeout_s: float = 600.0,
+        tamper: Tamper | None = None,
+    ) -> None:
         """With a ``clock``, ``plan.deadline_s`` is virtual: rounds select available devices only,
         wait in real time (up to ``collect_timeout_s``) for every selected device, then drop the
         updates whose virtual arrival is after the deadline (rejection ``straggler``)."""
         if plan.algorithm not in UPDATE_KIND:
-            raise ValueError(f"algorithm {plan.algorithm!r}; expected one of {', '.join(UPDATE_KIND)}")
+            raise ValueError(
+                f"algorithm {plan.algorithm!r}; expected one of {', '.join(UPDATE_KIND)}"
+            )
         self.run = run
         self.artifact = artifact
         self.manifest = artifact.manifest
@@ -85,6 +100,7 @@ class Coordinator:
         self.evaluator = evaluator
         self.seed = seed
         self.clock = clock
+        self.tamper = tamper
         self.collect_timeout_s = collect_timeout_s
         self.weights: Params = weights if weights is not None else artifact.initial_params()
         self.online: dict[str, dict[str, object]] = {}
@@ -95,8 +111,11 @@ class Coordinator:
         self._ready: list[str] = []
         prefix = f"{wire.TOPIC_PREFIX}/{run}"
         self.client: mqtt.Client = make_client(
-            f"coordinator-{run}", self._inbox, protocol=broker.protocol,
-            subscriptions=(f"{prefix}/update/+", f"{prefix}/status/+"), on_ready=self._ready,
+            f"coordinator-{run}",
+            self._inbox,
+            protocol=broker.protocol,
+            subscriptions=(f"{prefix}/update/+", f"{prefix}/status/+"),
+            on_ready=self._ready,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -120,7 +139,9 @@ class Coordinator:
         end = time.monotonic() + timeout
         while len(self.online) < n:
             if time.monotonic() > end:
-                raise TimeoutError(f"only {len(self.online)} of {n} devices came online in {timeout:.0f} s")
+                raise TimeoutError(
+                    f"only {len(self.online)} of {n} devices came online in {timeout:.0f} s"
+                )
             self.poll(0.05)
 
     # -- message handling -----------------------------------------------------------------------
@@ -144,8 +165,21 @@ class Coordinator:
 
     def _ledger(self, msg: Received, device: str, kind: str) -> int:
         size = msg.packet_bytes
-        self.store.add_messages([MessageRow(self.run, self.round, device, msg.topic, "up", kind, size,
-                                            len(msg.payload), time.time())])
+        self.store.add_messages(
+            [
+                MessageRow(
+                    self.run,
+                    self.round,
+                    device,
+                    msg.topic,
+                    "up",
+                    kind,
+                    size,
+                    len(msg.payload),
+                    time.time(),
+                )
+            ]
+        )
         return size
 
     def _handle(self, msg: Received) -> None:
@@ -177,7 +211,11 @@ class Coordinator:
             status = json.loads(msg.payload)
             state = status["state"]
         except (ValueError, KeyError, TypeError):
-            self._reject(msg.topic, device, wire.WireError("bad_status", msg.payload[:60].decode(errors="replace")))
+            self._reject(
+                msg.topic,
+                device,
+                wire.WireError("bad_status", msg.payload[:60].decode(errors="replace")),
+            )
             return
         if state == "online":
             self.online[device] = status
@@ -190,7 +228,9 @@ class Coordinator:
         if update.run != self.run:
             raise wire.WireError("wrong_run", f"run {update.run!r}")
         if update.device != device:
-            raise wire.WireError("device_mismatch", f"metadata says {update.device!r}, topic {device!r}")
+            raise wire.WireError(
+                "device_mismatch", f"metadata says {update.device!r}, topic {device!r}"
+            )
         if update.nonce in self.nonces:
             raise wire.WireError("replayed_nonce", update.nonce)
         self.nonces.add(update.nonce)
@@ -223,29 +263,47 @@ class Coordinator:
         if self.clock is not None:
             pool = [d for d in pool if self.clock.available(d, round_)]
             if not pool:
-                log.warning("round %d: none of %d online devices is available", round_, len(self.online))
+                log.warning(
+                    "round %d: none of %d online devices is available", round_, len(self.online)
+                )
                 return []
         k = max(1, math.ceil(self.plan.fraction * len(pool)))
         rng = np.random.default_rng([self.seed, round_])
         return sorted(rng.choice(pool, size=k, replace=False).tolist())
 
-    def broadcast(self, devices: list[str]) -> int:
+    def broadcast(self, devices: list[str], weights: Params) -> int:
         """Publish this round's task to each device; returns downlink bytes."""
         rows: list[MessageRow] = []
-        infos = []
         for device in devices:
             task = wire.Task(
-                run=self.run, round=self.round, device=device, algorithm=self.plan.algorithm,
-                lr=self.plan.lr, epochs=self.plan.epochs, batch_size=self.plan.batch_size,
-                model_hash=self.manifest.sha256, weights=self.weights,
-                deadline_s=self.plan.deadline_s, codec=self.plan.codec,
+                run=self.run,
+                round=self.round,
+                device=device,
+                algorithm=self.plan.algorithm,
+                lr=self.plan.lr,
+                epochs=self.plan.epochs,
+                batch_size=self.plan.batch_size,
+                model_hash=self.manifest.sha256,
+                weights=weights,
+                deadline_s=self.plan.deadline_s,
+                codec=self.plan.codec,
             )
             payload = wire.encode_task(task)
             topic = wire.task_topic(self.run, device)
-            infos.append(self.client.publish(topic, payload, qos=QOS))
-            rows.append(MessageRow(self.run, self.round, device, topic, "down", "task",
-                                   publish_packet_bytes(topic, len(payload), QOS, protocol=self.broker.protocol),
-                                   len(payload), time.time()))
+            self.client.publish(topic, payload, qos=QOS)
+            rows.append(
+                MessageRow(
+                    self.run,
+                    self.round,
+                    device,
+                    topic,
+                    "down",
+                    "task",
+                    publish_packet_bytes(topic, len(payload), QOS, protocol=self.broker.protocol),
+                    len(payload),
+                    time.time(),
+                )
+            )
         self.store.add_messages(rows)
         if self._state is not None:
             self._state.down.update({r.device: r.bytes for r in rows})
@@ -259,14 +317,22 @@ class Coordinator:
         for device in sorted(st.accepted):
             n = st.accepted[device].num_examples
             t = self.clock.arrival(
-                device, examples=n * self.plan.epochs if self.plan.algorithm == "fedavg" else n,
-                bytes_down=st.down[device], bytes_up=st.up[device],
+                device,
+                examples=n * self.plan.epochs if self.plan.algorithm == "fedavg" else n,
+                bytes_down=st.down[device],
+                bytes_up=st.up[device],
             )
             slowest = max(slowest, t)
             if t > self.plan.deadline_s:
                 del st.accepted[device]
-                self._reject(wire.update_topic(self.run, device), device, wire.WireError(
-                    "straggler", f"arrives at {t:.3f} s virtual, after the {self.plan.deadline_s} s deadline"))
+                self._reject(
+                    wire.update_topic(self.run, device),
+                    device,
+                    wire.WireError(
+                        "straggler",
+                        f"arrives at {t:.3f} s virtual, after the {self.plan.deadline_s} s deadline",
+                    ),
+                )
         return self.plan.deadline_s if len(st.accepted) < len(st.selected) else slowest
 
     def run_round(self, round_: int) -> RoundResult:
@@ -277,7 +343,8 @@ class Coordinator:
         selected = self.select(round_)
         st = _RoundState(round_, set(selected))
         self._state = st
-        bytes_down = self.broadcast(selected)
+        sent = self.tamper(round_, self.weights) if self.tamper else self.weights
+        bytes_down = self.broadcast(selected, sent)
         deadline = t0 + (self.collect_timeout_s if self.clock is not None else self.plan.deadline_s)
         while len(st.accepted) < len(selected) and time.monotonic() < deadline:
             self.poll(0.05)
@@ -288,16 +355,28 @@ class Coordinator:
             agg = self.aggregate(updates)
             kind = UPDATE_KIND[self.plan.algorithm]
             lr = self.plan.server_lr * (self.plan.lr if kind == "gradient" else 1.0)
-            self.weights = apply_update(self.weights, agg, kind=kind, server_lr=lr)
+            self.weights = apply_update(sent, agg, kind=kind, server_lr=lr)
         else:
             log.warning("round %d: no update arrived before the deadline; model unchanged", round_)
         acc, loss = self.evaluator(self.weights) if self.evaluator else (float("nan"), float("nan"))
-        train_loss = float(np.mean([u.train_loss for u in st.accepted.values()])) if updates else float("nan")
+        train_loss = (
+            float(np.mean([u.train_loss for u in st.accepted.values()]))
+            if updates
+            else float("nan")
+        )
         result = RoundResult(
-            round=round_, selected=len(selected), accepted=len(st.accepted),
-            rejected=sum(st.rejections.values()), bytes_up=st.bytes_up, bytes_down=bytes_down,
-            accuracy=acc, loss=loss, train_loss=train_loss, seconds=time.monotonic() - t0,
-            rejections=dict(st.rejections), virtual_seconds=virtual,
+            round=round_,
+            selected=len(selected),
+            accepted=len(st.accepted),
+            rejected=sum(st.rejections.values()),
+            bytes_up=st.bytes_up,
+            bytes_down=bytes_down,
+            accuracy=acc,
+            loss=loss,
+            train_loss=train_loss,
+            seconds=time.monotonic() - t0,
+            rejections=dict(st.rejections),
+            virtual_seconds=virtual,
         )
         self.store.add_round(self.run, result)
         return result

@@ -17,6 +17,7 @@ DATASETS = ("fashion-mnist", "mnist-digits")
 PARTITIONS = ("iid", "dirichlet")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
 CLOCKS = ("none", "virtual", "real")
+MALICIOUS = ("none", "imprint")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,10 @@ class ExperimentConfig:
     attack: str = ""  # comma-separated attacks run by an eavesdropper on the run's traffic
     attack_budget_s: float = 30.0  # seconds per attack and update
     attack_max: int = 4  # intercepted updates attacked
+    malicious: str = (
+        "none"  # none | imprint: a dishonest coordinator plants an imprint in the weights
+    )
+    imprint_bins: int = 128
     workers: int = 2
     deadline_s: float = 120.0
     seed: int = 0
@@ -67,6 +72,13 @@ class ExperimentConfig:
             _choice("attack", name, ATTACK_NAMES)
         _positive("attack_budget_s", self.attack_budget_s)
         _at_least("attack_max", self.attack_max, 1)
+        _choice("malicious", self.malicious, MALICIOUS)
+        _at_least("imprint_bins", self.imprint_bins, 1)
+        if self.malicious == "imprint" and (self.model, self.algorithm) != ("mlp", "fedsgd"):
+            raise ConfigError(
+                "malicious='imprint' rewrites a first linear layer and reads one batch gradient: "
+                "it needs model='mlp' and algorithm='fedsgd'"
+            )
         _at_least("devices", self.devices, 1)
         _at_least("rounds", self.rounds, 1)
         _at_least("epochs", self.epochs, 1)

@@ -15,7 +15,7 @@ import numpy as np
 
 from attacks.intercept import CaptureStore, Eavesdropper
 from coordinator.evaluate import evaluate
-from coordinator.server import Coordinator, RoundClock, RoundPlan
+from coordinator.server import Coordinator, RoundClock, RoundPlan, Tamper
 from coordinator.store import RoundResult, RunStore
 from devices.clock import VirtualClock, assign_profiles, measure_seconds_per_example
 from devices.datasets import load_dataset
@@ -104,6 +104,22 @@ def virtual_clock(
     )
 
 
+def tamper(cfg: ExperimentConfig, artifact: ModelArtifact, x: np.ndarray) -> Tamper | None:
+    """With ``malicious=imprint``: the weights a dishonest coordinator ships instead."""
+    if cfg.malicious != "imprint":
+        return None
+    from attacks.malicious import plant_imprint
+
+    # The server knows the data distribution's brightness statistics (public data suffices).
+    brightness = x.reshape(len(x), -1).mean(axis=1)
+    mean, std = float(brightness.mean()), float(brightness.std())
+
+    def ship(_round: int, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return plant_imprint(weights, artifact.manifest, bins=cfg.imprint_bins, mean=mean, std=std)
+
+    return ship
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     out: Path,
@@ -167,8 +183,9 @@ def run_experiment(
         spec = fleet_spec(cfg, run, broker, artifact, data.y_train, out / "truth")
         clock = virtual_clock(cfg, spec, artifact)
         coord = Coordinator(
-            run, artifact, broker, store, plan, evaluator=evaluator, seed=cfg.seed, clock=clock
-        )
+            run, artifact, broker, store, plan, evaluator=evaluator, seed=cfg.seed, clock=clock,
+            tamper=tamper(cfg, artifact, data.x_train),
+        )  # fmt: skip
         capture = CaptureStore(out / "capture") if cfg.attacks else None
         spy = Eavesdropper(broker, run, capture) if capture else contextlib.nullcontext()
         with spy, coord, Fleet(spec) as fleet, Progress(*cols, disable=not progress) as bar:

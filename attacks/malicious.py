@@ -1,0 +1,53 @@
+"""A dishonest coordinator: it changes only the weights it ships, never the architecture.
+
+``plant_imprint`` turns a model that starts with ``Linear -> ReLU -> Linear`` (the zoo's ``mlp``)
+into a Robbing-the-Fed imprint (Fowl et al. 2022; see ``attacks.imprint``) by rewriting values
+in place: ``bins`` rows of the first layer all measure the mean pixel, with an ordered ladder of
+biases at quantiles of that measure; the other rows never fire; the second layer's columns for
+the bins are one shared vector. The manifest, the parameter names and shapes, the message sizes,
+the content hash of the artifacts the device runs: all unchanged. A device sees new weights, as it
+does every round. What gives it away is only the structure of those weights (a rank-one first
+layer with a bias ladder), which a device would have to inspect before training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attacks.analytic import first_linear
+from attacks.imprint import quantile_thresholds
+from edge.manifest import Manifest
+
+Params = dict[str, np.ndarray]
+
+
+def second_linear(manifest: Manifest) -> str:
+    """Name of the weight of the layer right after the first linear layer."""
+    w0, _ = first_linear(manifest)
+    hidden = manifest.shapes()[w0][0]
+    for spec in manifest.params[2:]:
+        if len(spec.shape) == 2 and spec.shape[1] == hidden:
+            return spec.name
+    raise ValueError(
+        f"model {manifest.model!r}: no linear layer reads the first layer's {hidden} outputs"
+    )
+
+
+def plant_imprint(
+    weights: Params, manifest: Manifest, *, bins: int, mean: float, std: float, seed: int = 0
+) -> Params:
+    """Weights with an imprint of ``bins`` bins planted; brightness ~ N(mean, std^2) sets the ladder."""
+    w0, b0 = first_linear(manifest)
+    w1 = second_linear(manifest)
+    hidden, n_in = manifest.shapes()[w0]
+    if not 1 <= bins <= hidden:
+        raise ValueError(f"bins={bins}: the first layer has {hidden} rows; use 1..{hidden}")
+    out = {k: np.array(v, dtype=np.float32) for k, v in weights.items()}
+    out[w0][:bins] = 1.0 / n_in  # every bin measures the mean pixel
+    out[w0][bins:] = 0.0
+    out[b0][:bins] = -quantile_thresholds(mean, std, bins)
+    out[b0][bins:] = -1.0  # rows past the bins never fire (the mean pixel is at most 1)
+    shared = np.random.default_rng(seed).standard_normal((out[w1].shape[0], 1), dtype=np.float32)
+    out[w1][:, :bins] = 0.1 * shared
+    out[w1][:, bins:] = 0.0
+    return out
