@@ -8,6 +8,7 @@ only, and only after the attack has returned.
 from __future__ import annotations
 
 import itertools
+import logging
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,6 +24,8 @@ from attacks.report import save_grid
 from devices.datasets import load_dataset
 from devices.fleet import read_truth
 from edge.manifest import ModelArtifact
+
+log = logging.getLogger(__name__)
 
 LEAKAGE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS leakage (
@@ -110,7 +113,12 @@ def attack_captures(
         job = bar.add_task("attacking intercepted updates", total=len(items) * len(attacks))
         for item in items:
             for name in attacks:
-                rec = get_attack(name).reconstruct(item.update, item.global_model, meta)
+                try:
+                    rec = get_attack(name).reconstruct(item.update, item.global_model, meta)
+                except ValueError as e:  # the attack does not apply to this update (kind, size)
+                    log.warning("%s on round %d %s: %s", name, item.round, item.device, e)
+                    bar.advance(job)
+                    continue
                 stem = f"r{item.round:03d}-{item.device}-{name}"
                 if rec.images is not None:
                     np.savez(
