@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,15 @@ from edge.mqtt import BrokerAddress
 from edge.train import sgd_step
 
 Params = dict[str, np.ndarray]
+
+
+def device_argv(
+    broker_url: str, shard: Path, artifact: ModelArtifact, run: str, device: str, *extra: str
+) -> list[str]:
+    """The command line of one real `edgeleak device` process."""
+    return [sys.executable, "-m", "edgeleak.cli", "device", "--broker", broker_url,
+            "--data", str(shard), "--model", str(artifact.folder), "--run", run, "--id", device,
+            *extra]  # fmt: skip
 
 
 def contiguous_shards(sizes: list[int], runtime: str = "onnx") -> tuple[DeviceSpec, ...]:

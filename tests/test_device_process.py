@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from edge.data import save_shard
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress
 from edgeleak.broker import local_broker
-from tests.fedutil import contiguous_shards, fleet
+from tests.fedutil import contiguous_shards, device_argv, fleet
 
 
 def test_device_cli_process_joins_a_round(
@@ -27,22 +26,7 @@ def test_device_cli_process_joins_a_round(
     data = load_dataset("fashion-mnist")
     save_shard(tmp_path / "shard.npz", data.x_train[:40], data.y_train[:40])
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgeleak.cli",
-            "device",
-            "--broker",
-            mosquitto.url,
-            "--data",
-            str(tmp_path / "shard.npz"),
-            "--model",
-            str(lenet_artifact.folder),
-            "--run",
-            run,
-            "--id",
-            "phone-1",
-        ],
+        device_argv(mosquitto.url, tmp_path / "shard.npz", lenet_artifact, run, "phone-1"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

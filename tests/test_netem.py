@@ -29,6 +29,7 @@ from devices.profiles import load_profile
 from edge.data import save_shard
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, running
+from tests.fedutil import device_argv
 
 REPO = Path(__file__).resolve().parents[1]
 WHY = netem.missing_tools()
@@ -124,24 +125,15 @@ def test_device_process_in_a_namespace_joins_a_round(
         proc = subprocess.Popen(
             lab.argv(
                 0,
-                [
-                    sys.executable,
-                    "-m",
-                    "edgeleak.cli",
-                    "device",
-                    "--broker",
+                device_argv(
                     lab.broker_url,
-                    "--data",
-                    str(tmp_path / "shard.npz"),
-                    "--model",
-                    str(lenet_artifact.folder),
-                    "--run",
+                    tmp_path / "shard.npz",
+                    lenet_artifact,
                     run,
-                    "--id",
                     "phone-1",
                     "--profile",
                     "phone-low",
-                ],
+                ),  # fmt: skip
             ),
             cwd=REPO,
             stdout=subprocess.PIPE,
