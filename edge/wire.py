@@ -275,12 +275,20 @@ def _finite(params: Params) -> None:
             raise WireError("non_finite", f"{name} has NaN or Inf")
 
 
+def _open_params(
+    buf: bytes, expected_type: str, manifest: Manifest, max_bytes: int
+) -> tuple[Params, dict[str, str], Codec]:
+    """Open a message and decode its finite parameters with the codec it names."""
+    tensors, meta = _open(buf, expected_type, max_bytes)
+    codec = get_codec(_field(meta, "codec"))
+    params = codec.decode(tensors, manifest)
+    _finite(params)
+    return params, meta, codec
+
+
 def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Task:
     """Validate and decode a task for a model with ``manifest``."""
-    tensors, meta = _open(buf, "task", max_bytes)
-    codec = get_codec(_field(meta, "codec"))
-    weights = codec.decode(tensors, manifest)
-    _finite(weights)
+    weights, meta, codec = _open_params(buf, "task", manifest, max_bytes)
     return Task(
         run=_field(meta, "run"),
         round=_int(meta, "round"),
@@ -299,10 +307,7 @@ def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_
 
 def decode_update(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Update:
     """Validate and decode an update for a model with ``manifest``."""
-    tensors, meta = _open(buf, "update", max_bytes)
-    codec = get_codec(_field(meta, "codec"))
-    params = codec.decode(tensors, manifest)
-    _finite(params)
+    params, meta, codec = _open_params(buf, "update", manifest, max_bytes)
     return Update(
         run=_field(meta, "run"),
         round=_int(meta, "round"),
