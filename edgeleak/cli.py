@@ -250,7 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    return int(args.func(args))
+    from edgeleak.config import ConfigError
+    from edgeleak.errors import UsageError
+
+    try:
+        return int(args.func(args))
+    except (UsageError, ConfigError) as e:
+        print(f"edgeleak {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
