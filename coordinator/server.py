@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 from coordinator.aggregate import apply_update, get_aggregator
 from coordinator.store import MessageRow, RoundResult, RunStore
 from edge import wire
+from edge.codec import params_sha256
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, wait_until
 
@@ -350,7 +351,9 @@ class Coordinator:
             self.poll(0.05)
         virtual = self._drop_stragglers(st) if self.clock is not None else None
         self._state = None
-        updates = [(u.params, u.num_examples) for u in st.accepted.values()]
+        # Canonical order (device id): the aggregate does not depend on arrival order.
+        accepted = [st.accepted[d] for d in sorted(st.accepted)]
+        updates = [(u.params, u.num_examples) for u in accepted]
         if updates:
             agg = self.aggregate(updates)
             kind = UPDATE_KIND[self.plan.algorithm]
@@ -359,11 +362,7 @@ class Coordinator:
         else:
             log.warning("round %d: no update arrived before the deadline; model unchanged", round_)
         acc, loss = self.evaluator(self.weights) if self.evaluator else (float("nan"), float("nan"))
-        train_loss = (
-            float(np.mean([u.train_loss for u in st.accepted.values()]))
-            if updates
-            else float("nan")
-        )
+        train_loss = float(np.mean([u.train_loss for u in accepted])) if updates else float("nan")
         result = RoundResult(
             round=round_,
             selected=len(selected),
@@ -377,6 +376,7 @@ class Coordinator:
             seconds=time.monotonic() - t0,
             rejections=dict(st.rejections),
             virtual_seconds=virtual,
+            model_sha256=params_sha256({k: self.weights[k] for k in self.manifest.param_names}),
         )
         self.store.add_round(self.run, result)
         return result

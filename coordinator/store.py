@@ -16,7 +16,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS rounds (
     run TEXT, round INTEGER, selected INTEGER, accepted INTEGER, rejected INTEGER,
     bytes_up INTEGER, bytes_down INTEGER, accuracy REAL, loss REAL, train_loss REAL, seconds REAL,
-    virtual_seconds REAL,
+    virtual_seconds REAL, model_sha256 TEXT,
     PRIMARY KEY (run, round)
 );
 CREATE TABLE IF NOT EXISTS messages (
@@ -46,6 +46,7 @@ class RoundResult:
     seconds: float
     rejections: dict[str, int] = field(default_factory=dict)
     virtual_seconds: float | None = None  # with a clock: min(deadline, slowest arrival)
+    model_sha256: str = ""  # edge.codec.params_sha256 of the global model after the round
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,9 @@ class RunStore:
 
     def add_round(self, run: str, r: RoundResult) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (run, r.round, r.selected, r.accepted, r.rejected, r.bytes_up, r.bytes_down,
-             r.accuracy, r.loss, r.train_loss, r.seconds, r.virtual_seconds),
+             r.accuracy, r.loss, r.train_loss, r.seconds, r.virtual_seconds, r.model_sha256),
         )  # fmt: skip
         self.db.commit()
 

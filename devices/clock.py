@@ -13,7 +13,6 @@ times its data) and the base is measured on this machine once (``measure_seconds
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from edge.backends import load_backend
 from edge.codec import read_header
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, Received, publish_packet_bytes
+from edge.train import device_rng
 
 
 def examples_processed(algorithm: str, *, epochs: int, reported: int) -> int:
@@ -38,7 +38,7 @@ def hour_of_round(round_: int, *, start_hour: float, hours_per_round: float) -> 
 
 def uniform_draw(seed: int, device: str, round_: int) -> float:
     """A reproducible number in [0, 1) for (seed, device, round), independent of fleet order."""
-    return float(np.random.default_rng([seed, zlib.crc32(device.encode()), round_]).random())
+    return float(device_rng(seed, device, round_).random())
 
 
 def is_available(profile: DeviceProfile, draw: float, hour: int) -> bool:

@@ -16,7 +16,7 @@ from edge import wire
 from edge.backends.base import Backend
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, running
-from edge.train import LocalResult, fedavg, fedsgd
+from edge.train import LocalResult, device_rng, fedavg, fedsgd
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ class Device:
         return json.dumps(info, sort_keys=True).encode()
 
     def train(self, task: wire.Task) -> LocalResult:
-        """Run the task's local training on this device's data."""
-        rng = np.random.default_rng([self.seed, task.round])
+        """Run the task's local training on this device's data; randomness from (seed, id, round)."""
+        rng = device_rng(self.seed, self.device_id, task.round)
         if task.algorithm == "fedsgd":
             return fedsgd(self.backend, task.weights, self.x, self.y, task.batch_size, rng)
         return fedavg(

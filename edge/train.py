@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,12 @@ class LocalResult:
     num_examples: int
     train_loss: float
     used: np.ndarray  # indices into the device's data, in the order they were used
+
+
+def device_rng(seed: int, device: str, round_: int) -> np.random.Generator:
+    """The generator of ``device`` in round ``round_``: a function of (seed, CRC-32 of the id,
+    round) only, so it does not depend on fleet order, worker count or the Python process."""
+    return np.random.default_rng([seed, zlib.crc32(device.encode()), round_])
 
 
 def sgd_step(params: Params, grads: Params, lr: float) -> Params:

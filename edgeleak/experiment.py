@@ -71,7 +71,7 @@ def fleet_spec(
             f"d{i:04d}",
             shard,
             runtimes[i % len(runtimes)],
-            seed=cfg.seed * 100_003 + i,
+            seed=cfg.seed,  # Device.train draws from (seed, device id, round)
             profile=profiles[i] if profiles else "",
         )
         for i, shard in enumerate(shards)
@@ -259,6 +259,7 @@ def build_summary(
         "rejected",
         "seconds",
         "virtual_seconds",
+        "model_sha256",
     )
     return {
         "run": run,
