@@ -137,7 +137,7 @@ def _attack(args: argparse.Namespace) -> int:
         labels = f"labels {100 * r.label_accuracy:.0f}%" if r.label_accuracy is not None else ""
         print(
             f"round {r.round} {r.device} {r.attack}: {r.examples} examples {score} {labels} "
-            f"{r.seconds:.1f} s"
+            f"{r.seconds:.1f} s{' (budget hit: stopped early)' if r.budget_hit else ''}"
         )
     print(f"wrote reconstructions to {out} and the leakage table to {args.capture}/capture.db")
     return 0
@@ -213,7 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--attack", default="", help="comma-separated attacks, e.g. idlg,inverting_gradients"
     )
-    a.add_argument("--budget-s", type=float, default=30.0, help="seconds per attack and update")
+    a.add_argument(
+        "--budget-s",
+        type=float,
+        default=30.0,
+        help="cap in seconds per attack and update (schedules run on iterations)",
+    )
     a.add_argument("--max-updates", type=int, default=4)
     a.add_argument("--truth", help="the fleet's truth folder, to score reconstructions")
     a.add_argument("--dataset", default="fashion-mnist", help="the dataset the fleet trained on")
