@@ -59,7 +59,8 @@ class FleetSpec:
     workers: int = 2
     truth_dir: str | None = None  # where each worker writes which examples every update used
     realtime: bool = False  # hold each update for its device profile's round time
-    base_seconds_per_example: float = 0.0  # this machine's compute speed (real-time mode)
+    flops_per_example: float = 0.0  # the model's training cost (real-time mode)
+    speed_scale: float = 1.0  # profile speeds relative to as cited (devices.clock)
 
 
 # Seconds after a task's arrival before the device's update may be published.
@@ -254,7 +255,8 @@ def _realtime_hold(spec: FleetSpec, shard: list[DeviceSpec]) -> HoldFn | None:
             task,
             out.topic,
             out.payload,
-            base_seconds_per_example=spec.base_seconds_per_example,
+            flops_per_example=spec.flops_per_example,
+            speed_scale=spec.speed_scale,
         )
 
     return hold

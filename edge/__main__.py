@@ -4,7 +4,8 @@ safetensors), as a deployment bundle's ``start.sh`` runs it on a Raspberry Pi or
     python -m edge --broker mqtt://HOST:PORT --data shard.npz --model model/ --run RUN --id ID
                    [--runtime onnx] [--profile rpi4] [--seed 0] [--config config.json]
 
-``--config`` reads the same settings from a JSON object (paths relative to its folder); flags
+``python -m edge calibrate --model model/`` measures this device's training throughput instead
+(``edge.calibrate``). ``--config`` reads the same settings from a JSON object (paths relative to its folder); flags
 given on the command line override it.
 """
 
@@ -60,6 +61,12 @@ def settings(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "calibrate":
+        from edge.calibrate import main as calibrate
+
+        return calibrate(argv[1:])
     import edge
     from edge.backends import load_backend
     from edge.data import load_shard

@@ -37,7 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _device(rest: list[str]) -> int:
-    """``device bundle ...``, ``device deploy ...``, else run one device (``python -m edge``)."""
+    """``device bundle|deploy|calibrate ...``, else run one device (``python -m edge``)."""
     if rest and rest[0] in ("bundle", "deploy"):
         sub = _device_tools_parser().parse_args(rest)
         return int(sub.func(sub))
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "device", add_help=False,
         help="run one device (flags of `python -m edge`: --broker --data --model --run --id "
-        "[--runtime --profile --seed --config]), or `device bundle ...` / `device deploy ...`",
+        "[--runtime --profile --seed --config]), or `device bundle ...` / `device deploy ...` / `device calibrate --model DIR`",
     )  # fmt: skip
     v.add_argument("rest", nargs=argparse.REMAINDER)  # dispatched in main(): see _device
 

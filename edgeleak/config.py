@@ -17,6 +17,7 @@ DATASETS = ("fashion-mnist", "mnist-digits")
 PARTITIONS = ("iid", "dirichlet")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
 CLOCKS = ("none", "virtual", "real")
+CLOCK_BASES = ("flops", "host")
 MALICIOUS = ("none", "imprint")
 
 
@@ -44,6 +45,7 @@ class ExperimentConfig:
     clock: str = (
         "none"  # none | virtual (profiles drive deadlines, no waiting) | real (devices wait)
     )
+    clock_base: str = "flops"  # flops: model FLOPs / profile throughput | host: scaled to this host
     profiles: str = ""  # comma-separated device profiles, round-robin; empty: all of them
     attack: str = ""  # comma-separated attacks run by an eavesdropper on the run's traffic
     attack_budget_s: float = 30.0  # seconds per attack and update
@@ -66,6 +68,7 @@ class ExperimentConfig:
         for r in self.runtimes:
             _choice("runtime", r, RUNTIMES)
         _choice("clock", self.clock, CLOCKS)
+        _choice("clock_base", self.clock_base, CLOCK_BASES)
         for name in self.profile_names:
             _choice("profiles", name, PROFILES)
         for name in self.attacks:

@@ -17,7 +17,7 @@ from attacks.intercept import CaptureStore, Eavesdropper
 from coordinator.evaluate import evaluate
 from coordinator.server import Coordinator, RoundClock, RoundPlan, Tamper
 from coordinator.store import RoundResult, RunStore
-from devices.clock import VirtualClock, assign_profiles, measure_seconds_per_example
+from devices.clock import VirtualClock, assign_profiles, host_speed_scale
 from devices.datasets import load_dataset
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.partition import partition
@@ -77,7 +77,6 @@ def fleet_spec(
         for i, shard in enumerate(shards)
     )
     realtime = cfg.clock == "real"
-    base = measure_seconds_per_example(artifact) if realtime else 0.0
     return FleetSpec(
         run,
         broker.url,
@@ -87,20 +86,29 @@ def fleet_spec(
         cfg.workers,
         str(truth_dir) if truth_dir else None,
         realtime=realtime,
-        base_seconds_per_example=base,
+        flops_per_example=artifact.manifest.flops_per_example,
+        speed_scale=speed_scale(cfg, artifact) if realtime else 1.0,
     )
+
+
+def speed_scale(cfg: ExperimentConfig, artifact: ModelArtifact) -> float:
+    """1 with ``clock_base="flops"`` (profiles as cited, any host alike); this host's measured
+    speed over the profiles' reference core with ``clock_base="host"``."""
+    return host_speed_scale(artifact) if cfg.clock_base == "host" else 1.0
 
 
 def virtual_clock(
     cfg: ExperimentConfig, spec: FleetSpec, artifact: ModelArtifact
 ) -> RoundClock | None:
-    """With ``clock=virtual``: deadlines and stragglers from the devices' profiles."""
+    """With ``clock=virtual``: deadlines and stragglers from the devices' profiles and the
+    model's FLOPs per example (host-independent unless ``clock_base="host"``)."""
     if cfg.clock != "virtual":
         return None
     return VirtualClock.from_names(
         {d.device_id: d.profile for d in spec.devices},
-        base_seconds_per_example=measure_seconds_per_example(artifact),
+        flops_per_example=artifact.manifest.flops_per_example,
         seed=cfg.seed,
+        speed_scale=speed_scale(cfg, artifact),
     )
 
 
@@ -272,6 +280,7 @@ def build_summary(
         "dataset": cfg.dataset,
         "algorithm": cfg.algorithm,
         "clock": cfg.clock,
+        "flops_per_example": artifact.manifest.flops_per_example,
         "bytes_up": store.ledger_bytes(run, direction="up"),
         "bytes_down": store.ledger_bytes(run, direction="down"),
         "final_accuracy": results[-1].accuracy if results else None,
