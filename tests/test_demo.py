@@ -36,6 +36,8 @@ def test_demo_writes_run_db_summary_and_plot(tmp_path: Path) -> None:
             "1",
             "--fraction",
             "1.0",
+            "--deadline-s",
+            "3600",  # a safety net: the round ends when all 3 answered, however busy the host
         ],
         capture_output=True,
         text=True,

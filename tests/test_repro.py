@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +18,7 @@ from edge.codec import params_sha256
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress
 from edge.train import device_rng
+from export.flops import training_flops_per_example
 from tests.fedutil import contiguous_shards, fleet
 
 
@@ -67,3 +71,28 @@ def test_params_sha256_sees_one_bit() -> None:
     flipped.view(np.uint32)[0] ^= 1
     assert params_sha256({"a": w["a"], "b": flipped}) != h
     assert params_sha256({"b": w["b"], "a": w["a"]}) != h  # order is part of the layout
+
+
+def test_flops_per_example_counted_from_the_exported_graph(lenet_artifact: ModelArtifact) -> None:
+    # LeNet MACs per example: conv1 6*28*28*25 + conv2 16*10*10*150 + fc 400*120 + 120*84 + 84*10
+    # = 416,520; forward 2x, training 3x forward.
+    assert lenet_artifact.manifest.flops_per_example == 416_520 * 2 * 3 == 2_499_120
+    assert training_flops_per_example(lenet_artifact.path("onnx_infer")) == 2_499_120
+
+
+def test_device_calibrate_prints_a_profile_entry(lenet_artifact: ModelArtifact) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeleak.cli", "device", "calibrate", "--model",
+         str(lenet_artifact.folder), "--steps", "3", "--batch-size", "8"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    entry = json.loads(proc.stdout)["train_gflops"]
+    assert entry["value"] > 0 and entry["estimate"] is False
+    assert "2,499,120 FLOPs per training example" in entry["source"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "edge", "calibrate", "--model", str(lenet_artifact.folder),
+         "--steps", "0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
