@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -13,6 +14,7 @@ import numpy as np
 
 from coordinator.server import Coordinator, RoundPlan
 from coordinator.store import RunStore
+from devices.deploy import build_bundle
 from devices.fleet import Fleet
 from edge.codec import params_sha256
 from edge.manifest import ModelArtifact
@@ -80,7 +82,9 @@ def test_flops_per_example_counted_from_the_exported_graph(lenet_artifact: Model
     assert training_flops_per_example(lenet_artifact.path("onnx_infer")) == 2_499_120
 
 
-def test_device_calibrate_prints_a_profile_entry(lenet_artifact: ModelArtifact) -> None:
+def test_device_calibrate_prints_a_profile_entry(
+    lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "edgeleak.cli", "device", "calibrate", "--model",
          str(lenet_artifact.folder), "--steps", "3", "--batch-size", "8"],
@@ -90,9 +94,14 @@ def test_device_calibrate_prints_a_profile_entry(lenet_artifact: ModelArtifact) 
     entry = json.loads(proc.stdout)["train_gflops"]
     assert entry["value"] > 0 and entry["estimate"] is False
     assert "2,499,120 FLOPs per training example" in entry["source"]
-    bad = subprocess.run(
-        [sys.executable, "-m", "edge", "calibrate", "--model", str(lenet_artifact.folder),
-         "--steps", "0"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    # From a deployment bundle, as on the device (torch-free edge/ copied into it).
+    bundle = build_bundle(tmp_path / "b", model_dir=lenet_artifact.folder, runtime="onnx",
+                          profile="rpi4")  # fmt: skip
+    env = {**os.environ, "EDGELEAK_PYTHON": sys.executable, "PYTHONPATH": ""}
+    ok = subprocess.run([str(bundle / "start.sh"), "calibrate", "--steps", "2"], env=env,
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout)["train_gflops"]["value"] > 0
+    bad = subprocess.run([str(bundle / "start.sh"), "calibrate", "--steps", "0"], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
