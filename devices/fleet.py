@@ -21,6 +21,7 @@ import os
 import queue
 import resource
 import selectors
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,6 +203,8 @@ def _flush(loop: SelectorLoop, clients: list[mqtt.Client], timeout: float) -> No
 
 
 def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the parent ends the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
     from devices.datasets import load_dataset
 
@@ -317,9 +320,10 @@ class Fleet:
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
 
-    def __exit__(self, *exc: object) -> None:
-        for p in self.procs:
-            p.join(timeout=30)
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:  # the run ended: workers leave on its `end`
+            for p in self.procs:
+                p.join(timeout=30)
         for p in self.procs:
             if p.is_alive():
                 p.terminate()

@@ -5,7 +5,8 @@ safetensors), as a deployment bundle's ``start.sh`` runs it on a Raspberry Pi or
                    [--runtime onnx] [--profile rpi4] [--seed 0] [--config config.json]
 
 ``--config`` reads the same settings from a JSON object (paths relative to its folder); flags
-given on the command line override it.
+given on the command line override it. Bad input (a missing or corrupt shard, a model folder
+without a valid manifest, an unknown runtime) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,33 +16,71 @@ import json
 import platform
 import socket
 import sys
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edge.args import OneLineParser
+
+if TYPE_CHECKING:
+    from edge.device import Device
+    from edge.mqtt import BrokerAddress
 
 SETTINGS = ("broker", "data", "model", "run", "id", "runtime", "profile", "seed")
 PATHS = ("data", "model")
+PROG = "python -m edge"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edge", description="run one edgeleak device")
+class SetupError(ValueError):
+    """A device cannot start with these settings; the message says what was expected."""
+
+
+def build_parser(
+    prog: str = PROG, *, epilog: str | None = None, profiles: Sequence[str] = ()
+) -> argparse.ArgumentParser:
+    """The device's flags; ``profiles`` (when given) are the names ``--profile`` accepts."""
+    from edge.backends import RUNTIMES
+
+    p = OneLineParser(
+        prog=prog,
+        description="Run one edgeleak device: train on its own data shard when the coordinator "
+        "sends a task, and send the update back over MQTT until the run ends.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="JSON object with any of the settings below")
     p.add_argument("--broker", help="mqtt://HOST:PORT (mqtt311:// for an MQTT 3.1.1 broker)")
     p.add_argument("--data", help=".npz with x (N,C,H,W float32) and y (N int64)")
-    p.add_argument("--model", help="model folder with manifest.json")
+    p.add_argument("--model", help="model folder with manifest.json (`edgeleak export`)")
     p.add_argument("--run", help="run id the coordinator uses")
     p.add_argument("--id", help="this device's id, its MQTT client id (default: host name)")
-    p.add_argument("--runtime", default="onnx", help="onnx, executorch or torch")
-    p.add_argument("--profile", default="", help="device profile name it announces (e.g. rpi4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--runtime", default="onnx", choices=RUNTIMES, help=f"one of {', '.join(RUNTIMES)}"
+    )
+    known = f": one of {', '.join(profiles)}" if profiles else " (e.g. rpi4)"
+    p.add_argument(
+        "--profile", default="", choices=("", *profiles) if profiles else None,
+        help=f"device profile name it announces{known}",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of local shuffling (default 0)")
     return p
 
 
-def settings(argv: list[str] | None = None) -> argparse.Namespace:
+def settings(
+    argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
     """Command line over config file over defaults; exits naming any missing setting."""
-    parser = build_parser()
+    parser = parser or build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
         path = Path(first.config).absolute()
-        cfg = json.loads(path.read_text())
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            parser.error(f"--config {first.config}: expected a readable JSON object ({e})")
+        if not isinstance(cfg, dict):
+            parser.error(f"--config {first.config}: expected a JSON object of settings")
         unknown = set(cfg) - set(SETTINGS)
         if unknown:
             parser.error(
@@ -59,27 +98,58 @@ def settings(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    import edge
+def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
+    """Load and check the shard, the model and the runtime; ``SetupError`` says what is wrong."""
     from edge.backends import load_backend
-    from edge.data import load_shard
-    from edge.device import Device, run_device
+    from edge.data import check_fits, load_shard
+    from edge.device import Device
     from edge.manifest import ModelArtifact
     from edge.mqtt import parse_broker_url
 
-    args = settings(argv)
-    x, y = load_shard(args.data)
-    artifact = ModelArtifact.load(args.model)
-    backend = load_backend(args.runtime, artifact)
+    try:
+        broker = parse_broker_url(args.broker)
+        x, y = load_shard(args.data)
+        artifact = ModelArtifact.load(args.model)
+        check_fits(x, y, artifact.manifest, where=str(args.data))
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise SetupError(str(e)) from None
+    try:
+        backend = load_backend(args.runtime, artifact)
+    except (ImportError, OSError, RuntimeError, ValueError) as e:
+        raise SetupError(f"runtime {args.runtime}: {e}") from None
     device = Device(
         args.id, args.run, artifact, backend, x, y, seed=args.seed, profile=args.profile
     )
+    return device, broker
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    prog: str = PROG,
+    epilog: str | None = None,
+    profiles: Sequence[str] = (),
+) -> int:
+    import edge
+    from edge.device import run_device
+
+    args = settings(argv, build_parser(prog, epilog=epilog, profiles=profiles))
+    try:
+        device, broker = prepare(args)
+    except SetupError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
     print(
-        f"device {args.id}: {len(x)} examples, runtime {args.runtime}, {platform.machine()}, "
-        f"run {args.run}, broker {args.broker}, edge from {Path(edge.__file__).parent}",
+        f"device {args.id}: {len(device.y)} examples, runtime {args.runtime}, "
+        f"{platform.machine()}, run {args.run}, broker {args.broker}, "
+        f"edge from {Path(edge.__file__).parent}",
         flush=True,
     )
-    run_device(device, parse_broker_url(args.broker))
+    try:
+        run_device(device, broker)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted after {device.rounds_done} updates", file=sys.stderr)
+        return 130
     print(f"device {args.id}: run ended after {device.rounds_done} updates", flush=True)
     return 0
 

@@ -94,7 +94,10 @@ def local_broker(
             conf = Path(tmp) / "amqtt.yaml"
             conf.write_text(AMQTT_CONF.format(port=port))
             cmd = [sys.executable, "-m", "edgeleak.amqtt_main", str(conf)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own process group: Ctrl-C in the terminal does not reach it; the block stops it.
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0
+        )
         try:
             _wait_listening(port, proc, 15, use)
             # amqtt 0.12 speaks MQTT 3.1.1 only.

@@ -8,16 +8,62 @@ from pathlib import Path
 from typing import Any
 
 from attacks.registry import ATTACK_NAMES
+from coordinator.aggregate import AGGREGATORS as _AGGREGATORS
+from devices.datasets import DATASETS
+from devices.partition import SCHEMES as PARTITIONS
 from devices.profiles import PROFILES
 from edge.backends import RUNTIMES
 from edge.wire import ALGORITHMS, CODECS
+from export.names import MODELS
 
-MODELS = ("mlp", "lenet_zhu", "lenet", "convnet")
-DATASETS = ("fashion-mnist", "mnist-digits")
-PARTITIONS = ("iid", "dirichlet")
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
+AGGREGATORS = tuple(_AGGREGATORS)
 CLOCKS = ("none", "virtual", "real")
 MALICIOUS = ("none", "imprint")
+
+
+# Fields whose values come from a registry (comma-separated lists for runtime, profiles, attack).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model": MODELS,
+    "dataset": DATASETS,
+    "partition": PARTITIONS,
+    "algorithm": ALGORITHMS,
+    "aggregator": AGGREGATORS,
+    "codec": tuple(CODECS),
+    "runtime": RUNTIMES,
+    "clock": CLOCKS,
+    "profiles": PROFILES,
+    "attack": ATTACK_NAMES,
+    "malicious": MALICIOUS,
+}
+
+# One line per field for ``edgeleak demo --help`` (a test checks that every field has one).
+FIELD_HELP: dict[str, str] = {
+    "devices": "number of emulated devices",
+    "rounds": "federated rounds to run",
+    "model": "zoo model the devices train",
+    "dataset": "offline dataset the devices' shards come from",
+    "partition": "how examples are split over devices",
+    "alpha": "Dirichlet concentration (partition dirichlet; smaller is more skewed)",
+    "algorithm": "fedsgd (one gradient per round) or fedavg (local epochs, weight delta)",
+    "lr": "device learning rate",
+    "epochs": "local epochs per round (fedavg)",
+    "batch_size": "local batch size (0: the whole shard)",
+    "fraction": "fraction of devices selected per round, in (0, 1]",
+    "server_lr": "server learning rate applied to the aggregate",
+    "aggregator": "how the coordinator combines updates",
+    "codec": "tensor encoding of tasks and updates on the wire",
+    "runtime": "device runtime, or a comma-separated mix assigned round-robin",
+    "clock": "none; virtual (profiles set round times, no waiting); real (devices wait)",
+    "profiles": "comma-separated device profiles, round-robin (empty: all of them)",
+    "attack": "comma-separated attacks an eavesdropper runs on the run's traffic",
+    "attack_budget_s": "seconds per attack and intercepted update",
+    "attack_max": "number of intercepted updates attacked",
+    "malicious": "imprint: a dishonest coordinator plants an imprint in the shipped weights",
+    "imprint_bins": "imprint bins (malicious imprint)",
+    "workers": "fleet worker processes",
+    "deadline_s": "seconds a round waits for updates",
+    "seed": "seed of partition, initial weights and selection",
+}
 
 
 class ConfigError(ValueError):
@@ -131,6 +177,9 @@ class ExperimentConfig:
             d = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not JSON ({e})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{path}: cannot read it ({why}); expected a JSON file") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object of config fields")
         return cls.from_dict(d)

@@ -27,6 +27,7 @@ from edge.mqtt import BrokerAddress, parse_broker_url
 from edgeleak.broker import local_broker
 from edgeleak.config import ExperimentConfig
 from edgeleak.leak import attack_captures, fleet_truth
+from edgeleak.report import SUMMARY_UNITS, software_versions
 
 
 @dataclass(frozen=True)
@@ -278,4 +279,6 @@ def build_summary(
         "rejections": store.rejection_counts(run),
         "config": cfg.to_dict(),
         "rounds": [{k: getattr(r, k) for k in keys} for r in results],
+        "units": SUMMARY_UNITS,
+        "versions": software_versions(),
     }
