@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-LEAK_COLUMNS = ("round", "device", "attack", "examples", "PSNR (dB)", "SSIM", "labels", "seconds")
+LEAK_COLUMNS = ("round", "device", "attack", "images", "PSNR dB", "SSIM", "labels", "time s")
 
 
 def cumulative_mb(rounds: Sequence[Mapping[str, Any]]) -> list[float]:
@@ -64,9 +64,12 @@ def leak_table(rows: Sequence[Mapping[str, Any]]) -> Any:
     """A rich table: one line per attack on one intercepted update (scores need the truth)."""
     from rich.table import Table
 
-    table = Table(title="leakage of intercepted updates")
+    from rich import box
+
+    table = Table(title="leakage of intercepted updates", box=box.MINIMAL_HEAVY_HEAD, show_edge=False)
     for c in LEAK_COLUMNS:
-        table.add_column(c, justify="left" if c in ("device", "attack") else "right")
+        text = c in ("device", "attack")
+        table.add_column(c, justify="left" if text else "right", no_wrap=True)
     for r in rows:
         labels = r.get("label_accuracy")
         table.add_row(
@@ -77,10 +80,16 @@ def leak_table(rows: Sequence[Mapping[str, Any]]) -> Any:
     return table
 
 
-def print_leak_table(rows: Sequence[Mapping[str, Any]]) -> None:
+def _console() -> Any:
+    """A rich console: the terminal's width, or 120 columns when output goes to a file or pipe."""
     from rich.console import Console
 
-    Console().print(leak_table(rows))
+    con = Console()
+    return con if con.is_terminal else Console(width=120)
+
+
+def print_leak_table(rows: Sequence[Mapping[str, Any]]) -> None:
+    _console().print(leak_table(rows))
 
 
 def _query(db: sqlite3.Connection, sql: str, *params: object) -> list[sqlite3.Row]:
@@ -92,7 +101,6 @@ def _query(db: sqlite3.Connection, sql: str, *params: object) -> list[sqlite3.Ro
 
 def show_run(path: Path, *, run: str | None = None) -> None:
     """Print a run's rounds, totals, rejections and leakage from its ``run.db``."""
-    from rich.console import Console
     from rich.table import Table
 
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -107,7 +115,7 @@ def show_run(path: Path, *, run: str | None = None) -> None:
     info = runs[-1]
     name = info["run"]
     cfg = json.loads(info["config"] or "{}")
-    con = Console()
+    con = _console()
     con.print(
         f"run {name}: {info['devices']} devices, model {info['model']}, runtime "
         f"{info['runtime']}, {cfg.get('algorithm', '?')}, {cfg.get('dataset', '?')}, "
