@@ -20,6 +20,7 @@ def _show(ax: Axes, image: np.ndarray | None) -> None:
     ax.set_yticks([])
     if image is None:
         ax.set_facecolor("#dddddd")
+        ax.set_box_aspect(1)
         return
     pixels = np.clip(image, 0, 1)
     if pixels.shape[0] == 1:

@@ -62,11 +62,12 @@ def _fmt(value: Any, spec: str) -> str:
 
 def leak_table(rows: Sequence[Mapping[str, Any]]) -> Any:
     """A rich table: one line per attack on one intercepted update (scores need the truth)."""
+    from rich import box
     from rich.table import Table
 
-    from rich import box
-
-    table = Table(title="leakage of intercepted updates", box=box.MINIMAL_HEAVY_HEAD, show_edge=False)
+    table = Table(
+        title="leakage of intercepted updates", box=box.MINIMAL_HEAVY_HEAD, show_edge=False
+    )
     for c in LEAK_COLUMNS:
         text = c in ("device", "attack")
         table.add_column(c, justify="left" if text else "right", no_wrap=True)

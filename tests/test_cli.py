@@ -125,8 +125,17 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
         ),
         (["attack", "--capture", "c", "--model", model], "nothing to do: give --attack"),
         (
-            ["attack", "--broker", f"mqtt://127.0.0.1:{closed}", "--run", "r", "--capture", "c",
-             "--model", model],
+            [
+                "attack",
+                "--broker",
+                f"mqtt://127.0.0.1:{closed}",
+                "--run",
+                "r",
+                "--capture",
+                "c",
+                "--model",
+                model,
+            ],
             "is not reachable",
         ),  # fmt: skip
         (["show", "nowhere"], "nowhere: no run.db there"),
