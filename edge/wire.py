@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -31,6 +32,16 @@ ALGORITHMS = ("fedsgd", "fedavg")
 UPDATE_KINDS = ("gradient", "delta")
 # MQTT caps a packet at 268,435,455 bytes; brokers usually allow far less. Checked before publish.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+NONCE_HEX = 24  # a nonce is 12 random bytes as lowercase hex
+_NONCE = re.compile(f"[0-9a-f]{{{NONCE_HEX}}}")
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
+# Bounds every decoded message obeys (``bad_field`` outside them); devices and the coordinator
+# apply their own, tighter, configured limits on top (``over_limit``, ``bad_examples``).
+MAX_INT = 2**53  # round, n: exact in float64, so no aggregation can overflow
+MAX_LR = 1e3
+MAX_DEADLINE_S = 7 * 24 * 3600.0
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 2**31 - 1
 
 Params = dict[str, np.ndarray]
 
@@ -218,26 +229,46 @@ def _field(meta: Mapping[str, str], key: str) -> str:
     return meta[key]
 
 
-def _int(meta: Mapping[str, str], key: str, lo: int = 0) -> int:
+def _int(meta: Mapping[str, str], key: str, lo: int = 0, hi: int = MAX_INT) -> int:
     raw = _field(meta, key)
-    try:
-        v = int(raw)
-    except ValueError:
-        raise WireError("bad_field", f"{key}={raw!r} is not an integer") from None
-    if v < lo:
-        raise WireError("bad_field", f"{key}={v} is below {lo}")
+    if not _INTEGER.fullmatch(raw):
+        raise WireError("bad_field", f"{key}={raw[:40]!r} is not a decimal integer")
+    v = int(raw)
+    if not lo <= v <= hi:
+        raise WireError("bad_field", f"{key}={v} is outside [{lo}, {hi}]")
     return v
 
 
-def _float(meta: Mapping[str, str], key: str, *, allow_nan: bool = False) -> float:
+def _float(
+    meta: Mapping[str, str],
+    key: str,
+    *,
+    allow_nan: bool = False,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+) -> float:
+    """A finite number (or NaN if allowed) in ``(lo, hi]``."""
     raw = _field(meta, key)
     try:
         v = float(raw)
     except ValueError:
-        raise WireError("bad_field", f"{key}={raw!r} is not a number") from None
-    if not math.isfinite(v) and not (allow_nan and math.isnan(v)):
-        raise WireError("bad_field", f"{key}={raw!r} is not finite")
+        raise WireError("bad_field", f"{key}={raw[:40]!r} is not a number") from None
+    if allow_nan and math.isnan(v):
+        return v
+    if not math.isfinite(v):
+        raise WireError("bad_field", f"{key}={raw[:40]!r} is not finite")
+    if not lo < v <= hi:
+        raise WireError("bad_field", f"{key}={v!r} is outside ({lo}, {hi}]")
     return v
+
+
+def _nonce(meta: Mapping[str, str]) -> str:
+    raw = _field(meta, "nonce")
+    if not _NONCE.fullmatch(raw):
+        raise WireError(
+            "bad_nonce", f"nonce {raw[:40]!r} ({len(raw)} chars); expected {NONCE_HEX} hex digits"
+        )
+    return raw
 
 
 def _choice(meta: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str:
@@ -269,6 +300,21 @@ def _open(
     return tensors, meta
 
 
+def _bounded(tensors: Mapping[str, np.ndarray], manifest: Manifest) -> None:
+    """Any codec's wire tensors: at most 4 per parameter tensor, none with more
+    elements than the whole model (checked before a codec decodes or allocates anything)."""
+    if len(tensors) > 4 * len(manifest.params):
+        raise WireError(
+            "bad_params", f"{len(tensors)} tensors for a model of {len(manifest.params)} parameters"
+        )
+    limit = manifest.num_parameters
+    for name, t in tensors.items():
+        if t.size > limit:
+            raise WireError(
+                "bad_shape", f"{name[:60]}: {t.size} elements > the model's {limit} parameters"
+            )
+
+
 def _finite(params: Params) -> None:
     for name, arr in params.items():
         if not np.isfinite(arr).all():
@@ -281,6 +327,7 @@ def _open_params(
     """Open a message and decode its finite parameters with the codec it names."""
     tensors, meta = _open(buf, expected_type, max_bytes)
     codec = get_codec(_field(meta, "codec"))
+    _bounded(tensors, manifest)
     params = codec.decode(tensors, manifest)
     _finite(params)
     return params, meta, codec
@@ -294,14 +341,14 @@ def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_
         round=_int(meta, "round"),
         device=_field(meta, "device"),
         algorithm=_choice(meta, "algorithm", ALGORITHMS),
-        lr=_float(meta, "lr"),
-        epochs=_int(meta, "epochs", 1),
-        batch_size=_int(meta, "batch_size", 0),
+        lr=_float(meta, "lr", lo=0.0, hi=MAX_LR),
+        epochs=_int(meta, "epochs", 1, MAX_EPOCHS),
+        batch_size=_int(meta, "batch_size", 0, MAX_BATCH_SIZE),
         model_hash=_field(meta, "model"),
         weights=weights,
-        deadline_s=_float(meta, "deadline_s"),
+        deadline_s=_float(meta, "deadline_s", lo=0.0, hi=MAX_DEADLINE_S),
         codec=codec.name,
-        nonce=_field(meta, "nonce"),
+        nonce=_nonce(meta),
     )
 
 
@@ -319,5 +366,5 @@ def decode_update(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAG
         runtime=_field(meta, "runtime"),
         codec=codec.name,
         defence=_field(meta, "defence"),
-        nonce=_field(meta, "nonce"),
+        nonce=_nonce(meta),
     )
