@@ -28,6 +28,9 @@ Evaluator = Callable[[Params], tuple[float, float]]
 # A dishonest coordinator: (round, global weights) -> the weights it actually ships.
 Tamper = Callable[[int, Params], Params]
 UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
+# Nonces of accepted updates are kept for the current round and this many before it; an older
+# update is a stale_round whatever its nonce.
+NONCE_ROUNDS = 2
 
 
 class RoundClock(Protocol):
@@ -52,6 +55,9 @@ class RoundPlan:
     server_lr: float = 1.0
     aggregator: str = "mean"
     codec: str = "f32"
+    max_examples: int = (
+        100_000  # an update's n above this (or above the device's status) is refused
+    )
 
 
 @dataclass
@@ -60,9 +66,15 @@ class _RoundState:
     selected: set[str]
     accepted: dict[str, wire.Update] = field(default_factory=dict)
     rejections: dict[str, int] = field(default_factory=dict)
-    bytes_up: int = 0
+    bytes_up: int = 0  # accepted updates only
+    bytes_rejected: int = 0  # rejected messages on the update and status topics
+    lost: set[str] = field(default_factory=set)  # selected devices that went offline
     down: dict[str, int] = field(default_factory=dict)  # packet bytes of each device's task
     up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
+
+    def waiting(self) -> bool:
+        """Whether a selected device that is still connected has not answered yet."""
+        return len(self.accepted) + len(self.lost - set(self.accepted)) < len(self.selected)
 
 
 class Coordinator:
@@ -104,7 +116,8 @@ class Coordinator:
         self.collect_timeout_s = collect_timeout_s
         self.weights: Params = weights if weights is not None else artifact.initial_params()
         self.online: dict[str, dict[str, object]] = {}
-        self.nonces: set[str] = set()
+        self.announced: dict[str, int] = {}  # examples each device last said it holds
+        self.nonces: dict[int, set[str]] = {}  # round -> nonces of its accepted updates
         self.round = 0
         self._state: _RoundState | None = None
         self._inbox: queue.Queue[Received] = queue.Queue()
@@ -164,7 +177,10 @@ class Coordinator:
                 return
 
     def _ledger(self, msg: Received, device: str, kind: str) -> int:
+        """Record an incoming message; ``kind`` "rejected" keeps it apart from device traffic."""
         size = msg.packet_bytes
+        if kind == "rejected" and self._state is not None:
+            self._state.bytes_rejected += size
         self.store.add_messages(
             [
                 MessageRow(
@@ -192,35 +208,43 @@ class Coordinator:
         if channel == "status":
             self._on_status(msg, device)
         elif channel == "update":
-            size = self._ledger(msg, device, "update")
-            if self._state is not None:
-                self._state.bytes_up += size
             try:
                 update = self._validate(msg, device)
             except wire.WireError as e:
+                self._ledger(msg, device, "rejected")
                 self._reject(msg.topic, device, e)
                 return
-            assert self._state is not None
-            self._state.accepted[device] = update
-            self._state.up[device] = size
+            st = self._state
+            assert st is not None
+            size = self._ledger(msg, device, "update")
+            st.bytes_up += size
+            st.accepted[device] = update
+            st.up[device] = size
+            self.nonces.setdefault(st.round, set()).add(update.nonce)
 
     def _on_status(self, msg: Received, device: str) -> None:
-        if not msg.retain:
-            self._ledger(msg, device, "status")
         try:
             status = json.loads(msg.payload)
             state = status["state"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+            if not msg.retain:
+                self._ledger(msg, device, "rejected")
             self._reject(
                 msg.topic,
                 device,
                 wire.WireError("bad_status", msg.payload[:60].decode(errors="replace")),
             )
             return
+        if not msg.retain:
+            self._ledger(msg, device, "status")
         if state == "online":
             self.online[device] = status
+            examples = status.get("examples")
+            self.announced[device] = examples if type(examples) is int and examples > 0 else 0
         else:
             self.online.pop(device, None)
+            if self._state is not None and device in self._state.selected:
+                self._state.lost.add(device)
 
     def _validate(self, msg: Received, device: str) -> wire.Update:
         update = wire.decode_update(msg.payload, self.manifest)
@@ -231,19 +255,25 @@ class Coordinator:
             raise wire.WireError(
                 "device_mismatch", f"metadata says {update.device!r}, topic {device!r}"
             )
-        if update.nonce in self.nonces:
-            raise wire.WireError("replayed_nonce", update.nonce)
-        self.nonces.add(update.nonce)
         if st is None or update.round < st.round:
             raise wire.WireError("stale_round", f"round {update.round}, current {self.round}")
         if update.round > st.round:
             raise wire.WireError("future_round", f"round {update.round}, current {st.round}")
         if device not in st.selected:
             raise wire.WireError("not_selected", f"{device} was not selected in round {st.round}")
+        if any(update.nonce in seen for seen in self.nonces.values()):
+            raise wire.WireError("replayed_nonce", update.nonce)
         if device in st.accepted:
             raise wire.WireError("duplicate", f"{device} already answered round {st.round}")
         if update.kind != UPDATE_KIND[self.plan.algorithm]:
             raise wire.WireError("bad_kind", f"{update.kind!r} in a {self.plan.algorithm} round")
+        limit = min(self.announced.get(device, 0), self.plan.max_examples)
+        if update.num_examples > limit:
+            raise wire.WireError(
+                "bad_examples",
+                f"n={update.num_examples} > {limit} (the device announced "
+                f"{self.announced.get(device, 0)}, max_examples {self.plan.max_examples})",
+            )
         return update
 
     def _reject(self, topic: str, device: str, err: wire.WireError) -> None:
@@ -343,10 +373,11 @@ class Coordinator:
         selected = self.select(round_)
         st = _RoundState(round_, set(selected))
         self._state = st
+        self.nonces = {r: n for r, n in self.nonces.items() if r >= round_ - NONCE_ROUNDS}
         sent = self.tamper(round_, self.weights) if self.tamper else self.weights
         bytes_down = self.broadcast(selected, sent)
         deadline = t0 + (self.collect_timeout_s if self.clock is not None else self.plan.deadline_s)
-        while len(st.accepted) < len(selected) and time.monotonic() < deadline:
+        while st.waiting() and time.monotonic() < deadline:
             self.poll(0.05)
         virtual = self._drop_stragglers(st) if self.clock is not None else None
         self._state = None
@@ -377,6 +408,7 @@ class Coordinator:
             seconds=time.monotonic() - t0,
             rejections=dict(st.rejections),
             virtual_seconds=virtual,
+            bytes_rejected=st.bytes_rejected,
         )
         self.store.add_round(self.run, result)
         return result

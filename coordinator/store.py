@@ -16,7 +16,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS rounds (
     run TEXT, round INTEGER, selected INTEGER, accepted INTEGER, rejected INTEGER,
     bytes_up INTEGER, bytes_down INTEGER, accuracy REAL, loss REAL, train_loss REAL, seconds REAL,
-    virtual_seconds REAL,
+    virtual_seconds REAL, bytes_rejected INTEGER,
     PRIMARY KEY (run, round)
 );
 CREATE TABLE IF NOT EXISTS messages (
@@ -46,6 +46,7 @@ class RoundResult:
     seconds: float
     rejections: dict[str, int] = field(default_factory=dict)
     virtual_seconds: float | None = None  # with a clock: min(deadline, slowest arrival)
+    bytes_rejected: int = 0  # packet bytes of rejected messages (not counted in bytes_up)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class MessageRow:
     device: str
     topic: str
     direction: str  # "up" (device -> broker) or "down" (broker -> device)
-    kind: str  # "task", "update", "status", "control"
+    kind: str  # "task", "update", "status", "control"; "rejected": refused incoming traffic
     bytes: int
     payload_bytes: int
     t: float
@@ -73,6 +74,9 @@ class RunStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; no fsync per row
         self.db.executescript(SCHEMA)
+        cols = {row[1] for row in self.db.execute("PRAGMA table_info(rounds)")}
+        if "bytes_rejected" not in cols:  # a run.db written before the column existed
+            self.db.execute("ALTER TABLE rounds ADD COLUMN bytes_rejected INTEGER")
 
     def close(self) -> None:
         self.db.close()
@@ -134,9 +138,9 @@ class RunStore:
 
     def add_round(self, run: str, r: RoundResult) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (run, r.round, r.selected, r.accepted, r.rejected, r.bytes_up, r.bytes_down,
-             r.accuracy, r.loss, r.train_loss, r.seconds, r.virtual_seconds),
+             r.accuracy, r.loss, r.train_loss, r.seconds, r.virtual_seconds, r.bytes_rejected),
         )  # fmt: skip
         self.db.commit()
 

@@ -22,6 +22,7 @@ import queue
 import resource
 import selectors
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,8 +32,9 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from devices.orphans import die_with_parent
 from edge.backends import Backend, load_backend
-from edge.device import Device, Outgoing, TrainingRecord
+from edge.device import Device, Outgoing, TaskLimits, TrainingRecord
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, parse_broker_url
 
@@ -61,6 +63,8 @@ class FleetSpec:
     truth_dir: str | None = None  # where each worker writes which examples every update used
     realtime: bool = False  # hold each update for its device profile's round time
     base_seconds_per_example: float = 0.0  # this machine's compute speed (real-time mode)
+    limits: TaskLimits = field(default_factory=TaskLimits)  # what a task may ask of a device
+    max_restarts: int = 3  # a worker that dies is started again this many times at most
 
 
 # Seconds after a task's arrival before the device's update may be published.
@@ -177,7 +181,7 @@ def run_devices(
         device = by_task_topic.get(msg.topic)
         if device is None:
             continue
-        update = device.handle(msg)
+        update = device.handle_safely(msg)
         if update is None:
             continue
         if hold is None:
@@ -202,7 +206,8 @@ def _flush(loop: SelectorLoop, clients: list[mqtt.Client], timeout: float) -> No
 # -- worker processes -----------------------------------------------------------------------------
 
 
-def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
+def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     # Ctrl-C in a terminal reaches the whole process group: the parent ends the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
@@ -233,6 +238,7 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
                 seed=ds.seed,
                 profile=ds.profile,
                 on_trained=on_trained,
+                limits=spec.limits,
             )
         )
     try:
@@ -290,7 +296,12 @@ def read_truth(truth_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class Fleet:
-    """Start the fleet's worker processes for the block; they exit on the run's ``end``."""
+    """Start the fleet's worker processes for the block; they exit on the run's ``end``.
+
+    A worker that dies (crash, kill) is started again with the same devices, up to
+    ``spec.max_restarts`` times: its devices miss the round they were in, then come back online.
+    Workers die with this process, even when it is killed with SIGKILL.
+    """
 
     def __init__(self, spec: FleetSpec) -> None:
         if not spec.devices:
@@ -302,29 +313,61 @@ class Fleet:
             )
         self.spec = spec
         self.procs: list[mp.process.BaseProcess] = []
+        self.restarts = 0  # workers started again after dying
+        self._restarts: list[int] = []
+        self._stopping = threading.Event()  # no more restarts
+        self._done = threading.Event()  # every worker joined: the watcher may end
+        self._watcher: threading.Thread | None = None
+
+    def _start(self, w: int) -> mp.process.BaseProcess:
+        n = max(1, min(self.spec.workers, len(self.spec.devices)))
+        shard = list(self.spec.devices[w::n])
+        p = mp.get_context("spawn").Process(
+            target=_worker, args=(self.spec, shard, w, os.getpid()), name=f"fleet-{w}", daemon=True
+        )
+        p.start()
+        return p
 
     def __enter__(self) -> Fleet:
         n = max(1, min(self.spec.workers, len(self.spec.devices)))
-        ctx = mp.get_context("spawn")
         if self.spec.truth_dir:
             os.makedirs(self.spec.truth_dir, exist_ok=True)
-        for w in range(n):
-            shard = list(self.spec.devices[w::n])
-            p = ctx.Process(
-                target=_worker, args=(self.spec, shard, w), name=f"fleet-{w}", daemon=True
-            )
-            p.start()
-            self.procs.append(p)
+        self.procs = [self._start(w) for w in range(n)]
+        self._restarts = [0] * n
+        # The watcher starts the restarted workers, so it lives until they are joined
+        # (a Linux parent-death signal follows the thread that started the child).
+        self._watcher = threading.Thread(target=self._watch, name="fleet-watch", daemon=True)
+        self._watcher.start()
         return self
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.2):
+            for w, p in enumerate(self.procs):
+                if self._stopping.is_set() or p.exitcode in (None, 0):
+                    continue
+                if self._restarts[w] >= self.spec.max_restarts:
+                    continue
+                self._restarts[w] += 1
+                self.restarts += 1
+                log.warning(
+                    "fleet worker %d exited with %s; starting it again (%d of %d)",
+                    w, p.exitcode, self._restarts[w], self.spec.max_restarts,
+                )  # fmt: skip
+                self.procs[w] = self._start(w)
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
+        with self._lock:
+            self._stopping.set()
         if exc_type is None:  # the run ended: workers leave on its `end`
-            for p in self.procs:
+            for p in list(self.procs):
                 p.join(timeout=30)
-        for p in self.procs:
+        for p in list(self.procs):
             if p.is_alive():
                 p.terminate()
                 p.join(5)
+        self._done.set()
+        if self._watcher is not None:
+            self._watcher.join(5)

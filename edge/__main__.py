@@ -3,6 +3,7 @@ safetensors), as a deployment bundle's ``start.sh`` runs it on a Raspberry Pi or
 
     python -m edge --broker mqtt://HOST:PORT --data shard.npz --model model/ --run RUN --id ID
                    [--runtime onnx] [--profile rpi4] [--seed 0] [--config config.json]
+                   [--max-epochs 10] [--max-batch-size 1024] [--max-steps 10000]
 
 ``--config`` reads the same settings from a JSON object (paths relative to its folder); flags
 given on the command line override it. Bad input (a missing or corrupt shard, a model folder
@@ -27,7 +28,10 @@ if TYPE_CHECKING:
     from edge.device import Device
     from edge.mqtt import BrokerAddress
 
-SETTINGS = ("broker", "data", "model", "run", "id", "runtime", "profile", "seed")
+SETTINGS = (
+    "broker", "data", "model", "run", "id", "runtime", "profile", "seed",
+    "max_epochs", "max_batch_size", "max_steps",
+)  # fmt: skip
 PATHS = ("data", "model")
 PROG = "python -m edge"
 
@@ -64,6 +68,27 @@ def build_parser(
         help=f"device profile name it announces{known}",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of local shuffling (default 0)")
+    from edge.device import TaskLimits
+
+    limits = TaskLimits()
+    p.add_argument(
+        "--max-epochs",
+        type=int,
+        default=limits.max_epochs,
+        help="refuse a task with more local epochs (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=limits.max_batch_size,
+        help="refuse a task with a larger batch (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=limits.max_steps,
+        help="refuse a task costing more SGD steps (default %(default)s)",
+    )
     return p
 
 
@@ -91,6 +116,11 @@ def settings(
                 cfg[key] = str(path.parent / cfg[key])
         parser.set_defaults(**{k: v for k, v in cfg.items() if v is not None})
     args = parser.parse_args(argv)
+    for key in ("max_epochs", "max_batch_size", "max_steps"):
+        if getattr(args, key) < 1:
+            parser.error(
+                f"--{key.replace('_', '-')} {getattr(args, key)}: expected an integer >= 1"
+            )
     args.id = args.id or socket.gethostname()
     missing = [f"--{k}" for k in ("broker", "data", "model", "run") if not getattr(args, k)]
     if missing:
@@ -102,7 +132,7 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
     """Load and check the shard, the model and the runtime; ``SetupError`` says what is wrong."""
     from edge.backends import load_backend
     from edge.data import check_fits, load_shard
-    from edge.device import Device
+    from edge.device import Device, TaskLimits
     from edge.manifest import ModelArtifact
     from edge.mqtt import parse_broker_url
 
@@ -117,9 +147,11 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
         backend = load_backend(args.runtime, artifact)
     except (ImportError, OSError, RuntimeError, ValueError) as e:
         raise SetupError(f"runtime {args.runtime}: {e}") from None
+    limits = TaskLimits(args.max_epochs, args.max_batch_size, args.max_steps)
     device = Device(
-        args.id, args.run, artifact, backend, x, y, seed=args.seed, profile=args.profile
-    )
+        args.id, args.run, artifact, backend, x, y, seed=args.seed, profile=args.profile,
+        limits=limits,
+    )  # fmt: skip
     return device, broker
 
 
@@ -150,7 +182,11 @@ def main(
     except KeyboardInterrupt:
         print(f"{prog}: interrupted after {device.rounds_done} updates", file=sys.stderr)
         return 130
-    print(f"device {args.id}: run ended after {device.rounds_done} updates", flush=True)
+    refused = ", ".join(f"{k} {v}" for k, v in sorted(device.rejected.items())) or "none"
+    print(
+        f"device {args.id}: run ended after {device.rounds_done} updates; refused tasks: {refused}",
+        flush=True,
+    )
     return 0
 
 

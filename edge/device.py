@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable
@@ -25,6 +27,46 @@ log = logging.getLogger(__name__)
 class Outgoing:
     topic: str
     payload: bytes
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """The most a task may ask of this device; a task above any is refused (``over_limit``)."""
+
+    max_epochs: int = 10
+    max_batch_size: int = 1024
+    max_steps: int = 10_000  # SGD steps (one backend call each) one task may cost
+
+    def __post_init__(self) -> None:
+        for name in ("max_epochs", "max_batch_size", "max_steps"):
+            v = getattr(self, name)
+            if type(v) is not int or v < 1:
+                raise ValueError(f"{name}={v!r}: expected an integer >= 1")
+
+    def check(self, task: wire.Task, examples: int) -> None:
+        """Raise ``WireError("over_limit")`` if ``task`` on ``examples`` examples is too much."""
+        if task.epochs > self.max_epochs:
+            raise wire.WireError("over_limit", f"epochs {task.epochs} > max {self.max_epochs}")
+        if task.batch_size > self.max_batch_size:
+            raise wire.WireError(
+                "over_limit", f"batch_size {task.batch_size} > max {self.max_batch_size}"
+            )
+        steps = task_steps(task.algorithm, task.epochs, task.batch_size, examples)
+        if steps > self.max_steps:
+            raise wire.WireError("over_limit", f"{steps} SGD steps > max {self.max_steps}")
+
+
+def task_steps(algorithm: str, epochs: int, batch_size: int, examples: int) -> int:
+    """SGD steps a task costs on ``examples`` examples: 1 for FedSGD, epochs × batches for FedAvg
+    (``batch_size`` 0 is one batch of everything)."""
+    if algorithm == "fedsgd":
+        return 1
+    per_epoch = 1 if batch_size <= 0 else math.ceil(examples / batch_size)
+    return epochs * per_epoch
+
+
+# How many task nonces a device remembers to refuse a replayed task.
+SEEN_NONCES = 256
 
 
 @dataclass(frozen=True)
@@ -53,6 +95,7 @@ class Device:
         profile: str = "",
         on_trained: Callable[[TrainingRecord], None] | None = None,
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
+        limits: TaskLimits | None = None,
     ) -> None:
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
@@ -73,8 +116,11 @@ class Device:
         self.profile = profile
         self.on_trained = on_trained
         self.max_message_bytes = max_message_bytes
+        self.limits = limits or TaskLimits()
         self.rejected: dict[str, int] = {}
         self.rounds_done = 0
+        self.last_round = -1  # the latest round this device answered
+        self._seen: collections.deque[str] = collections.deque(maxlen=SEEN_NONCES)
 
     @property
     def task_topic(self) -> str:
@@ -124,19 +170,36 @@ class Device:
             rng=rng,
         )
 
+    def refuse(self, err: wire.WireError) -> None:
+        """Count a refused task and say why in one log line."""
+        self.rejected[err.reason] = self.rejected.get(err.reason, 0) + 1
+        log.warning("device %s rejected a task: %s", self.device_id, str(err)[:300])
+
+    def accept(self, payload: bytes) -> wire.Task:
+        """The task in ``payload`` if this device should run it; ``WireError`` saying why not."""
+        task = wire.decode_task(payload, self.artifact.manifest)
+        if task.run != self.run or task.device != self.device_id:
+            raise wire.WireError("not_mine", f"task for {task.run[:40]}/{task.device[:40]}")
+        if task.model_hash != self.artifact.manifest.sha256:
+            raise wire.WireError("model_mismatch", f"task model {task.model_hash[:12]}")
+        if task.nonce in self._seen:
+            raise wire.WireError("replayed_nonce", f"task nonce {task.nonce} was seen before")
+        self._seen.append(task.nonce)
+        if task.round == self.last_round:
+            raise wire.WireError("duplicate", f"round {task.round} was already answered")
+        if task.round < self.last_round:
+            raise wire.WireError("stale_round", f"round {task.round} < {self.last_round}")
+        self.limits.check(task, len(self.x))
+        return task
+
     def handle(self, msg: Received) -> Outgoing | None:
         """A task in, an update out; anything else is counted and dropped."""
         if msg.topic != self.task_topic:
             return None
         try:
-            task = wire.decode_task(msg.payload, self.artifact.manifest)
-            if task.run != self.run or task.device != self.device_id:
-                raise wire.WireError("not_mine", f"task for {task.run}/{task.device}")
-            if task.model_hash != self.artifact.manifest.sha256:
-                raise wire.WireError("model_mismatch", f"task model {task.model_hash[:12]}")
+            task = self.accept(msg.payload)
         except wire.WireError as e:
-            self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
-            log.warning("device %s rejected a task: %s", self.device_id, e)
+            self.refuse(e)
             return None
         result = self.train(task)
         if self.on_trained is not None:
@@ -165,7 +228,18 @@ class Device:
             )
             return None
         self.rounds_done += 1
+        self.last_round = task.round
         return Outgoing(topic, payload)
+
+    def handle_safely(self, msg: Received) -> Outgoing | None:
+        """``handle``, but an unexpected error is logged and counted (``internal_error``) and the
+        device carries on."""
+        try:
+            return self.handle(msg)
+        except Exception as e:  # a message must never take the device down
+            log.exception("device %s: error while handling %s", self.device_id, msg.topic)
+            self.refuse(wire.WireError("internal_error", repr(e)))
+            return None
 
 
 def run_device(
@@ -180,18 +254,20 @@ def run_device(
     client = device.client(inbox, broker.protocol)
     stop = stop or threading.Event()
     with running(client, broker):
-        while not stop.is_set():
-            try:
-                msg = inbox.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if msg.topic == wire.control_topic(device.run):
-                if msg.payload == b"end" and exit_on_end:
-                    break
-                continue
-            out = device.handle(msg)
-            if out is not None:
-                client.publish(out.topic, out.payload, qos=QOS).wait_for_publish(timeout=60)
-        client.publish(
-            device.status_topic, device.status("offline"), qos=QOS, retain=True
-        ).wait_for_publish(5)
+        try:
+            while not stop.is_set():
+                try:
+                    msg = inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if msg.topic == wire.control_topic(device.run):
+                    if msg.payload == b"end" and exit_on_end:
+                        break
+                    continue
+                out = device.handle_safely(msg)
+                if out is not None:
+                    client.publish(out.topic, out.payload, qos=QOS).wait_for_publish(timeout=60)
+        finally:  # however the loop ends, the retained status must not stay "online"
+            client.publish(
+                device.status_topic, device.status("offline"), qos=QOS, retain=True
+            ).wait_for_publish(5)

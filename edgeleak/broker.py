@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from devices.orphans import parent_death_hook
+
 from edge.mqtt import BrokerAddress
 
 MOSQUITTO_CONF = """\
@@ -95,8 +97,13 @@ def local_broker(
             conf.write_text(AMQTT_CONF.format(port=port))
             cmd = [sys.executable, "-m", "edgeleak.amqtt_main", str(conf)]
         # Its own process group: Ctrl-C in the terminal does not reach it; the block stops it.
+        # It dies with this process, even on SIGKILL (Linux; a no-op elsewhere).
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            process_group=0,
+            preexec_fn=parent_death_hook(),  # noqa: PLW1509
         )
         try:
             _wait_listening(port, proc, 15, use)

@@ -101,6 +101,12 @@ class ExperimentConfig:
     workers: int = 2
     deadline_s: float = 120.0
     seed: int = 0
+    # Limits against hostile messages: the coordinator refuses an update whose n is above this
+    # (or above what its device announced); a device refuses a task above its limits.
+    max_examples: int = 100_000
+    max_epochs: int = 10
+    max_batch_size: int = 1024
+    max_steps: int = 10_000  # SGD steps one task may cost a device
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
@@ -130,6 +136,16 @@ class ExperimentConfig:
         _at_least("epochs", self.epochs, 1)
         _at_least("batch_size", self.batch_size, 0)
         _at_least("workers", self.workers, 1)
+        _at_least("max_examples", self.max_examples, 1)
+        _at_least("max_epochs", self.max_epochs, 1)
+        _at_least("max_batch_size", self.max_batch_size, 1)
+        _at_least("max_steps", self.max_steps, 1)
+        if self.epochs > self.max_epochs:
+            raise ConfigError(f"epochs={self.epochs} is above max_epochs={self.max_epochs}")
+        if self.batch_size > self.max_batch_size:
+            raise ConfigError(
+                f"batch_size={self.batch_size} is above max_batch_size={self.max_batch_size}"
+            )
         _positive("lr", self.lr)
         _positive("server_lr", self.server_lr)
         _positive("alpha", self.alpha)

@@ -22,10 +22,11 @@ from devices.datasets import load_dataset
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.partition import partition
 from edge.backends import load_backend
+from edge.device import TaskLimits, task_steps
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url
 from edgeleak.broker import local_broker
-from edgeleak.config import ExperimentConfig
+from edgeleak.config import ConfigError, ExperimentConfig
 from edgeleak.leak import attack_captures, fleet_truth
 from edgeleak.report import SUMMARY_UNITS, software_versions
 
@@ -77,6 +78,13 @@ def fleet_spec(
         )
         for i, shard in enumerate(shards)
     )
+    limits = TaskLimits(cfg.max_epochs, cfg.max_batch_size, cfg.max_steps)
+    steps = task_steps(cfg.algorithm, cfg.epochs, cfg.batch_size, max(len(s) for s in shards))
+    if steps > limits.max_steps:
+        raise ConfigError(
+            f"a round costs the largest device {steps} SGD steps, above max_steps="
+            f"{limits.max_steps}: raise max_steps, or use fewer epochs or a larger batch_size"
+        )
     realtime = cfg.clock == "real"
     base = measure_seconds_per_example(artifact) if realtime else 0.0
     return FleetSpec(
@@ -89,6 +97,7 @@ def fleet_spec(
         str(truth_dir) if truth_dir else None,
         realtime=realtime,
         base_seconds_per_example=base,
+        limits=limits,
     )
 
 
@@ -160,6 +169,7 @@ def run_experiment(
         server_lr=cfg.server_lr,
         aggregator=cfg.aggregator,
         codec=cfg.codec,
+        max_examples=cfg.max_examples,
     )
     store = RunStore(out / "run.db")
     results: list[RoundResult] = []
@@ -194,9 +204,12 @@ def run_experiment(
             job = bar.add_task(
                 f"{cfg.algorithm} {cfg.devices} devices", total=cfg.rounds, status=""
             )
+            restarts = 0
             for r in range(1, cfg.rounds + 1):
-                if not fleet.alive():
-                    raise RuntimeError("a fleet worker died; see its error above")
+                if fleet.restarts != restarts:  # a worker died: let its devices come back
+                    restarts = fleet.restarts
+                    with contextlib.suppress(TimeoutError):
+                        coord.wait_for_devices(cfg.devices, timeout=60 + cfg.devices * 0.1)
                 res = coord.run_round(r)
                 results.append(res)
                 bar.update(
@@ -255,6 +268,7 @@ def build_summary(
         "train_loss",
         "bytes_up",
         "bytes_down",
+        "bytes_rejected",
         "selected",
         "accepted",
         "rejected",
@@ -274,6 +288,7 @@ def build_summary(
         "clock": cfg.clock,
         "bytes_up": store.ledger_bytes(run, direction="up"),
         "bytes_down": store.ledger_bytes(run, direction="down"),
+        "bytes_rejected": store.ledger_bytes(run, direction="up", kinds=("rejected",)),
         "final_accuracy": results[-1].accuracy if results else None,
         "seconds": round(seconds, 3),
         "rejections": store.rejection_counts(run),
