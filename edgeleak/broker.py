@@ -7,6 +7,7 @@ publisher still gets its PUBACK: the config sets it to 0 (unlimited).
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -90,7 +91,10 @@ def local_broker(
     with tempfile.TemporaryDirectory(prefix="edgeleak-broker-") as tmp:
         if use == "mosquitto":
             conf = Path(tmp) / "mosquitto.conf"
-            conf.write_text(MOSQUITTO_CONF.format(port=port))
+            # As root, mosquitto drops to user "mosquitto", which clears the parent-death signal:
+            # stay the user we run as, so the broker dies with us.
+            stay = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+            conf.write_text(MOSQUITTO_CONF.format(port=port) + stay)
             cmd = [str(exe), "-c", str(conf)]
         else:
             conf = Path(tmp) / "amqtt.yaml"
