@@ -224,9 +224,13 @@ class Coordinator:
 
     def _on_status(self, msg: Received, device: str) -> None:
         try:
+            if len(msg.payload) > wire.MAX_STATUS_BYTES:
+                raise ValueError(f"{len(msg.payload)} bytes > {wire.MAX_STATUS_BYTES}")
             status = json.loads(msg.payload)
+            if not isinstance(status, dict):
+                raise TypeError("not a JSON object")
             state = status["state"]
-        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             if not msg.retain:
                 self._ledger(msg, device, "rejected")
             self._reject(

@@ -32,6 +32,7 @@ ALGORITHMS = ("fedsgd", "fedavg")
 UPDATE_KINDS = ("gradient", "delta")
 # MQTT caps a packet at 268,435,455 bytes; brokers usually allow far less. Checked before publish.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_STATUS_BYTES = 4096  # a status is a small JSON object
 NONCE_HEX = 24  # a nonce is 12 random bytes as lowercase hex
 _NONCE = re.compile(f"[0-9a-f]{{{NONCE_HEX}}}")
 _INTEGER = re.compile(r"-?[0-9]{1,19}")

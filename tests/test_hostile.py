@@ -181,6 +181,8 @@ def test_hostile_updates_are_counted_and_never_reach_the_model(
             (ghost, with_meta(update(), nonce="zz" * 12)),  # bad_nonce
             (ghost, with_meta(update(), nonce="a" * 25)),  # bad_nonce
             (honest[0].topic, honest[0].payload),  # replayed_nonce
+            (wire.status_topic(run, "g1"), b'{"state": "' + b"x" * 1_000_000 + b'"}'),  # bad_status
+            (wire.status_topic(run, "g1"), b"[" * 4000 + b"]" * 4000),  # bad_status
         ]
         rejected_bytes = sum(out.send(topic, payload) for topic, payload in hostile)
         # The phantom leaves: the round stops waiting for it.
@@ -191,7 +193,7 @@ def test_hostile_updates_are_counted_and_never_reach_the_model(
         coord.end()
     out.close()
     want = {"bad_field": 1, "bad_examples": 2, "bad_shape": 2, "bad_header": 1, "oversize": 2,
-            "bad_nonce": 2, "replayed_nonce": 1}  # fmt: skip
+            "bad_nonce": 2, "replayed_nonce": 1, "bad_status": 2}  # fmt: skip
     assert store.rejection_counts(run) == want
     assert (res.selected, res.accepted, res.rejected) == (3, 2, sum(want.values()))
     # Only the accepted updates' nonces are remembered: no 12 MB nonce is kept.
