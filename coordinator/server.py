@@ -55,9 +55,8 @@ class RoundPlan:
     server_lr: float = 1.0
     aggregator: str = "mean"
     codec: str = "f32"
-    max_examples: int = (
-        100_000  # an update's n above this (or above the device's status) is refused
-    )
+    # An update whose n is above this, or above the examples its device announced, is refused.
+    max_examples: int = 100_000
 
 
 @dataclass

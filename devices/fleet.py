@@ -316,6 +316,7 @@ class Fleet:
         self.restarts = 0  # workers started again after dying
         self._restarts: list[int] = []
         self._stopping = threading.Event()  # no more restarts
+        self._lock = threading.Lock()  # a restart and the stop do not interleave
         self._done = threading.Event()  # every worker joined: the watcher may end
         self._watcher: threading.Thread | None = None
 
@@ -343,17 +344,18 @@ class Fleet:
     def _watch(self) -> None:
         while not self._done.wait(0.2):
             for w, p in enumerate(self.procs):
-                if self._stopping.is_set() or p.exitcode in (None, 0):
+                if p.exitcode in (None, 0) or self._restarts[w] >= self.spec.max_restarts:
                     continue
-                if self._restarts[w] >= self.spec.max_restarts:
-                    continue
-                self._restarts[w] += 1
-                self.restarts += 1
-                log.warning(
-                    "fleet worker %d exited with %s; starting it again (%d of %d)",
-                    w, p.exitcode, self._restarts[w], self.spec.max_restarts,
-                )  # fmt: skip
-                self.procs[w] = self._start(w)
+                with self._lock:
+                    if self._stopping.is_set():
+                        break
+                    self._restarts[w] += 1
+                    self.restarts += 1
+                    log.warning(
+                        "fleet worker %d exited with %s; starting it again (%d of %d)",
+                        w, p.exitcode, self._restarts[w], self.spec.max_restarts,
+                    )  # fmt: skip
+                    self.procs[w] = self._start(w)
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
