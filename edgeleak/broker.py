@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from devices.orphans import parent_death_hook
-
 from edge.mqtt import BrokerAddress
 
 MOSQUITTO_CONF = """\
