@@ -63,6 +63,10 @@ FIELD_HELP: dict[str, str] = {
     "workers": "fleet worker processes",
     "deadline_s": "seconds a round waits for updates",
     "seed": "seed of partition, initial weights and selection",
+    "max_examples": "the coordinator refuses an update whose n is above this (or its status)",
+    "max_epochs": "a device refuses a task with more local epochs",
+    "max_batch_size": "a device refuses a task with a larger batch",
+    "max_steps": "a device refuses a task costing more SGD steps (epochs x batches)",
 }
 
 
