@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +15,20 @@ from typing import Protocol
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from coordinator import policy
 from coordinator.aggregate import apply_update, get_aggregator
 from coordinator.store import MessageRow, RoundResult, RunStore
 from edge import wire
 from edge.manifest import ModelArtifact
-from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, wait_until
+from edge.mqtt import (
+    QOS,
+    BrokerAddress,
+    Received,
+    connect,
+    make_client,
+    publish_packet_bytes,
+    wait_until,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +37,11 @@ Evaluator = Callable[[Params], tuple[float, float]]
 # A dishonest coordinator: (round, global weights) -> the weights it actually ships.
 Tamper = Callable[[int, Params], Params]
 UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
+
+
+def new_run_id(prefix: str = "run") -> str:
+    """``<prefix>-<UTC time>-<8 random hex digits>``: sortable, and unpredictable (``secrets``)."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
 
 
 class RoundClock(Protocol):
@@ -52,12 +66,16 @@ class RoundPlan:
     server_lr: float = 1.0
     aggregator: str = "mean"
     codec: str = "f32"
+    max_unproven: int = 0  # > 0: at most max(this, proven devices) unproven ones per round
+    unproven_quiet_s: float = 0.0  # > 0: stop waiting for unproven devices after this quiet
 
 
 @dataclass
 class _RoundState:
     round: int
     selected: set[str]
+    heard: set[str] = field(default_factory=set)  # selected devices that sent an update
+    last_answer: float | None = None  # monotonic time of the last update from a selected device
     accepted: dict[str, wire.Update] = field(default_factory=dict)
     rejections: dict[str, int] = field(default_factory=dict)
     bytes_up: int = 0
@@ -103,7 +121,13 @@ class Coordinator:
         self.tamper = tamper
         self.collect_timeout_s = collect_timeout_s
         self.weights: Params = weights if weights is not None else artifact.initial_params()
-        self.online: dict[str, dict[str, object]] = {}
+        if run == wire.ANY_RUN:
+            raise ValueError(f"run id {run!r} is reserved for devices not pinned to a run")
+        self.online: dict[str, dict[str, object]] = {}  # last online status of each device
+        self.standing: dict[str, policy.Standing] = {}
+        self.proven: set[str] = set()
+        self._end_token = wire.new_end_token()
+        self.end_commitment = wire.end_commitment(self._end_token)
         self.nonces: set[str] = set()
         self.round = 0
         self._state: _RoundState | None = None
@@ -114,33 +138,47 @@ class Coordinator:
             f"coordinator-{run}",
             self._inbox,
             protocol=broker.protocol,
-            subscriptions=(f"{prefix}/update/+", f"{prefix}/status/+"),
+            subscriptions=(
+                f"{prefix}/update/+",
+                f"{prefix}/status/+",
+                f"{wire.TOPIC_PREFIX}/{wire.ANY_RUN}/status/+",
+            ),
             on_ready=self._ready,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def __enter__(self) -> Coordinator:
-        self.client.connect(self.broker.host, self.broker.port, keepalive=60)
+        connect(self.client, self.broker, keepalive=60)
         self.client.loop_start()
         wait_until(lambda: bool(self._ready), 10, "the coordinator's subscriptions")
+        self.hello()
         return self
+
+    def hello(self) -> None:
+        """Ask the devices on the broker to announce themselves live (see ``policy``)."""
+        self.client.publish(wire.control_topic(self.run), wire.HELLO, qos=QOS)
 
     def __exit__(self, *exc: object) -> None:
         self.client.disconnect()
         self.client.loop_stop()
 
     def end(self) -> None:
-        """Tell every device that the run is over."""
-        self.client.publish(wire.control_topic(self.run), b"end", qos=QOS).wait_for_publish(10)
+        """Tell every device that the run is over: reveal the token its tasks committed to."""
+        payload = wire.end_payload(self._end_token)
+        self.client.publish(wire.control_topic(self.run), payload, qos=QOS).wait_for_publish(10)
+
+    def eligible(self) -> list[str]:
+        """Devices a round may select now (``policy.eligible``)."""
+        return policy.eligible(self.standing)
 
     def wait_for_devices(self, n: int, timeout: float) -> None:
-        """Block until ``n`` devices announced themselves online."""
+        """Block until ``n`` devices are eligible (announced online live, not silent)."""
         end = time.monotonic() + timeout
-        while len(self.online) < n:
+        while len(self.eligible()) < n:
             if time.monotonic() > end:
                 raise TimeoutError(
-                    f"only {len(self.online)} of {n} devices came online in {timeout:.0f} s"
+                    f"only {len(self.eligible())} of {n} devices came online in {timeout:.0f} s"
                 )
             self.poll(0.05)
 
@@ -193,16 +231,23 @@ class Coordinator:
             self._on_status(msg, device)
         elif channel == "update":
             size = self._ledger(msg, device, "update")
-            if self._state is not None:
-                self._state.bytes_up += size
+            st = self._state
+            if st is not None:
+                st.bytes_up += size
+                if device in st.selected:
+                    st.heard.add(device)
+                    st.last_answer = time.monotonic()
+            if device in self.standing and self.standing[device].silent:
+                # a late answer: the device is there, only slow
+                self.standing[device] = policy.Standing(live=True, silent=False)
             try:
                 update = self._validate(msg, device)
             except wire.WireError as e:
                 self._reject(msg.topic, device, e)
                 return
-            assert self._state is not None
-            self._state.accepted[device] = update
-            self._state.up[device] = size
+            assert st is not None
+            st.accepted[device] = update
+            st.up[device] = size
 
     def _on_status(self, msg: Received, device: str) -> None:
         if not msg.retain:
@@ -217,10 +262,16 @@ class Coordinator:
                 wire.WireError("bad_status", msg.payload[:60].decode(errors="replace")),
             )
             return
-        if state == "online":
+        online = state == "online"
+        if online:
             self.online[device] = status
         else:
             self.online.pop(device, None)
+        new = policy.on_status(self.standing.get(device), online=online, retained=msg.retain)
+        if new is None:
+            self.standing.pop(device, None)
+        else:
+            self.standing[device] = new
 
     def _validate(self, msg: Received, device: str) -> wire.Update:
         update = wire.decode_update(msg.payload, self.manifest)
@@ -255,21 +306,23 @@ class Coordinator:
     # -- rounds ---------------------------------------------------------------------------------
 
     def select(self, round_: int) -> list[str]:
-        """A seeded sample of ``fraction`` of the online devices (at least one); with a clock,
-        of those it says are available (possibly none)."""
-        pool = sorted(self.online)
+        """A seeded sample of ``fraction`` of the eligible devices (at least one), unproven ones
+        capped (``policy``); with a clock, of those it says are available (possibly none)."""
+        pool = online = self.eligible()
         if not pool:
             raise RuntimeError("no device is online: start devices (edgeleak device ...) first")
         if self.clock is not None:
             pool = [d for d in pool if self.clock.available(d, round_)]
             if not pool:
-                log.warning(
-                    "round %d: none of %d online devices is available", round_, len(self.online)
-                )
+                log.warning("round %d: none of %d online devices is available", round_, len(online))
                 return []
-        k = max(1, math.ceil(self.plan.fraction * len(pool)))
-        rng = np.random.default_rng([self.seed, round_])
-        return sorted(rng.choice(pool, size=k, replace=False).tolist())
+        return policy.choose(
+            pool,
+            self.proven,
+            fraction=self.plan.fraction,
+            cap=policy.unproven_cap(self.plan.max_unproven, len(self.proven)),
+            rng=np.random.default_rng([self.seed, round_]),
+        )
 
     def broadcast(self, devices: list[str], weights: Params) -> int:
         """Publish this round's task to each device; returns downlink bytes."""
@@ -287,6 +340,7 @@ class Coordinator:
                 weights=weights,
                 deadline_s=self.plan.deadline_s,
                 codec=self.plan.codec,
+                end=self.end_commitment,
             )
             payload = wire.encode_task(task)
             topic = wire.task_topic(self.run, device)
@@ -335,6 +389,17 @@ class Coordinator:
                 )
         return self.plan.deadline_s if len(st.accepted) < len(st.selected) else slowest
 
+    def _round_over(self, st: _RoundState, t0: float, limit: float) -> bool:
+        now = time.monotonic()
+        return policy.round_over(
+            elapsed=now - t0,
+            deadline_s=limit,
+            waiting=st.selected - set(st.accepted),
+            proven=self.proven,
+            since_last_answer=None if st.last_answer is None else now - st.last_answer,
+            quiet_s=self.plan.unproven_quiet_s,
+        )
+
     def run_round(self, round_: int) -> RoundResult:
         """One full round: select, broadcast, collect until all answered or the deadline, aggregate."""
         t0 = time.monotonic()
@@ -345,11 +410,13 @@ class Coordinator:
         self._state = st
         sent = self.tamper(round_, self.weights) if self.tamper else self.weights
         bytes_down = self.broadcast(selected, sent)
-        deadline = t0 + (self.collect_timeout_s if self.clock is not None else self.plan.deadline_s)
-        while len(st.accepted) < len(selected) and time.monotonic() < deadline:
+        limit = self.collect_timeout_s if self.clock is not None else self.plan.deadline_s
+        while not self._round_over(st, t0, limit):
             self.poll(0.05)
         virtual = self._drop_stragglers(st) if self.clock is not None else None
         self._state = None
+        self.proven |= set(st.accepted)
+        self.standing = policy.after_round(self.standing, selected, st.heard)
         updates = [(u.params, u.num_examples) for u in st.accepted.values()]
         if updates:
             agg = self.aggregate(updates)

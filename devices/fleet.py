@@ -33,7 +33,8 @@ import paho.mqtt.client as mqtt
 from edge.backends import Backend, load_backend
 from edge.device import Device, Outgoing, TrainingRecord
 from edge.manifest import ModelArtifact
-from edge.mqtt import QOS, BrokerAddress, Received, parse_broker_url
+from edge.mqtt import QOS, BrokerAddress, Received, connect, parse_broker_url
+from edge.wire import EndCommitments
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class DeviceSpec:
 @dataclass(frozen=True)
 class FleetSpec:
     run: str
-    broker_url: str
+    broker_url: str = field(repr=False)  # may hold the broker password (BrokerAddress.secret_url)
     model_dir: str
     dataset: str
     devices: tuple[DeviceSpec, ...]
@@ -131,7 +132,8 @@ def run_devices(
     connect_batch: int = 50,
     hold: HoldFn | None = None,
 ) -> None:
-    """Run ``devices`` on one selector loop until their run's control topic says ``end``.
+    """Run ``devices`` on one selector loop until one of them accepts a genuine ``end`` (its
+    token matches a task's commitment: ``Device.ended``); forged ends are ignored.
 
     With ``hold``, an update is published ``hold(device, task, update)`` seconds after its task
     arrived (at once if training took longer); updates still held at ``end`` are dropped.
@@ -140,13 +142,13 @@ def run_devices(
     inbox: queue.Queue[Received] = queue.Queue()
     loop = SelectorLoop()
     clients: dict[str, mqtt.Client] = {}
-    by_task_topic = {d.task_topic: d for d in devices}
+    by_id = {d.device_id: d for d in devices}
     for d in devices:
         c = d.client(inbox, broker.protocol)
         loop.add(c)
         clients[d.device_id] = c
     for i, c in enumerate(clients.values()):
-        c.connect(broker.host, broker.port, keepalive=120)
+        connect(c, broker, keepalive=120)
         if i % connect_batch == connect_batch - 1:
             loop.poll(0)  # let CONNACKs flow while the rest connect
     ended = False
@@ -170,17 +172,19 @@ def run_devices(
                 break
             continue
         last_msg = now
-        if msg.topic.endswith("/control"):
-            ended = msg.payload == b"end"
-            continue
-        device = by_task_topic.get(msg.topic)
+        device = by_id.get(msg.client)
         if device is None:
+            continue
+        if device.ended(msg) is not None:
+            ended = True
             continue
         update = device.handle(msg)
         if update is None:
             continue
-        if hold is None:
-            clients[device.device_id].publish(update.topic, update.payload, qos=QOS)
+        if hold is None or update.kind != "update":
+            clients[device.device_id].publish(
+                update.topic, update.payload, qos=QOS, retain=update.retain
+            )
         else:
             due = msg.t + hold(device, msg, update)
             heapq.heappush(held, (due, next(order), device.device_id, update))
@@ -213,6 +217,7 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
         truth = open(Path(spec.truth_dir) / f"worker-{worker_id}.jsonl", "a")  # noqa: SIM115
 
     devices = []
+    ends = EndCommitments()  # one for the worker: its devices serve one run
     for ds in shard:
         if ds.runtime not in backends:
             backends[ds.runtime] = load_backend(ds.runtime, artifact)
@@ -230,6 +235,7 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
                 seed=ds.seed,
                 profile=ds.profile,
                 on_trained=on_trained,
+                ends=ends,
             )
         )
     try:
