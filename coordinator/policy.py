@@ -11,7 +11,8 @@ connection, and bounds what it can cost when it has one:
 - *proven*: a device whose update was accepted in this run. At most
   ``max(max_unproven, number of proven devices)`` unproven devices are selected per round.
 - once every proven device of a round has answered, the round waits for unproven ones only
-  while answers keep coming: it ends after ``quiet_s`` without one.
+  while answers keep coming: it ends after ``quiet_s`` without one (counted from the broadcast
+  while none came).
 
 A forged ``offline`` removes a device only until its next live ``online``: devices answer a
 forged ``offline`` on their own status topic, and ``hello``, with ``online``.

@@ -396,7 +396,7 @@ class Coordinator:
             deadline_s=limit,
             waiting=st.selected - set(st.accepted),
             proven=self.proven,
-            since_last_answer=None if st.last_answer is None else now - st.last_answer,
+            since_last_answer=now - (t0 if st.last_answer is None else st.last_answer),
             quiet_s=self.plan.unproven_quiet_s,
         )
 

@@ -72,8 +72,8 @@ def parse_broker_url(url: str) -> BrokerAddress:
     if p is None or p.scheme not in SCHEMES or not p.hostname:
         shown = url if p is None or p.password is None else url.replace(p.password, "***")
         raise ValueError(
-            f"broker URL {shown!r}: expected mqtt://[USER:PASSWORD@]HOST:PORT (or mqtt311:// "
-            f"for an MQTT 3.1.1 broker), e.g. mqtt://127.0.0.1:1883"
+            f"broker URL {shown!r}: expected mqtt://HOST:PORT (or mqtt311:// for an MQTT 3.1.1 "
+            f"broker; a login as mqtt://USER:PASSWORD@HOST:PORT), e.g. mqtt://127.0.0.1:1883"
         )
     user = unquote(p.username) if p.username is not None else None
     password = unquote(p.password) if p.password is not None else None

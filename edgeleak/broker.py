@@ -8,6 +8,8 @@ publisher still gets its PUBACK: the config sets it to 0 (unlimited).
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import shutil
 import signal
 import socket
@@ -25,6 +27,7 @@ from edgeleak.errors import UsageError
 
 MOSQUITTO_CONF = """\
 listener {port} {bind}
+user {user}
 {auth}
 persistence false
 max_queued_messages 0
@@ -50,7 +53,9 @@ def mosquitto_conf(
         else f"allow_anonymous false\npassword_file {password_file.absolute()}"
     )
     log = "log_dest stderr\n" + (f"log_dest file {log_file.absolute()}\n" if log_file else "")
-    return MOSQUITTO_CONF.format(port=port, bind=bind, auth=auth, log=log)
+    # Started as root, mosquitto would switch to the user "mosquitto", who cannot read our files.
+    user = pwd.getpwuid(os.getuid()).pw_name
+    return MOSQUITTO_CONF.format(port=port, bind=bind, user=user, auth=auth, log=log)
 
 
 AMQTT_CONF = """\

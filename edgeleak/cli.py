@@ -274,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a round waits for --min-devices (default 300 s)",
     )  # fmt: skip
     c.add_argument(
-        "--unproven-wait-s", type=float, default=15.0,
+        "--unproven-wait-s", type=float, default=60.0,
         help="once only devices without an accepted update are left, stop waiting for them "
-        "after this long without an answer (default 15 s)",
+        "after this long without an answer (default 60 s)",
     )  # fmt: skip
     c.add_argument("--config", help="JSON file of ExperimentConfig fields (algorithm, lr, ...)")
     c.add_argument("--dataset", help="evaluation split (default from --config: fashion-mnist)")

@@ -252,7 +252,7 @@ def run_coordinator(
     run: str | None = None,
     min_devices: int = 1,
     wait_s: float = 300.0,
-    quiet_s: float = 15.0,
+    quiet_s: float = 60.0,
     say: Callable[[str], None] = print,
 ) -> ExperimentResult:
     """``edgeleak coordinator``: rounds for the devices on an external broker; writes run.db,
