@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -61,6 +61,12 @@ class FleetSpec:
     truth_dir: str | None = None  # where each worker writes which examples every update used
     realtime: bool = False  # hold each update for its device profile's round time
     base_seconds_per_example: float = 0.0  # this machine's compute speed (real-time mode)
+
+
+class StopFlag(Protocol):
+    """``threading.Event`` or ``multiprocessing.Event``."""
+
+    def is_set(self) -> bool: ...
 
 
 # Seconds after a task's arrival before the device's update may be published.
@@ -129,11 +135,13 @@ def run_devices(
     broker: BrokerAddress,
     *,
     idle_exit_s: float | None = None,
+    stop: StopFlag | None = None,
     connect_batch: int = 50,
     hold: HoldFn | None = None,
 ) -> None:
     """Run ``devices`` on one selector loop until one of them accepts a genuine ``end`` (its
-    token matches a task's commitment: ``Device.ended``); forged ends are ignored.
+    token matches a task's commitment: ``Device.ended``; forged ends are ignored) or ``stop``
+    is set (a worker none of whose devices got a task holds no commitment).
 
     With ``hold``, an update is published ``hold(device, task, update)`` seconds after its task
     arrived (at once if training took longer); updates still held at ``end`` are dropped.
@@ -155,7 +163,7 @@ def run_devices(
     held: list[tuple[float, int, str, Outgoing]] = []  # (due, order, device, update): a heap
     order = itertools.count()
     last_misc = last_msg = time.monotonic()
-    while not ended:
+    while not ended and not (stop is not None and stop.is_set()):
         wait = 0.05 if not held else min(0.05, max(0.0, held[0][0] - time.monotonic()))
         loop.poll(0 if not inbox.empty() else wait)
         now = time.monotonic()
@@ -205,7 +213,9 @@ def _flush(loop: SelectorLoop, clients: list[mqtt.Client], timeout: float) -> No
 # -- worker processes -----------------------------------------------------------------------------
 
 
-def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
+def _worker(
+    spec: FleetSpec, shard: list[DeviceSpec], worker_id: int, stop: StopFlag | None = None
+) -> None:
     logging.basicConfig(level=logging.WARNING)
     from devices.datasets import load_dataset
 
@@ -239,7 +249,9 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
             )
         )
     try:
-        run_devices(devices, parse_broker_url(spec.broker_url), hold=_realtime_hold(spec, shard))
+        run_devices(
+            devices, parse_broker_url(spec.broker_url), hold=_realtime_hold(spec, shard), stop=stop
+        )
     finally:
         if truth is not None:
             truth.close()
@@ -293,7 +305,8 @@ def read_truth(truth_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class Fleet:
-    """Start the fleet's worker processes for the block; they exit on the run's ``end``."""
+    """Start the fleet's worker processes for the block; they exit on the run's ``end``, and at
+    the latest when the block ends."""
 
     def __init__(self, spec: FleetSpec) -> None:
         if not spec.devices:
@@ -309,12 +322,16 @@ class Fleet:
     def __enter__(self) -> Fleet:
         n = max(1, min(self.spec.workers, len(self.spec.devices)))
         ctx = mp.get_context("spawn")
+        self._stop = ctx.Event()
         if self.spec.truth_dir:
             os.makedirs(self.spec.truth_dir, exist_ok=True)
         for w in range(n):
             shard = list(self.spec.devices[w::n])
             p = ctx.Process(
-                target=_worker, args=(self.spec, shard, w), name=f"fleet-{w}", daemon=True
+                target=_worker,
+                args=(self.spec, shard, w, self._stop),
+                name=f"fleet-{w}",
+                daemon=True,
             )
             p.start()
             self.procs.append(p)
@@ -324,6 +341,7 @@ class Fleet:
         return all(p.is_alive() for p in self.procs)
 
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()  # the run is over for this fleet, whether or not its end arrived
         for p in self.procs:
             p.join(timeout=30)
         for p in self.procs:

@@ -118,13 +118,7 @@ class Device:
     def subscriptions(self) -> tuple[str, ...]:
         """Task and control topics of its run (any run when not pinned), and its own status
         topic: a forged ``offline`` there is answered with ``online`` again."""
-        if self.run is None:
-            wire._check_segment(self.device_id, "device")
-            any_ = f"{wire.TOPIC_PREFIX}/+"
-            runs = (f"{any_}/task/{self.device_id}", f"{any_}/control")
-        else:
-            runs = (wire.task_topic(self.run, self.device_id), wire.control_topic(self.run))
-        return (*runs, self.status_topic)
+        return (*wire.device_filters(self.device_id, self.run), self.status_topic)
 
     def client(self, inbox: queue.Queue[Received], protocol: int) -> mqtt.Client:
         """This device's MQTT client: its id, its subscriptions, "online" once subscribed,

@@ -85,6 +85,15 @@ def control_topic(run: str) -> str:
     return f"{TOPIC_PREFIX}/{_check_segment(run, 'run')}/control"
 
 
+def device_filters(device: str, run: str | None) -> tuple[str, str]:
+    """The task and control topic filters a device subscribes to: its run's, or (``run=None``)
+    those of every run."""
+    if run is None:
+        any_run = f"{TOPIC_PREFIX}/+"
+        return f"{any_run}/task/{_check_segment(device, 'device')}", f"{any_run}/control"
+    return task_topic(run, device), control_topic(run)
+
+
 def lobby_status_topic(device: str) -> str:
     """The run-independent status topic of a device that takes part in any run."""
     return status_topic(ANY_RUN, device)

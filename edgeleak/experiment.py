@@ -267,7 +267,7 @@ def run_coordinator(
     try:
         artifact = ModelArtifact.load(model_dir)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--model {model_dir}: {e} (write one with `edgeleak export`)") from None
+        raise UsageError(f"--model {model_dir}: {e}") from None
     data = load_dataset(cfg.dataset)
     if artifact.manifest.input_shape != data.input_shape:
         raise UsageError(
