@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +15,20 @@ from typing import Protocol
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from coordinator import policy
 from coordinator.aggregate import apply_update, get_aggregator
 from coordinator.store import MessageRow, RoundResult, RunStore
 from edge import wire
 from edge.manifest import ModelArtifact
-from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, wait_until
+from edge.mqtt import (
+    QOS,
+    BrokerAddress,
+    Received,
+    connect,
+    make_client,
+    publish_packet_bytes,
+    wait_until,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +40,11 @@ UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
 # Nonces of accepted updates are kept for the current round and this many before it; an older
 # update is a stale_round whatever its nonce.
 NONCE_ROUNDS = 2
+
+
+def new_run_id(prefix: str = "run") -> str:
+    """``<prefix>-<UTC time>-<8 random hex digits>``: sortable, and unpredictable (``secrets``)."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
 
 
 class RoundClock(Protocol):
@@ -57,12 +71,16 @@ class RoundPlan:
     codec: str = "f32"
     # An update whose n is above this, or above the examples its device announced, is refused.
     max_examples: int = 100_000
+    max_unproven: int = 0  # > 0: at most max(this, proven devices) unproven ones per round
+    unproven_quiet_s: float = 0.0  # > 0: stop waiting for unproven devices after this quiet
 
 
 @dataclass
 class _RoundState:
     round: int
     selected: set[str]
+    heard: set[str] = field(default_factory=set)  # selected devices that sent an update
+    last_answer: float | None = None  # monotonic time of the last update from a selected device
     accepted: dict[str, wire.Update] = field(default_factory=dict)
     rejections: dict[str, int] = field(default_factory=dict)
     bytes_up: int = 0  # accepted updates only
@@ -70,10 +88,6 @@ class _RoundState:
     lost: set[str] = field(default_factory=set)  # selected devices that went offline
     down: dict[str, int] = field(default_factory=dict)  # packet bytes of each device's task
     up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
-
-    def waiting(self) -> bool:
-        """Whether a selected device that is still connected has not answered yet."""
-        return len(self.accepted) + len(self.lost - set(self.accepted)) < len(self.selected)
 
 
 class Coordinator:
@@ -114,8 +128,14 @@ class Coordinator:
         self.tamper = tamper
         self.collect_timeout_s = collect_timeout_s
         self.weights: Params = weights if weights is not None else artifact.initial_params()
-        self.online: dict[str, dict[str, object]] = {}
+        if run == wire.ANY_RUN:
+            raise ValueError(f"run id {run!r} is reserved for devices not pinned to a run")
+        self.online: dict[str, dict[str, object]] = {}  # last online status of each device
         self.announced: dict[str, int] = {}  # examples each device last said it holds
+        self.standing: dict[str, policy.Standing] = {}
+        self.proven: set[str] = set()
+        self._end_token = wire.new_end_token()
+        self.end_commitment = wire.end_commitment(self._end_token)
         self.nonces: dict[int, set[str]] = {}  # round -> nonces of its accepted updates
         self.round = 0
         self._state: _RoundState | None = None
@@ -126,33 +146,47 @@ class Coordinator:
             f"coordinator-{run}",
             self._inbox,
             protocol=broker.protocol,
-            subscriptions=(f"{prefix}/update/+", f"{prefix}/status/+"),
+            subscriptions=(
+                f"{prefix}/update/+",
+                f"{prefix}/status/+",
+                f"{wire.TOPIC_PREFIX}/{wire.ANY_RUN}/status/+",
+            ),
             on_ready=self._ready,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def __enter__(self) -> Coordinator:
-        self.client.connect(self.broker.host, self.broker.port, keepalive=60)
+        connect(self.client, self.broker, keepalive=60)
         self.client.loop_start()
         wait_until(lambda: bool(self._ready), 10, "the coordinator's subscriptions")
+        self.hello()
         return self
+
+    def hello(self) -> None:
+        """Ask the devices on the broker to announce themselves live (see ``policy``)."""
+        self.client.publish(wire.control_topic(self.run), wire.HELLO, qos=QOS)
 
     def __exit__(self, *exc: object) -> None:
         self.client.disconnect()
         self.client.loop_stop()
 
     def end(self) -> None:
-        """Tell every device that the run is over."""
-        self.client.publish(wire.control_topic(self.run), b"end", qos=QOS).wait_for_publish(10)
+        """Tell every device that the run is over: reveal the token its tasks committed to."""
+        payload = wire.end_payload(self._end_token)
+        self.client.publish(wire.control_topic(self.run), payload, qos=QOS).wait_for_publish(10)
+
+    def eligible(self) -> list[str]:
+        """Devices a round may select now (``policy.eligible``)."""
+        return policy.eligible(self.standing)
 
     def wait_for_devices(self, n: int, timeout: float) -> None:
-        """Block until ``n`` devices announced themselves online."""
+        """Block until ``n`` devices are eligible (announced online live, not silent)."""
         end = time.monotonic() + timeout
-        while len(self.online) < n:
+        while len(self.eligible()) < n:
             if time.monotonic() > end:
                 raise TimeoutError(
-                    f"only {len(self.online)} of {n} devices came online in {timeout:.0f} s"
+                    f"only {len(self.eligible())} of {n} devices came online in {timeout:.0f} s"
                 )
             self.poll(0.05)
 
@@ -207,18 +241,24 @@ class Coordinator:
         if channel == "status":
             self._on_status(msg, device)
         elif channel == "update":
+            st = self._state
+            if st is not None and device in st.selected:
+                st.heard.add(device)
+            if device in self.standing and self.standing[device].silent:
+                # a late answer: the device is there, only slow
+                self.standing[device] = policy.Standing(live=True, silent=False)
             try:
                 update = self._validate(msg, device)
             except wire.WireError as e:
                 self._ledger(msg, device, "rejected")
                 self._reject(msg.topic, device, e)
                 return
-            st = self._state
             assert st is not None
             size = self._ledger(msg, device, "update")
             st.bytes_up += size
             st.accepted[device] = update
             st.up[device] = size
+            st.last_answer = time.monotonic()
             self.nonces.setdefault(st.round, set()).add(update.nonce)
 
     def _on_status(self, msg: Received, device: str) -> None:
@@ -240,7 +280,8 @@ class Coordinator:
             return
         if not msg.retain:
             self._ledger(msg, device, "status")
-        if state == "online":
+        online = state == "online"
+        if online:
             self.online[device] = status
             examples = status.get("examples")
             self.announced[device] = examples if type(examples) is int and examples > 0 else 0
@@ -248,6 +289,11 @@ class Coordinator:
             self.online.pop(device, None)
             if self._state is not None and device in self._state.selected:
                 self._state.lost.add(device)
+        new = policy.on_status(self.standing.get(device), online=online, retained=msg.retain)
+        if new is None:
+            self.standing.pop(device, None)
+        else:
+            self.standing[device] = new
 
     def _validate(self, msg: Received, device: str) -> wire.Update:
         update = wire.decode_update(msg.payload, self.manifest)
@@ -288,21 +334,23 @@ class Coordinator:
     # -- rounds ---------------------------------------------------------------------------------
 
     def select(self, round_: int) -> list[str]:
-        """A seeded sample of ``fraction`` of the online devices (at least one); with a clock,
-        of those it says are available (possibly none)."""
-        pool = sorted(self.online)
+        """A seeded sample of ``fraction`` of the eligible devices (at least one), unproven ones
+        capped (``policy``); with a clock, of those it says are available (possibly none)."""
+        pool = online = self.eligible()
         if not pool:
             raise RuntimeError("no device is online: start devices (edgeleak device ...) first")
         if self.clock is not None:
             pool = [d for d in pool if self.clock.available(d, round_)]
             if not pool:
-                log.warning(
-                    "round %d: none of %d online devices is available", round_, len(self.online)
-                )
+                log.warning("round %d: none of %d online devices is available", round_, len(online))
                 return []
-        k = max(1, math.ceil(self.plan.fraction * len(pool)))
-        rng = np.random.default_rng([self.seed, round_])
-        return sorted(rng.choice(pool, size=k, replace=False).tolist())
+        return policy.choose(
+            pool,
+            self.proven,
+            fraction=self.plan.fraction,
+            cap=policy.unproven_cap(self.plan.max_unproven, len(self.proven)),
+            rng=np.random.default_rng([self.seed, round_]),
+        )
 
     def broadcast(self, devices: list[str], weights: Params) -> int:
         """Publish this round's task to each device; returns downlink bytes."""
@@ -320,6 +368,7 @@ class Coordinator:
                 weights=weights,
                 deadline_s=self.plan.deadline_s,
                 codec=self.plan.codec,
+                end=self.end_commitment,
             )
             payload = wire.encode_task(task)
             topic = wire.task_topic(self.run, device)
@@ -368,6 +417,17 @@ class Coordinator:
                 )
         return self.plan.deadline_s if len(st.accepted) < len(st.selected) else slowest
 
+    def _round_over(self, st: _RoundState, t0: float, limit: float) -> bool:
+        now = time.monotonic()
+        return policy.round_over(
+            elapsed=now - t0,
+            deadline_s=limit,
+            waiting=st.selected - set(st.accepted) - st.lost,
+            proven=self.proven,
+            since_last_answer=now - (t0 if st.last_answer is None else st.last_answer),
+            quiet_s=self.plan.unproven_quiet_s,
+        )
+
     def run_round(self, round_: int) -> RoundResult:
         """One full round: select, broadcast, collect until all answered or the deadline, aggregate."""
         t0 = time.monotonic()
@@ -379,11 +439,13 @@ class Coordinator:
         self.nonces = {r: n for r, n in self.nonces.items() if r >= round_ - NONCE_ROUNDS}
         sent = self.tamper(round_, self.weights) if self.tamper else self.weights
         bytes_down = self.broadcast(selected, sent)
-        deadline = t0 + (self.collect_timeout_s if self.clock is not None else self.plan.deadline_s)
-        while st.waiting() and time.monotonic() < deadline:
+        limit = self.collect_timeout_s if self.clock is not None else self.plan.deadline_s
+        while not self._round_over(st, t0, limit):
             self.poll(0.05)
         virtual = self._drop_stragglers(st) if self.clock is not None else None
         self._state = None
+        self.proven |= set(st.accepted)
+        self.standing = policy.after_round(self.standing, selected, st.heard)
         updates = [(u.params, u.num_examples) for u in st.accepted.values()]
         if updates:
             agg = self.aggregate(updates)

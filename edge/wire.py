@@ -7,7 +7,16 @@ Every message is one tensor container (see ``edge.codec``, the safetensors layou
     edgeleak/<run>/update/<device>   device -> coordinator  Update: gradient or weight delta
     edgeleak/<run>/status/<device>   device -> all          JSON {"state": "online"|"offline", ...},
                                                             retained; "offline" is the last will
-    edgeleak/<run>/control           coordinator -> all     b"end" when the run is over
+    edgeleak/<run>/control           coordinator -> all     b"end <token>" when the run is over;
+                                                            b"hello": devices re-announce
+    edgeleak/any/status/<device>     device -> all          as status, for a device that is not
+                                                            pinned to a run (``ANY_RUN``)
+
+A device pinned to a run subscribes to its run's task and control topics; an unpinned one to
+``edgeleak/+/task/<device>`` and ``edgeleak/+/control``, and takes part in any run that sends it a
+task. Each task carries ``end``: the SHA-256 (hex) of the run's random 32-byte end token; the
+real ``end`` reveals the token, so a device accepts an ``end`` only for a run whose commitment
+it holds (``EndCommitments``), and a forged one is ignored.
 
 Decoding validates everything before use and raises ``WireError`` with a short ``reason``
 (counted by the coordinator) and a ``detail`` for people.
@@ -15,9 +24,12 @@ Decoding validates everything before use and raises ``WireError`` with a short `
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import os
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -30,6 +42,10 @@ SCHEMA_VERSION = 1
 TOPIC_PREFIX = "edgeleak"
 ALGORITHMS = ("fedsgd", "fedavg")
 UPDATE_KINDS = ("gradient", "delta")
+# The run segment of the status topic of devices not pinned to a run; never a run id.
+ANY_RUN = "any"
+HELLO = b"hello"  # control: every device of the run (and every unpinned one) re-announces
+END_TOKEN_BYTES = 32
 # MQTT caps a packet at 268,435,455 bytes; brokers usually allow far less. Checked before publish.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_STATUS_BYTES = 4096  # a status is a small JSON object
@@ -79,6 +95,20 @@ def status_topic(run: str, device: str) -> str:
 
 def control_topic(run: str) -> str:
     return f"{TOPIC_PREFIX}/{_check_segment(run, 'run')}/control"
+
+
+def device_filters(device: str, run: str | None) -> tuple[str, str]:
+    """The task and control topic filters a device subscribes to: its run's, or (``run=None``)
+    those of every run."""
+    if run is None:
+        any_run = f"{TOPIC_PREFIX}/+"
+        return f"{any_run}/task/{_check_segment(device, 'device')}", f"{any_run}/control"
+    return task_topic(run, device), control_topic(run)
+
+
+def lobby_status_topic(device: str) -> str:
+    """The run-independent status topic of a device that takes part in any run."""
+    return status_topic(ANY_RUN, device)
 
 
 def parse_topic(topic: str) -> tuple[str, str, str | None]:
@@ -145,6 +175,57 @@ def get_codec(name: str) -> Codec:
     return CODECS[name]
 
 
+# -- run end -----------------------------------------------------------------------------------
+
+
+def new_end_token() -> bytes:
+    """A run's secret end token (cryptographic randomness)."""
+    return secrets.token_bytes(END_TOKEN_BYTES)
+
+
+def end_commitment(token: bytes) -> str:
+    """What every task carries: the SHA-256 (hex) of the end token."""
+    return hashlib.sha256(token).hexdigest()
+
+
+def end_payload(token: bytes) -> bytes:
+    """The control message that ends a run by revealing its token."""
+    return b"end " + token.hex().encode()
+
+
+def _is_commitment(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+class EndCommitments:
+    """The end commitments a device (or a fleet worker, or an eavesdropper) received, per run;
+    ``accepts`` is the one check of an ``end`` message."""
+
+    def __init__(self) -> None:
+        self._by_run: dict[str, set[str]] = {}
+
+    def add(self, run: str, commitment: str) -> None:
+        self._by_run.setdefault(run, set()).add(commitment)
+
+    def forget(self, run: str) -> None:
+        self._by_run.pop(run, None)
+
+    def runs(self) -> list[str]:
+        return sorted(self._by_run)
+
+    def accepts(self, run: str, payload: bytes) -> bool:
+        """True only for ``end <token>`` whose token hashes to a commitment held for ``run``."""
+        held = self._by_run.get(run)
+        if not held or not payload.startswith(b"end ") or len(payload) != 4 + 2 * END_TOKEN_BYTES:
+            return False
+        try:
+            token = bytes.fromhex(payload[4:].decode("ascii"))
+        except ValueError:
+            return False
+        digest = end_commitment(token)
+        return any(hmac.compare_digest(digest, c) for c in held)
+
+
 # -- messages -----------------------------------------------------------------------------------
 
 
@@ -168,6 +249,8 @@ class Task:
     deadline_s: float = 60.0
     codec: str = "f32"
     nonce: str = field(default_factory=new_nonce)
+    # SHA-256 hex of the run's end token; by default one nobody holds the token of.
+    end: str = field(default_factory=lambda: end_commitment(new_end_token()))
 
 
 @dataclass(frozen=True)
@@ -202,6 +285,7 @@ def encode_task(task: Task) -> bytes:
         "deadline_s": repr(float(task.deadline_s)),
         "codec": task.codec,
         "nonce": task.nonce,
+        "end": task.end,
     }
     return write_tensors(get_codec(task.codec).encode(task.weights), meta)
 
@@ -350,7 +434,15 @@ def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_
         deadline_s=_float(meta, "deadline_s", lo=0.0, hi=MAX_DEADLINE_S),
         codec=codec.name,
         nonce=_nonce(meta),
+        end=_commitment(meta, "end"),
     )
+
+
+def _commitment(meta: Mapping[str, str], key: str) -> str:
+    v = _field(meta, key)
+    if not _is_commitment(v):
+        raise WireError("bad_field", f"{key}={v[:80]!r}: expected 64 lowercase hex digits")
+    return v
 
 
 def decode_update(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Update:
