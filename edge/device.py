@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge import wire
+from edge import protect, wire
 from edge.backends.base import Backend
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, running
-from edge.train import LocalResult, fedavg, fedsgd
+from edge.train import LocalResult
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,9 @@ class Device:
         on_trained: Callable[[TrainingRecord], None] | None = None,
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
         limits: TaskLimits | None = None,
+        public: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
+        """``public``: examples anyone may hold (the source of ``dummy:source=public``)."""
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
@@ -117,6 +119,7 @@ class Device:
         self.on_trained = on_trained
         self.max_message_bytes = max_message_bytes
         self.limits = limits or TaskLimits()
+        self.public = public
         self.rejected: dict[str, int] = {}
         self.rounds_done = 0
         self.last_round = -1  # the latest round this device answered
@@ -154,20 +157,22 @@ class Device:
             info["profile"] = self.profile
         return json.dumps(info, sort_keys=True).encode()
 
-    def train(self, task: wire.Task) -> LocalResult:
-        """Run the task's local training on this device's data."""
-        rng = np.random.default_rng([self.seed, task.round])
-        if task.algorithm == "fedsgd":
-            return fedsgd(self.backend, task.weights, self.x, self.y, task.batch_size, rng)
-        return fedavg(
+    def train(self, task: wire.Task, steps: tuple[protect.Protection, ...] = ()) -> LocalResult:
+        """Run the task's local training on this device's data with the protections ``steps``.
+
+        Batches are drawn from a generator seeded by (seed, round), noise and dummy examples
+        from a second one seeded by (seed, round, 1): every runtime gets the same of both."""
+        return protect.protected_training(
+            steps,
             self.backend,
             task.weights,
             self.x,
             self.y,
-            epochs=task.epochs,
-            batch_size=task.batch_size,
-            lr=task.lr,
-            rng=rng,
+            protect.LocalPlan(task.algorithm, task.epochs, task.batch_size, task.lr),
+            rng=np.random.default_rng([self.seed, task.round]),
+            noise_rng=np.random.default_rng([self.seed, task.round, 1]),
+            num_classes=self.artifact.manifest.num_classes,
+            public=self.public,
         )
 
     def refuse(self, err: wire.WireError) -> None:
@@ -198,10 +203,14 @@ class Device:
             return None
         try:
             task = self.accept(msg.payload)
+            steps = protect.parse(task.protect)
+            result = self.train(task, steps)
+        except protect.ProtectError as e:
+            self.refuse(wire.WireError("bad_protect", str(e)))
+            return None
         except wire.WireError as e:
             self.refuse(e)
             return None
-        result = self.train(task)
         if self.on_trained is not None:
             self.on_trained(TrainingRecord(self.run, task.round, self.device_id, result.used))
         update = wire.Update(
@@ -214,6 +223,7 @@ class Device:
             train_loss=result.train_loss,
             runtime=self.backend.name,
             codec=task.codec,
+            defence=protect.defence_json(steps),
         )
         payload = wire.encode_update(update)
         topic = wire.update_topic(self.run, self.device_id)

@@ -168,6 +168,7 @@ class Task:
     deadline_s: float = 60.0
     codec: str = "f32"
     nonce: str = field(default_factory=new_nonce)
+    protect: str = ""  # the run's client-side protections (edge.protect spec); "" for none
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,8 @@ def encode_task(task: Task) -> bytes:
         "codec": task.codec,
         "nonce": task.nonce,
     }
+    if task.protect:  # optional: tasks without protections keep their old bytes
+        meta["protect"] = task.protect
     return write_tensors(get_codec(task.codec).encode(task.weights), meta)
 
 
@@ -350,6 +353,7 @@ def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_
         deadline_s=_float(meta, "deadline_s", lo=0.0, hi=MAX_DEADLINE_S),
         codec=codec.name,
         nonce=_nonce(meta),
+        protect=meta.get("protect", ""),
     )
 
 
