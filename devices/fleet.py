@@ -239,6 +239,7 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int, parent_pid
                 profile=ds.profile,
                 on_trained=on_trained,
                 limits=spec.limits,
+                public=(data.x_test, data.y_test),  # held out from every device's data
             )
         )
     try:
