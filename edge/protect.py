@@ -277,9 +277,11 @@ def dummy_examples(
     like: np.ndarray,
     num_classes: int,
     public: tuple[np.ndarray, np.ndarray] | None,
+    shape: tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``m`` dummy examples: uniform noise in [min, max] of ``like`` with uniform labels, or ``m``
-    examples drawn without replacement from ``public``."""
+    examples drawn without replacement from ``public``; ``shape``: one example's shape (default
+    ``like.shape[1:]``)."""
     if source == "public":
         if public is None or len(public[0]) < m:
             have = 0 if public is None else len(public[0])
@@ -289,7 +291,7 @@ def dummy_examples(
         idx = rng.choice(len(public[0]), size=m, replace=False)
         return public[0][idx].astype(np.float32), public[1][idx].astype(np.int64)
     lo, hi = float(like.min()), float(like.max())
-    x = rng.uniform(lo, hi, size=(m, *like.shape[1:])).astype(np.float32)
+    x = rng.uniform(lo, hi, size=(m, *(shape or like.shape[1:]))).astype(np.float32)
     return x, rng.integers(0, num_classes, size=m).astype(np.int64)
 
 
