@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -161,7 +162,7 @@ class Device:
         """Run the task's local training on this device's data with the protections ``steps``.
 
         Batches are drawn from a generator seeded by (seed, round), noise and dummy examples
-        from a second one seeded by (seed, round, 1): every runtime gets the same of both."""
+        from ``noise_rng(round)``: every runtime gets the same of both."""
         return protect.protected_training(
             steps,
             self.backend,
@@ -170,7 +171,7 @@ class Device:
             self.y,
             protect.LocalPlan(task.algorithm, task.epochs, task.batch_size, task.lr),
             rng=np.random.default_rng([self.seed, task.round]),
-            noise_rng=np.random.default_rng([self.seed, task.round, 1]),
+            noise_rng=self.noise_rng(task.round),
             num_classes=self.artifact.manifest.num_classes,
             public=self.public,
         )
@@ -196,6 +197,13 @@ class Device:
             raise wire.WireError("stale_round", f"round {task.round} < {self.last_round}")
         self.limits.check(task, len(self.x))
         return task
+
+    def noise_rng(self, round_: int) -> np.random.Generator:
+        """The generator of this device's noise and dummies in ``round_``: seeded by (seed, round,
+        device id), so devices sharing a seed still draw different noise. Reproducible by design
+        (emulation, runtime parity); a real deployment keeps its device's seed secret."""
+        device = int.from_bytes(hashlib.sha256(self.device_id.encode()).digest()[:8], "little")
+        return np.random.default_rng([self.seed, round_, 1, device])
 
     def handle(self, msg: Received) -> Outgoing | None:
         """A task in, an update out; anything else is counted and dropped."""

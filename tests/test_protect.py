@@ -239,7 +239,7 @@ def test_device_update_under_dp_is_clipped_plus_noise(
     # the same batch, clipped, plus the device's seeded noise
     idx = minibatches(len(x), 8, np.random.default_rng([11, 3]))[0]
     g = protect.clip_l2(dev.backend.loss_and_grad(w0, x[idx], y[idx]).grads, 0.2)
-    noise = protect.gaussian_like(g, 0.1, np.random.default_rng([11, 3, 1]))
+    noise = protect.gaussian_like(g, 0.1, dev.noise_rng(3))
     for k in g:
         np.testing.assert_allclose(update.params[k], g[k] + noise[k], rtol=0, atol=1e-6)
     d = sum(v.size for v in g.values())
