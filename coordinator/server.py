@@ -10,15 +10,15 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
 from coordinator import policy
-from coordinator.aggregate import apply_update, get_aggregator
-from coordinator.store import MessageRow, RoundResult, RunStore
-from edge import wire
+from coordinator.aggregate import apply_update, central_dp_mean, get_aggregator
+from coordinator.store import MessageRow, PrivacyRow, RoundResult, RunStore
+from edge import protect, wire
 from edge.manifest import ModelArtifact
 from edge.mqtt import (
     QOS,
@@ -29,6 +29,9 @@ from edge.mqtt import (
     publish_packet_bytes,
     wait_until,
 )
+
+if TYPE_CHECKING:
+    from coordinator.accounting import PrivacyLedger
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class RoundPlan:
     max_examples: int = 100_000
     max_unproven: int = 0  # > 0: at most max(this, proven devices) unproven ones per round
     unproven_quiet_s: float = 0.0  # > 0: stop waiting for unproven devices after this quiet
+    protect: str = ""  # client-side protections (edge.protect spec), sent in every task
+    dp_delta: float = 1e-5  # δ at which ε is accounted (with a DP protection)
 
 
 @dataclass
@@ -122,6 +127,18 @@ class Coordinator:
         self.store = store
         self.plan = plan
         self.aggregate = get_aggregator(plan.aggregator)
+        self.protections = protect.parse(plan.protect)
+        self.dp = protect.dp_step(self.protections)
+        if isinstance(self.dp, protect.CentralDP) and plan.aggregator != "mean":
+            raise ValueError(
+                f"central_dp replaces the aggregator; use aggregator 'mean', not {plan.aggregator!r}"
+            )
+        self.privacy: PrivacyLedger | None = None
+        if self.dp is not None:
+            from coordinator.accounting import PrivacyLedger
+
+            sigma = protect.require_sigma(self.dp)
+            self.privacy = PrivacyLedger(self.dp, sigma, plan.dp_delta)
         self.evaluator = evaluator
         self.seed = seed
         self.clock = clock
@@ -369,6 +386,7 @@ class Coordinator:
                 deadline_s=self.plan.deadline_s,
                 codec=self.plan.codec,
                 end=self.end_commitment,
+                protect=self.plan.protect,
             )
             payload = wire.encode_task(task)
             topic = wire.task_topic(self.run, device)
@@ -448,7 +466,7 @@ class Coordinator:
         self.standing = policy.after_round(self.standing, selected, st.heard)
         updates = [(u.params, u.num_examples) for u in st.accepted.values()]
         if updates:
-            agg = self.aggregate(updates)
+            agg = self._aggregate(st, len(selected))
             kind = UPDATE_KIND[self.plan.algorithm]
             lr = self.plan.server_lr * (self.plan.lr if kind == "gradient" else 1.0)
             self.weights = apply_update(sent, agg, kind=kind, server_lr=lr)
@@ -476,4 +494,39 @@ class Coordinator:
             bytes_rejected=st.bytes_rejected,
         )
         self.store.add_round(self.run, result)
+        self._account(st)
         return result
+
+    def _aggregate(self, st: _RoundState, selected: int) -> Params:
+        """The plan's aggregator, or DP-FedAvg's noised mean under ``central_dp``."""
+        if isinstance(self.dp, protect.CentralDP):
+            ordered = [st.accepted[d].params for d in sorted(st.accepted)]
+            noise = protect.gaussian_like(
+                ordered[0],
+                protect.require_sigma(self.dp) * self.dp.clip,
+                np.random.default_rng(central_noise_seed(self.seed, st.round)),
+            )
+            return central_dp_mean(ordered, clip=self.dp.clip, noise=noise, denominator=selected)
+        return self.aggregate([(u.params, u.num_examples) for u in st.accepted.values()])
+
+    def _account(self, st: _RoundState) -> None:
+        """Add this round to every accepted device's privacy ledger; store each ε so far."""
+        if self.privacy is None:
+            return
+        for device in sorted(st.accepted):
+            examples = self.online.get(device, {}).get("examples")
+            if not isinstance(examples, int) or examples < 1:
+                # DP-SGD's sampling rate needs the shard size the device announced
+                examples = st.accepted[device].num_examples
+            self.privacy.record(
+                device, algorithm=self.plan.algorithm, examples=examples,
+                batch_size=self.plan.batch_size, epochs=self.plan.epochs,
+            )  # fmt: skip
+        rows = [PrivacyRow(b.device, b.mechanism, b.sigma, b.rounds, b.epsilon, b.delta)
+                for b in self.privacy.budgets()]  # fmt: skip
+        self.store.add_privacy(self.run, st.round, rows)
+
+
+def central_noise_seed(seed: int, round_: int) -> list[int]:
+    """The seed of the coordinator's central-DP noise in ``round_`` (reproducible runs)."""
+    return [seed, round_, 2]

@@ -26,6 +26,11 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS rejections (
     run TEXT, round INTEGER, device TEXT, topic TEXT, reason TEXT, detail TEXT, t REAL
 );
+CREATE TABLE IF NOT EXISTS privacy (
+    run TEXT, round INTEGER, device TEXT, mechanism TEXT, sigma REAL, rounds INTEGER,
+    epsilon REAL, delta REAL,
+    PRIMARY KEY (run, round, device)
+);
 CREATE INDEX IF NOT EXISTS messages_run_round ON messages (run, round);
 """
 
@@ -62,6 +67,18 @@ class MessageRow:
     bytes: int
     payload_bytes: int
     t: float
+
+
+@dataclass(frozen=True)
+class PrivacyRow:
+    """A device's cumulative privacy spend after a round (written by the coordinator)."""
+
+    device: str
+    mechanism: str
+    sigma: float
+    rounds: int
+    epsilon: float
+    delta: float
 
 
 class RunStore:
@@ -143,6 +160,26 @@ class RunStore:
              r.accuracy, r.loss, r.train_loss, r.seconds, r.virtual_seconds, r.bytes_rejected),
         )  # fmt: skip
         self.db.commit()
+
+    def add_privacy(self, run: str, round_: int, rows: list[PrivacyRow]) -> None:
+        """Each device's cumulative ε after ``round_`` (``epsilon`` may be ``inf`` for σ = 0)."""
+        self.db.executemany(
+            "INSERT OR REPLACE INTO privacy VALUES (?,?,?,?,?,?,?,?)",
+            [(run, round_, r.device, r.mechanism, r.sigma, r.rounds, r.epsilon, r.delta)
+             for r in rows],
+        )  # fmt: skip
+        self.db.commit()
+
+    def privacy(self, run: str) -> dict[str, dict[str, object]]:
+        """Each device's latest cumulative privacy row, by device."""
+        cur = self.db.execute(
+            "SELECT p.* FROM privacy p JOIN (SELECT device, MAX(round) r FROM privacy "
+            "WHERE run=? GROUP BY device) m ON p.device=m.device AND p.round=m.r "
+            "WHERE p.run=? ORDER BY p.device",
+            (run, run),
+        )
+        cols = [c[0] for c in cur.description]
+        return {row[2]: dict(zip(cols, row, strict=True)) for row in cur.fetchall()}
 
     def ledger_bytes(
         self,

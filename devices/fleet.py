@@ -259,6 +259,7 @@ def _worker(
                 on_trained=on_trained,
                 limits=spec.limits,
                 ends=ends,
+                public=(data.x_test, data.y_test),  # held out from every device's data
             )
         )
     try:

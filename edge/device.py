@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge import wire
+from edge import protect, wire
 from edge.backends.base import Backend
 from edge.manifest import ModelArtifact
 from edge.mqtt import (
@@ -26,7 +27,7 @@ from edge.mqtt import (
     make_client,
     publish_packet_bytes,
 )
-from edge.train import LocalResult, fedavg, fedsgd
+from edge.train import LocalResult
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,11 @@ class Device:
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
         limits: TaskLimits | None = None,
         ends: wire.EndCommitments | None = None,
+        public: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """``run=None``: not pinned, takes part in any run that sends it a task. ``ends`` may be
-        shared by the devices of one process (a fleet worker)."""
+        shared by the devices of one process (a fleet worker). ``public``: examples anyone may
+        hold (the source of ``dummy:source=public``)."""
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
@@ -147,6 +150,7 @@ class Device:
         self.max_message_bytes = max_message_bytes
         self.limits = limits or TaskLimits()
         self.ends = ends if ends is not None else wire.EndCommitments()
+        self.public = public
         self.rejected: dict[str, int] = {}
         self.rounds_done = 0
         self.updates: dict[str, int] = {}  # updates sent, per run
@@ -185,20 +189,22 @@ class Device:
             info["profile"] = self.profile
         return json.dumps(info, sort_keys=True).encode()
 
-    def train(self, task: wire.Task) -> LocalResult:
-        """Run the task's local training on this device's data."""
-        rng = np.random.default_rng([self.seed, task.round])
-        if task.algorithm == "fedsgd":
-            return fedsgd(self.backend, task.weights, self.x, self.y, task.batch_size, rng)
-        return fedavg(
+    def train(self, task: wire.Task, steps: tuple[protect.Protection, ...] = ()) -> LocalResult:
+        """Run the task's local training on this device's data with the protections ``steps``.
+
+        Batches are drawn from a generator seeded by (seed, round), noise and dummy examples
+        from ``noise_rng(round)``: every runtime gets the same of both."""
+        return protect.protected_training(
+            steps,
             self.backend,
             task.weights,
             self.x,
             self.y,
-            epochs=task.epochs,
-            batch_size=task.batch_size,
-            lr=task.lr,
-            rng=rng,
+            protect.LocalPlan(task.algorithm, task.epochs, task.batch_size, task.lr),
+            rng=np.random.default_rng([self.seed, task.round]),
+            noise_rng=self.noise_rng(task.round),
+            num_classes=self.artifact.manifest.num_classes,
+            public=self.public,
         )
 
     def refuse(self, err: wire.WireError) -> None:
@@ -224,6 +230,13 @@ class Device:
             raise wire.WireError("stale_round", f"round {task.round} < {last}")
         self.limits.check(task, len(self.x))
         return task
+
+    def noise_rng(self, round_: int) -> np.random.Generator:
+        """The generator of this device's noise and dummies in ``round_``: seeded by (seed, round,
+        device id), so devices sharing a seed still draw different noise. Reproducible by design
+        (emulation, runtime parity); a real deployment keeps its device's seed secret."""
+        device = int.from_bytes(hashlib.sha256(self.device_id.encode()).digest()[:8], "little")
+        return np.random.default_rng([self.seed, round_, 1, device])
 
     def _mine(self, msg: Received) -> tuple[str, str] | None:
         """(run, channel) of a message on one of this device's topics; None otherwise."""
@@ -265,11 +278,15 @@ class Device:
         t0 = time.monotonic()
         try:
             task = self.accept(msg.payload, run)
+            self.ends.add(task.run, task.end)
+            steps = protect.parse(task.protect)
+            result = self.train(task, steps)
+        except protect.ProtectError as e:
+            self.refuse(wire.WireError("bad_protect", str(e)))
+            return None
         except wire.WireError as e:
             self.refuse(e)
             return None
-        self.ends.add(task.run, task.end)
-        result = self.train(task)
         if self.on_trained is not None:
             self.on_trained(TrainingRecord(task.run, task.round, self.device_id, result.used))
         update = wire.Update(
@@ -282,6 +299,7 @@ class Device:
             train_loss=result.train_loss,
             runtime=self.backend.name,
             codec=task.codec,
+            defence=protect.defence_json(steps),
         )
         payload = wire.encode_update(update)
         topic = wire.update_topic(task.run, self.device_id)

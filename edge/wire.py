@@ -49,6 +49,7 @@ END_TOKEN_BYTES = 32
 # MQTT caps a packet at 268,435,455 bytes; brokers usually allow far less. Checked before publish.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_STATUS_BYTES = 4096  # a status is a small JSON object
+MAX_PROTECT_CHARS = 1024  # a task's protection spec
 NONCE_HEX = 24  # a nonce is 12 random bytes as lowercase hex
 _NONCE = re.compile(f"[0-9a-f]{{{NONCE_HEX}}}")
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
@@ -251,6 +252,7 @@ class Task:
     nonce: str = field(default_factory=new_nonce)
     # SHA-256 hex of the run's end token; by default one nobody holds the token of.
     end: str = field(default_factory=lambda: end_commitment(new_end_token()))
+    protect: str = ""  # the run's client-side protections (edge.protect spec); "" for none
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,8 @@ def encode_task(task: Task) -> bytes:
         "nonce": task.nonce,
         "end": task.end,
     }
+    if task.protect:  # optional: tasks without protections keep their old bytes
+        meta["protect"] = task.protect
     return write_tensors(get_codec(task.codec).encode(task.weights), meta)
 
 
@@ -435,7 +439,15 @@ def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_
         codec=codec.name,
         nonce=_nonce(meta),
         end=_commitment(meta, "end"),
+        protect=_protect(meta),
     )
+
+
+def _protect(meta: Mapping[str, str]) -> str:
+    v = meta.get("protect", "")
+    if len(v) > MAX_PROTECT_CHARS:
+        raise WireError("bad_field", f"protect: {len(v)} characters > {MAX_PROTECT_CHARS}")
+    return v
 
 
 def _commitment(meta: Mapping[str, str], key: str) -> str:

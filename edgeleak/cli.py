@@ -43,6 +43,8 @@ def _demo(args: argparse.Namespace) -> int:
     for f in dataclasses.fields(ExperimentConfig):
         if getattr(args, f.name) is not None:
             base[f.name] = getattr(args, f.name)
+    if isinstance(base.get("protect"), list):  # --protect is repeatable
+        base["protect"] = ";".join(base["protect"])
     cfg = ExperimentConfig.from_dict(base)
     if args.broker:
         checks.broker(args.broker)
@@ -75,6 +77,13 @@ def _demo(args: argparse.Namespace) -> int:
         f"{s['bytes_up'] / 1e6:.2f} MB up, {s['bytes_down'] / 1e6:.2f} MB down, "
         f"{s['seconds']:.1f} s, broker {s['broker']}"
     )
+    if s["privacy"]:
+        eps = [p["epsilon"] for p in s["privacy"].values()]
+        first = next(iter(s["privacy"].values()))
+        print(
+            f"privacy ({s['protect']}): ε per device {min(eps):.3g}..{max(eps):.3g} at "
+            f"δ={first['delta']:g} over the rounds each took part in (RDP, dp-accounting)"
+        )
     print(f"wrote {out}/run.db, {out}/summary.json, {out}/rounds.png")
     return 0
 
@@ -373,6 +382,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = ExperimentConfig()
     for f in dataclasses.fields(ExperimentConfig):
         value = getattr(defaults, f.name)
+        if f.name == "protect":
+            parser.add_argument(
+                "--protect", dest="protect", action="append",
+                help="a client-side protection, repeatable: dp:clip=C,sigma=S | "
+                "dpsgd:clip=C,sigma=S | central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
+            )  # fmt: skip
+            continue
         allowed = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f.name, type=type(value),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from devices.clock import VirtualClock, assign_profiles, measure_seconds_per_exa
 from devices.datasets import Dataset, load_dataset
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.partition import partition
-from edge import wire
+from edge import protect, wire
 from edge.backends import load_backend
 from edge.device import TaskLimits, task_steps
 from edge.manifest import ModelArtifact
@@ -60,14 +61,7 @@ def fleet_spec(
 ) -> FleetSpec:
     """Partition the training set; give each device a runtime and (with a clock) a profile,
     round-robin over the configured mixes."""
-    shards = partition(
-        labels,
-        cfg.devices,
-        scheme=cfg.partition,
-        alpha=cfg.alpha,
-        seed=cfg.seed,
-        min_size=cfg.batch_size or 1,
-    )
+    shards = device_shards(cfg, labels)
     runtimes = cfg.runtimes
     profiles = assign_profiles(cfg.devices, cfg.profile_names) if cfg.clock != "none" else None
     devices = tuple(
@@ -101,6 +95,45 @@ def fleet_spec(
         base_seconds_per_example=base,
         limits=limits,
     )
+
+
+def device_shards(cfg: ExperimentConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """Each device's example indices (deterministic in the config)."""
+    return partition(
+        labels,
+        cfg.devices,
+        scheme=cfg.partition,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+        min_size=cfg.batch_size or 1,
+    )
+
+
+def calibrate_protect(cfg: ExperimentConfig, shard_sizes: list[int]) -> ExperimentConfig:
+    """With ``dp_epsilon``: the config whose DP protection has the smallest σ that keeps every
+    device within (ε, δ) if it takes part in every round; ``ConfigError`` naming the fix when
+    no σ up to ``SIGMA_MAX`` can."""
+    steps = protect.parse(cfg.protect)
+    dp = protect.dp_step(steps)
+    if cfg.dp_epsilon <= 0 or dp is None:
+        return cfg
+    from coordinator.accounting import SIGMA_MAX, calibrate_sigma, run_epsilon
+
+    def eps(sigma: float) -> float:
+        return run_epsilon(
+            dp, sigma, cfg.dp_delta, rounds=cfg.rounds, algorithm=cfg.algorithm,
+            shard_sizes=shard_sizes, batch_size=cfg.batch_size, epochs=cfg.epochs,
+        )  # fmt: skip
+
+    try:
+        sigma = calibrate_sigma(eps, cfg.dp_epsilon, cfg.dp_delta)
+    except ValueError as e:
+        raise ConfigError(
+            f"{dp.name} over {cfg.rounds} rounds: {e}; ask for fewer --rounds or a larger "
+            f"--dp-epsilon (ε with σ={SIGMA_MAX:g}: {eps(SIGMA_MAX):.3g})"
+        ) from None
+    calibrated = [dataclasses.replace(s, sigma=sigma) if s is dp else s for s in steps]
+    return dataclasses.replace(cfg, protect=protect.format_spec(calibrated), dp_epsilon=0.0)
 
 
 def virtual_clock(
@@ -147,6 +180,8 @@ def round_plan(cfg: ExperimentConfig, *, max_unproven: int = 0, quiet_s: float =
         max_examples=cfg.max_examples,
         max_unproven=max_unproven,
         unproven_quiet_s=quiet_s,
+        protect=cfg.protect,
+        dp_delta=cfg.dp_delta,
     )
 
 
@@ -276,6 +311,11 @@ def run_coordinator(
         broker = parse_broker_url(broker_url)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if cfg.dp_epsilon > 0:
+        raise UsageError(
+            "--dp-epsilon calibrates σ from the fleet's shard sizes, which a coordinator of real "
+            "devices does not know: give σ in the protection (e.g. dp:clip=1,sigma=0.8)"
+        )
     run = run or new_run_id("run")
     if run == wire.ANY_RUN or not run or any(c in run for c in "/+#\0"):
         raise UsageError(f"--run {run!r}: expected an id without '/', '+', '#', other than 'any'")
@@ -320,9 +360,11 @@ def run_experiment(
 
     from export import export_model
 
+    data = load_dataset(cfg.dataset)
+    asked = cfg
+    cfg = calibrate_protect(cfg, [len(s) for s in device_shards(cfg, data.y_train)])
     out.mkdir(parents=True, exist_ok=True)
     run = run or new_run_id("demo")
-    data = load_dataset(cfg.dataset)
     artifact = export_model(
         cfg.model,
         out / "model",
@@ -367,6 +409,10 @@ def run_experiment(
                 cfg, setup, store, alongside=_spy_and_fleet(broker, run, capture, fleet),
                 restarts=lambda: fleet.restarts, on_round=advance,
             )  # fmt: skip
+    if asked.dp_epsilon > 0:
+        summary["dp_calibration"] = {
+            "epsilon": asked.dp_epsilon, "delta": asked.dp_delta, "protect": cfg.protect,
+        }  # fmt: skip
     if capture is not None:
         rows = attack_captures(
             capture, artifact, out / "attack", attacks=cfg.attacks, budget_s=cfg.attack_budget_s,
@@ -427,6 +473,8 @@ def build_summary(
         "final_accuracy": results[-1].accuracy if results else None,
         "seconds": round(seconds, 3),
         "rejections": store.rejection_counts(run),
+        "protect": cfg.protect,
+        "privacy": store.privacy(run),
         "config": cfg.to_dict(),
         "rounds": [{k: getattr(r, k) for k in keys} for r in results],
         "units": SUMMARY_UNITS,
