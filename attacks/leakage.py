@@ -104,3 +104,13 @@ def matched_images(
             if t >= 0:
                 out[int(t)] = reconstruction.images[r]
     return out
+
+
+def matched_labels(reconstruction: Reconstruction, report: LeakageReport) -> list[int | None]:
+    """Per true image, the label recovered with its matched reconstruction (None where none)."""
+    out: list[int | None] = [None] * report.num_truth
+    if reconstruction.images is not None and reconstruction.labels is not None:
+        for r, t in enumerate(report.truth_of):
+            if t >= 0 and r < len(reconstruction.labels):
+                out[int(t)] = int(reconstruction.labels[r])
+    return out

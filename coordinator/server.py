@@ -5,22 +5,34 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from coordinator.aggregate import apply_update, get_aggregator
-from coordinator.store import MessageRow, RoundResult, RunStore
-from edge import wire
+from coordinator import policy
+from coordinator.aggregate import apply_update, central_dp_mean, get_aggregator
+from coordinator.store import MessageRow, PrivacyRow, RoundResult, RunStore
+from edge import protect, wire
 from edge.codec import params_sha256
 from edge.manifest import ModelArtifact
-from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, wait_until
+from edge.mqtt import (
+    QOS,
+    BrokerAddress,
+    Received,
+    connect,
+    make_client,
+    publish_packet_bytes,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from coordinator.accounting import PrivacyLedger
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +41,14 @@ Evaluator = Callable[[Params], tuple[float, float]]
 # A dishonest coordinator: (round, global weights) -> the weights it actually ships.
 Tamper = Callable[[int, Params], Params]
 UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
+# Nonces of accepted updates are kept for the current round and this many before it; an older
+# update is a stale_round whatever its nonce.
+NONCE_ROUNDS = 2
+
+
+def new_run_id(prefix: str = "run") -> str:
+    """``<prefix>-<UTC time>-<8 random hex digits>``: sortable, and unpredictable (``secrets``)."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
 
 
 class RoundClock(Protocol):
@@ -53,15 +73,25 @@ class RoundPlan:
     server_lr: float = 1.0
     aggregator: str = "mean"
     codec: str = "f32"
+    # An update whose n is above this, or above the examples its device announced, is refused.
+    max_examples: int = 100_000
+    max_unproven: int = 0  # > 0: at most max(this, proven devices) unproven ones per round
+    unproven_quiet_s: float = 0.0  # > 0: stop waiting for unproven devices after this quiet
+    protect: str = ""  # client-side protections (edge.protect spec), sent in every task
+    dp_delta: float = 1e-5  # δ at which ε is accounted (with a DP protection)
 
 
 @dataclass
 class _RoundState:
     round: int
     selected: set[str]
+    heard: set[str] = field(default_factory=set)  # selected devices that sent an update
+    last_answer: float | None = None  # monotonic time of the last update from a selected device
     accepted: dict[str, wire.Update] = field(default_factory=dict)
     rejections: dict[str, int] = field(default_factory=dict)
-    bytes_up: int = 0
+    bytes_up: int = 0  # accepted updates only
+    bytes_rejected: int = 0  # rejected messages on the update and status topics
+    lost: set[str] = field(default_factory=set)  # selected devices that went offline
     down: dict[str, int] = field(default_factory=dict)  # packet bytes of each device's task
     up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
 
@@ -98,14 +128,33 @@ class Coordinator:
         self.store = store
         self.plan = plan
         self.aggregate = get_aggregator(plan.aggregator)
+        self.protections = protect.parse(plan.protect)
+        self.dp = protect.dp_step(self.protections)
+        if isinstance(self.dp, protect.CentralDP) and plan.aggregator != "mean":
+            raise ValueError(
+                f"central_dp replaces the aggregator; use aggregator 'mean', not {plan.aggregator!r}"
+            )
+        self.privacy: PrivacyLedger | None = None
+        if self.dp is not None:
+            from coordinator.accounting import PrivacyLedger
+
+            sigma = protect.require_sigma(self.dp)
+            self.privacy = PrivacyLedger(self.dp, sigma, plan.dp_delta)
         self.evaluator = evaluator
         self.seed = seed
         self.clock = clock
         self.tamper = tamper
         self.collect_timeout_s = collect_timeout_s
         self.weights: Params = weights if weights is not None else artifact.initial_params()
-        self.online: dict[str, dict[str, object]] = {}
-        self.nonces: set[str] = set()
+        if run == wire.ANY_RUN:
+            raise ValueError(f"run id {run!r} is reserved for devices not pinned to a run")
+        self.online: dict[str, dict[str, object]] = {}  # last online status of each device
+        self.announced: dict[str, int] = {}  # examples each device last said it holds
+        self.standing: dict[str, policy.Standing] = {}
+        self.proven: set[str] = set()
+        self._end_token = wire.new_end_token()
+        self.end_commitment = wire.end_commitment(self._end_token)
+        self.nonces: dict[int, set[str]] = {}  # round -> nonces of its accepted updates
         self.round = 0
         self._state: _RoundState | None = None
         self._inbox: queue.Queue[Received] = queue.Queue()
@@ -115,33 +164,47 @@ class Coordinator:
             f"coordinator-{run}",
             self._inbox,
             protocol=broker.protocol,
-            subscriptions=(f"{prefix}/update/+", f"{prefix}/status/+"),
+            subscriptions=(
+                f"{prefix}/update/+",
+                f"{prefix}/status/+",
+                f"{wire.TOPIC_PREFIX}/{wire.ANY_RUN}/status/+",
+            ),
             on_ready=self._ready,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def __enter__(self) -> Coordinator:
-        self.client.connect(self.broker.host, self.broker.port, keepalive=60)
+        connect(self.client, self.broker, keepalive=60)
         self.client.loop_start()
         wait_until(lambda: bool(self._ready), 10, "the coordinator's subscriptions")
+        self.hello()
         return self
+
+    def hello(self) -> None:
+        """Ask the devices on the broker to announce themselves live (see ``policy``)."""
+        self.client.publish(wire.control_topic(self.run), wire.HELLO, qos=QOS)
 
     def __exit__(self, *exc: object) -> None:
         self.client.disconnect()
         self.client.loop_stop()
 
     def end(self) -> None:
-        """Tell every device that the run is over."""
-        self.client.publish(wire.control_topic(self.run), b"end", qos=QOS).wait_for_publish(10)
+        """Tell every device that the run is over: reveal the token its tasks committed to."""
+        payload = wire.end_payload(self._end_token)
+        self.client.publish(wire.control_topic(self.run), payload, qos=QOS).wait_for_publish(10)
+
+    def eligible(self) -> list[str]:
+        """Devices a round may select now (``policy.eligible``)."""
+        return policy.eligible(self.standing)
 
     def wait_for_devices(self, n: int, timeout: float) -> None:
-        """Block until ``n`` devices announced themselves online."""
+        """Block until ``n`` devices are eligible (announced online live, not silent)."""
         end = time.monotonic() + timeout
-        while len(self.online) < n:
+        while len(self.eligible()) < n:
             if time.monotonic() > end:
                 raise TimeoutError(
-                    f"only {len(self.online)} of {n} devices came online in {timeout:.0f} s"
+                    f"only {len(self.eligible())} of {n} devices came online in {timeout:.0f} s"
                 )
             self.poll(0.05)
 
@@ -165,7 +228,10 @@ class Coordinator:
                 return
 
     def _ledger(self, msg: Received, device: str, kind: str) -> int:
+        """Record an incoming message; ``kind`` "rejected" keeps it apart from device traffic."""
         size = msg.packet_bytes
+        if kind == "rejected" and self._state is not None:
+            self._state.bytes_rejected += size
         self.store.add_messages(
             [
                 MessageRow(
@@ -193,35 +259,59 @@ class Coordinator:
         if channel == "status":
             self._on_status(msg, device)
         elif channel == "update":
-            size = self._ledger(msg, device, "update")
-            if self._state is not None:
-                self._state.bytes_up += size
+            st = self._state
+            if st is not None and device in st.selected:
+                st.heard.add(device)
+            if device in self.standing and self.standing[device].silent:
+                # a late answer: the device is there, only slow
+                self.standing[device] = policy.Standing(live=True, silent=False)
             try:
                 update = self._validate(msg, device)
             except wire.WireError as e:
+                self._ledger(msg, device, "rejected")
                 self._reject(msg.topic, device, e)
                 return
-            assert self._state is not None
-            self._state.accepted[device] = update
-            self._state.up[device] = size
+            assert st is not None
+            size = self._ledger(msg, device, "update")
+            st.bytes_up += size
+            st.accepted[device] = update
+            st.up[device] = size
+            st.last_answer = time.monotonic()
+            self.nonces.setdefault(st.round, set()).add(update.nonce)
 
     def _on_status(self, msg: Received, device: str) -> None:
-        if not msg.retain:
-            self._ledger(msg, device, "status")
         try:
+            if len(msg.payload) > wire.MAX_STATUS_BYTES:
+                raise ValueError(f"{len(msg.payload)} bytes > {wire.MAX_STATUS_BYTES}")
             status = json.loads(msg.payload)
+            if not isinstance(status, dict):
+                raise TypeError("not a JSON object")
             state = status["state"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
+            if not msg.retain:
+                self._ledger(msg, device, "rejected")
             self._reject(
                 msg.topic,
                 device,
                 wire.WireError("bad_status", msg.payload[:60].decode(errors="replace")),
             )
             return
-        if state == "online":
+        if not msg.retain:
+            self._ledger(msg, device, "status")
+        online = state == "online"
+        if online:
             self.online[device] = status
+            examples = status.get("examples")
+            self.announced[device] = examples if type(examples) is int and examples > 0 else 0
         else:
             self.online.pop(device, None)
+            if self._state is not None and device in self._state.selected:
+                self._state.lost.add(device)
+        new = policy.on_status(self.standing.get(device), online=online, retained=msg.retain)
+        if new is None:
+            self.standing.pop(device, None)
+        else:
+            self.standing[device] = new
 
     def _validate(self, msg: Received, device: str) -> wire.Update:
         update = wire.decode_update(msg.payload, self.manifest)
@@ -232,19 +322,25 @@ class Coordinator:
             raise wire.WireError(
                 "device_mismatch", f"metadata says {update.device!r}, topic {device!r}"
             )
-        if update.nonce in self.nonces:
-            raise wire.WireError("replayed_nonce", update.nonce)
-        self.nonces.add(update.nonce)
         if st is None or update.round < st.round:
             raise wire.WireError("stale_round", f"round {update.round}, current {self.round}")
         if update.round > st.round:
             raise wire.WireError("future_round", f"round {update.round}, current {st.round}")
         if device not in st.selected:
             raise wire.WireError("not_selected", f"{device} was not selected in round {st.round}")
+        if any(update.nonce in seen for seen in self.nonces.values()):
+            raise wire.WireError("replayed_nonce", update.nonce)
         if device in st.accepted:
             raise wire.WireError("duplicate", f"{device} already answered round {st.round}")
         if update.kind != UPDATE_KIND[self.plan.algorithm]:
             raise wire.WireError("bad_kind", f"{update.kind!r} in a {self.plan.algorithm} round")
+        limit = min(self.announced.get(device, 0), self.plan.max_examples)
+        if update.num_examples > limit:
+            raise wire.WireError(
+                "bad_examples",
+                f"n={update.num_examples} > {limit} (the device announced "
+                f"{self.announced.get(device, 0)}, max_examples {self.plan.max_examples})",
+            )
         return update
 
     def _reject(self, topic: str, device: str, err: wire.WireError) -> None:
@@ -256,21 +352,23 @@ class Coordinator:
     # -- rounds ---------------------------------------------------------------------------------
 
     def select(self, round_: int) -> list[str]:
-        """A seeded sample of ``fraction`` of the online devices (at least one); with a clock,
-        of those it says are available (possibly none)."""
-        pool = sorted(self.online)
+        """A seeded sample of ``fraction`` of the eligible devices (at least one), unproven ones
+        capped (``policy``); with a clock, of those it says are available (possibly none)."""
+        pool = online = self.eligible()
         if not pool:
             raise RuntimeError("no device is online: start devices (edgeleak device ...) first")
         if self.clock is not None:
             pool = [d for d in pool if self.clock.available(d, round_)]
             if not pool:
-                log.warning(
-                    "round %d: none of %d online devices is available", round_, len(self.online)
-                )
+                log.warning("round %d: none of %d online devices is available", round_, len(online))
                 return []
-        k = max(1, math.ceil(self.plan.fraction * len(pool)))
-        rng = np.random.default_rng([self.seed, round_])
-        return sorted(rng.choice(pool, size=k, replace=False).tolist())
+        return policy.choose(
+            pool,
+            self.proven,
+            fraction=self.plan.fraction,
+            cap=policy.unproven_cap(self.plan.max_unproven, len(self.proven)),
+            rng=np.random.default_rng([self.seed, round_]),
+        )
 
     def broadcast(self, devices: list[str], weights: Params) -> int:
         """Publish this round's task to each device; returns downlink bytes."""
@@ -288,6 +386,8 @@ class Coordinator:
                 weights=weights,
                 deadline_s=self.plan.deadline_s,
                 codec=self.plan.codec,
+                end=self.end_commitment,
+                protect=self.plan.protect,
             )
             payload = wire.encode_task(task)
             topic = wire.task_topic(self.run, device)
@@ -336,6 +436,17 @@ class Coordinator:
                 )
         return self.plan.deadline_s if len(st.accepted) < len(st.selected) else slowest
 
+    def _round_over(self, st: _RoundState, t0: float, limit: float) -> bool:
+        now = time.monotonic()
+        return policy.round_over(
+            elapsed=now - t0,
+            deadline_s=limit,
+            waiting=st.selected - set(st.accepted) - st.lost,
+            proven=self.proven,
+            since_last_answer=now - (t0 if st.last_answer is None else st.last_answer),
+            quiet_s=self.plan.unproven_quiet_s,
+        )
+
     def run_round(self, round_: int) -> RoundResult:
         """One full round: select, broadcast, collect until all answered or the deadline, aggregate."""
         t0 = time.monotonic()
@@ -344,18 +455,19 @@ class Coordinator:
         selected = self.select(round_)
         st = _RoundState(round_, set(selected))
         self._state = st
+        self.nonces = {r: n for r, n in self.nonces.items() if r >= round_ - NONCE_ROUNDS}
         sent = self.tamper(round_, self.weights) if self.tamper else self.weights
         bytes_down = self.broadcast(selected, sent)
-        deadline = t0 + (self.collect_timeout_s if self.clock is not None else self.plan.deadline_s)
-        while len(st.accepted) < len(selected) and time.monotonic() < deadline:
+        limit = self.collect_timeout_s if self.clock is not None else self.plan.deadline_s
+        while not self._round_over(st, t0, limit):
             self.poll(0.05)
         virtual = self._drop_stragglers(st) if self.clock is not None else None
         self._state = None
-        # Canonical order (device id): the aggregate does not depend on arrival order.
-        accepted = [st.accepted[d] for d in sorted(st.accepted)]
-        updates = [(u.params, u.num_examples) for u in accepted]
+        self.proven |= set(st.accepted)
+        self.standing = policy.after_round(self.standing, selected, st.heard)
+        updates = [(u.params, u.num_examples) for u in st.accepted.values()]
         if updates:
-            agg = self.aggregate(updates)
+            agg = self._aggregate(st, len(selected))
             kind = UPDATE_KIND[self.plan.algorithm]
             lr = self.plan.server_lr * (self.plan.lr if kind == "gradient" else 1.0)
             self.weights = apply_update(sent, agg, kind=kind, server_lr=lr)
@@ -376,7 +488,46 @@ class Coordinator:
             seconds=time.monotonic() - t0,
             rejections=dict(st.rejections),
             virtual_seconds=virtual,
+            bytes_rejected=st.bytes_rejected,
             model_sha256=params_sha256({k: self.weights[k] for k in self.manifest.param_names}),
         )
         self.store.add_round(self.run, result)
+        self._account(st)
         return result
+
+    def _aggregate(self, st: _RoundState, selected: int) -> Params:
+        """The plan's aggregator, or DP-FedAvg's noised mean under ``central_dp``."""
+        if isinstance(self.dp, protect.CentralDP):
+            ordered = [st.accepted[d].params for d in sorted(st.accepted)]
+            noise = protect.gaussian_like(
+                ordered[0],
+                protect.require_sigma(self.dp) * self.dp.clip,
+                np.random.default_rng(central_noise_seed(self.seed, st.round)),
+            )
+            return central_dp_mean(ordered, clip=self.dp.clip, noise=noise, denominator=selected)
+        # Canonical order (device id): the aggregate does not depend on arrival order.
+        return self.aggregate(
+            [(st.accepted[d].params, st.accepted[d].num_examples) for d in sorted(st.accepted)]
+        )
+
+    def _account(self, st: _RoundState) -> None:
+        """Add this round to every accepted device's privacy ledger; store each ε so far."""
+        if self.privacy is None:
+            return
+        for device in sorted(st.accepted):
+            examples = self.online.get(device, {}).get("examples")
+            if not isinstance(examples, int) or examples < 1:
+                # DP-SGD's sampling rate needs the shard size the device announced
+                examples = st.accepted[device].num_examples
+            self.privacy.record(
+                device, algorithm=self.plan.algorithm, examples=examples,
+                batch_size=self.plan.batch_size, epochs=self.plan.epochs,
+            )  # fmt: skip
+        rows = [PrivacyRow(b.device, b.mechanism, b.sigma, b.rounds, b.epsilon, b.delta)
+                for b in self.privacy.budgets()]  # fmt: skip
+        self.store.add_privacy(self.run, st.round, rows)
+
+
+def central_noise_seed(seed: int, round_: int) -> list[int]:
+    """The seed of the coordinator's central-DP noise in ``round_`` (reproducible runs)."""
+    return [seed, round_, 2]

@@ -21,19 +21,23 @@ import os
 import queue
 import resource
 import selectors
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from devices.orphans import die_with_parent
 from edge.backends import Backend, load_backend
-from edge.device import Device, Outgoing, TrainingRecord
+from edge.device import Device, Outgoing, TaskLimits, TrainingRecord
 from edge.manifest import ModelArtifact
-from edge.mqtt import QOS, BrokerAddress, Received, parse_broker_url
+from edge.mqtt import QOS, BrokerAddress, Received, connect, parse_broker_url
+from edge.wire import EndCommitments
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ class DeviceSpec:
 @dataclass(frozen=True)
 class FleetSpec:
     run: str
-    broker_url: str
+    broker_url: str = field(repr=False)  # may hold the broker password (BrokerAddress.secret_url)
     model_dir: str
     dataset: str
     devices: tuple[DeviceSpec, ...]
@@ -61,6 +65,14 @@ class FleetSpec:
     realtime: bool = False  # hold each update for its device profile's round time
     flops_per_example: float = 0.0  # the model's training cost (real-time mode)
     speed_scale: float = 1.0  # profile speeds relative to as cited (devices.clock)
+    limits: TaskLimits = field(default_factory=TaskLimits)  # what a task may ask of a device
+    max_restarts: int = 3  # a worker that dies is started again this many times at most
+
+
+class StopFlag(Protocol):
+    """``threading.Event`` or ``multiprocessing.Event``."""
+
+    def is_set(self) -> bool: ...
 
 
 # Seconds after a task's arrival before the device's update may be published.
@@ -129,10 +141,13 @@ def run_devices(
     broker: BrokerAddress,
     *,
     idle_exit_s: float | None = None,
+    stop: StopFlag | None = None,
     connect_batch: int = 50,
     hold: HoldFn | None = None,
 ) -> None:
-    """Run ``devices`` on one selector loop until their run's control topic says ``end``.
+    """Run ``devices`` on one selector loop until one of them accepts a genuine ``end`` (its
+    token matches a task's commitment: ``Device.ended``; forged ends are ignored) or ``stop``
+    is set (a worker none of whose devices got a task holds no commitment).
 
     With ``hold``, an update is published ``hold(device, task, update)`` seconds after its task
     arrived (at once if training took longer); updates still held at ``end`` are dropped.
@@ -141,20 +156,20 @@ def run_devices(
     inbox: queue.Queue[Received] = queue.Queue()
     loop = SelectorLoop()
     clients: dict[str, mqtt.Client] = {}
-    by_task_topic = {d.task_topic: d for d in devices}
+    by_id = {d.device_id: d for d in devices}
     for d in devices:
         c = d.client(inbox, broker.protocol)
         loop.add(c)
         clients[d.device_id] = c
     for i, c in enumerate(clients.values()):
-        c.connect(broker.host, broker.port, keepalive=120)
+        connect(c, broker, keepalive=120)
         if i % connect_batch == connect_batch - 1:
             loop.poll(0)  # let CONNACKs flow while the rest connect
     ended = False
     held: list[tuple[float, int, str, Outgoing]] = []  # (due, order, device, update): a heap
     order = itertools.count()
     last_misc = last_msg = time.monotonic()
-    while not ended:
+    while not ended and not (stop is not None and stop.is_set()):
         wait = 0.05 if not held else min(0.05, max(0.0, held[0][0] - time.monotonic()))
         loop.poll(0 if not inbox.empty() else wait)
         now = time.monotonic()
@@ -171,17 +186,19 @@ def run_devices(
                 break
             continue
         last_msg = now
-        if msg.topic.endswith("/control"):
-            ended = msg.payload == b"end"
-            continue
-        device = by_task_topic.get(msg.topic)
+        device = by_id.get(msg.client)
         if device is None:
             continue
-        update = device.handle(msg)
+        if device.ended(msg) is not None:
+            ended = True
+            continue
+        update = device.handle_safely(msg)
         if update is None:
             continue
-        if hold is None:
-            clients[device.device_id].publish(update.topic, update.payload, qos=QOS)
+        if hold is None or update.kind != "update":
+            clients[device.device_id].publish(
+                update.topic, update.payload, qos=QOS, retain=update.retain
+            )
         else:
             due = msg.t + hold(device, msg, update)
             heapq.heappush(held, (due, next(order), device.device_id, update))
@@ -202,7 +219,16 @@ def _flush(loop: SelectorLoop, clients: list[mqtt.Client], timeout: float) -> No
 # -- worker processes -----------------------------------------------------------------------------
 
 
-def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
+def _worker(
+    spec: FleetSpec,
+    shard: list[DeviceSpec],
+    worker_id: int,
+    parent_pid: int,
+    stop: StopFlag | None = None,
+) -> None:
+    die_with_parent(parent_pid)
+    # Ctrl-C in a terminal reaches the whole process group: the parent ends the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
     from devices.datasets import load_dataset
 
@@ -214,6 +240,7 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
         truth = open(Path(spec.truth_dir) / f"worker-{worker_id}.jsonl", "a")  # noqa: SIM115
 
     devices = []
+    ends = EndCommitments()  # one for the worker: its devices serve one run
     for ds in shard:
         if ds.runtime not in backends:
             backends[ds.runtime] = load_backend(ds.runtime, artifact)
@@ -231,10 +258,15 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int) -> None:
                 seed=ds.seed,
                 profile=ds.profile,
                 on_trained=on_trained,
+                limits=spec.limits,
+                ends=ends,
+                public=(data.x_test, data.y_test),  # held out from every device's data
             )
         )
     try:
-        run_devices(devices, parse_broker_url(spec.broker_url), hold=_realtime_hold(spec, shard))
+        run_devices(
+            devices, parse_broker_url(spec.broker_url), hold=_realtime_hold(spec, shard), stop=stop
+        )
     finally:
         if truth is not None:
             truth.close()
@@ -289,7 +321,13 @@ def read_truth(truth_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class Fleet:
-    """Start the fleet's worker processes for the block; they exit on the run's ``end``."""
+    """Start the fleet's worker processes for the block; they exit on the run's ``end``, and at
+    the latest when the block ends.
+
+    A worker that dies (crash, kill) is started again with the same devices, up to
+    ``spec.max_restarts`` times: its devices miss the round they were in, then come back online.
+    Workers die with this process, even when it is killed with SIGKILL.
+    """
 
     def __init__(self, spec: FleetSpec) -> None:
         if not spec.devices:
@@ -301,28 +339,68 @@ class Fleet:
             )
         self.spec = spec
         self.procs: list[mp.process.BaseProcess] = []
+        self.restarts = 0  # workers started again after dying
+        self._restarts: list[int] = []
+        self._stopping = threading.Event()  # no more restarts
+        self._lock = threading.Lock()  # a restart and the stop do not interleave
+        self._done = threading.Event()  # every worker joined: the watcher may end
+        self._watcher: threading.Thread | None = None
+        self._stop = mp.get_context("spawn").Event()  # tells the workers the block is over
+
+    def _start(self, w: int) -> mp.process.BaseProcess:
+        n = max(1, min(self.spec.workers, len(self.spec.devices)))
+        shard = list(self.spec.devices[w::n])
+        p = mp.get_context("spawn").Process(
+            target=_worker,
+            args=(self.spec, shard, w, os.getpid(), self._stop),
+            name=f"fleet-{w}",
+            daemon=True,
+        )
+        p.start()
+        return p
 
     def __enter__(self) -> Fleet:
         n = max(1, min(self.spec.workers, len(self.spec.devices)))
-        ctx = mp.get_context("spawn")
         if self.spec.truth_dir:
             os.makedirs(self.spec.truth_dir, exist_ok=True)
-        for w in range(n):
-            shard = list(self.spec.devices[w::n])
-            p = ctx.Process(
-                target=_worker, args=(self.spec, shard, w), name=f"fleet-{w}", daemon=True
-            )
-            p.start()
-            self.procs.append(p)
+        self.procs = [self._start(w) for w in range(n)]
+        self._restarts = [0] * n
+        # The watcher starts the restarted workers, so it lives until they are joined
+        # (a Linux parent-death signal follows the thread that started the child).
+        self._watcher = threading.Thread(target=self._watch, name="fleet-watch", daemon=True)
+        self._watcher.start()
         return self
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.2):
+            for w, p in enumerate(self.procs):
+                if p.exitcode in (None, 0) or self._restarts[w] >= self.spec.max_restarts:
+                    continue
+                with self._lock:
+                    if self._stopping.is_set():
+                        break
+                    self._restarts[w] += 1
+                    self.restarts += 1
+                    log.warning(
+                        "fleet worker %d exited with %s; starting it again (%d of %d)",
+                        w, p.exitcode, self._restarts[w], self.spec.max_restarts,
+                    )  # fmt: skip
+                    self.procs[w] = self._start(w)
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
 
-    def __exit__(self, *exc: object) -> None:
-        for p in self.procs:
-            p.join(timeout=30)
-        for p in self.procs:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        with self._lock:
+            self._stopping.set()
+        self._stop.set()  # the run is over for this fleet, whether or not its end arrived
+        if exc_type is None:
+            for p in list(self.procs):
+                p.join(timeout=30)
+        for p in list(self.procs):
             if p.is_alive():
                 p.terminate()
                 p.join(5)
+        self._done.set()
+        if self._watcher is not None:
+            self._watcher.join(5)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass
 
@@ -26,7 +28,12 @@ _DTYPES: dict[str, np.dtype] = {
 }
 _TAGS: dict[np.dtype, str] = {dt: tag for tag, dt in _DTYPES.items()}
 
-MAX_HEADER_BYTES = 16 * 1024 * 1024
+# A header holds tensor entries and string metadata: a large model's is tens of KB, and its JSON
+# is 3 levels deep (object, entry, shape). Both are checked before the JSON is parsed.
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_HEADER_DEPTH = 8
+MAX_RANK = 8
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 class CodecError(ValueError):
@@ -100,17 +107,44 @@ class TensorEntry:
     end: int
 
 
-def read_header(buf: bytes | memoryview) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
+def json_depth(text: bytes) -> int:
+    """Deepest nesting of ``[`` and ``{`` outside JSON strings (no recursion, linear time)."""
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', text), dtype=np.uint8)
+    if bare.size == 0:
+        return 0
+    step = np.isin(bare, (ord("["), ord("{"))).astype(np.int64)
+    step -= np.isin(bare, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max())
+
+
+def _shape(value: object) -> tuple[int, ...] | None:
+    """A tensor shape: a list of at most ``MAX_RANK`` non-negative ints (bools are not ints)."""
+    if not isinstance(value, list) or len(value) > MAX_RANK:
+        return None
+    if not all(type(s) is int and s >= 0 for s in value):
+        return None
+    return tuple(value)
+
+
+def read_header(
+    buf: bytes | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
     """Parse and validate the header: (tensor entries, metadata, data start offset)."""
     if len(buf) < 8:
         raise CodecError("not_container", f"{len(buf)} bytes; a container has at least 8")
     (hlen,) = struct.unpack_from("<Q", buf, 0)
-    if hlen > MAX_HEADER_BYTES or 8 + hlen > len(buf):
+    if 8 + hlen > len(buf):
         raise CodecError(
             "not_container", f"header length {hlen} does not fit a {len(buf)}-byte buffer"
         )
+    if hlen > max_header_bytes:
+        raise CodecError("oversize", f"header of {hlen} bytes > limit {max_header_bytes}")
+    raw = bytes(buf[8 : 8 + hlen])
+    depth = json_depth(raw)
+    if depth > MAX_HEADER_DEPTH:
+        raise CodecError("bad_header", f"header JSON nests {depth} deep > {MAX_HEADER_DEPTH}")
     try:
-        header = json.loads(bytes(buf[8 : 8 + hlen]))
+        header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CodecError("not_container", f"header is not JSON ({e})") from None
     if not isinstance(header, dict):
@@ -128,25 +162,30 @@ def read_header(buf: bytes | memoryview) -> tuple[dict[str, TensorEntry], dict[s
                 "not_container", f"tensor {name!r}: expected dtype, shape, data_offsets"
             )
         tag, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if tag not in _DTYPES:
-            raise CodecError("bad_dtype", f"tensor {name!r} has dtype {tag!r}")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise CodecError("bad_shape", f"tensor {name!r} has shape {shape!r}")
+        if not isinstance(tag, str) or tag not in _DTYPES:
+            raise CodecError("bad_dtype", f"tensor {name!r} has dtype {str(tag)[:40]!r}")
+        dims = _shape(shape)
+        if dims is None:
+            raise CodecError(
+                "bad_shape",
+                f"tensor {name!r} has shape {str(shape)[:80]}; "
+                f"expected a list of at most {MAX_RANK} non-negative integers",
+            )
         if not (
             isinstance(offs, list)
             and len(offs) == 2
-            and all(isinstance(o, int) for o in offs)
+            and all(type(o) is int for o in offs)
             and 0 <= offs[0] <= offs[1] <= data_len
         ):
             raise CodecError(
-                "not_container", f"tensor {name!r} has offsets {offs!r} outside the data"
+                "not_container", f"tensor {name!r} has offsets {str(offs)[:80]} outside the data"
             )
-        n = int(np.prod(shape, dtype=np.int64)) * _DTYPES[tag].itemsize
+        n = math.prod(dims) * _DTYPES[tag].itemsize  # Python ints: no overflow
         if offs[1] - offs[0] != n:
             raise CodecError(
-                "bad_shape", f"tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape}"
+                "bad_shape", f"tensor {name!r}: {offs[1] - offs[0]} bytes for shape {list(dims)}"
             )
-        entries[name] = TensorEntry(_DTYPES[tag], tuple(shape), offs[0], offs[1])
+        entries[name] = TensorEntry(_DTYPES[tag], dims, offs[0], offs[1])
     spans = sorted((e.begin, e.end) for e in entries.values())
     for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         if start < end:

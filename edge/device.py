@@ -2,29 +2,98 @@
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge import wire
+from edge import protect, wire
 from edge.backends.base import Backend
 from edge.manifest import ModelArtifact
-from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, running
-from edge.train import LocalResult, device_rng, fedavg, fedsgd
+from edge.mqtt import (
+    QOS,
+    BrokerAddress,
+    Received,
+    connect_with_backoff,
+    make_client,
+    publish_packet_bytes,
+)
+from edge.train import LocalResult, device_rng
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Outgoing:
+    """A message the device wants published: an update (with what it reports of the round),
+    or its retained ``online`` status again."""
+
     topic: str
     payload: bytes
+    kind: str = "update"  # or "status"
+    retain: bool = False
+    run: str = ""
+    round: int = 0
+    examples: int = 0
+    loss: float = math.nan
+    packet_bytes: int = 0
+    seconds: float = 0.0
+
+    def line(self, device: str) -> str:
+        """One printed line per round: round, examples, loss, bytes up, seconds."""
+        return (
+            f"device {device}: run {self.run} round {self.round}: {self.examples} examples, "
+            f"loss {self.loss:.4f}, {self.packet_bytes} bytes up, {self.seconds:.2f} s"
+        )
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """The most a task may ask of this device; a task above any is refused (``over_limit``)."""
+
+    max_epochs: int = 10
+    max_batch_size: int = 1024
+    max_steps: int = 10_000  # SGD steps (one backend call each) one task may cost
+
+    def __post_init__(self) -> None:
+        for name in ("max_epochs", "max_batch_size", "max_steps"):
+            v = getattr(self, name)
+            if type(v) is not int or v < 1:
+                raise ValueError(f"{name}={v!r}: expected an integer >= 1")
+
+    def check(self, task: wire.Task, examples: int) -> None:
+        """Raise ``WireError("over_limit")`` if ``task`` on ``examples`` examples is too much."""
+        if task.epochs > self.max_epochs:
+            raise wire.WireError("over_limit", f"epochs {task.epochs} > max {self.max_epochs}")
+        if task.batch_size > self.max_batch_size:
+            raise wire.WireError(
+                "over_limit", f"batch_size {task.batch_size} > max {self.max_batch_size}"
+            )
+        steps = task_steps(task.algorithm, task.epochs, task.batch_size, examples)
+        if steps > self.max_steps:
+            raise wire.WireError("over_limit", f"{steps} SGD steps > max {self.max_steps}")
+
+
+def task_steps(algorithm: str, epochs: int, batch_size: int, examples: int) -> int:
+    """SGD steps a task costs on ``examples`` examples: 1 for FedSGD, epochs × batches for FedAvg
+    (``batch_size`` 0 is one batch of everything)."""
+    if algorithm == "fedsgd":
+        return 1
+    per_epoch = 1 if batch_size <= 0 else math.ceil(examples / batch_size)
+    return epochs * per_epoch
+
+
+# How many task nonces a device remembers to refuse a replayed task.
+SEEN_NONCES = 256
 
 
 @dataclass(frozen=True)
@@ -43,7 +112,7 @@ class Device:
     def __init__(
         self,
         device_id: str,
-        run: str,
+        run: str | None,
         artifact: ModelArtifact,
         backend: Backend,
         x: np.ndarray,
@@ -53,7 +122,13 @@ class Device:
         profile: str = "",
         on_trained: Callable[[TrainingRecord], None] | None = None,
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
+        limits: TaskLimits | None = None,
+        ends: wire.EndCommitments | None = None,
+        public: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
+        """``run=None``: not pinned, takes part in any run that sends it a task. ``ends`` may be
+        shared by the devices of one process (a fleet worker). ``public``: examples anyone may
+        hold (the source of ``dummy:source=public``)."""
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
@@ -73,20 +148,26 @@ class Device:
         self.profile = profile
         self.on_trained = on_trained
         self.max_message_bytes = max_message_bytes
+        self.limits = limits or TaskLimits()
+        self.ends = ends if ends is not None else wire.EndCommitments()
+        self.public = public
         self.rejected: dict[str, int] = {}
         self.rounds_done = 0
-
-    @property
-    def task_topic(self) -> str:
-        return wire.task_topic(self.run, self.device_id)
+        self.updates: dict[str, int] = {}  # updates sent, per run
+        self.last_round: dict[str, int] = {}  # the latest round answered, per run
+        self._seen: collections.deque[str] = collections.deque(maxlen=SEEN_NONCES)
 
     @property
     def status_topic(self) -> str:
+        if self.run is None:
+            return wire.lobby_status_topic(self.device_id)
         return wire.status_topic(self.run, self.device_id)
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
-        return (self.task_topic, wire.control_topic(self.run))
+        """Task and control topics of its run (any run when not pinned), and its own status
+        topic: a forged ``offline`` there is answered with ``online`` again."""
+        return (*wire.device_filters(self.device_id, self.run), self.status_topic)
 
     def client(self, inbox: queue.Queue[Received], protocol: int) -> mqtt.Client:
         """This device's MQTT client: its id, its subscriptions, "online" once subscribed,
@@ -108,41 +189,108 @@ class Device:
             info["profile"] = self.profile
         return json.dumps(info, sort_keys=True).encode()
 
-    def train(self, task: wire.Task) -> LocalResult:
-        """Run the task's local training on this device's data; randomness from (seed, id, round)."""
-        rng = device_rng(self.seed, self.device_id, task.round)
-        if task.algorithm == "fedsgd":
-            return fedsgd(self.backend, task.weights, self.x, self.y, task.batch_size, rng)
-        return fedavg(
+    def train(self, task: wire.Task, steps: tuple[protect.Protection, ...] = ()) -> LocalResult:
+        """Run the task's local training on this device's data with the protections ``steps``.
+
+        Batches are drawn from a generator seeded by (seed, device id, round), noise and dummies
+        from ``noise_rng(round)``: every runtime gets the same of both."""
+        return protect.protected_training(
+            steps,
             self.backend,
             task.weights,
             self.x,
             self.y,
-            epochs=task.epochs,
-            batch_size=task.batch_size,
-            lr=task.lr,
-            rng=rng,
+            protect.LocalPlan(task.algorithm, task.epochs, task.batch_size, task.lr),
+            rng=device_rng(self.seed, self.device_id, task.round),
+            noise_rng=self.noise_rng(task.round),
+            num_classes=self.artifact.manifest.num_classes,
+            public=self.public,
         )
 
-    def handle(self, msg: Received) -> Outgoing | None:
-        """A task in, an update out; anything else is counted and dropped."""
-        if msg.topic != self.task_topic:
-            return None
+    def refuse(self, err: wire.WireError) -> None:
+        """Count a refused task and say why in one log line."""
+        self.rejected[err.reason] = self.rejected.get(err.reason, 0) + 1
+        log.warning("device %s rejected a task: %s", self.device_id, str(err)[:300])
+
+    def accept(self, payload: bytes, run: str) -> wire.Task:
+        """The task in ``payload``, received on run ``run``'s topic, if this device should run
+        it; ``WireError`` saying why not."""
+        task = wire.decode_task(payload, self.artifact.manifest)
+        if task.run != run or task.device != self.device_id:
+            raise wire.WireError("not_mine", f"task for {task.run[:40]}/{task.device[:40]}")
+        if task.model_hash != self.artifact.manifest.sha256:
+            raise wire.WireError("model_mismatch", f"task model {task.model_hash[:12]}")
+        if task.nonce in self._seen:
+            raise wire.WireError("replayed_nonce", f"task nonce {task.nonce} was seen before")
+        self._seen.append(task.nonce)
+        last = self.last_round.get(task.run, -1)
+        if task.round == last:
+            raise wire.WireError("duplicate", f"round {task.round} was already answered")
+        if task.round < last:
+            raise wire.WireError("stale_round", f"round {task.round} < {last}")
+        self.limits.check(task, len(self.x))
+        return task
+
+    def noise_rng(self, round_: int) -> np.random.Generator:
+        """The generator of this device's noise and dummies in ``round_``: seeded by (seed, round,
+        device id), so devices sharing a seed still draw different noise. Reproducible by design
+        (emulation, runtime parity); a real deployment keeps its device's seed secret."""
+        device = int.from_bytes(hashlib.sha256(self.device_id.encode()).digest()[:8], "little")
+        return np.random.default_rng([self.seed, round_, 1, device])
+
+    def _mine(self, msg: Received) -> tuple[str, str] | None:
+        """(run, channel) of a message on one of this device's topics; None otherwise."""
         try:
-            task = wire.decode_task(msg.payload, self.artifact.manifest)
-            if task.run != self.run or task.device != self.device_id:
-                raise wire.WireError("not_mine", f"task for {task.run}/{task.device}")
-            if task.model_hash != self.artifact.manifest.sha256:
-                raise wire.WireError("model_mismatch", f"task model {task.model_hash[:12]}")
-        except wire.WireError as e:
-            self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
-            log.warning("device %s rejected a task: %s", self.device_id, e)
+            run, channel, device = wire.parse_topic(msg.topic)
+        except wire.WireError:
             return None
-        result = self.train(task)
+        if self.run is not None and run != self.run and channel != "status":
+            return None
+        if channel == "control" or (channel in ("task", "status") and device == self.device_id):
+            return run, channel
+        return None
+
+    def ended(self, msg: Received) -> str | None:
+        """The run a genuine ``end`` ends (its token matches a commitment of a task this device
+        received; that run's state is forgotten); None for anything else, forged ends included."""
+        where = self._mine(msg)
+        if where is None or where[1] != "control" or not self.ends.accepts(where[0], msg.payload):
+            return None
+        self.ends.forget(where[0])
+        return where[0]
+
+    def _announce(self) -> Outgoing:
+        return Outgoing(self.status_topic, self.status("online"), kind="status", retain=True)
+
+    def handle(self, msg: Received) -> Outgoing | None:
+        """A task in, an update out; ``hello`` on a control topic, or any status of its own that
+        is not its ``online`` (a forged ``offline``), in: its ``online`` status out. Anything
+        else is dropped; a bad task is counted."""
+        where = self._mine(msg)
+        if where is None:
+            return None
+        run, channel = where
+        if channel == "control":
+            return self._announce() if msg.payload == wire.HELLO else None
+        if channel == "status":
+            on_own = msg.topic == self.status_topic
+            return self._announce() if on_own and msg.payload != self.status("online") else None
+        t0 = time.monotonic()
+        try:
+            task = self.accept(msg.payload, run)
+            self.ends.add(task.run, task.end)
+            steps = protect.parse(task.protect)
+            result = self.train(task, steps)
+        except protect.ProtectError as e:
+            self.refuse(wire.WireError("bad_protect", str(e)))
+            return None
+        except wire.WireError as e:
+            self.refuse(e)
+            return None
         if self.on_trained is not None:
-            self.on_trained(TrainingRecord(self.run, task.round, self.device_id, result.used))
+            self.on_trained(TrainingRecord(task.run, task.round, self.device_id, result.used))
         update = wire.Update(
-            run=self.run,
+            run=task.run,
             round=task.round,
             device=self.device_id,
             kind=result.kind,
@@ -151,9 +299,10 @@ class Device:
             train_loss=result.train_loss,
             runtime=self.backend.name,
             codec=task.codec,
+            defence=protect.defence_json(steps),
         )
         payload = wire.encode_update(update)
-        topic = wire.update_topic(self.run, self.device_id)
+        topic = wire.update_topic(task.run, self.device_id)
         size = publish_packet_bytes(topic, len(payload), QOS)
         if size > self.max_message_bytes:
             # paho would retry an over-size packet forever after the broker drops the connection.
@@ -165,7 +314,22 @@ class Device:
             )
             return None
         self.rounds_done += 1
-        return Outgoing(topic, payload)
+        self.last_round[task.run] = task.round
+        self.updates[task.run] = self.updates.get(task.run, 0) + 1
+        return Outgoing(
+            topic, payload, run=task.run, round=task.round, examples=result.num_examples,
+            loss=result.train_loss, packet_bytes=size, seconds=time.monotonic() - t0,
+        )  # fmt: skip
+
+    def handle_safely(self, msg: Received) -> Outgoing | None:
+        """``handle``, but an unexpected error is logged and counted (``internal_error``) and the
+        device carries on."""
+        try:
+            return self.handle(msg)
+        except Exception as e:  # a message must never take the device down
+            log.exception("device %s: error while handling %s", self.device_id, msg.topic)
+            self.refuse(wire.WireError("internal_error", repr(e)))
+            return None
 
 
 def run_device(
@@ -173,25 +337,55 @@ def run_device(
     broker: BrokerAddress,
     *,
     stop: threading.Event | None = None,
-    exit_on_end: bool = True,
+    exit_on_end: bool = False,
+    say: Callable[[str], None] = log.info,
+    backoff_s: tuple[float, float] = (1.0, 30.0),
 ) -> None:
-    """Run one device on its own MQTT connection until the run's control topic says ``end``."""
+    """Run one device on its own MQTT connection until ``stop`` (or, with ``exit_on_end``, the
+    first genuine ``end``); ``say`` gets one line per round and per ended run.
+
+    The broker may be down at start and may restart: connecting and reconnecting back off
+    exponentially from ``backoff_s[0]`` up to ``backoff_s[1]`` seconds."""
     inbox: queue.Queue[Received] = queue.Queue()
     client = device.client(inbox, broker.protocol)
+    client.reconnect_delay_set(max(1, round(backoff_s[0])), max(1, round(backoff_s[1])))
     stop = stop or threading.Event()
-    with running(client, broker):
+    if not connect_with_backoff(
+        client, broker, stop=stop, say=say, initial_s=backoff_s[0], cap_s=backoff_s[1]
+    ):
+        return
+    client.loop_start()
+    try:
         while not stop.is_set():
             try:
                 msg = inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if msg.topic == wire.control_topic(device.run):
-                if msg.payload == b"end" and exit_on_end:
+            run = device.ended(msg)
+            if run is not None:
+                n = device.updates.pop(run, 0)
+                say(f"device {device.device_id}: run {run} ended after {n} updates")
+                if exit_on_end:
                     break
                 continue
-            out = device.handle(msg)
-            if out is not None:
-                client.publish(out.topic, out.payload, qos=QOS).wait_for_publish(timeout=60)
-        client.publish(
-            device.status_topic, device.status("offline"), qos=QOS, retain=True
-        ).wait_for_publish(5)
+            out = device.handle_safely(msg)
+            if out is None:
+                continue
+            _send(client, out.topic, out.payload, retain=out.retain, timeout=60)
+            if out.kind == "update":
+                say(out.line(device.device_id))
+    finally:
+        if client.is_connected():
+            _send(client, device.status_topic, device.status("offline"), retain=True, timeout=5)
+        client.disconnect()
+        client.loop_stop()
+
+
+def _send(client: mqtt.Client, topic: str, payload: bytes, *, retain: bool, timeout: float) -> None:
+    """Publish at QoS 1 and wait for the PUBACK; while the broker is away, paho keeps the
+    message and sends it after reconnecting."""
+    info = client.publish(topic, payload, qos=QOS, retain=retain)
+    try:
+        info.wait_for_publish(timeout)
+    except RuntimeError as e:
+        log.warning("%s: %s; it goes out when the broker is back", topic, e)

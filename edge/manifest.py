@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,10 +95,19 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError(f"manifest: expected a JSON object, got {type(d).__name__}")
         if d.get("version") != MANIFEST_VERSION:
             raise ValueError(
                 f"manifest version {d.get('version')!r} is not supported; expected {MANIFEST_VERSION}"
             )
+        try:
+            return cls._from_dict(d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"manifest: missing or malformed field ({e!r})") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> Manifest:
         return cls(
             model=str(d["model"]),
             input_shape=tuple(int(s) for s in d["input_shape"]),

@@ -7,7 +7,16 @@ Every message is one tensor container (see ``edge.codec``, the safetensors layou
     edgeleak/<run>/update/<device>   device -> coordinator  Update: gradient or weight delta
     edgeleak/<run>/status/<device>   device -> all          JSON {"state": "online"|"offline", ...},
                                                             retained; "offline" is the last will
-    edgeleak/<run>/control           coordinator -> all     b"end" when the run is over
+    edgeleak/<run>/control           coordinator -> all     b"end <token>" when the run is over;
+                                                            b"hello": devices re-announce
+    edgeleak/any/status/<device>     device -> all          as status, for a device that is not
+                                                            pinned to a run (``ANY_RUN``)
+
+A device pinned to a run subscribes to its run's task and control topics; an unpinned one to
+``edgeleak/+/task/<device>`` and ``edgeleak/+/control``, and takes part in any run that sends it a
+task. Each task carries ``end``: the SHA-256 (hex) of the run's random 32-byte end token; the
+real ``end`` reveals the token, so a device accepts an ``end`` only for a run whose commitment
+it holds (``EndCommitments``), and a forged one is ignored.
 
 Decoding validates everything before use and raises ``WireError`` with a short ``reason``
 (counted by the coordinator) and a ``detail`` for people.
@@ -15,8 +24,12 @@ Decoding validates everything before use and raises ``WireError`` with a short `
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import os
+import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -29,8 +42,24 @@ SCHEMA_VERSION = 1
 TOPIC_PREFIX = "edgeleak"
 ALGORITHMS = ("fedsgd", "fedavg")
 UPDATE_KINDS = ("gradient", "delta")
+# The run segment of the status topic of devices not pinned to a run; never a run id.
+ANY_RUN = "any"
+HELLO = b"hello"  # control: every device of the run (and every unpinned one) re-announces
+END_TOKEN_BYTES = 32
 # MQTT caps a packet at 268,435,455 bytes; brokers usually allow far less. Checked before publish.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_STATUS_BYTES = 4096  # a status is a small JSON object
+MAX_PROTECT_CHARS = 1024  # a task's protection spec
+NONCE_HEX = 24  # a nonce is 12 random bytes as lowercase hex
+_NONCE = re.compile(f"[0-9a-f]{{{NONCE_HEX}}}")
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
+# Bounds every decoded message obeys (``bad_field`` outside them); devices and the coordinator
+# apply their own, tighter, configured limits on top (``over_limit``, ``bad_examples``).
+MAX_INT = 2**53  # round, n: exact in float64, so no aggregation can overflow
+MAX_LR = 1e3
+MAX_DEADLINE_S = 7 * 24 * 3600.0
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 2**31 - 1
 
 Params = dict[str, np.ndarray]
 
@@ -67,6 +96,20 @@ def status_topic(run: str, device: str) -> str:
 
 def control_topic(run: str) -> str:
     return f"{TOPIC_PREFIX}/{_check_segment(run, 'run')}/control"
+
+
+def device_filters(device: str, run: str | None) -> tuple[str, str]:
+    """The task and control topic filters a device subscribes to: its run's, or (``run=None``)
+    those of every run."""
+    if run is None:
+        any_run = f"{TOPIC_PREFIX}/+"
+        return f"{any_run}/task/{_check_segment(device, 'device')}", f"{any_run}/control"
+    return task_topic(run, device), control_topic(run)
+
+
+def lobby_status_topic(device: str) -> str:
+    """The run-independent status topic of a device that takes part in any run."""
+    return status_topic(ANY_RUN, device)
 
 
 def parse_topic(topic: str) -> tuple[str, str, str | None]:
@@ -133,6 +176,57 @@ def get_codec(name: str) -> Codec:
     return CODECS[name]
 
 
+# -- run end -----------------------------------------------------------------------------------
+
+
+def new_end_token() -> bytes:
+    """A run's secret end token (cryptographic randomness)."""
+    return secrets.token_bytes(END_TOKEN_BYTES)
+
+
+def end_commitment(token: bytes) -> str:
+    """What every task carries: the SHA-256 (hex) of the end token."""
+    return hashlib.sha256(token).hexdigest()
+
+
+def end_payload(token: bytes) -> bytes:
+    """The control message that ends a run by revealing its token."""
+    return b"end " + token.hex().encode()
+
+
+def _is_commitment(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+class EndCommitments:
+    """The end commitments a device (or a fleet worker, or an eavesdropper) received, per run;
+    ``accepts`` is the one check of an ``end`` message."""
+
+    def __init__(self) -> None:
+        self._by_run: dict[str, set[str]] = {}
+
+    def add(self, run: str, commitment: str) -> None:
+        self._by_run.setdefault(run, set()).add(commitment)
+
+    def forget(self, run: str) -> None:
+        self._by_run.pop(run, None)
+
+    def runs(self) -> list[str]:
+        return sorted(self._by_run)
+
+    def accepts(self, run: str, payload: bytes) -> bool:
+        """True only for ``end <token>`` whose token hashes to a commitment held for ``run``."""
+        held = self._by_run.get(run)
+        if not held or not payload.startswith(b"end ") or len(payload) != 4 + 2 * END_TOKEN_BYTES:
+            return False
+        try:
+            token = bytes.fromhex(payload[4:].decode("ascii"))
+        except ValueError:
+            return False
+        digest = end_commitment(token)
+        return any(hmac.compare_digest(digest, c) for c in held)
+
+
 # -- messages -----------------------------------------------------------------------------------
 
 
@@ -156,6 +250,9 @@ class Task:
     deadline_s: float = 60.0
     codec: str = "f32"
     nonce: str = field(default_factory=new_nonce)
+    # SHA-256 hex of the run's end token; by default one nobody holds the token of.
+    end: str = field(default_factory=lambda: end_commitment(new_end_token()))
+    protect: str = ""  # the run's client-side protections (edge.protect spec); "" for none
 
 
 @dataclass(frozen=True)
@@ -190,7 +287,10 @@ def encode_task(task: Task) -> bytes:
         "deadline_s": repr(float(task.deadline_s)),
         "codec": task.codec,
         "nonce": task.nonce,
+        "end": task.end,
     }
+    if task.protect:  # optional: tasks without protections keep their old bytes
+        meta["protect"] = task.protect
     return write_tensors(get_codec(task.codec).encode(task.weights), meta)
 
 
@@ -218,26 +318,46 @@ def _field(meta: Mapping[str, str], key: str) -> str:
     return meta[key]
 
 
-def _int(meta: Mapping[str, str], key: str, lo: int = 0) -> int:
+def _int(meta: Mapping[str, str], key: str, lo: int = 0, hi: int = MAX_INT) -> int:
     raw = _field(meta, key)
-    try:
-        v = int(raw)
-    except ValueError:
-        raise WireError("bad_field", f"{key}={raw!r} is not an integer") from None
-    if v < lo:
-        raise WireError("bad_field", f"{key}={v} is below {lo}")
+    if not _INTEGER.fullmatch(raw):
+        raise WireError("bad_field", f"{key}={raw[:40]!r} is not a decimal integer")
+    v = int(raw)
+    if not lo <= v <= hi:
+        raise WireError("bad_field", f"{key}={v} is outside [{lo}, {hi}]")
     return v
 
 
-def _float(meta: Mapping[str, str], key: str, *, allow_nan: bool = False) -> float:
+def _float(
+    meta: Mapping[str, str],
+    key: str,
+    *,
+    allow_nan: bool = False,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+) -> float:
+    """A finite number (or NaN if allowed) in ``(lo, hi]``."""
     raw = _field(meta, key)
     try:
         v = float(raw)
     except ValueError:
-        raise WireError("bad_field", f"{key}={raw!r} is not a number") from None
-    if not math.isfinite(v) and not (allow_nan and math.isnan(v)):
-        raise WireError("bad_field", f"{key}={raw!r} is not finite")
+        raise WireError("bad_field", f"{key}={raw[:40]!r} is not a number") from None
+    if allow_nan and math.isnan(v):
+        return v
+    if not math.isfinite(v):
+        raise WireError("bad_field", f"{key}={raw[:40]!r} is not finite")
+    if not lo < v <= hi:
+        raise WireError("bad_field", f"{key}={v!r} is outside ({lo}, {hi}]")
     return v
+
+
+def _nonce(meta: Mapping[str, str]) -> str:
+    raw = _field(meta, "nonce")
+    if not _NONCE.fullmatch(raw):
+        raise WireError(
+            "bad_nonce", f"nonce {raw[:40]!r} ({len(raw)} chars); expected {NONCE_HEX} hex digits"
+        )
+    return raw
 
 
 def _choice(meta: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str:
@@ -269,6 +389,21 @@ def _open(
     return tensors, meta
 
 
+def _bounded(tensors: Mapping[str, np.ndarray], manifest: Manifest) -> None:
+    """Any codec's wire tensors: at most 4 per parameter tensor, none with more
+    elements than the whole model (checked before a codec decodes or allocates anything)."""
+    if len(tensors) > 4 * len(manifest.params):
+        raise WireError(
+            "bad_params", f"{len(tensors)} tensors for a model of {len(manifest.params)} parameters"
+        )
+    limit = manifest.num_parameters
+    for name, t in tensors.items():
+        if t.size > limit:
+            raise WireError(
+                "bad_shape", f"{name[:60]}: {t.size} elements > the model's {limit} parameters"
+            )
+
+
 def _finite(params: Params) -> None:
     for name, arr in params.items():
         if not np.isfinite(arr).all():
@@ -281,6 +416,7 @@ def _open_params(
     """Open a message and decode its finite parameters with the codec it names."""
     tensors, meta = _open(buf, expected_type, max_bytes)
     codec = get_codec(_field(meta, "codec"))
+    _bounded(tensors, manifest)
     params = codec.decode(tensors, manifest)
     _finite(params)
     return params, meta, codec
@@ -294,15 +430,31 @@ def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_
         round=_int(meta, "round"),
         device=_field(meta, "device"),
         algorithm=_choice(meta, "algorithm", ALGORITHMS),
-        lr=_float(meta, "lr"),
-        epochs=_int(meta, "epochs", 1),
-        batch_size=_int(meta, "batch_size", 0),
+        lr=_float(meta, "lr", lo=0.0, hi=MAX_LR),
+        epochs=_int(meta, "epochs", 1, MAX_EPOCHS),
+        batch_size=_int(meta, "batch_size", 0, MAX_BATCH_SIZE),
         model_hash=_field(meta, "model"),
         weights=weights,
-        deadline_s=_float(meta, "deadline_s"),
+        deadline_s=_float(meta, "deadline_s", lo=0.0, hi=MAX_DEADLINE_S),
         codec=codec.name,
-        nonce=_field(meta, "nonce"),
+        nonce=_nonce(meta),
+        end=_commitment(meta, "end"),
+        protect=_protect(meta),
     )
+
+
+def _protect(meta: Mapping[str, str]) -> str:
+    v = meta.get("protect", "")
+    if len(v) > MAX_PROTECT_CHARS:
+        raise WireError("bad_field", f"protect: {len(v)} characters > {MAX_PROTECT_CHARS}")
+    return v
+
+
+def _commitment(meta: Mapping[str, str], key: str) -> str:
+    v = _field(meta, key)
+    if not _is_commitment(v):
+        raise WireError("bad_field", f"{key}={v[:80]!r}: expected 64 lowercase hex digits")
+    return v
 
 
 def decode_update(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Update:
@@ -319,5 +471,5 @@ def decode_update(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAG
         runtime=_field(meta, "runtime"),
         codec=codec.name,
         defence=_field(meta, "defence"),
-        nonce=_field(meta, "nonce"),
+        nonce=_nonce(meta),
     )

@@ -1,38 +1,146 @@
 """The ``edgeleak`` command line. Imports stay inside the subcommands: ``edgeleak device`` runs
-with the base install (no torch, no rich)."""
+with the base install (no torch, no rich). Every subcommand checks its inputs before heavy work;
+bad input is one line on stderr and exit code 2, Ctrl-C one line and exit code 130."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import shutil
+import sqlite3
 import sys
-import time
 from pathlib import Path
+
+from edge.args import OneLineParser
+from edgeleak import checks
+from edgeleak.errors import UsageError
+
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with a one-line account of what was completed."""
+
+
+def _rounds_done(db: Path) -> int:
+    """Rounds recorded in a run store (0 when there is none yet)."""
+    if not db.is_file():
+        return 0
+    con = sqlite3.connect(db)
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+    finally:
+        con.close()
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from edgeleak.config import ConfigError, ExperimentConfig
+    from edgeleak.config import ExperimentConfig
+
+    base = ExperimentConfig.from_file(args.config).to_dict() if args.config else {}
+    for f in dataclasses.fields(ExperimentConfig):
+        if getattr(args, f.name) is not None:
+            base[f.name] = getattr(args, f.name)
+    if isinstance(base.get("protect"), list):  # --protect is repeatable
+        base["protect"] = ";".join(base["protect"])
+    cfg = ExperimentConfig.from_dict(base)
+    if args.broker:
+        checks.broker(args.broker)
+    from coordinator.server import new_run_id
+
+    run = new_run_id("demo")
+    out = Path(args.out or Path("runs") / run)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a folder")
+    created = not out.exists()
+
     from edgeleak.experiment import run_experiment
+    from edgeleak.report import print_leak_table
 
     try:
-        base = ExperimentConfig.from_file(args.config).to_dict() if args.config else {}
-        for f in dataclasses.fields(ExperimentConfig):
-            if getattr(args, f.name) is not None:
-                base[f.name] = getattr(args, f.name)
-        cfg = ExperimentConfig.from_dict(base)
-    except ConfigError as e:
-        print(f"edgeleak demo: bad config: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
-    res = run_experiment(cfg, out, broker_url=args.broker)
+        res = run_experiment(cfg, out, broker_url=args.broker, run=run)
+    except BaseException as e:
+        done = _rounds_done(out / "run.db")
+        if created and done == 0:
+            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping: leave no half-run
+        if isinstance(e, KeyboardInterrupt):
+            kept = f"partial results in {out}" if out.exists() else "nothing kept"
+            raise Interrupted(f"{done} of {cfg.rounds} rounds completed; {kept}") from None
+        raise
     s = res.summary
+    if s.get("attack"):
+        print_leak_table(s["attack"])
     print(
         f"run {res.run}: accuracy {100 * s['final_accuracy']:.2f}% after {cfg.rounds} rounds, "
         f"{s['bytes_up'] / 1e6:.2f} MB up, {s['bytes_down'] / 1e6:.2f} MB down, "
         f"{s['seconds']:.1f} s, broker {s['broker']}"
     )
+    if s["privacy"]:
+        eps = [p["epsilon"] for p in s["privacy"].values()]
+        first = next(iter(s["privacy"].values()))
+        print(
+            f"privacy ({s['protect']}): ε per device {min(eps):.3g}..{max(eps):.3g} at "
+            f"δ={first['delta']:g} over the rounds each took part in (RDP, dp-accounting)"
+        )
     print(f"wrote {out}/run.db, {out}/summary.json, {out}/rounds.png")
+    return 0
+
+
+def _device_epilog() -> str:
+    from devices.profiles import PROFILES
+
+    return (
+        "actions:\n"
+        "  edgeleak device bundle --model M --out B ...   build a self-contained bundle "
+        "(edge/, model, data, start.sh); see `edgeleak device bundle --help`\n"
+        "  edgeleak device deploy ssh://user@host/path --bundle B ...   copy a bundle over SSH "
+        "and start it there; see `edgeleak device deploy --help`\n"
+        f"profiles: {', '.join(PROFILES)}"
+    )
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from edgeleak.broker import serve_broker
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: expected 1..65535")
+    return serve_broker(
+        port=args.port,
+        bind=args.bind,
+        data=Path(args.data) if args.data else None,
+        password_file=Path(args.password_file) if args.password_file else None,
+    )
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from edgeleak.config import ExperimentConfig
+    from edgeleak.experiment import run_coordinator
+
+    base = ExperimentConfig.from_file(args.config).to_dict() if args.config else {}
+    for key in ("rounds", "dataset"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    cfg = ExperimentConfig.from_dict(base)
+    checks.model(args.model)
+    checks.broker(args.broker)
+    if args.min_devices < 1:
+        raise UsageError(f"--min-devices {args.min_devices}: expected an integer >= 1")
+    for flag, value in (("--wait-s", args.wait_s), ("--unproven-wait-s", args.unproven_wait_s)):
+        if not value > 0:
+            raise UsageError(f"{flag} {value}: expected a number of seconds > 0")
+    res = run_coordinator(
+        cfg, broker_url=args.broker, model_dir=Path(args.model),
+        out=Path(args.out) if args.out else None, run=args.run, min_devices=args.min_devices,
+        wait_s=args.wait_s, quiet_s=args.unproven_wait_s,
+    )  # fmt: skip
+    s = res.summary
+    print(
+        f"run {res.run}: accuracy {100 * (s['final_accuracy'] or 0):.2f}% after "
+        f"{len(s['rounds'])} rounds with {s['devices']} devices; wrote {res.out}/run.db, "
+        f"{res.out}/summary.json, {res.out}/rounds.png"
+    )
     return 0
 
 
@@ -41,19 +149,31 @@ def _device(rest: list[str]) -> int:
     if rest and rest[0] in ("bundle", "deploy"):
         sub = _device_tools_parser().parse_args(rest)
         return int(sub.func(sub))
+    from devices.profiles import PROFILES
     from edge.__main__ import main as run_device
 
-    return run_device(rest)
+    return run_device(rest, prog="edgeleak device", epilog=_device_epilog(), profiles=PROFILES)
 
 
 def _bundle(args: argparse.Namespace) -> int:
     from devices.deploy import build_bundle
 
-    out = build_bundle(
-        args.out, model_dir=args.model, runtime=args.runtime, profile=args.profile,
-        data=args.data, broker=args.broker, run=args.run, device_id=args.id, seed=args.seed,
-        wheels=args.wheels,
-    )  # fmt: skip
+    checks.empty_or_new(args.out, "--out")
+    artifact = checks.model(args.model)
+    if args.data:
+        checks.shard(args.data, artifact)
+    if args.broker:
+        checks.broker_url(args.broker)
+    if args.wheels:
+        checks.folder(args.wheels, "--wheels")
+    try:
+        out = build_bundle(
+            args.out, model_dir=args.model, runtime=args.runtime, profile=args.profile,
+            data=args.data, broker=args.broker, run=args.run, device_id=args.id, seed=args.seed,
+            wheels=args.wheels,
+        )  # fmt: skip
+    except FileNotFoundError as e:  # the model has no artifact for this runtime
+        raise UsageError(str(e)) from None
     print(f"bundle in {out}: run ./start.sh on the device, or `edgeleak device deploy`")
     return 0
 
@@ -61,94 +181,157 @@ def _bundle(args: argparse.Namespace) -> int:
 def _deploy(args: argparse.Namespace) -> int:
     from devices.deploy import deploy_ssh
 
+    if not (Path(args.bundle) / "start.sh").is_file():
+        raise UsageError(
+            f"--bundle {args.bundle}: no start.sh there; build one with `edgeleak device bundle`"
+        )
+    if args.identity:
+        checks.file(args.identity, "--identity")
+    if args.broker:
+        checks.broker_url(args.broker)
+    checks.ssh_target(args.target)
     extra = [a for k in ("broker", "run", "id") if (v := getattr(args, k)) for a in (f"--{k}", v)]
-    dep = deploy_ssh(
-        args.bundle, args.target, identity=args.identity, args=extra,
-        ssh_options=tuple(args.ssh_option or ()),
-    )  # fmt: skip
+    try:
+        dep = deploy_ssh(
+            args.bundle, args.target, identity=args.identity, args=extra,
+            ssh_options=tuple(args.ssh_option or ()),
+        )  # fmt: skip
+    except RuntimeError as e:  # ssh refused (key, host key, remote shell): its own message
+        raise UsageError(str(e)) from None
     print(f"started on {args.target} (pid {dep.pid}); log: device.log in the bundle folder")
     return 0
 
 
 def _device_tools_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeleak device")
+    from devices.profiles import PROFILES
+    from edge.backends import RUNTIMES
+
+    p = OneLineParser(prog="edgeleak device")
     sub = p.add_subparsers(dest="action", required=True)
-    b = sub.add_parser("bundle", help="build a self-contained device bundle (edge + model + data)")
-    b.add_argument("--out", required=True)
+    b = sub.add_parser(
+        "bundle", help="build a self-contained device bundle (edge + model + data)",
+        description="Build a device bundle: edge/, the model, a data shard, config.json and "
+        "start.sh, ready to copy to a Raspberry Pi or a phone.",
+    )  # fmt: skip
+    b.add_argument("--out", required=True, help="new (or empty) folder for the bundle")
     b.add_argument("--model", required=True, help="model folder written by `edgeleak export`")
-    b.add_argument("--runtime", default="onnx")
-    b.add_argument("--profile", default="", help="device profile, e.g. rpi4")
-    b.add_argument("--data", help=".npz shard to ship with the bundle")
+    b.add_argument(
+        "--runtime", default="onnx", choices=RUNTIMES, help=f"one of {', '.join(RUNTIMES)}"
+    )
+    b.add_argument(
+        "--profile", default="", choices=("", *PROFILES),
+        help=f"device profile it announces: one of {', '.join(PROFILES)}",
+    )  # fmt: skip
+    b.add_argument("--data", help=".npz shard to ship with the bundle (`edgeleak shards`)")
     b.add_argument("--broker", help="mqtt://HOST:PORT written into the bundle's config")
-    b.add_argument("--run")
-    b.add_argument("--id")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--run", help="run id written into the bundle's config")
+    b.add_argument("--id", help="device id written into the bundle's config")
+    b.add_argument("--seed", type=int, default=0, help="device seed (default 0)")
     b.add_argument("--wheels", help="folder of wheels for an offline install on the device")
     b.set_defaults(func=_bundle)
-    d = sub.add_parser("deploy", help="copy a bundle over SSH and start the device there")
+    d = sub.add_parser(
+        "deploy", help="copy a bundle over SSH and start the device there",
+        description="Copy a bundle to ssh://user@host[:port]/path and start its device there "
+        "in the background (log: device.log in the remote folder).",
+    )  # fmt: skip
     d.add_argument("target", help="ssh://user@host[:port]/path")
-    d.add_argument("--bundle", required=True)
+    d.add_argument("--bundle", required=True, help="bundle folder (`edgeleak device bundle`)")
     d.add_argument("--identity", help="SSH private key")
     d.add_argument("--ssh-option", action="append", help="extra ssh -o option (repeatable)")
-    d.add_argument("--broker")
-    d.add_argument("--run")
-    d.add_argument("--id")
+    d.add_argument("--broker", help="mqtt://HOST:PORT the device connects to (overrides)")
+    d.add_argument("--run", help="run id (overrides the bundle's)")
+    d.add_argument("--id", help="device id (overrides the bundle's)")
     d.set_defaults(func=_deploy)
     return p
 
 
 def _attack(args: argparse.Namespace) -> int:
     """Capture a run's traffic live (--broker/--run), then attack what was captured."""
-    from attacks.intercept import CaptureStore, Eavesdropper
-    from edge.manifest import ModelArtifact
-    from edge.mqtt import parse_broker_url
-    from edgeleak.leak import attack_captures, fleet_truth
+    from attacks.registry import ATTACK_NAMES
 
-    capture = CaptureStore(args.capture)
-    artifact = ModelArtifact.load(args.model)
+    names = checks.names(args.attack, ATTACK_NAMES, "attack")
+    if not names and not args.broker:
+        raise UsageError(
+            f"nothing to do: give --attack (one or more of {', '.join(ATTACK_NAMES)}) "
+            "and/or --broker with --run to capture"
+        )
     if args.broker:
         if not args.run:
-            print(
-                "edgeleak attack: --broker needs --run (the run id to listen to)", file=sys.stderr
-            )
-            return 2
-        with Eavesdropper(parse_broker_url(args.broker), args.run, capture) as spy:
-            print(f"listening to edgeleak/{args.run}/# on {args.broker} (until the run ends)")
-            spy.ended.wait(args.seconds)
+            raise UsageError("--broker needs --run (the run id to listen to)")
+        broker = checks.broker(args.broker)
+    elif not (Path(args.capture) / "capture.db").is_file():
+        raise UsageError(
+            f"--capture {args.capture}: no capture.db there; capture first with --broker and --run"
+        )
+    artifact = checks.model(args.model)
+    if args.truth:
+        checks.folder(args.truth, "--truth")
+
+    from attacks.intercept import CaptureStore, Eavesdropper
+    from edgeleak.leak import attack_captures, fleet_truth
+    from edgeleak.report import print_leak_table
+
+    capture = CaptureStore(args.capture)
+    if args.broker:
+        spy = Eavesdropper(broker, args.run, capture)
+        try:
+            with spy:
+                print(f"listening to edgeleak/{args.run}/# on {args.broker} (until the run ends)")
+                spy.ended.wait(args.seconds)
+        except KeyboardInterrupt:
+            raise Interrupted(f"captured {spy.captured} messages into {args.capture}") from None
         print(f"captured {spy.captured} messages into {args.capture}")
-    names = [a for a in args.attack.split(",") if a]
     if not names:
         return 0
     truth = fleet_truth(args.truth, args.dataset) if args.truth else None
     out = Path(args.out or Path(args.capture) / "attack")
-    rows = attack_captures(
-        capture,
-        artifact,
-        out,
-        attacks=names,
-        budget_s=args.budget_s,
-        max_updates=args.max_updates,
-        truth=truth,
-        run=args.run,
-        db=capture.db,
-    )
-    for r in rows:
-        score = f"{r.psnr_mean:.1f} dB (baseline {r.baseline_psnr:.1f})" if r.psnr_mean else ""
-        labels = f"labels {100 * r.label_accuracy:.0f}%" if r.label_accuracy is not None else ""
-        print(
-            f"round {r.round} {r.device} {r.attack}: {r.examples} examples {score} {labels} "
-            f"{r.seconds:.1f} s{' (budget hit: stopped early)' if r.budget_hit else ''}"
-        )
+    try:
+        rows = attack_captures(
+            capture, artifact, out, attacks=names, budget_s=args.budget_s,
+            max_updates=args.max_updates, truth=truth, run=args.run, db=capture.db,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        raise Interrupted(f"attacks stopped; reconstructions so far in {out}") from None
+    if not rows:
+        print(f"no intercepted update in {args.capture} fits {', '.join(names)}")
+        return 0
+    print_leak_table([dataclasses.asdict(r) for r in rows])
+    if hit := sum(r.budget_hit for r in rows):
+        print(f"{hit} attack(s) hit the --budget-s cap and stopped before their last iteration")
     print(f"wrote reconstructions to {out} and the leakage table to {args.capture}/capture.db")
     return 0
 
 
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CxHxW, e.g. 1x28x28 or 3x32x32")
+    return shape
+
+
 def _export(args: argparse.Namespace) -> int:
+    from export import TARGETS
+
+    targets = checks.names(args.targets, TARGETS, "export target")
+    if not targets:
+        raise UsageError(f"--targets: expected some of {', '.join(TARGETS)}")
+    out = Path(args.out)
+    created = not out.exists()
     from export import export_model
 
-    shape = tuple(int(s) for s in args.input_shape.split("x")) if args.input_shape else None
-    targets = tuple(args.targets.split(","))
-    art = export_model(args.model, args.out, input_shape=shape, seed=args.seed, targets=targets)
+    try:
+        art = export_model(
+            args.model, out, input_shape=args.input_shape, seed=args.seed, targets=targets
+        )
+    except BaseException as e:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, ImportError):  # executorch not installed
+            raise UsageError(f"{e}; pip install -e '.[executorch]'") from None
+        raise
     m = art.manifest
     files = ", ".join(m.artifacts.values())
     print(f"exported {m.model} ({m.num_parameters} parameters) to {args.out}: {files}")
@@ -160,11 +343,21 @@ def _shards(args: argparse.Namespace) -> int:
     from devices.partition import partition
     from edge.data import save_shard
 
-    data = load_dataset(args.dataset)
-    parts = partition(
-        data.y_train, args.devices, scheme=args.partition, alpha=args.alpha, seed=args.seed
-    )
-    out = Path(args.out)
+    out = checks.empty_or_new(args.out, "--out")
+    try:
+        data = load_dataset(args.dataset)
+    except RuntimeError as e:  # the dataset is not installed
+        raise UsageError(str(e)) from None
+    if args.devices > len(data.y_train):
+        raise UsageError(
+            f"--devices {args.devices}: {data.name} has only {len(data.y_train)} training examples"
+        )
+    try:
+        parts = partition(
+            data.y_train, args.devices, scheme=args.partition, alpha=args.alpha, seed=args.seed
+        )
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     for i, idx in enumerate(parts):
         save_shard(out / f"shard-{i:04d}.npz", data.x_train[idx], data.y_train[idx])
@@ -172,22 +365,47 @@ def _shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(args: argparse.Namespace) -> int:
+    from edgeleak.report import show_run
+
+    path = Path(args.run_dir)
+    db = path if path.is_file() else path / "run.db"
+    if not db.is_file():
+        raise UsageError(f"{args.run_dir}: no run.db there; expected a run folder of `demo`")
+    show_run(db, run=args.run)
+    return 0
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per ExperimentConfig field (``batch_size`` -> ``--batch-size``), default unset."""
-    from edgeleak.config import ExperimentConfig
+    """One flag per ExperimentConfig field (``batch_size`` -> ``--batch-size``), default unset;
+    the help names the default and, for registry fields, the allowed values."""
+    from edgeleak.config import CHOICES, FIELD_HELP, ExperimentConfig
 
     defaults = ExperimentConfig()
     for f in dataclasses.fields(ExperimentConfig):
         value = getattr(defaults, f.name)
+        if f.name == "protect":
+            parser.add_argument(
+                "--protect", dest="protect", action="append",
+                help="a client-side protection, repeatable: dp:clip=C,sigma=S | "
+                "dpsgd:clip=C,sigma=S | central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
+            )  # fmt: skip
+            continue
+        allowed = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f.name, type=type(value),
-            help=f"default {value!r}",
+            metavar=f.name.upper(),
+            help=f"{FIELD_HELP[f.name]} (default {value!r}{allowed})",
         )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeleak", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    from devices.datasets import DATASETS
+    from devices.partition import SCHEMES
+    from export.names import MODELS, TARGETS
+
+    p = OneLineParser(prog="edgeleak", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run a federated experiment on a local (or --broker) broker")
@@ -197,50 +415,120 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(d)
     d.set_defaults(func=_demo)
 
+    b = sub.add_parser(
+        "broker", help="run mosquitto with the project's config in the foreground (Ctrl-C stops)"
+    )
+    b.add_argument("--port", type=int, default=1883, help="TCP port (default 1883)")
+    b.add_argument(
+        "--bind", default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for devices on a LAN: "
+        "unauthenticated unless --password-file)",
+    )  # fmt: skip
+    b.add_argument("--data", help="folder for mosquitto.conf and mosquitto.log (default: temp)")
+    b.add_argument(
+        "--password-file", help="mosquitto_passwd file: clients must log in (mqtt://USER:PW@...)"
+    )
+    b.set_defaults(func=_broker)
+
+    c = sub.add_parser(
+        "coordinator",
+        help="run rounds for the devices online on a broker (they join with `edgeleak device`)",
+    )
+    c.add_argument("--broker", required=True, help="mqtt://[USER:PASSWORD@]HOST:PORT")
+    c.add_argument("--model", required=True, help="model folder written by `edgeleak export`")
+    c.add_argument("--run", help="run id (default: run-<UTC time>-<random>)")
+    c.add_argument("--rounds", type=int, help="rounds to run (default from --config, else 10)")
+    c.add_argument(
+        "--min-devices", type=int, default=1,
+        help="each round waits until this many devices are online (default 1)",
+    )  # fmt: skip
+    c.add_argument(
+        "--wait-s", type=float, default=300.0,
+        help="how long a round waits for --min-devices (default 300 s)",
+    )  # fmt: skip
+    c.add_argument(
+        "--unproven-wait-s", type=float, default=60.0,
+        help="once only devices without an accepted update are left, stop waiting for them "
+        "after this long without an answer (default 60 s)",
+    )  # fmt: skip
+    c.add_argument("--config", help="JSON file of ExperimentConfig fields (algorithm, lr, ...)")
+    c.add_argument("--dataset", help="evaluation split (default from --config: fashion-mnist)")
+    c.add_argument("--out", help="output folder (default runs/<run id>)")
+    c.set_defaults(func=_coordinator)
+
     v = sub.add_parser(
         "device", add_help=False,
-        help="run one device (flags of `python -m edge`: --broker --data --model --run --id "
-        "[--runtime --profile --seed --config]), or `device bundle ...` / `device deploy ...` / `device calibrate --model DIR`",
+        help="run one device (see `edgeleak device --help`), or `device bundle ...` / "
+        "`device deploy ...` / `device calibrate --model DIR`",
     )  # fmt: skip
     v.add_argument("rest", nargs=argparse.REMAINDER)  # dispatched in main(): see _device
+
+    from attacks.registry import ATTACK_NAMES
 
     a = sub.add_parser("attack", help="intercept a run's updates and invert them")
     a.add_argument("--capture", required=True, help="capture folder (written live, read offline)")
     a.add_argument("--model", required=True, help="the run's model folder (public artifacts)")
     a.add_argument("--broker", help="capture live from mqtt://HOST:PORT (needs --run)")
     a.add_argument("--run", help="run id to listen to / to attack")
-    a.add_argument("--seconds", type=float, default=None, help="stop listening after S seconds")
     a.add_argument(
-        "--attack", default="", help="comma-separated attacks, e.g. idlg,inverting_gradients"
-    )
+        "--seconds", type=checks.number(float, 0, strict=True), default=None,
+        help="stop listening after S seconds (default: when the run ends)",
+    )  # fmt: skip
     a.add_argument(
-        "--budget-s",
-        type=float,
-        default=30.0,
-        help="cap in seconds per attack and update (schedules run on iterations)",
-    )
-    a.add_argument("--max-updates", type=int, default=4)
+        "--attack", default="",
+        help=f"comma-separated attacks, some of {', '.join(ATTACK_NAMES)}",
+    )  # fmt: skip
+    a.add_argument(
+        "--budget-s", type=checks.number(float, 0, strict=True), default=30.0,
+        help="cap in seconds per attack and update; schedules run on iterations (default 30)",
+    )  # fmt: skip
+    a.add_argument(
+        "--max-updates", type=checks.number(int, 1), default=4,
+        help="intercepted updates to attack (default 4)",
+    )  # fmt: skip
     a.add_argument("--truth", help="the fleet's truth folder, to score reconstructions")
-    a.add_argument("--dataset", default="fashion-mnist", help="the dataset the fleet trained on")
+    a.add_argument(
+        "--dataset", default="fashion-mnist", choices=DATASETS,
+        help=f"the dataset the fleet trained on: one of {', '.join(DATASETS)}",
+    )  # fmt: skip
     a.add_argument("--out", help="where reconstructions go (default CAPTURE/attack)")
     a.set_defaults(func=_attack)
 
     e = sub.add_parser("export", help="export a zoo model for devices")
-    e.add_argument("model")
-    e.add_argument("--out", required=True)
-    e.add_argument("--input-shape", help="e.g. 1x28x28 or 3x32x32")
-    e.add_argument("--targets", default="onnx", help="comma-separated: onnx, executorch")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("model", choices=MODELS, help=f"zoo model: one of {', '.join(MODELS)}")
+    e.add_argument("--out", required=True, help="folder for the artifacts and manifest.json")
+    e.add_argument(
+        "--input-shape", type=_input_shape, help="CxHxW, e.g. 1x28x28 (default: the model's)"
+    )
+    e.add_argument(
+        "--targets", default="onnx", help=f"comma-separated, some of {', '.join(TARGETS)}"
+    )
+    e.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
     e.set_defaults(func=_export)
 
     s = sub.add_parser("shards", help="write per-device data shards (.npz) for physical devices")
-    s.add_argument("--dataset", default="fashion-mnist")
-    s.add_argument("--devices", type=int, required=True)
-    s.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
-    s.add_argument("--alpha", type=float, default=0.5)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True)
+    s.add_argument(
+        "--dataset", default="fashion-mnist", choices=DATASETS,
+        help=f"one of {', '.join(DATASETS)}",
+    )  # fmt: skip
+    s.add_argument(
+        "--devices", type=checks.number(int, 1), required=True, help="number of shards (>= 1)"
+    )
+    s.add_argument(
+        "--partition", default="iid", choices=SCHEMES, help=f"one of {', '.join(SCHEMES)}"
+    )
+    s.add_argument(
+        "--alpha", type=checks.number(float, 0, strict=True), default=0.5,
+        help="Dirichlet concentration (> 0; partition dirichlet)",
+    )  # fmt: skip
+    s.add_argument("--seed", type=int, default=0, help="seed of the partition (default 0)")
+    s.add_argument("--out", required=True, help="new (or empty) folder for shard-NNNN.npz")
     s.set_defaults(func=_shards)
+
+    w = sub.add_parser("show", help="print a run's summary from its run.db")
+    w.add_argument("run_dir", metavar="RUN_DIR", help="a demo's output folder (or its run.db)")
+    w.add_argument("--run", help="run id, when the store holds several (default: the latest)")
+    w.set_defaults(func=_show)
     return p
 
 
@@ -249,20 +537,32 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["device"]:
         # The device's own flags belong to `python -m edge`; argparse cannot pass them through.
         logging.basicConfig(level=logging.WARNING)
-        return _device(argv[1:])
+        try:
+            return _device(argv[1:])
+        except UsageError as e:
+            print(f"edgeleak device: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("edgeleak device: interrupted", file=sys.stderr)
+            return INTERRUPTED
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     from edgeleak.config import ConfigError
-    from edgeleak.errors import UsageError
 
     try:
         return int(args.func(args))
     except (UsageError, ConfigError) as e:
         print(f"edgeleak {args.command}: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"edgeleak {args.command}: interrupted: {e}", file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"edgeleak {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

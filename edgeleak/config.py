@@ -8,17 +8,72 @@ from pathlib import Path
 from typing import Any
 
 from attacks.registry import ATTACK_NAMES
+from coordinator.aggregate import AGGREGATORS as _AGGREGATORS
+from devices.datasets import DATASETS
+from devices.partition import SCHEMES as PARTITIONS
 from devices.profiles import PROFILES
+from edge import protect
 from edge.backends import RUNTIMES
 from edge.wire import ALGORITHMS, CODECS
+from export.names import MODELS
 
-MODELS = ("mlp", "lenet_zhu", "lenet", "convnet")
-DATASETS = ("fashion-mnist", "mnist-digits")
-PARTITIONS = ("iid", "dirichlet")
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
+AGGREGATORS = tuple(_AGGREGATORS)
 CLOCKS = ("none", "virtual", "real")
 CLOCK_BASES = ("flops", "host")
 MALICIOUS = ("none", "imprint")
+
+
+# Fields whose values come from a registry (comma-separated lists for runtime, profiles, attack).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model": MODELS,
+    "dataset": DATASETS,
+    "partition": PARTITIONS,
+    "algorithm": ALGORITHMS,
+    "aggregator": AGGREGATORS,
+    "codec": tuple(CODECS),
+    "runtime": RUNTIMES,
+    "clock": CLOCKS,
+    "profiles": PROFILES,
+    "attack": ATTACK_NAMES,
+    "malicious": MALICIOUS,
+}
+
+# One line per field for ``edgeleak demo --help`` (a test checks that every field has one).
+FIELD_HELP: dict[str, str] = {
+    "devices": "number of emulated devices",
+    "rounds": "federated rounds to run",
+    "model": "zoo model the devices train",
+    "dataset": "offline dataset the devices' shards come from",
+    "partition": "how examples are split over devices",
+    "alpha": "Dirichlet concentration (partition dirichlet; smaller is more skewed)",
+    "algorithm": "fedsgd (one gradient per round) or fedavg (local epochs, weight delta)",
+    "lr": "device learning rate",
+    "epochs": "local epochs per round (fedavg)",
+    "batch_size": "local batch size (0: the whole shard)",
+    "fraction": "fraction of devices selected per round, in (0, 1]",
+    "server_lr": "server learning rate applied to the aggregate",
+    "aggregator": "how the coordinator combines updates",
+    "codec": "tensor encoding of tasks and updates on the wire",
+    "runtime": "device runtime, or a comma-separated mix assigned round-robin",
+    "clock": "none; virtual (profiles set round times, no waiting); real (devices wait)",
+    "profiles": "comma-separated device profiles, round-robin (empty: all of them)",
+    "attack": "comma-separated attacks an eavesdropper runs on the run's traffic",
+    "attack_budget_s": "seconds per attack and intercepted update",
+    "attack_max": "number of intercepted updates attacked",
+    "malicious": "imprint: a dishonest coordinator plants an imprint in the shipped weights",
+    "imprint_bins": "imprint bins (malicious imprint)",
+    "workers": "fleet worker processes",
+    "deadline_s": "seconds a round waits for updates",
+    "seed": "seed of partition, initial weights and selection",
+    "max_examples": "the coordinator refuses an update whose n is above this (or its status)",
+    "max_epochs": "a device refuses a task with more local epochs",
+    "max_batch_size": "a device refuses a task with a larger batch",
+    "max_steps": "a device refuses a task costing more SGD steps (epochs x batches)",
+    "protect": "client-side protections, ';'-separated: dp:clip=C,sigma=S | dpsgd:clip=C,sigma=S "
+    "| central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
+    "dp_epsilon": "> 0: calibrate the DP protection's sigma to this epsilon for the whole run",
+    "dp_delta": "delta of the privacy accounting and of the calibration",
+}
 
 
 class ConfigError(ValueError):
@@ -57,6 +112,16 @@ class ExperimentConfig:
     workers: int = 2
     deadline_s: float = 120.0
     seed: int = 0
+    # Limits against hostile messages: the coordinator refuses an update whose n is above this
+    # (or above what its device announced); a device refuses a task above its limits.
+    max_examples: int = 100_000
+    max_epochs: int = 10
+    max_batch_size: int = 1024
+    max_steps: int = 10_000  # SGD steps one task may cost a device
+    # client-side protections, ";"-separated edge.protect specs (e.g. "dp:clip=1,sigma=0.8")
+    protect: str = ""
+    dp_epsilon: float = 0.0  # > 0: calibrate the DP protection's sigma to this ε for the run
+    dp_delta: float = 1e-5  # δ of the accounting (and of the calibration)
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
@@ -87,12 +152,53 @@ class ExperimentConfig:
         _at_least("epochs", self.epochs, 1)
         _at_least("batch_size", self.batch_size, 0)
         _at_least("workers", self.workers, 1)
+        _at_least("max_examples", self.max_examples, 1)
+        _at_least("max_epochs", self.max_epochs, 1)
+        _at_least("max_batch_size", self.max_batch_size, 1)
+        _at_least("max_steps", self.max_steps, 1)
+        if self.epochs > self.max_epochs:
+            raise ConfigError(f"epochs={self.epochs} is above max_epochs={self.max_epochs}")
+        if self.batch_size > self.max_batch_size:
+            raise ConfigError(
+                f"batch_size={self.batch_size} is above max_batch_size={self.max_batch_size}"
+            )
         _positive("lr", self.lr)
         _positive("server_lr", self.server_lr)
         _positive("alpha", self.alpha)
         _positive("deadline_s", self.deadline_s)
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction={self.fraction!r}: expected a number in (0, 1]")
+        self._check_protect()
+
+    def _check_protect(self) -> None:
+        try:
+            steps = protect.parse(self.protect)
+        except protect.ProtectError as e:
+            raise ConfigError(f"protect={self.protect!r}: {e}") from None
+        dp = protect.dp_step(steps)
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta={self.dp_delta!r}: expected a number in (0, 1)")
+        if self.dp_epsilon < 0:
+            raise ConfigError(f"dp_epsilon={self.dp_epsilon!r}: expected a number >= 0")
+        if self.dp_epsilon > 0 and dp is None:
+            raise ConfigError(
+                "dp_epsilon calibrates the sigma of a DP protection: add one, e.g. "
+                "--protect dp:clip=1 (or dpsgd:clip=1, central_dp:clip=1)"
+            )
+        if dp is not None and self.dp_epsilon > 0 and dp.sigma is not None:
+            raise ConfigError(
+                f"{dp.name}: give sigma or --dp-epsilon, not both (sigma={dp.sigma} "
+                f"and dp_epsilon={self.dp_epsilon})"
+            )
+        if dp is not None and self.dp_epsilon == 0 and dp.sigma is None:
+            raise ConfigError(
+                f"{dp.name}: no sigma; give {dp.name}:clip={dp.clip},sigma=S or --dp-epsilon E"
+            )
+        if isinstance(dp, protect.CentralDP) and self.aggregator != "mean":
+            raise ConfigError(
+                f"central_dp adds its noise to the mean: aggregator must be 'mean', "
+                f"not {self.aggregator!r}"
+            )
 
     @property
     def runtimes(self) -> list[str]:
@@ -120,6 +226,8 @@ class ExperimentConfig:
         defaults = cls()
         typed: dict[str, Any] = {}
         for k, v in d.items():
+            if k == "protect" and isinstance(v, list) and all(isinstance(p, str) for p in v):
+                v = ";".join(v)  # a list of specs, one per protection
             want = type(getattr(defaults, k))
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
@@ -134,6 +242,9 @@ class ExperimentConfig:
             d = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not JSON ({e})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{path}: cannot read it ({why}); expected a JSON file") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object of config fields")
         return cls.from_dict(d)

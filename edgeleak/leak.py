@@ -18,9 +18,9 @@ import numpy as np
 
 from attacks.base import AttackMetadata, Reconstruction
 from attacks.intercept import CaptureStore, Intercepted
-from attacks.leakage import LeakageReport, evaluate, matched_images
+from attacks.leakage import LeakageReport, evaluate, matched_images, matched_labels
 from attacks.registry import get_attack
-from attacks.report import save_grid
+from attacks.report import save_grid, save_reconstructions
 from devices.datasets import load_dataset
 from devices.fleet import read_truth
 from edge.manifest import ModelArtifact
@@ -132,6 +132,7 @@ def attack_captures(
                 if truth is not None and batch is not None:
                     report = evaluate(rec, batch[0], batch[1], mean_image=truth.mean_image)
                 grid = ""
+                title = f"{name} on round {item.round}, device {item.device}"
                 if batch is not None and report is not None and rec.images is not None:
                     grid = str(
                         save_grid(
@@ -139,7 +140,16 @@ def attack_captures(
                             batch[0],
                             matched_images(rec, report),
                             report.psnr,
-                            title=f"{name}: round {item.round}, {item.device}",
+                            title=title,
+                            true_labels=[int(v) for v in batch[1]],
+                            recovered_labels=matched_labels(rec, report),
+                        )
+                    )
+                elif rec.images is not None and len(rec.images):
+                    labels = None if rec.labels is None else [int(v) for v in rec.labels]
+                    grid = str(
+                        save_reconstructions(
+                            out / f"{stem}.png", rec.images, labels, title=f"{title} (no truth)"
                         )
                     )
                 rows.append(_row(item, name, rec, report, grid))
@@ -167,9 +177,14 @@ def _row(
 
 
 def record(db: sqlite3.Connection, rows: Sequence[LeakRow]) -> None:
-    """Append ``rows`` to the ``leakage`` table of a run store or capture store."""
+    """Write ``rows`` into the ``leakage`` table of a run store or capture store; a row replaces
+    any earlier one of the same run, round, device and attack (rerunning an attack)."""
     db.executescript(LEAKAGE_SCHEMA)
     cols = list(LeakRow.__dataclass_fields__)
+    db.executemany(
+        "DELETE FROM leakage WHERE run = ? AND round = ? AND device = ? AND attack = ?",
+        [(r.run, r.round, r.device, r.attack) for r in rows],
+    )
     db.executemany(
         f"INSERT INTO leakage ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
         [tuple(asdict(r)[c] for c in cols) for r in rows],

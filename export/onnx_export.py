@@ -37,6 +37,7 @@ from edge.codec import write_tensors
 from edge.manifest import MANIFEST_FILE, Manifest, ModelArtifact, ParamSpec, content_hash
 from export import zoo
 from export.flops import training_flops_per_example
+from export.names import TARGETS
 
 GRAD_FILE = "grad.onnx"
 INFER_FILE = "infer.onnx"
@@ -282,7 +283,8 @@ _TARGETS: dict[str, Callable[[_Traced, Path], dict[str, str]]] = {
     "onnx": _export_onnx,
     "executorch": _export_executorch,
 }
-TARGETS = tuple(_TARGETS)
+if tuple(_TARGETS) != TARGETS:  # export.names is the list that --help reads
+    raise ImportError(f"export.names.TARGETS {TARGETS} differs from {tuple(_TARGETS)}")
 
 
 def export_model(

@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from export.names import MODELS
+
 Shape = tuple[int, ...]
 
 
@@ -101,7 +103,8 @@ _BUILDERS: dict[str, tuple[Callable[[Shape, int], nn.Sequential], Shape]] = {
     "convnet": (_convnet, (3, 32, 32)),
 }
 
-MODELS: tuple[str, ...] = tuple(_BUILDERS)
+if tuple(_BUILDERS) != MODELS:  # export.names is the list that --help and configs read
+    raise ImportError(f"export.names.MODELS {MODELS} differs from the zoo {tuple(_BUILDERS)}")
 
 
 def _entry(name: str) -> tuple[Callable[[Shape, int], nn.Sequential], Shape]:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from edge import wire
+from edge import codec, wire
 from edge.codec import CodecError, read_container, write_tensors
+from edge.device import TaskLimits, task_steps
 from edge.manifest import Manifest, ParamSpec
 from edge.mqtt import parse_broker_url, publish_packet_bytes, read_varint, varint_len
 
@@ -233,3 +234,123 @@ def test_container_keeps_shape_and_values(arr: np.ndarray) -> None:
     back = read_container(write_tensors({"a": a}))[0]["a"]
     assert back.shape == a.shape and back.dtype == a.dtype
     np.testing.assert_array_equal(back, a)
+
+
+# -- bounds against hostile messages (issue 7) ---------------------------------------------------
+
+
+def _reshape(payload: bytes, name: str, shape: object) -> bytes:
+    (hlen,) = struct.unpack_from("<Q", payload)
+    header = json.loads(payload[8 : 8 + hlen])
+    header[name]["shape"] = shape
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + payload[8 + hlen :]
+
+
+@pytest.mark.parametrize(
+    "shape", [[2**62, 4], [2**64], [True], [3, -16], [3.0, 16], ["3"], [1] * 9, 48, None]
+)
+def test_decoder_rejects_absurd_shapes_before_allocating(shape: object) -> None:
+    bad = _reshape(wire.encode_update(update()), "fc.weight", shape)
+    with pytest.raises(CodecError) as e:
+        read_container(bad)
+    assert e.value.reason == "bad_shape"
+    with pytest.raises(wire.WireError) as w:
+        wire.decode_update(bad, MANIFEST)
+    assert w.value.reason == "bad_shape"
+
+
+def test_header_depth_and_size_are_capped_before_parsing() -> None:
+    deep = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for levels, reason in ((100_000, "bad_header"), (9, "bad_header"), (7, "not_schema")):
+        h = b'{"a":' + b"[" * levels + b"]" * levels + b"}"
+        h += b" " * (-len(h) % 8)
+        with pytest.raises(wire.WireError) as e:
+            wire.decode_update(struct.pack("<Q", len(h)) + h, MANIFEST)
+        assert e.value.reason == reason, levels
+    assert codec.json_depth(deep) == 100_001
+    assert codec.json_depth(b'{"s":"[[[{{\\"[[","t":[1,[2]]}') == 3  # brackets in strings
+    big = wire.encode_update(update(runtime="x" * codec.MAX_HEADER_BYTES))
+    with pytest.raises(wire.WireError) as e:
+        wire.decode_update(big, MANIFEST)
+    assert e.value.reason == "oversize"
+
+
+def test_wire_tensors_are_bounded_by_the_model_for_any_codec() -> None:
+    meta = read_container(wire.encode_update(update()))[1]
+    huge = {"fc.weight": np.zeros(3 * 16 + 3 + 1, np.float32), "fc.bias": np.zeros(3, np.float32)}
+    with pytest.raises(wire.WireError) as e:
+        wire.decode_update(write_tensors(huge, meta), MANIFEST)
+    assert e.value.reason == "bad_shape"
+    many = {f"t{i}": np.zeros(1, np.float32) for i in range(9)}
+    with pytest.raises(wire.WireError) as e:
+        wire.decode_update(write_tensors(many, meta), MANIFEST)
+    assert e.value.reason == "bad_params"
+
+
+@pytest.mark.parametrize(
+    "nonce", ["a" * 12_000, "zz" * 12, "A" * 24, "a" * 23, "a" * 25, "", " " + "a" * 23]
+)
+def test_nonce_is_24_lowercase_hex_digits(nonce: str) -> None:
+    for payload, decode in (
+        (wire.encode_update(update()), wire.decode_update),
+        (wire.encode_task(task()), wire.decode_task),
+    ):
+        with pytest.raises(wire.WireError) as e:
+            decode(_meta_swap(payload, nonce=nonce), MANIFEST)  # type: ignore[operator]
+        assert e.value.reason == "bad_nonce"
+    assert len(wire.new_nonce()) == wire.NONCE_HEX
+
+
+@pytest.mark.parametrize(
+    "n", ["1" + "0" * 400, str(2**53 + 1), "0", "-3", " 5", "5_0", "+5", "1e3", "0x10"]
+)
+def test_update_examples_are_a_bounded_decimal(n: str) -> None:
+    with pytest.raises(wire.WireError) as e:
+        wire.decode_update(_meta_swap(wire.encode_update(update()), n=n), MANIFEST)
+    assert e.value.reason == "bad_field"
+    ok = wire.decode_update(_meta_swap(wire.encode_update(update()), n=str(2**53)), MANIFEST)
+    assert ok.num_examples == 2**53
+
+
+def task(**kw: object) -> wire.Task:
+    base: dict[str, object] = dict(
+        run="r1", round=2, device="d7", algorithm="fedavg", lr=0.1, epochs=1, batch_size=8,
+        model_hash="abc", weights=params(1),
+    )  # fmt: skip
+    base.update(kw)
+    return wire.Task(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", "inf"), ("lr", "nan"), ("lr", "0"), ("lr", "-0.1"), ("lr", "1e400"), ("lr", "1001"),
+        ("deadline_s", "1e400"), ("deadline_s", "0"), ("deadline_s", "1e9"),
+        ("epochs", "0"), ("epochs", "10001"), ("epochs", "1" + "0" * 400), ("epochs", "true"),
+        ("batch_size", "-1"), ("batch_size", str(2**31)), ("round", "-1"),
+    ],
+)  # fmt: skip
+def test_task_fields_are_finite_and_bounded(field: str, value: str) -> None:
+    with pytest.raises(wire.WireError) as e:
+        wire.decode_task(_meta_swap(wire.encode_task(task()), **{field: value}), MANIFEST)
+    assert e.value.reason == "bad_field"
+
+
+def test_task_limits_refuse_work_over_the_configured_maximum() -> None:
+    limits = TaskLimits(max_epochs=3, max_batch_size=16, max_steps=10)
+    assert task_steps("fedavg", 3, 16, 50) == 12  # 3 epochs × ceil(50 / 16)
+    assert task_steps("fedavg", 2, 0, 50) == 2  # batch 0: one batch per epoch
+    assert task_steps("fedsgd", 9, 1, 50) == 1
+    limits.check(task(epochs=3, batch_size=16), 40)  # 3 × 3 = 9 steps: fine
+    for t, detail in (
+        (task(epochs=4), "epochs 4 > max 3"),
+        (task(batch_size=17), "batch_size 17 > max 16"),
+        (task(epochs=3, batch_size=16), "12 SGD steps > max 10"),
+    ):
+        with pytest.raises(wire.WireError) as e:
+            limits.check(t, 50)
+        assert (e.value.reason, e.value.detail) == ("over_limit", detail)
+    with pytest.raises(ValueError, match="max_epochs=0"):
+        TaskLimits(max_epochs=0)

@@ -47,6 +47,16 @@ def test_demo_writes_run_db_summary_and_plot(tmp_path: Path) -> None:
     s = json.loads((out / "summary.json").read_text())
     assert {"devices", "runtime", "broker", "bytes_up", "bytes_down", "rounds"} <= set(s)
     assert (s["devices"], s["runtime"], s["broker"]) == (3, "onnx", "mosquitto")
+    assert s["versions"]["mosquitto"] == "2.0.11"  # Debian bookworm's, as on this machine
+    assert set(s["versions"]) == {
+        "edgeleak",
+        "onnxruntime",
+        "torch",
+        "mosquitto",
+        "python",
+        "platform",
+    }
+    assert s["units"]["bytes_up"].startswith("bytes of MQTT PUBLISH packets")
     assert [r["round"] for r in s["rounds"]] == [1, 2]
     for r in s["rounds"]:
         assert {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -39,7 +40,11 @@ def test_eavesdropper_captures_pairs_and_attacks(
         coord.run_round(2)
         coord.end()
         assert spy.ended.wait(10)
-    assert (capture.count("task"), capture.count("update"), capture.count("control")) == (6, 6, 1)
+    assert (capture.count("task"), capture.count("update"), capture.count("control")) == (
+        6,
+        6,
+        2,
+    )  # hello, end
     items = list(capture.paired(lenet_artifact.manifest, run=run))
     assert len(items) == 6
     for it in items:  # each update is paired with the global model its own task carried
@@ -75,13 +80,42 @@ def test_attack_cli_offline_on_a_capture(
         coord.run_round(1)
         coord.end()
     capture.close()
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgeleak.cli", "attack", "--capture", str(tmp_path / "capture"),
-         "--model", str(lenet_artifact.folder), "--attack", "idlg,label_count,analytic", "--run", run,
-         "--truth", str(tmp_path / "truth"), "--dataset", "fashion-mnist"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+
+    def attack(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edgeleak.cli", "attack", "--capture", str(tmp_path / "capture"),
+             "--model", str(lenet_artifact.folder), "--run", run, *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    scored = ("--attack", "idlg,label_count,analytic", "--truth", str(tmp_path / "truth"))
+    proc = attack(*scored, "--dataset", "fashion-mnist")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("labels 100%") == 4, proc.stdout
+    # The table: one row per attack and update, labels 100% for iDLG and the label count at B=1.
+    table = [
+        [c.strip() for c in line.split("│")] for line in proc.stdout.splitlines() if "│ d0" in line
+    ]
+    assert [(r[1], r[2], r[6]) for r in table] == [
+        (d, a, "100%") for d in ("d0000", "d0001") for a in ("idlg", "label_count")
+    ], proc.stdout
     # 'analytic' needs a first linear layer, which lenet lacks: skipped with a reason, no crash.
     assert "does not start with a linear layer" in proc.stderr
+    db = tmp_path / "capture" / "capture.db"
+
+    def leak_rows() -> list[tuple[str, str, float | None]]:
+        con = sqlite3.connect(db)
+        rows = con.execute("SELECT device, attack, label_accuracy FROM leakage ORDER BY 1, 2")
+        out = list(rows)
+        con.close()
+        return out
+
+    first = leak_rows()
+    assert len(first) == 4
+    assert attack(*scored).returncode == 0  # a rerun replaces the rows, it does not add to them
+    assert leak_rows() == first
+    # Without the truth: no scores, but the reconstruction is still drawn.
+    proc = attack("--attack", "inverting_gradients", "--budget-s", "1", "--max-updates", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pngs = sorted((tmp_path / "capture" / "attack").glob("*inverting_gradients.png"))
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(leak_rows()) == 5

@@ -141,8 +141,8 @@ def test_malformed_updates_are_counted_and_never_reach_the_model(
     store = RunStore(tmp_path / "run.db")
     spec = fleet(run, mosquitto, lenet_artifact, contiguous_shards([8, 8]), tmp_path / "truth")
     rogue = Rogue(mosquitto, run, lenet_artifact.manifest.param_names)
-    rogue.status("online")
     with Coordinator(run, lenet_artifact, mosquitto, store, plan) as coord, Fleet(spec):
+        rogue.status("online")  # live: a retained status from before is never selected
         coord.wait_for_devices(3, 60)
         w0 = dict(coord.weights)
         result: list[object] = []
