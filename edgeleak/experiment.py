@@ -27,6 +27,7 @@ from edge.backends import load_backend
 from edge.device import TaskLimits, task_steps
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url
+from edgeleak import checks
 from edgeleak.broker import local_broker
 from edgeleak.config import ConfigError, ExperimentConfig
 from edgeleak.errors import UsageError
@@ -324,9 +325,7 @@ def run_coordinator(
             "--dp-epsilon calibrates σ from the fleet's shard sizes, which a coordinator of real "
             "devices does not know: give σ in the protection (e.g. dp:clip=1,sigma=0.8)"
         )
-    run = run or new_run_id("run")
-    if run == wire.ANY_RUN or not run or any(c in run for c in "/+#\0"):
-        raise UsageError(f"--run {run!r}: expected an id without '/', '+', '#', other than 'any'")
+    run = checks.run_id(run or new_run_id("run"))
     try:
         artifact = ModelArtifact.load(model_dir)
     except (OSError, ValueError) as e:

@@ -232,7 +232,7 @@ def test_device_update_under_dp_is_clipped_plus_noise(
     )  # fmt: skip
     payload = wire.encode_task(task)
     assert wire.decode_task(payload, lenet_artifact.manifest).protect == "dp:clip=0.2,sigma=0.5"
-    out = dev.handle(Received(dev.task_topic, payload, False, time.time()))
+    out = dev.handle(Received(wire.task_topic("r", "d1"), payload, False, time.time()))
     assert out is not None
     update = wire.decode_update(out.payload, lenet_artifact.manifest)
     assert json.loads(update.defence) == {"protect": [{"name": "dp", "clip": 0.2, "sigma": 0.5}]}
@@ -260,7 +260,7 @@ def test_device_refuses_a_task_it_cannot_follow(
             model_hash=lenet_artifact.manifest.sha256, weights=lenet_artifact.initial_params(),
             protect=spec,
         )  # fmt: skip
-        msg = Received(dev.task_topic, wire.encode_task(task), False, time.time())
+        msg = Received(wire.task_topic("r", "d1"), wire.encode_task(task), False, time.time())
         assert dev.handle(msg) is None
     assert dev.rejected == {"bad_protect": 3}
 
