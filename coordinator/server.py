@@ -465,8 +465,7 @@ class Coordinator:
         self._state = None
         self.proven |= set(st.accepted)
         self.standing = policy.after_round(self.standing, selected, st.heard)
-        updates = [(u.params, u.num_examples) for u in st.accepted.values()]
-        if updates:
+        if st.accepted:
             agg = self._aggregate(st, len(selected))
             kind = UPDATE_KIND[self.plan.algorithm]
             lr = self.plan.server_lr * (self.plan.lr if kind == "gradient" else 1.0)
@@ -474,7 +473,8 @@ class Coordinator:
         else:
             log.warning("round %d: no update arrived before the deadline; model unchanged", round_)
         acc, loss = self.evaluator(self.weights) if self.evaluator else (float("nan"), float("nan"))
-        train_loss = float(np.mean([u.train_loss for u in accepted])) if updates else float("nan")
+        losses = [st.accepted[d].train_loss for d in sorted(st.accepted)]  # canonical order
+        train_loss = float(np.mean(losses)) if losses else float("nan")
         result = RoundResult(
             round=round_,
             selected=len(selected),
