@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "codec": tuple(CODECS),
     "runtime": RUNTIMES,
     "clock": CLOCKS,
+    "clock_base": CLOCK_BASES,
     "profiles": PROFILES,
     "attack": ATTACK_NAMES,
     "malicious": MALICIOUS,
@@ -56,6 +57,8 @@ FIELD_HELP: dict[str, str] = {
     "codec": "tensor encoding of tasks and updates on the wire",
     "runtime": "device runtime, or a comma-separated mix assigned round-robin",
     "clock": "none; virtual (profiles set round times, no waiting); real (devices wait)",
+    "clock_base": "flops: compute = model FLOPs / profile throughput (any host alike); host: "
+    "profiles scaled by this host's measured speed",
     "profiles": "comma-separated device profiles, round-robin (empty: all of them)",
     "attack": "comma-separated attacks an eavesdropper runs on the run's traffic",
     "attack_budget_s": "seconds per attack and intercepted update",

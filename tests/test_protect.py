@@ -18,7 +18,7 @@ from edge.backends import load_backend
 from edge.device import Device
 from edge.manifest import ModelArtifact
 from edge.mqtt import Received
-from edge.train import minibatches
+from edge.train import device_rng, minibatches
 from edgeleak.config import ConfigError, ExperimentConfig
 from edgeleak.experiment import calibrate_protect
 
@@ -237,7 +237,7 @@ def test_device_update_under_dp_is_clipped_plus_noise(
     update = wire.decode_update(out.payload, lenet_artifact.manifest)
     assert json.loads(update.defence) == {"protect": [{"name": "dp", "clip": 0.2, "sigma": 0.5}]}
     # the same batch, clipped, plus the device's seeded noise
-    idx = minibatches(len(x), 8, np.random.default_rng([11, 3]))[0]
+    idx = minibatches(len(x), 8, device_rng(11, "d1", 3))[0]
     g = protect.clip_l2(dev.backend.loss_and_grad(w0, x[idx], y[idx]).grads, 0.2)
     noise = protect.gaussian_like(g, 0.1, dev.noise_rng(3))
     for k in g:
