@@ -50,6 +50,7 @@ class DeviceSpec:
     runtime: str = "onnx"
     seed: int = 0
     profile: str = ""
+    key: bytes | None = field(default=None, repr=False)  # secret for decoys (edge.decoy)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class FleetSpec:
     base_seconds_per_example: float = 0.0  # this machine's compute speed (real-time mode)
     limits: TaskLimits = field(default_factory=TaskLimits)  # what a task may ask of a device
     max_restarts: int = 3  # a worker that dies is started again this many times at most
+    # Public examples decoy updates train on: "" none, "test" the dataset's test split (a
+    # stand-in for public data of the same domain).
+    decoy_pool: str = ""
 
 
 # Seconds after a task's arrival before the device's update may be published.
@@ -181,14 +185,12 @@ def run_devices(
         device = by_task_topic.get(msg.topic)
         if device is None:
             continue
-        update = device.handle_safely(msg)
-        if update is None:
-            continue
-        if hold is None:
-            clients[device.device_id].publish(update.topic, update.payload, qos=QOS)
-        else:
-            due = msg.t + hold(device, msg, update)
-            heapq.heappush(held, (due, next(order), device.device_id, update))
+        for update in device.handle_safely(msg):
+            if hold is None:
+                clients[device.device_id].publish(update.topic, update.payload, qos=QOS)
+            else:
+                due = msg.t + hold(device, msg, update)
+                heapq.heappush(held, (due, next(order), device.device_id, update))
     for d in devices:
         clients[d.device_id].publish(d.status_topic, d.status("offline"), qos=QOS, retain=True)
     _flush(loop, list(clients.values()), timeout=30)
@@ -220,6 +222,7 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int, parent_pid
     if spec.truth_dir:
         truth = open(Path(spec.truth_dir) / f"worker-{worker_id}.jsonl", "a")  # noqa: SIM115
 
+    pool = (data.x_test, data.y_test) if spec.decoy_pool == "test" else None
     devices = []
     for ds in shard:
         if ds.runtime not in backends:
@@ -239,6 +242,8 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int, parent_pid
                 profile=ds.profile,
                 on_trained=on_trained,
                 limits=spec.limits,
+                key=ds.key,
+                decoy_data=pool,
             )
         )
     try:
@@ -311,6 +316,8 @@ class Fleet:
                 f"real-time mode needs a profile per device; none for {missing[:5]} "
                 f"(set DeviceSpec(profile=...), e.g. rpi4)"
             )
+        if spec.decoy_pool not in ("", "test"):
+            raise ValueError(f"decoy_pool={spec.decoy_pool!r}: expected '' or 'test'")
         self.spec = spec
         self.procs: list[mp.process.BaseProcess] = []
         self.restarts = 0  # workers started again after dying

@@ -4,6 +4,7 @@ safetensors), as a deployment bundle's ``start.sh`` runs it on a Raspberry Pi or
     python -m edge --broker mqtt://HOST:PORT --data shard.npz --model model/ --run RUN --id ID
                    [--runtime onnx] [--profile rpi4] [--seed 0] [--config config.json]
                    [--max-epochs 10] [--max-batch-size 1024] [--max-steps 10000]
+                   [--key device.key --decoy-data public.npz]
 
 ``--config`` reads the same settings from a JSON object (paths relative to its folder); flags
 given on the command line override it. Bad input (a missing or corrupt shard, a model folder
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
 
 SETTINGS = (
     "broker", "data", "model", "run", "id", "runtime", "profile", "seed",
-    "max_epochs", "max_batch_size", "max_steps",
+    "max_epochs", "max_batch_size", "max_steps", "key", "decoy_data",
 )  # fmt: skip
-PATHS = ("data", "model")
+PATHS = ("data", "model", "key", "decoy_data")
 PROG = "python -m edge"
 
 
@@ -89,6 +90,8 @@ def build_parser(
         default=limits.max_steps,
         help="refuse a task costing more SGD steps (default %(default)s)",
     )
+    p.add_argument("--key", help="file with this device's secret key (hex), for decoy updates")
+    p.add_argument("--decoy-data", help=".npz of public examples that decoy updates train on")
     return p
 
 
@@ -132,6 +135,7 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
     """Load and check the shard, the model and the runtime; ``SetupError`` says what is wrong."""
     from edge.backends import load_backend
     from edge.data import check_fits, load_shard
+    from edge.decoy import load_key
     from edge.device import Device, TaskLimits
     from edge.manifest import ModelArtifact
     from edge.mqtt import parse_broker_url
@@ -141,6 +145,10 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
         x, y = load_shard(args.data)
         artifact = ModelArtifact.load(args.model)
         check_fits(x, y, artifact.manifest, where=str(args.data))
+        key = load_key(args.key) if args.key else None
+        pool = load_shard(args.decoy_data) if args.decoy_data else None
+        if pool is not None:
+            check_fits(*pool, artifact.manifest, where=str(args.decoy_data))
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise SetupError(str(e)) from None
     try:
@@ -150,7 +158,7 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
     limits = TaskLimits(args.max_epochs, args.max_batch_size, args.max_steps)
     device = Device(
         args.id, args.run, artifact, backend, x, y, seed=args.seed, profile=args.profile,
-        limits=limits,
+        limits=limits, key=key, decoy_data=pool,
     )  # fmt: skip
     return device, broker
 

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import queue
+import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge import wire
+from edge import decoy, wire
 from edge.backends.base import Backend
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, running
@@ -96,7 +97,11 @@ class Device:
         on_trained: Callable[[TrainingRecord], None] | None = None,
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
         limits: TaskLimits | None = None,
+        key: bytes | None = None,
+        decoy_data: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
+        """``key``: this device's secret (enrolment), needed for decoys; ``decoy_data``: public
+        examples ``(x, y)`` of the same domain that decoy updates train on."""
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
@@ -121,6 +126,11 @@ class Device:
         self.rounds_done = 0
         self.last_round = -1  # the latest round this device answered
         self._seen: collections.deque[str] = collections.deque(maxlen=SEEN_NONCES)
+        self.key = key
+        self.decoy_data = decoy_data
+        # Error feedback: what earlier updates did not carry, per codec; slot -1 is the real
+        # update, slots 0.. the decoys (so decoys carry residuals like the real one).
+        self.residuals: dict[tuple[str, int], wire.Params] = {}
 
     @property
     def task_topic(self) -> str:
@@ -154,16 +164,22 @@ class Device:
             info["profile"] = self.profile
         return json.dumps(info, sort_keys=True).encode()
 
-    def train(self, task: wire.Task) -> LocalResult:
-        """Run the task's local training on this device's data."""
-        rng = np.random.default_rng([self.seed, task.round])
+    def train(
+        self,
+        task: wire.Task,
+        data: tuple[np.ndarray, np.ndarray] | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> LocalResult:
+        """Run the task's local training on this device's data (or on ``data``)."""
+        x, y = data if data is not None else (self.x, self.y)
+        rng = rng if rng is not None else np.random.default_rng([self.seed, task.round])
         if task.algorithm == "fedsgd":
-            return fedsgd(self.backend, task.weights, self.x, self.y, task.batch_size, rng)
+            return fedsgd(self.backend, task.weights, x, y, task.batch_size, rng)
         return fedavg(
             self.backend,
             task.weights,
-            self.x,
-            self.y,
+            x,
+            y,
             epochs=task.epochs,
             batch_size=task.batch_size,
             lr=task.lr,
@@ -190,34 +206,72 @@ class Device:
         if task.round < self.last_round:
             raise wire.WireError("stale_round", f"round {task.round} < {self.last_round}")
         self.limits.check(task, len(self.x))
+        if task.decoys and self.key is None:
+            raise wire.WireError("no_key", "decoys need this device's key (--key)")
+        if task.decoys and self.decoy_data is None:
+            raise wire.WireError("no_decoy_data", "decoys need public examples (--decoy-data)")
         return task
 
-    def handle(self, msg: Received) -> Outgoing | None:
-        """A task in, an update out; anything else is counted and dropped."""
+    def _decoy_result(self, task: wire.Task) -> LocalResult:
+        """A decoy: the task's training on as many public examples as this device holds, drawn
+        with an unpredictable generator."""
+        assert self.decoy_data is not None
+        px, py = self.decoy_data
+        rng = np.random.default_rng(secrets.randbits(128))
+        pick = rng.choice(len(px), size=len(self.x), replace=len(px) < len(self.x))
+        return self.train(task, (px[pick], py[pick]), rng)
+
+    def _message(
+        self, task: wire.Task, result: LocalResult, device_field: str, slot: int
+    ) -> Outgoing:
+        """Encode one update with error feedback for ``slot`` (-1: the real update)."""
+        codec = wire.get_codec(task.uplink)
+        key = (codec.name, slot)
+        tensors, corrected, residual = codec.compress(
+            result.params, self.residuals.get(key), self.artifact.manifest
+        )
+        if residual is not None:
+            self.residuals[key] = residual
+        update = wire.Update(
+            run=self.run,
+            round=task.round,
+            device=device_field,
+            kind=result.kind,
+            num_examples=result.num_examples,
+            params=corrected,
+            train_loss=result.train_loss,
+            runtime=self.backend.name,
+            codec=codec.name,
+        )
+        payload = wire.encode_update(update, tensors=tensors)
+        return Outgoing(wire.update_topic(self.run, device_field), payload)
+
+    def handle(self, msg: Received) -> list[Outgoing]:
+        """A task in, its update(s) out (the real one, or K decoys and the real one under
+        pseudonyms); anything else is counted and dropped."""
         if msg.topic != self.task_topic:
-            return None
+            return []
         try:
             task = self.accept(msg.payload)
         except wire.WireError as e:
             self.refuse(e)
-            return None
+            return []
         result = self.train(task)
         if self.on_trained is not None:
             self.on_trained(TrainingRecord(self.run, task.round, self.device_id, result.used))
-        update = wire.Update(
-            run=self.run,
-            round=task.round,
-            device=self.device_id,
-            kind=result.kind,
-            num_examples=result.num_examples,
-            params=result.params,
-            train_loss=result.train_loss,
-            runtime=self.backend.name,
-            codec=task.codec,
-        )
-        payload = wire.encode_update(update)
-        topic = wire.update_topic(self.run, self.device_id)
-        size = publish_packet_bytes(topic, len(payload), QOS)
+        if not task.decoys:
+            out = [self._message(task, result, self.device_id, -1)]
+        else:
+            assert self.key is not None
+            real = decoy.real_slot(self.key, self.run, task.round, task.decoys)
+            out = []
+            for slot in range(task.decoys + 1):
+                name = decoy.pseudonym(self.key, self.run, task.round, slot)
+                if slot == real:
+                    out.append(self._message(task, result, name, -1))
+                else:
+                    out.append(self._message(task, self._decoy_result(task), name, slot))
+        size = max(publish_packet_bytes(o.topic, len(o.payload), QOS) for o in out)
         if size > self.max_message_bytes:
             # paho would retry an over-size packet forever after the broker drops the connection.
             log.error(
@@ -226,12 +280,12 @@ class Device:
                 size,
                 self.max_message_bytes,
             )
-            return None
+            return []
         self.rounds_done += 1
         self.last_round = task.round
-        return Outgoing(topic, payload)
+        return out
 
-    def handle_safely(self, msg: Received) -> Outgoing | None:
+    def handle_safely(self, msg: Received) -> list[Outgoing]:
         """``handle``, but an unexpected error is logged and counted (``internal_error``) and the
         device carries on."""
         try:
@@ -239,7 +293,7 @@ class Device:
         except Exception as e:  # a message must never take the device down
             log.exception("device %s: error while handling %s", self.device_id, msg.topic)
             self.refuse(wire.WireError("internal_error", repr(e)))
-            return None
+            return []
 
 
 def run_device(
@@ -264,8 +318,7 @@ def run_device(
                     if msg.payload == b"end" and exit_on_end:
                         break
                     continue
-                out = device.handle_safely(msg)
-                if out is not None:
+                for out in device.handle_safely(msg):
                     client.publish(out.topic, out.payload, qos=QOS).wait_for_publish(timeout=60)
         finally:  # however the loop ends, the retained status must not stay "online"
             client.publish(

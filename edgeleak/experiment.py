@@ -22,6 +22,7 @@ from devices.datasets import load_dataset
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.partition import partition
 from edge.backends import load_backend
+from edge.decoy import new_key, save_key
 from edge.device import TaskLimits, task_steps
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url
@@ -55,9 +56,10 @@ def fleet_spec(
     artifact: ModelArtifact,
     labels: np.ndarray,
     truth_dir: Path | None,
+    keys: dict[str, bytes] | None = None,
 ) -> FleetSpec:
     """Partition the training set; give each device a runtime and (with a clock) a profile,
-    round-robin over the configured mixes."""
+    round-robin over the configured mixes; with ``keys`` (decoys), each device its key."""
     shards = partition(
         labels,
         cfg.devices,
@@ -75,6 +77,7 @@ def fleet_spec(
             runtimes[i % len(runtimes)],
             seed=cfg.seed * 100_003 + i,
             profile=profiles[i] if profiles else "",
+            key=keys.get(f"d{i:04d}") if keys else None,
         )
         for i, shard in enumerate(shards)
     )
@@ -98,7 +101,19 @@ def fleet_spec(
         realtime=realtime,
         base_seconds_per_example=base,
         limits=limits,
+        decoy_pool="test" if cfg.decoys else "",
     )
+
+
+def enrol(cfg: ExperimentConfig, keys_dir: Path) -> dict[str, bytes] | None:
+    """With decoys: a fresh secret key per device, also written to ``keys_dir/<device>.key``
+    (the stand-in for enrolment: a physical device gets its file and ``--key``)."""
+    if not cfg.decoys:
+        return None
+    keys = {f"d{i:04d}": new_key() for i in range(cfg.devices)}
+    for device, key in keys.items():
+        save_key(keys_dir / f"{device}.key", key)
+    return keys
 
 
 def virtual_clock(
@@ -170,7 +185,9 @@ def run_experiment(
         aggregator=cfg.aggregator,
         codec=cfg.codec,
         max_examples=cfg.max_examples,
+        decoys=cfg.decoys,
     )
+    keys = enrol(cfg, out / "keys")
     store = RunStore(out / "run.db")
     results: list[RoundResult] = []
     t_start = time.monotonic()
@@ -191,11 +208,11 @@ def run_experiment(
             model=cfg.model,
             model_hash=artifact.manifest.sha256,
         )
-        spec = fleet_spec(cfg, run, broker, artifact, data.y_train, out / "truth")
+        spec = fleet_spec(cfg, run, broker, artifact, data.y_train, out / "truth", keys)
         clock = virtual_clock(cfg, spec, artifact)
         coord = Coordinator(
             run, artifact, broker, store, plan, evaluator=evaluator, seed=cfg.seed, clock=clock,
-            tamper=tamper(cfg, artifact, data.x_train),
+            tamper=tamper(cfg, artifact, data.x_train), keys=keys,
         )  # fmt: skip
         capture = CaptureStore(out / "capture") if cfg.attacks else None
         spy = Eavesdropper(broker, run, capture) if capture else contextlib.nullcontext()
