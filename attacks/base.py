@@ -7,7 +7,6 @@ images, labels or example indices: the truth enters only ``attacks.leakage.evalu
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -120,6 +119,7 @@ class Reconstruction:
     confidence: np.ndarray = field(repr=False)
     seconds: float
     attack: str
+    budget_hit: bool = False  # the wall-clock cap stopped the attack before its iterations ended
 
     def __post_init__(self) -> None:
         n = len(self.confidence)
@@ -147,7 +147,7 @@ class Attack(Protocol):
         global_model: Mapping[str, np.ndarray],
         metadata: AttackMetadata,
     ) -> Reconstruction:
-        """Invert ``update`` (computed at ``global_model``) within ``metadata.budget_s`` seconds."""
+        """Invert ``update`` (computed at ``global_model``); ``metadata.budget_s`` caps the time."""
         ...
 
 
@@ -169,7 +169,7 @@ def check_layout(
 
 @dataclass
 class Deadline:
-    """A wall-clock budget: ``left()`` seconds remain, ``fraction()`` of it is used."""
+    """A wall-clock cap: ``left()`` seconds remain; ``expired()`` once none do."""
 
     budget_s: float
     start: float = field(default_factory=time.perf_counter)
@@ -182,6 +182,3 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.left() <= 0
-
-    def fraction(self) -> float:
-        return min(1.0, self.elapsed() / self.budget_s) if math.isfinite(self.budget_s) else 0.0

@@ -22,7 +22,7 @@ from attacks.base import Algorithm, AttackUpdate, UpdateKind
 from edge import wire
 from edge.codec import CodecError, read_header
 from edge.manifest import Manifest
-from edge.mqtt import BrokerAddress, Received, make_client, wait_until
+from edge.mqtt import BrokerAddress, Received, connect, make_client, wait_until
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS captures (
@@ -173,7 +173,8 @@ class Eavesdropper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self.captured = 0
-        self.ended = threading.Event()  # set when the run's control topic says "end"
+        self.ended = threading.Event()  # set by the run's genuine "end" (its token matches)
+        self._ends = wire.EndCommitments()
 
     def _drain(self) -> None:
         while not (self._stop.is_set() and self.inbox.empty()):
@@ -183,11 +184,25 @@ class Eavesdropper:
                 continue
             self.store.add(msg)
             self.captured += 1
-            if msg.topic.endswith("/control") and msg.payload == b"end":
-                self.ended.set()
+            self._watch_end(msg)
+
+    def _watch_end(self, msg: Received) -> None:
+        """Collect the end commitments of intercepted tasks; set ``ended`` on a genuine end."""
+        try:
+            run, channel, _ = wire.parse_topic(msg.topic)
+        except wire.WireError:
+            return
+        if channel == "task":
+            try:
+                commitment = read_header(msg.payload)[1].get("end", "")
+            except CodecError:
+                return
+            self._ends.add(run, commitment)
+        elif channel == "control" and self._ends.accepts(run, msg.payload):
+            self.ended.set()
 
     def __enter__(self) -> Eavesdropper:
-        self.client.connect(self.broker.host, self.broker.port, keepalive=60)
+        connect(self.client, self.broker, keepalive=60)
         self.client.loop_start()
         wait_until(lambda: bool(self._ready), 10, "the eavesdropper's subscription")
         self._thread.start()

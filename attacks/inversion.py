@@ -13,9 +13,10 @@
   the same consecutive minibatches every epoch, no shuffle). The order matters only when an
   epoch has several minibatches and it changes between epochs: the dummies are interchangeable.
 
-Every attack stops at ``metadata.budget_s``: the run's progress is the larger of iterations done
-over ``max_iterations`` and time used over the budget, so the learning-rate schedule completes
-either way. The budget is split evenly over restarts.
+Schedules run on iterations only (progress = iteration / ``max_iterations``), so the same update
+gives the same reconstruction on any machine. ``metadata.budget_s`` is a wall-clock cap over all
+restarts: when it runs out the attack stops where it is and the result says so
+(``Reconstruction.budget_hit``); its schedule is then cut short, not compressed.
 """
 
 from __future__ import annotations
@@ -87,14 +88,15 @@ def signed_adam(
     deadline: Deadline,
     signed: bool = True,
     boxed: bool = True,
-) -> torch.Tensor:
-    """Minimise ``objective`` over images from ``x0`` with (signed-gradient) Adam and step decay."""
+) -> tuple[torch.Tensor, bool]:
+    """Minimise ``objective`` over images from ``x0`` with (signed-gradient) Adam and step decay
+    on the iteration count; returns (images, whether ``deadline`` stopped the run early)."""
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     for it in range(max_iterations):
-        progress = max(it / max_iterations, deadline.fraction())
-        if progress >= 1.0:
-            break
+        if deadline.expired():
+            return x.detach(), True
+        progress = it / max_iterations
         for group in opt.param_groups:
             group["lr"] = lr * step_decay(progress)
         total, _ = objective(x, progress)
@@ -104,7 +106,7 @@ def signed_adam(
         if boxed:
             with torch.no_grad():
                 x.clamp_(0, 1)
-    return x.detach()
+    return x.detach(), False
 
 
 def lbfgs(
@@ -114,26 +116,28 @@ def lbfgs(
     max_iterations: int,
     deadline: Deadline,
     boxed: bool = False,
-) -> torch.Tensor:
-    """Minimise ``objective`` with L-BFGS (strong-Wolfe line search), 20 evaluations a step."""
+) -> tuple[torch.Tensor, bool]:
+    """Minimise ``objective`` with L-BFGS (strong-Wolfe line search), 20 evaluations a step;
+    returns (images, whether ``deadline`` stopped the run early)."""
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
         [x], lr=1.0, max_iter=20, history_size=100, line_search_fn="strong_wolfe"
     )
+    step = 0
 
     def closure() -> torch.Tensor:
-        total, _ = objective(x, deadline.fraction())
+        total, _ = objective(x, step / max_iterations)
         (x.grad,) = torch.autograd.grad(total, [x])
         return total.detach()
 
-    for _ in range(max_iterations):
+    for step in range(max_iterations):  # noqa: B007 (read by the closure)
         if deadline.expired():
-            break
+            return x.detach(), True
         opt.step(closure)
         if boxed:
             with torch.no_grad():
                 x.clamp_(0, 1)
-    return x.detach()
+    return x.detach(), False
 
 
 # -- attacks ------------------------------------------------------------------------------------
@@ -141,7 +145,7 @@ def lbfgs(
 
 @dataclass(frozen=True)
 class DLGConfig:
-    """DLG: ``max_iterations`` L-BFGS steps (up to 20 evaluations each), split over restarts."""
+    """DLG: ``max_iterations`` L-BFGS steps (up to 20 evaluations each) per restart."""
 
     max_iterations: int = 300
     restarts: int = 1
@@ -217,20 +221,20 @@ class _UpdateMatching:
 
         cfg = self.config
         best: tuple[float, torch.Tensor] | None = None
+        hit = False
         for r in range(cfg.restarts):
-            share = Deadline(max(deadline.left(), 1e-3) / (cfg.restarts - r))
             x0 = initial_images(shape, cfg.init, cfg.seed + r).to(device)
-            x = self.optimize(objective, x0, share)
+            x, hit = self.optimize(objective, x0, deadline)
             score = float(objective(x.requires_grad_(True), 1.0)[1].detach())
             if best is None or not math.isfinite(best[0]) or score < best[0]:
                 best = (score, x.detach())
-            if deadline.expired():
+            if hit:
                 break
         assert best is not None
         score, x = best
         images = x.clamp(0, 1).cpu().numpy().astype(np.float32)
         conf = np.full(len(images), self.confidence(score), dtype=np.float32)
-        return Reconstruction(images, labels, conf, deadline.elapsed(), self.name)
+        return Reconstruction(images, labels, conf, deadline.elapsed(), self.name, budget_hit=hit)
 
     def distance(
         self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], batch: int
@@ -246,7 +250,9 @@ class _UpdateMatching:
     def confidence(self, score: float) -> float:
         raise NotImplementedError
 
-    def optimize(self, objective: Objective, x0: torch.Tensor, deadline: Deadline) -> torch.Tensor:
+    def optimize(
+        self, objective: Objective, x0: torch.Tensor, deadline: Deadline
+    ) -> tuple[torch.Tensor, bool]:
         raise NotImplementedError
 
 
@@ -267,7 +273,9 @@ class DLG(_UpdateMatching):
     def confidence(self, score: float) -> float:
         return 1.0 / (1.0 + score)
 
-    def optimize(self, objective: Objective, x0: torch.Tensor, deadline: Deadline) -> torch.Tensor:
+    def optimize(
+        self, objective: Objective, x0: torch.Tensor, deadline: Deadline
+    ) -> tuple[torch.Tensor, bool]:
         return lbfgs(objective, x0, max_iterations=self.config.max_iterations, deadline=deadline)
 
 
@@ -296,7 +304,9 @@ class InvertingGradients(_UpdateMatching):
     def confidence(self, score: float) -> float:
         return 1.0 - score
 
-    def optimize(self, objective: Objective, x0: torch.Tensor, deadline: Deadline) -> torch.Tensor:
+    def optimize(
+        self, objective: Objective, x0: torch.Tensor, deadline: Deadline
+    ) -> tuple[torch.Tensor, bool]:
         c = self.config
         return signed_adam(
             objective,

@@ -33,6 +33,7 @@ class LeakageReport:
     label_accuracy: float | None
     label_count_accuracy: float | None
     seconds: float
+    budget_hit: bool = False  # the attack's time cap stopped it early (``Reconstruction``)
 
 
 def evaluate(
@@ -89,6 +90,7 @@ def evaluate(
         label_accuracy=label_acc,
         label_count_accuracy=count_acc,
         seconds=rec.seconds,
+        budget_hit=rec.budget_hit,
     )
 
 

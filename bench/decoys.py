@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=1, model_hash=artifact.manifest.sha256, weights=w0,
                 decoys=args.decoys,
             )  # fmt: skip
-            outs = dev.handle(Received(dev.task_topic, wire.encode_task(task), False, 0.0))
+            outs = dev.handle(
+                Received(wire.task_topic("bench", name), wire.encode_task(task), False, 0.0)
+            )
             truths.append(data.x_train[used[name]])
             real_name = decoy.pseudonym(
                 key, "bench", 1, decoy.real_slot(key, "bench", 1, args.decoys)

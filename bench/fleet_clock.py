@@ -5,7 +5,7 @@ of Fashion-MNIST, and run FedAvg rounds over mosquitto with the coordinator's vi
 availability from each profile's hourly trace, arrival = compute + bytes / bandwidth + RTT from
 the bytes the ledger counted, stragglers past the (virtual) deadline dropped. The prediction
 uses ``round_time`` alone, with task and update sizes from encoding them here (no MQTT). The
-base compute speed is measured on this machine for the model first.
+compute cost is the model's FLOPs per example from its manifest (host-independent).
 
     python bench/fleet_clock.py --json fleet_clock.json [--devices 1000] [--rounds 2]
                                 [--deadlines 0.3 600] [--examples 32] [--shares 3,3,1,1,1,1,1]
@@ -33,7 +33,6 @@ from devices.clock import (
     VirtualClock,
     assign_profiles,
     examples_processed,
-    measure_seconds_per_example,
     predicted_round,
 )
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
@@ -114,14 +113,14 @@ def run_bench(
     trained = examples_processed(plan.algorithm, epochs=plan.epochs, reported=examples)
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_model("lenet", Path(tmp) / "model", seed=0)
-        base = measure_seconds_per_example(artifact)
+        flops = artifact.manifest.flops_per_example
         devices = tuple(
             DeviceSpec(f"d{i:04d}", np.arange(i * examples, (i + 1) * examples), "onnx", seed=i,
                        profile=names[i])
             for i in range(n)
         )  # fmt: skip
         clock = VirtualClock.from_names(
-            {d.device_id: d.profile for d in devices}, base_seconds_per_example=base, seed=seed
+            {d.device_id: d.profile for d in devices}, flops_per_example=flops, seed=seed
         )
         run, connect_s, results = fleet_rounds(
             artifact, devices, clock, plan, deadlines, rounds, workers
@@ -135,7 +134,7 @@ def run_bench(
             for d in available:
                 down, up = message_bytes(artifact, run, d, res.round, plan, examples)
                 predicted.append(round_time(clock.profile(d), examples=trained, bytes_down=down,
-                                            bytes_up=up, base_seconds_per_example=base))  # fmt: skip
+                                            bytes_up=up, flops_per_example=flops))  # fmt: skip
             rows.append({
                 "round": res.round,
                 "deadline_s": deadline,
@@ -153,19 +152,19 @@ def run_bench(
         for name in PROFILES:
             p = load_profile(name)
             per_profile.append({
-                "profile": name, "devices": names.count(name), "slowdown": p.slowdown,
+                "profile": name, "devices": names.count(name), "train_gflops": p.train_gflops,
                 "downlink_mbps": p.downlink_mbps, "uplink_mbps": p.uplink_mbps,
                 "rtt_ms": p.rtt_ms, "mean_availability": p.mean_availability,
                 "bytes_down": down, "bytes_up": up,
                 "predicted_arrival_s": round_time(p, examples=trained, bytes_down=down,
-                                                  bytes_up=up, base_seconds_per_example=base),
+                                                  bytes_up=up, flops_per_example=flops),
             })  # fmt: skip
     return {
         "devices": n,
         "examples_per_device": examples,
         "algorithm": plan.algorithm,
         "deadlines_s": deadlines,
-        "base_seconds_per_example": base,
+        "flops_per_example": flops,
         "seed": seed,
         "connect_s": connect_s,
         "profiles": per_profile,
@@ -199,14 +198,14 @@ def main() -> None:
     console = Console(width=130)
     t = Table(
         title=f"predicted arrival: lenet, {args.examples} examples, FedAvg E=1, base "
-        f"{out['base_seconds_per_example'] * 1e6:.1f} µs/example measured on this host"
+        f"{out['flops_per_example']:,} FLOPs per training example (from the manifest)"
     )
-    cols = ("profile", "devices", "slowdown", "down Mbit/s", "up Mbit/s", "RTT ms", "online",
+    cols = ("profile", "devices", "GFLOP/s", "down Mbit/s", "up Mbit/s", "RTT ms", "online",
             "arrival s")  # fmt: skip
     for col in cols:
         t.add_column(col, justify="right")
     for p in out["profiles"]:
-        t.add_row(p["profile"], str(p["devices"]), f"{p['slowdown']:.1f}",
+        t.add_row(p["profile"], str(p["devices"]), f"{p['train_gflops']:.3f}",
                   f"{p['downlink_mbps']:.1f}", f"{p['uplink_mbps']:.1f}", f"{p['rtt_ms']:.0f}",
                   f"{p['mean_availability']:.2f}", f"{p['predicted_arrival_s']:.4f}")  # fmt: skip
     console.print(t)

@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from edge.protect import clip_l2
+
 Params = dict[str, np.ndarray]
 Weighted = tuple[Params, int]
 
@@ -63,6 +65,30 @@ def krum(updates: Sequence[Weighted], *, num_byzantine: int = 0) -> Params:
     m = max(1, len(updates) - num_byzantine - 2)
     scores = [np.sort(np.delete(d[i], i))[:m].sum() for i in range(len(updates))]
     return dict(updates[int(np.argmin(scores))][0])
+
+
+def central_dp_mean(
+    updates: Sequence[Params], *, clip: float, noise: Params, denominator: int
+) -> Params:
+    """DP-FedAvg (McMahan et al. 2018) with a fixed denominator: (Σₖ clip(uₖ, C) + noise) / K.
+
+    Every update is clipped again to L2 norm ``clip`` (a no-op for honest devices, so the bound
+    does not rest on them); ``noise`` is N(0, σ²C²) drawn by the caller; ``denominator`` is the
+    number of devices selected (known before any update arrives), so a dropped device pulls the
+    mean towards zero instead of revealing how many answered. Unweighted: one vote per device.
+    """
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    if denominator < 1:
+        raise ValueError(f"denominator must be >= 1, got {denominator}")
+    out: Params = {}
+    clipped = [clip_l2(u, clip) for u in updates]
+    for k in updates[0]:
+        acc = np.zeros_like(updates[0][k], dtype=np.float64)
+        for c in clipped:
+            acc += c[k]
+        out[k] = ((acc + noise[k]) / denominator).astype(np.float32)
+    return out
 
 
 AGGREGATORS: dict[str, Callable[[Sequence[Weighted]], Params]] = {

@@ -6,21 +6,34 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import queue
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from coordinator.aggregate import apply_update, get_aggregator
-from coordinator.store import MessageRow, RoundResult, RunStore
-from edge import decoy, wire
+from coordinator import policy
+from coordinator.aggregate import apply_update, central_dp_mean, get_aggregator
+from coordinator.store import MessageRow, PrivacyRow, RoundResult, RunStore
+from edge import decoy, protect, wire
+from edge.codec import params_sha256
 from edge.manifest import ModelArtifact
-from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, wait_until
+from edge.mqtt import (
+    QOS,
+    BrokerAddress,
+    Received,
+    connect,
+    make_client,
+    publish_packet_bytes,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from coordinator.accounting import PrivacyLedger
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +45,11 @@ UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
 # Nonces of accepted updates are kept for the current round and this many before it; an older
 # update is a stale_round whatever its nonce.
 NONCE_ROUNDS = 2
+
+
+def new_run_id(prefix: str = "run") -> str:
+    """``<prefix>-<UTC time>-<8 random hex digits>``: sortable, and unpredictable (``secrets``)."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
 
 
 class RoundClock(Protocol):
@@ -58,6 +76,10 @@ class RoundPlan:
     codec: str = "f32"  # the devices' uplink codec; tasks go dense (f16 when this is f16)
     # An update whose n is above this, or above the examples its device announced, is refused.
     max_examples: int = 100_000
+    max_unproven: int = 0  # > 0: at most max(this, proven devices) unproven ones per round
+    unproven_quiet_s: float = 0.0  # > 0: stop waiting for unproven devices after this quiet
+    protect: str = ""  # client-side protections (edge.protect spec), sent in every task
+    dp_delta: float = 1e-5  # δ at which ε is accounted (with a DP protection)
     decoys: int = 0  # decoy updates per device and round (needs every device's key)
 
     @property
@@ -78,6 +100,8 @@ class _Slot:
 class _RoundState:
     round: int
     selected: set[str]
+    heard: set[str] = field(default_factory=set)  # selected devices that sent an update
+    last_answer: float | None = None  # monotonic time of the last update from a selected device
     accepted: dict[str, wire.Update] = field(default_factory=dict)
     rejections: dict[str, int] = field(default_factory=dict)
     bytes_up: int = 0  # accepted updates and this round's decoys
@@ -86,10 +110,6 @@ class _RoundState:
     decoy_up: dict[str, int] = field(default_factory=dict)  # packet bytes of each one's decoys
     down: dict[str, int] = field(default_factory=dict)  # packet bytes of each device's task
     up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
-
-    def waiting(self) -> bool:
-        """Whether a selected device that is still connected has not answered yet."""
-        return len(self.accepted) + len(self.lost - set(self.accepted)) < len(self.selected)
 
 
 class Coordinator:
@@ -134,14 +154,32 @@ class Coordinator:
         self.store = store
         self.plan = plan
         self.aggregate = get_aggregator(plan.aggregator)
+        self.protections = protect.parse(plan.protect)
+        self.dp = protect.dp_step(self.protections)
+        if isinstance(self.dp, protect.CentralDP) and plan.aggregator != "mean":
+            raise ValueError(
+                f"central_dp replaces the aggregator; use aggregator 'mean', not {plan.aggregator!r}"
+            )
+        self.privacy: PrivacyLedger | None = None
+        if self.dp is not None:
+            from coordinator.accounting import PrivacyLedger
+
+            sigma = protect.require_sigma(self.dp)
+            self.privacy = PrivacyLedger(self.dp, sigma, plan.dp_delta)
         self.evaluator = evaluator
         self.seed = seed
         self.clock = clock
         self.tamper = tamper
         self.collect_timeout_s = collect_timeout_s
         self.weights: Params = weights if weights is not None else artifact.initial_params()
-        self.online: dict[str, dict[str, object]] = {}
+        if run == wire.ANY_RUN:
+            raise ValueError(f"run id {run!r} is reserved for devices not pinned to a run")
+        self.online: dict[str, dict[str, object]] = {}  # last online status of each device
         self.announced: dict[str, int] = {}  # examples each device last said it holds
+        self.standing: dict[str, policy.Standing] = {}
+        self.proven: set[str] = set()
+        self._end_token = wire.new_end_token()
+        self.end_commitment = wire.end_commitment(self._end_token)
         self.nonces: dict[int, set[str]] = {}  # round -> nonces of its accepted updates
         self.round = 0
         self._state: _RoundState | None = None
@@ -152,33 +190,47 @@ class Coordinator:
             f"coordinator-{run}",
             self._inbox,
             protocol=broker.protocol,
-            subscriptions=(f"{prefix}/update/+", f"{prefix}/status/+"),
+            subscriptions=(
+                f"{prefix}/update/+",
+                f"{prefix}/status/+",
+                f"{wire.TOPIC_PREFIX}/{wire.ANY_RUN}/status/+",
+            ),
             on_ready=self._ready,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def __enter__(self) -> Coordinator:
-        self.client.connect(self.broker.host, self.broker.port, keepalive=60)
+        connect(self.client, self.broker, keepalive=60)
         self.client.loop_start()
         wait_until(lambda: bool(self._ready), 10, "the coordinator's subscriptions")
+        self.hello()
         return self
+
+    def hello(self) -> None:
+        """Ask the devices on the broker to announce themselves live (see ``policy``)."""
+        self.client.publish(wire.control_topic(self.run), wire.HELLO, qos=QOS)
 
     def __exit__(self, *exc: object) -> None:
         self.client.disconnect()
         self.client.loop_stop()
 
     def end(self) -> None:
-        """Tell every device that the run is over."""
-        self.client.publish(wire.control_topic(self.run), b"end", qos=QOS).wait_for_publish(10)
+        """Tell every device that the run is over: reveal the token its tasks committed to."""
+        payload = wire.end_payload(self._end_token)
+        self.client.publish(wire.control_topic(self.run), payload, qos=QOS).wait_for_publish(10)
+
+    def eligible(self) -> list[str]:
+        """Devices a round may select now (``policy.eligible``)."""
+        return policy.eligible(self.standing)
 
     def wait_for_devices(self, n: int, timeout: float) -> None:
-        """Block until ``n`` devices announced themselves online."""
+        """Block until ``n`` devices are eligible (announced online live, not silent)."""
         end = time.monotonic() + timeout
-        while len(self.online) < n:
+        while len(self.eligible()) < n:
             if time.monotonic() > end:
                 raise TimeoutError(
-                    f"only {len(self.online)} of {n} devices came online in {timeout:.0f} s"
+                    f"only {len(self.eligible())} of {n} devices came online in {timeout:.0f} s"
                 )
             self.poll(0.05)
 
@@ -236,6 +288,11 @@ class Coordinator:
             slot = self._slots.get(device) if self.plan.decoys else None
             owner = slot.device if slot else device
             st = self._state
+            if st is not None and owner in st.selected:
+                st.heard.add(owner)
+            if owner in self.standing and self.standing[owner].silent:
+                # a late answer: the device is there, only slow
+                self.standing[owner] = policy.Standing(live=True, silent=False)
             if slot is not None and not slot.real:
                 # A decoy: dropped before aggregation; its bytes count for its device.
                 size = self._ledger(msg, owner, "decoy", slot.round)
@@ -256,6 +313,7 @@ class Coordinator:
             st.bytes_up += size
             st.accepted[owner] = dataclasses.replace(update, device=owner)
             st.up[owner] = size
+            st.last_answer = time.monotonic()
             self.nonces.setdefault(st.round, set()).add(update.nonce)
 
     def _on_status(self, msg: Received, device: str) -> None:
@@ -277,7 +335,8 @@ class Coordinator:
             return
         if not msg.retain:
             self._ledger(msg, device, "status")
-        if state == "online":
+        online = state == "online"
+        if online:
             self.online[device] = status
             examples = status.get("examples")
             self.announced[device] = examples if type(examples) is int and examples > 0 else 0
@@ -285,6 +344,11 @@ class Coordinator:
             self.online.pop(device, None)
             if self._state is not None and device in self._state.selected:
                 self._state.lost.add(device)
+        new = policy.on_status(self.standing.get(device), online=online, retained=msg.retain)
+        if new is None:
+            self.standing.pop(device, None)
+        else:
+            self.standing[device] = new
 
     def _validate(self, msg: Received, topic_device: str, device: str) -> wire.Update:
         """The update of ``device``, sent on ``topic_device`` (its pseudonym when decoys are on)."""
@@ -326,21 +390,23 @@ class Coordinator:
     # -- rounds ---------------------------------------------------------------------------------
 
     def select(self, round_: int) -> list[str]:
-        """A seeded sample of ``fraction`` of the online devices (at least one); with a clock,
-        of those it says are available (possibly none)."""
-        pool = sorted(self.online)
+        """A seeded sample of ``fraction`` of the eligible devices (at least one), unproven ones
+        capped (``policy``); with a clock, of those it says are available (possibly none)."""
+        pool = online = self.eligible()
         if not pool:
             raise RuntimeError("no device is online: start devices (edgeleak device ...) first")
         if self.clock is not None:
             pool = [d for d in pool if self.clock.available(d, round_)]
             if not pool:
-                log.warning(
-                    "round %d: none of %d online devices is available", round_, len(self.online)
-                )
+                log.warning("round %d: none of %d online devices is available", round_, len(online))
                 return []
-        k = max(1, math.ceil(self.plan.fraction * len(pool)))
-        rng = np.random.default_rng([self.seed, round_])
-        return sorted(rng.choice(pool, size=k, replace=False).tolist())
+        return policy.choose(
+            pool,
+            self.proven,
+            fraction=self.plan.fraction,
+            cap=policy.unproven_cap(self.plan.max_unproven, len(self.proven)),
+            rng=np.random.default_rng([self.seed, round_]),
+        )
 
     def broadcast(self, devices: list[str], weights: Params) -> int:
         """Publish this round's task to each device; returns downlink bytes."""
@@ -360,6 +426,8 @@ class Coordinator:
                 codec=self.plan.task_codec,
                 uplink=self.plan.codec,
                 decoys=self.plan.decoys,
+                end=self.end_commitment,
+                protect=self.plan.protect,
             )
             self._register_slots(device)
             payload = wire.encode_task(task)
@@ -422,6 +490,17 @@ class Coordinator:
                 )
         return self.plan.deadline_s if len(st.accepted) < len(st.selected) else slowest
 
+    def _round_over(self, st: _RoundState, t0: float, limit: float) -> bool:
+        now = time.monotonic()
+        return policy.round_over(
+            elapsed=now - t0,
+            deadline_s=limit,
+            waiting=st.selected - set(st.accepted) - st.lost,
+            proven=self.proven,
+            since_last_answer=now - (t0 if st.last_answer is None else st.last_answer),
+            quiet_s=self.plan.unproven_quiet_s,
+        )
+
     def run_round(self, round_: int) -> RoundResult:
         """One full round: select, broadcast, collect until all answered or the deadline, aggregate."""
         t0 = time.monotonic()
@@ -435,25 +514,23 @@ class Coordinator:
         self._slots = {p: s for p, s in self._slots.items() if s.round >= round_ - 1}
         sent = self.tamper(round_, self.weights) if self.tamper else self.weights
         bytes_down = self.broadcast(selected, sent)
-        deadline = t0 + (self.collect_timeout_s if self.clock is not None else self.plan.deadline_s)
-        while st.waiting() and time.monotonic() < deadline:
+        limit = self.collect_timeout_s if self.clock is not None else self.plan.deadline_s
+        while not self._round_over(st, t0, limit):
             self.poll(0.05)
         virtual = self._drop_stragglers(st) if self.clock is not None else None
         self._state = None
-        updates = [(u.params, u.num_examples) for u in st.accepted.values()]
-        if updates:
-            agg = self.aggregate(updates)
+        self.proven |= set(st.accepted)
+        self.standing = policy.after_round(self.standing, selected, st.heard)
+        if st.accepted:
+            agg = self._aggregate(st, len(selected))
             kind = UPDATE_KIND[self.plan.algorithm]
             lr = self.plan.server_lr * (self.plan.lr if kind == "gradient" else 1.0)
             self.weights = apply_update(sent, agg, kind=kind, server_lr=lr)
         else:
             log.warning("round %d: no update arrived before the deadline; model unchanged", round_)
         acc, loss = self.evaluator(self.weights) if self.evaluator else (float("nan"), float("nan"))
-        train_loss = (
-            float(np.mean([u.train_loss for u in st.accepted.values()]))
-            if updates
-            else float("nan")
-        )
+        losses = [st.accepted[d].train_loss for d in sorted(st.accepted)]  # canonical order
+        train_loss = float(np.mean(losses)) if losses else float("nan")
         result = RoundResult(
             round=round_,
             selected=len(selected),
@@ -468,6 +545,45 @@ class Coordinator:
             rejections=dict(st.rejections),
             virtual_seconds=virtual,
             bytes_rejected=st.bytes_rejected,
+            model_sha256=params_sha256({k: self.weights[k] for k in self.manifest.param_names}),
         )
         self.store.add_round(self.run, result)
+        self._account(st)
         return result
+
+    def _aggregate(self, st: _RoundState, selected: int) -> Params:
+        """The plan's aggregator, or DP-FedAvg's noised mean under ``central_dp``."""
+        if isinstance(self.dp, protect.CentralDP):
+            ordered = [st.accepted[d].params for d in sorted(st.accepted)]
+            noise = protect.gaussian_like(
+                ordered[0],
+                protect.require_sigma(self.dp) * self.dp.clip,
+                np.random.default_rng(central_noise_seed(self.seed, st.round)),
+            )
+            return central_dp_mean(ordered, clip=self.dp.clip, noise=noise, denominator=selected)
+        # Canonical order (device id): the aggregate does not depend on arrival order.
+        return self.aggregate(
+            [(st.accepted[d].params, st.accepted[d].num_examples) for d in sorted(st.accepted)]
+        )
+
+    def _account(self, st: _RoundState) -> None:
+        """Add this round to every accepted device's privacy ledger; store each ε so far."""
+        if self.privacy is None:
+            return
+        for device in sorted(st.accepted):
+            examples = self.online.get(device, {}).get("examples")
+            if not isinstance(examples, int) or examples < 1:
+                # DP-SGD's sampling rate needs the shard size the device announced
+                examples = st.accepted[device].num_examples
+            self.privacy.record(
+                device, algorithm=self.plan.algorithm, examples=examples,
+                batch_size=self.plan.batch_size, epochs=self.plan.epochs,
+            )  # fmt: skip
+        rows = [PrivacyRow(b.device, b.mechanism, b.sigma, b.rounds, b.epsilon, b.delta)
+                for b in self.privacy.budgets()]  # fmt: skip
+        self.store.add_privacy(self.run, st.round, rows)
+
+
+def central_noise_seed(seed: int, round_: int) -> list[int]:
+    """The seed of the coordinator's central-DP noise in ``round_`` (reproducible runs)."""
+    return [seed, round_, 2]

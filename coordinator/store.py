@@ -16,7 +16,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS rounds (
     run TEXT, round INTEGER, selected INTEGER, accepted INTEGER, rejected INTEGER,
     bytes_up INTEGER, bytes_down INTEGER, accuracy REAL, loss REAL, train_loss REAL, seconds REAL,
-    virtual_seconds REAL, bytes_rejected INTEGER,
+    virtual_seconds REAL, bytes_rejected INTEGER, model_sha256 TEXT,
     PRIMARY KEY (run, round)
 );
 CREATE TABLE IF NOT EXISTS messages (
@@ -25,6 +25,11 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE TABLE IF NOT EXISTS rejections (
     run TEXT, round INTEGER, device TEXT, topic TEXT, reason TEXT, detail TEXT, t REAL
+);
+CREATE TABLE IF NOT EXISTS privacy (
+    run TEXT, round INTEGER, device TEXT, mechanism TEXT, sigma REAL, rounds INTEGER,
+    epsilon REAL, delta REAL,
+    PRIMARY KEY (run, round, device)
 );
 CREATE INDEX IF NOT EXISTS messages_run_round ON messages (run, round);
 """
@@ -47,6 +52,7 @@ class RoundResult:
     rejections: dict[str, int] = field(default_factory=dict)
     virtual_seconds: float | None = None  # with a clock: min(deadline, slowest arrival)
     bytes_rejected: int = 0  # packet bytes of rejected messages (not counted in bytes_up)
+    model_sha256: str = ""  # edge.codec.params_sha256 of the global model after the round
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,18 @@ class MessageRow:
     t: float
 
 
+@dataclass(frozen=True)
+class PrivacyRow:
+    """A device's cumulative privacy spend after a round (written by the coordinator)."""
+
+    device: str
+    mechanism: str
+    sigma: float
+    rounds: int
+    epsilon: float
+    delta: float
+
+
 class RunStore:
     """Thin wrapper over one SQLite file; every write commits."""
 
@@ -75,8 +93,9 @@ class RunStore:
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; no fsync per row
         self.db.executescript(SCHEMA)
         cols = {row[1] for row in self.db.execute("PRAGMA table_info(rounds)")}
-        if "bytes_rejected" not in cols:  # a run.db written before the column existed
-            self.db.execute("ALTER TABLE rounds ADD COLUMN bytes_rejected INTEGER")
+        for col, sql_type in (("bytes_rejected", "INTEGER"), ("model_sha256", "TEXT")):
+            if col not in cols:  # a run.db written before the column existed
+                self.db.execute(f"ALTER TABLE rounds ADD COLUMN {col} {sql_type}")
 
     def close(self) -> None:
         self.db.close()
@@ -138,11 +157,34 @@ class RunStore:
 
     def add_round(self, run: str, r: RoundResult) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO rounds (run, round, selected, accepted, rejected, bytes_up, "
+            "bytes_down, accuracy, loss, train_loss, seconds, virtual_seconds, bytes_rejected, "
+            "model_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (run, r.round, r.selected, r.accepted, r.rejected, r.bytes_up, r.bytes_down,
-             r.accuracy, r.loss, r.train_loss, r.seconds, r.virtual_seconds, r.bytes_rejected),
+             r.accuracy, r.loss, r.train_loss, r.seconds, r.virtual_seconds, r.bytes_rejected,
+             r.model_sha256),
         )  # fmt: skip
         self.db.commit()
+
+    def add_privacy(self, run: str, round_: int, rows: list[PrivacyRow]) -> None:
+        """Each device's cumulative ε after ``round_`` (``epsilon`` may be ``inf`` for σ = 0)."""
+        self.db.executemany(
+            "INSERT OR REPLACE INTO privacy VALUES (?,?,?,?,?,?,?,?)",
+            [(run, round_, r.device, r.mechanism, r.sigma, r.rounds, r.epsilon, r.delta)
+             for r in rows],
+        )  # fmt: skip
+        self.db.commit()
+
+    def privacy(self, run: str) -> dict[str, dict[str, object]]:
+        """Each device's latest cumulative privacy row, by device."""
+        cur = self.db.execute(
+            "SELECT p.* FROM privacy p JOIN (SELECT device, MAX(round) r FROM privacy "
+            "WHERE run=? GROUP BY device) m ON p.device=m.device AND p.round=m.r "
+            "WHERE p.run=? ORDER BY p.device",
+            (run, run),
+        )
+        cols = [c[0] for c in cur.description]
+        return {row[2]: dict(zip(cols, row, strict=True)) for row in cur.fetchall()}
 
     def ledger_bytes(
         self,

@@ -5,25 +5,28 @@ compute + bytes / bandwidth + one RTT), so a fleet of 1,000 devices runs at the 
 machine while deadlines and stragglers follow the hardware it claims to be. The coordinator sees
 this class only through its ``RoundClock`` protocol (``coordinator.server``).
 
-Compute time is ``examples * base_seconds_per_example * profile.slowdown``, where ``examples`` is
+Compute time is ``examples * flops_per_example / profile.train_gflops``, where ``examples`` is
 the number of examples a device pushed through forward + backward in the round (FedAvg: epochs
-times its data) and the base is measured on this machine once (``measure_seconds_per_example``).
+times its data) and ``flops_per_example`` comes from the model's manifest (counted from the
+exported graph): nothing is measured on this host, so the same virtual experiment gives the same
+stragglers and round times on any machine. ``speed_scale = host_speed_scale(artifact)`` (config
+``clock_base="host"``) instead scales every profile by this host's measured speed relative to
+the reference core the profiles were quoted against.
 """
 
 from __future__ import annotations
 
-import time
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from devices.profiles import HOURS, DeviceProfile, load_profile, round_time
-from edge.backends import load_backend
+from devices.profiles import HOURS, REFERENCE_GFLOPS, DeviceProfile, load_profile, round_time
+from edge.calibrate import measure_gflops
 from edge.codec import read_header
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, Received, publish_packet_bytes
+from edge.train import device_rng
 
 
 def examples_processed(algorithm: str, *, epochs: int, reported: int) -> int:
@@ -38,7 +41,7 @@ def hour_of_round(round_: int, *, start_hour: float, hours_per_round: float) -> 
 
 def uniform_draw(seed: int, device: str, round_: int) -> float:
     """A reproducible number in [0, 1) for (seed, device, round), independent of fleet order."""
-    return float(np.random.default_rng([seed, zlib.crc32(device.encode()), round_]).random())
+    return float(device_rng(seed, device, round_).random())
 
 
 def is_available(profile: DeviceProfile, draw: float, hour: int) -> bool:
@@ -74,34 +77,45 @@ class VirtualClock:
     """Availability and arrival times of the devices in ``profiles`` (device id -> profile).
 
     ``available`` is a seeded draw against the profile's hourly availability (round ``r`` runs at
-    hour ``start_hour + (r - 1) * hours_per_round``); ``arrival`` is the profile's round time.
-    A device without a profile uses ``default``, or is an error when there is none.
+    hour ``start_hour + (r - 1) * hours_per_round``); ``arrival`` is the profile's round time
+    for a model of ``flops_per_example``. A device without a profile uses ``default``, or is an
+    error when there is none.
     """
 
     profiles: Mapping[str, DeviceProfile]
-    base_seconds_per_example: float
+    flops_per_example: float
     seed: int
     start_hour: float = 0.0
     hours_per_round: float = 1.0
     default: DeviceProfile | None = field(default=None)
+    speed_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.flops_per_example > 0 or not self.speed_scale > 0:
+            raise ValueError(
+                f"flops_per_example={self.flops_per_example}, speed_scale={self.speed_scale}: "
+                f"need both > 0 (FLOPs come from the model's manifest: re-export it)"
+            )
 
     @classmethod
     def from_names(
         cls,
         names: Mapping[str, str],
         *,
-        base_seconds_per_example: float,
+        flops_per_example: float,
         seed: int,
         start_hour: float = 0.0,
         hours_per_round: float = 1.0,
+        speed_scale: float = 1.0,
     ) -> VirtualClock:
         """A clock from device id -> profile name (``devices/profiles/<name>.json``)."""
         return cls(
             {d: load_profile(p) for d, p in names.items()},
-            base_seconds_per_example=base_seconds_per_example,
+            flops_per_example=flops_per_example,
             seed=seed,
             start_hour=start_hour,
             hours_per_round=hours_per_round,
+            speed_scale=speed_scale,
         )
 
     def profile(self, device: str) -> DeviceProfile:
@@ -128,7 +142,8 @@ class VirtualClock:
             examples=examples,
             bytes_down=bytes_down,
             bytes_up=bytes_up,
-            base_seconds_per_example=self.base_seconds_per_example,
+            flops_per_example=self.flops_per_example,
+            speed_scale=self.speed_scale,
         )
 
 
@@ -138,7 +153,8 @@ def hold_seconds(
     update_topic: str,
     update: bytes,
     *,
-    base_seconds_per_example: float,
+    flops_per_example: float,
+    speed_scale: float = 1.0,
 ) -> float:
     """Real-time mode: seconds after a task arrived before its update may leave the device.
 
@@ -156,37 +172,15 @@ def hold_seconds(
         examples=examples,
         bytes_down=task.packet_bytes,
         bytes_up=bytes_up,
-        base_seconds_per_example=base_seconds_per_example,
+        flops_per_example=flops_per_example,
+        speed_scale=speed_scale,
     )
 
 
-def measure_seconds_per_example(
-    artifact: ModelArtifact,
-    *,
-    runtime: str = "onnx",
-    batch_size: int = 32,
-    steps: int = 20,
-    seed: int = 0,
-) -> float:
-    """Seconds per training example (forward + backward) of this machine, one thread.
-
-    The fastest of ``steps`` timed steps on random data of the model's input shape, after one
-    warm-up step, divided by ``batch_size``: the fastest, since other load on the host (the
-    emulated fleet itself) only adds time, and profiles scale a core's speed.
-    """
-    rng = np.random.default_rng(seed)
-    m = artifact.manifest
-    x = rng.random((batch_size, *m.input_shape), dtype=np.float32)
-    y = rng.integers(0, m.num_classes, batch_size).astype(np.int64)
-    backend = load_backend(runtime, artifact)
-    w = artifact.initial_params()
-    backend.loss_and_grad(w, x, y)
-    times: list[float] = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        backend.loss_and_grad(w, x, y)
-        times.append(time.perf_counter() - t0)
-    return min(times) / batch_size
+def host_speed_scale(artifact: ModelArtifact, *, runtime: str = "onnx") -> float:
+    """This host's measured training throughput for ``artifact`` over ``REFERENCE_GFLOPS``: the
+    ``speed_scale`` that makes profiles relative to this host (``clock_base="host"``)."""
+    return measure_gflops(artifact, runtime=runtime) / REFERENCE_GFLOPS
 
 
 def predicted_round(arrivals: Iterable[float], *, deadline_s: float, missing: int = 0) -> float:

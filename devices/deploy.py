@@ -8,6 +8,7 @@ A bundle is a folder that runs on any device with Python 3.11+::
     config.json        settings for ``python -m edge --config`` (broker, run, id, runtime, profile)
     requirements.txt   what edge imports: numpy, paho-mqtt, onnxruntime (pins from pyproject.toml)
     start.sh           creates .venv on first start, then runs ``python -m edge --config config.json``
+                       (``./start.sh calibrate`` measures the device's ``train_gflops`` instead)
     wheels/            (optional) wheels for an offline install
 
 ``start.sh`` arguments override config.json (e.g. ``./start.sh --id pi-7``). Environment:
@@ -74,6 +75,10 @@ else
     touch "$VENV/.edgeleak-ready"
   fi
   PY=$VENV/bin/python
+fi
+if [ "${1:-}" = calibrate ]; then  # ./start.sh calibrate: this device's train_gflops
+  shift
+  exec "$PY" -m edge calibrate --model "$HERE/model" "$@"
 fi
 exec "$PY" -m edge --config "$HERE/config.json" "$@"
 """

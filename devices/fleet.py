@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -36,7 +36,8 @@ from devices.orphans import die_with_parent
 from edge.backends import Backend, load_backend
 from edge.device import Device, Outgoing, TaskLimits, TrainingRecord
 from edge.manifest import ModelArtifact
-from edge.mqtt import QOS, BrokerAddress, Received, parse_broker_url
+from edge.mqtt import QOS, BrokerAddress, Received, connect, parse_broker_url
+from edge.wire import EndCommitments
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +57,26 @@ class DeviceSpec:
 @dataclass(frozen=True)
 class FleetSpec:
     run: str
-    broker_url: str
+    broker_url: str = field(repr=False)  # may hold the broker password (BrokerAddress.secret_url)
     model_dir: str
     dataset: str
     devices: tuple[DeviceSpec, ...]
     workers: int = 2
     truth_dir: str | None = None  # where each worker writes which examples every update used
     realtime: bool = False  # hold each update for its device profile's round time
-    base_seconds_per_example: float = 0.0  # this machine's compute speed (real-time mode)
+    flops_per_example: float = 0.0  # the model's training cost (real-time mode)
+    speed_scale: float = 1.0  # profile speeds relative to as cited (devices.clock)
     limits: TaskLimits = field(default_factory=TaskLimits)  # what a task may ask of a device
     max_restarts: int = 3  # a worker that dies is started again this many times at most
     # Public examples decoy updates train on: "" none, "test" the dataset's test split (a
     # stand-in for public data of the same domain).
     decoy_pool: str = ""
+
+
+class StopFlag(Protocol):
+    """``threading.Event`` or ``multiprocessing.Event``."""
+
+    def is_set(self) -> bool: ...
 
 
 # Seconds after a task's arrival before the device's update may be published.
@@ -137,10 +145,13 @@ def run_devices(
     broker: BrokerAddress,
     *,
     idle_exit_s: float | None = None,
+    stop: StopFlag | None = None,
     connect_batch: int = 50,
     hold: HoldFn | None = None,
 ) -> None:
-    """Run ``devices`` on one selector loop until their run's control topic says ``end``.
+    """Run ``devices`` on one selector loop until one of them accepts a genuine ``end`` (its
+    token matches a task's commitment: ``Device.ended``; forged ends are ignored) or ``stop``
+    is set (a worker none of whose devices got a task holds no commitment).
 
     With ``hold``, an update is published ``hold(device, task, update)`` seconds after its task
     arrived (at once if training took longer); updates still held at ``end`` are dropped.
@@ -149,20 +160,20 @@ def run_devices(
     inbox: queue.Queue[Received] = queue.Queue()
     loop = SelectorLoop()
     clients: dict[str, mqtt.Client] = {}
-    by_task_topic = {d.task_topic: d for d in devices}
+    by_id = {d.device_id: d for d in devices}
     for d in devices:
         c = d.client(inbox, broker.protocol)
         loop.add(c)
         clients[d.device_id] = c
     for i, c in enumerate(clients.values()):
-        c.connect(broker.host, broker.port, keepalive=120)
+        connect(c, broker, keepalive=120)
         if i % connect_batch == connect_batch - 1:
             loop.poll(0)  # let CONNACKs flow while the rest connect
     ended = False
     held: list[tuple[float, int, str, Outgoing]] = []  # (due, order, device, update): a heap
     order = itertools.count()
     last_misc = last_msg = time.monotonic()
-    while not ended:
+    while not ended and not (stop is not None and stop.is_set()):
         wait = 0.05 if not held else min(0.05, max(0.0, held[0][0] - time.monotonic()))
         loop.poll(0 if not inbox.empty() else wait)
         now = time.monotonic()
@@ -179,18 +190,20 @@ def run_devices(
                 break
             continue
         last_msg = now
-        if msg.topic.endswith("/control"):
-            ended = msg.payload == b"end"
-            continue
-        device = by_task_topic.get(msg.topic)
+        device = by_id.get(msg.client)
         if device is None:
             continue
-        for update in device.handle_safely(msg):
-            if hold is None:
-                clients[device.device_id].publish(update.topic, update.payload, qos=QOS)
-            else:
-                due = msg.t + hold(device, msg, update)
-                heapq.heappush(held, (due, next(order), device.device_id, update))
+        if device.ended(msg) is not None:
+            ended = True
+            continue
+        for out in device.handle_safely(msg):
+            if hold is None or out.kind == "status":
+                clients[device.device_id].publish(
+                    out.topic, out.payload, qos=QOS, retain=out.retain
+                )
+            else:  # updates and decoys alike, so that timing does not tell them apart
+                due = msg.t + hold(device, msg, out)
+                heapq.heappush(held, (due, next(order), device.device_id, out))
     for d in devices:
         clients[d.device_id].publish(d.status_topic, d.status("offline"), qos=QOS, retain=True)
     _flush(loop, list(clients.values()), timeout=30)
@@ -208,7 +221,13 @@ def _flush(loop: SelectorLoop, clients: list[mqtt.Client], timeout: float) -> No
 # -- worker processes -----------------------------------------------------------------------------
 
 
-def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int, parent_pid: int) -> None:
+def _worker(
+    spec: FleetSpec,
+    shard: list[DeviceSpec],
+    worker_id: int,
+    parent_pid: int,
+    stop: StopFlag | None = None,
+) -> None:
     die_with_parent(parent_pid)
     # Ctrl-C in a terminal reaches the whole process group: the parent ends the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -224,6 +243,7 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int, parent_pid
 
     pool = (data.x_test, data.y_test) if spec.decoy_pool == "test" else None
     devices = []
+    ends = EndCommitments()  # one for the worker: its devices serve one run
     for ds in shard:
         if ds.runtime not in backends:
             backends[ds.runtime] = load_backend(ds.runtime, artifact)
@@ -242,12 +262,16 @@ def _worker(spec: FleetSpec, shard: list[DeviceSpec], worker_id: int, parent_pid
                 profile=ds.profile,
                 on_trained=on_trained,
                 limits=spec.limits,
+                ends=ends,
+                public=(data.x_test, data.y_test),  # held out from every device's data
                 key=ds.key,
                 decoy_data=pool,
             )
         )
     try:
-        run_devices(devices, parse_broker_url(spec.broker_url), hold=_realtime_hold(spec, shard))
+        run_devices(
+            devices, parse_broker_url(spec.broker_url), hold=_realtime_hold(spec, shard), stop=stop
+        )
     finally:
         if truth is not None:
             truth.close()
@@ -268,7 +292,8 @@ def _realtime_hold(spec: FleetSpec, shard: list[DeviceSpec]) -> HoldFn | None:
             task,
             out.topic,
             out.payload,
-            base_seconds_per_example=spec.base_seconds_per_example,
+            flops_per_example=spec.flops_per_example,
+            speed_scale=spec.speed_scale,
         )
 
     return hold
@@ -301,7 +326,8 @@ def read_truth(truth_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class Fleet:
-    """Start the fleet's worker processes for the block; they exit on the run's ``end``.
+    """Start the fleet's worker processes for the block; they exit on the run's ``end``, and at
+    the latest when the block ends.
 
     A worker that dies (crash, kill) is started again with the same devices, up to
     ``spec.max_restarts`` times: its devices miss the round they were in, then come back online.
@@ -326,12 +352,16 @@ class Fleet:
         self._lock = threading.Lock()  # a restart and the stop do not interleave
         self._done = threading.Event()  # every worker joined: the watcher may end
         self._watcher: threading.Thread | None = None
+        self._stop = mp.get_context("spawn").Event()  # tells the workers the block is over
 
     def _start(self, w: int) -> mp.process.BaseProcess:
         n = max(1, min(self.spec.workers, len(self.spec.devices)))
         shard = list(self.spec.devices[w::n])
         p = mp.get_context("spawn").Process(
-            target=_worker, args=(self.spec, shard, w, os.getpid()), name=f"fleet-{w}", daemon=True
+            target=_worker,
+            args=(self.spec, shard, w, os.getpid(), self._stop),
+            name=f"fleet-{w}",
+            daemon=True,
         )
         p.start()
         return p
@@ -370,7 +400,8 @@ class Fleet:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         with self._lock:
             self._stopping.set()
-        if exc_type is None:  # the run ended: workers leave on its `end`
+        self._stop.set()  # the run is over for this fleet, whether or not its end arrived
+        if exc_type is None:
             for p in list(self.procs):
                 p.join(timeout=30)
         for p in list(self.procs):

@@ -269,7 +269,10 @@ class NetLab:
     def broker_url(self) -> str:
         """The broker as devices inside the namespaces reach it (through the relay)."""
         assert self.relay is not None, "use NetLab as a context manager"
-        return BrokerAddress(self.host_ip, self.relay.address[1], self.broker.protocol).url
+        b = self.broker
+        return BrokerAddress(
+            self.host_ip, self.relay.address[1], b.protocol, b.username, b.password
+        ).secret_url
 
     def argv(self, i: int, command: Sequence[str]) -> list[str]:
         """``command`` run inside device ``i``'s namespace."""

@@ -1,9 +1,11 @@
 """Device profiles: compute, memory, links and availability of the emulated hardware.
 
 Each profile is one JSON file in ``devices/profiles/``; every number in it carries a ``source``
-(a named public benchmark, spec sheet or trace) and an ``estimate`` flag. ``slowdown`` is the
-time per training example relative to one thread of the reference host, so a device's compute
-time is ``examples * base_seconds_per_example * slowdown`` with the base measured on the host.
+(a named public benchmark, spec sheet or trace) and an ``estimate`` flag. ``train_gflops`` is the
+device's training throughput on one thread (FLOP/s / 1e9), so its compute time for a round is
+``examples * flops_per_example / train_gflops`` with ``flops_per_example`` counted from the
+exported graph (``Manifest.flops_per_example``): the same on any host. Measure a real device
+with ``edgeleak device calibrate --model DIR``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ PROFILES: tuple[str, ...] = (
     "orin-nano",
 )
 
-NUMBERS = ("slowdown", "memory_mb", "downlink_mbps", "uplink_mbps", "rtt_ms")
+NUMBERS = ("train_gflops", "memory_mb", "downlink_mbps", "uplink_mbps", "rtt_ms")
 HOURS = 24
+# The reference core the relative speeds of the shipped profiles were quoted against: one thread
+# of this project's development host (AMD EPYC), training the zoo's LeNet (2,499,120 FLOPs per
+# example) with onnxruntime, fastest of 40 steps at batch 32: 4.1 GFLOP/s (measured 2026-11).
+REFERENCE_GFLOPS = 4.1
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class DeviceProfile:
 
     name: str
     description: str
-    slowdown: float
+    train_gflops: float
     memory_mb: float
     downlink_mbps: float
     uplink_mbps: float
@@ -56,18 +62,31 @@ class DeviceProfile:
         return sum(self.availability) / len(self.availability)
 
 
+def compute_seconds(
+    profile: DeviceProfile, *, examples: int, flops_per_example: float, speed_scale: float = 1.0
+) -> float:
+    """Seconds to train on ``examples``: their FLOPs over the profile's throughput, scaled by
+    ``speed_scale`` (1: the profile as cited; ``host_speed_scale``: relative to this host)."""
+    if examples < 0 or not flops_per_example > 0 or not speed_scale > 0:
+        raise ValueError("need examples >= 0, flops_per_example > 0 and speed_scale > 0")
+    return examples * flops_per_example / (profile.train_gflops * 1e9 * speed_scale)
+
+
 def round_time(
     profile: DeviceProfile,
     *,
     examples: int,
     bytes_down: int,
     bytes_up: int,
-    base_seconds_per_example: float,
+    flops_per_example: float,
+    speed_scale: float = 1.0,
 ) -> float:
     """Seconds for one round: compute + download + upload (1 Mbit = 10^6 bit) + one RTT."""
-    if min(examples, bytes_down, bytes_up) < 0 or base_seconds_per_example < 0:
-        raise ValueError("examples, bytes and base_seconds_per_example must be >= 0")
-    compute = examples * base_seconds_per_example * profile.slowdown
+    if min(bytes_down, bytes_up) < 0:
+        raise ValueError("bytes must be >= 0")
+    compute = compute_seconds(
+        profile, examples=examples, flops_per_example=flops_per_example, speed_scale=speed_scale
+    )
     down = bytes_down * 8 / (profile.downlink_mbps * 1e6)
     up = bytes_up * 8 / (profile.uplink_mbps * 1e6)
     return compute + down + up + profile.rtt_ms / 1e3
@@ -105,7 +124,7 @@ def _parse(name: str, d: dict[str, Any]) -> DeviceProfile:
     return DeviceProfile(
         name=name,
         description=str(d.get("description", "")),
-        slowdown=values["slowdown"],
+        train_gflops=values["train_gflops"],
         memory_mb=values["memory_mb"],
         downlink_mbps=values["downlink_mbps"],
         uplink_mbps=values["uplink_mbps"],

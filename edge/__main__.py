@@ -1,14 +1,21 @@
 """``python -m edge``: one device process on the base install (numpy, paho-mqtt, onnxruntime,
 safetensors), as a deployment bundle's ``start.sh`` runs it on a Raspberry Pi or a phone.
 
-    python -m edge --broker mqtt://HOST:PORT --data shard.npz --model model/ --run RUN --id ID
-                   [--runtime onnx] [--profile rpi4] [--seed 0] [--config config.json]
+    python -m edge --broker mqtt://[USER:PASSWORD@]HOST:PORT --data shard.npz --model model/
+                   [--id ID] [--run RUN [--exit-on-end]] [--runtime onnx] [--profile rpi4]
+                   [--seed 0] [--max-backoff-s 30] [--config config.json]
                    [--max-epochs 10] [--max-batch-size 1024] [--max-steps 10000]
                    [--key device.key --decoy-data public.npz]
 
-``--config`` reads the same settings from a JSON object (paths relative to its folder); flags
-given on the command line override it. Bad input (a missing or corrupt shard, a model folder
-without a valid manifest, an unknown runtime) is one line on stderr and exit code 2.
+``python -m edge calibrate --model model/`` measures this device's training throughput instead
+(``edge.calibrate``).
+Without ``--run`` the device takes part in any run that sends it a task and stays up between
+runs; with ``--run`` it is pinned to that run (and exits at its end with ``--exit-on-end``).
+It waits for the broker with capped exponential backoff, reconnects when it goes away, prints
+one line per round and stops cleanly on Ctrl-C or SIGTERM. ``--config`` reads the same settings
+from a JSON object (paths relative to its folder); flags given on the command line override it.
+Bad input (a missing or corrupt shard, a model folder without a valid manifest, an unknown
+runtime) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import socket
 import sys
+import threading
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,8 +39,8 @@ if TYPE_CHECKING:
     from edge.mqtt import BrokerAddress
 
 SETTINGS = (
-    "broker", "data", "model", "run", "id", "runtime", "profile", "seed",
-    "max_epochs", "max_batch_size", "max_steps", "key", "decoy_data",
+    "broker", "data", "model", "run", "id", "runtime", "profile", "seed", "exit_on_end",
+    "max_backoff_s", "max_epochs", "max_batch_size", "max_steps", "key", "decoy_data",
 )  # fmt: skip
 PATHS = ("data", "model", "key", "decoy_data")
 PROG = "python -m edge"
@@ -55,10 +64,17 @@ def build_parser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="JSON object with any of the settings below")
-    p.add_argument("--broker", help="mqtt://HOST:PORT (mqtt311:// for an MQTT 3.1.1 broker)")
+    p.add_argument(
+        "--broker",
+        help="mqtt://[USER:PASSWORD@]HOST:PORT (mqtt311:// for an MQTT 3.1.1 broker)",
+    )
     p.add_argument("--data", help=".npz with x (N,C,H,W float32) and y (N int64)")
     p.add_argument("--model", help="model folder with manifest.json (`edgeleak export`)")
-    p.add_argument("--run", help="run id the coordinator uses")
+    p.add_argument("--run", help="pin the device to this run id (default: take part in any run)")
+    p.add_argument(
+        "--exit-on-end", action="store_true", default=False,
+        help="exit when the pinned run ends (default: stay up for the next run)",
+    )  # fmt: skip
     p.add_argument("--id", help="this device's id, its MQTT client id (default: host name)")
     p.add_argument(
         "--runtime", default="onnx", choices=RUNTIMES, help=f"one of {', '.join(RUNTIMES)}"
@@ -69,6 +85,10 @@ def build_parser(
         help=f"device profile name it announces{known}",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of local shuffling (default 0)")
+    p.add_argument(
+        "--max-backoff-s", type=float, default=30.0,
+        help="longest wait between attempts to reach the broker (default 30 s)",
+    )  # fmt: skip
     from edge.device import TaskLimits
 
     limits = TaskLimits()
@@ -125,9 +145,13 @@ def settings(
                 f"--{key.replace('_', '-')} {getattr(args, key)}: expected an integer >= 1"
             )
     args.id = args.id or socket.gethostname()
-    missing = [f"--{k}" for k in ("broker", "data", "model", "run") if not getattr(args, k)]
+    missing = [f"--{k}" for k in ("broker", "data", "model") if not getattr(args, k)]
     if missing:
         parser.error(f"missing {', '.join(missing)} (on the command line or in --config)")
+    if args.exit_on_end and not args.run:
+        parser.error("--exit-on-end needs --run (an unpinned device serves run after run)")
+    if not args.max_backoff_s >= 1:
+        parser.error(f"--max-backoff-s {args.max_backoff_s}: expected a number >= 1")
     return args
 
 
@@ -170,6 +194,11 @@ def main(
     epilog: str | None = None,
     profiles: Sequence[str] = (),
 ) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "calibrate":
+        from edge.calibrate import main as calibrate
+
+        return calibrate(argv[1:])
     import edge
     from edge.device import run_device
 
@@ -181,18 +210,20 @@ def main(
         return 2
     print(
         f"device {args.id}: {len(device.y)} examples, runtime {args.runtime}, "
-        f"{platform.machine()}, run {args.run}, broker {args.broker}, "
+        f"{platform.machine()}, run {args.run or 'any'}, broker {broker.url}, "
         f"edge from {Path(edge.__file__).parent}",
         flush=True,
     )
-    try:
-        run_device(device, broker)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted after {device.rounds_done} updates", file=sys.stderr)
-        return 130
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run_device(
+        device, broker, stop=stop, exit_on_end=args.exit_on_end,
+        say=lambda line: print(line, flush=True), backoff_s=(1.0, args.max_backoff_s),
+    )  # fmt: skip
     refused = ", ".join(f"{k} {v}" for k, v in sorted(device.rejected.items())) or "none"
     print(
-        f"device {args.id}: run ended after {device.rounds_done} updates; refused tasks: {refused}",
+        f"device {args.id}: stopped after {device.rounds_done} updates; refused tasks: {refused}",
         flush=True,
     )
     return 0

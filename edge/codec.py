@@ -6,6 +6,7 @@ the header before it touches the data: a malformed buffer raises ``CodecError`` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -89,6 +90,12 @@ def write_tensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | Non
         )
         pos += a.nbytes
     return bytes(out)
+
+
+def params_sha256(tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 of ``write_tensors(tensors)`` (no metadata): equal hashes mean bit-identical
+    tensors with the same names, shapes, dtypes and order."""
+    return hashlib.sha256(write_tensors(tensors)).hexdigest()
 
 
 @dataclass(frozen=True)

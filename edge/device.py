@@ -3,31 +3,58 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import math
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge import decoy, wire
+from edge import decoy, protect, wire
 from edge.backends.base import Backend
 from edge.manifest import ModelArtifact
-from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, running
-from edge.train import LocalResult, fedavg, fedsgd
+from edge.mqtt import (
+    QOS,
+    BrokerAddress,
+    Received,
+    connect_with_backoff,
+    make_client,
+    publish_packet_bytes,
+)
+from edge.train import LocalResult, device_rng
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Outgoing:
+    """A message the device wants published: an update (with what it reports of the round),
+    or its retained ``online`` status again."""
+
     topic: str
     payload: bytes
+    kind: str = "update"  # or "status", or "decoy" (published like an update, printed as none)
+    retain: bool = False
+    run: str = ""
+    round: int = 0
+    examples: int = 0
+    loss: float = math.nan
+    packet_bytes: int = 0
+    seconds: float = 0.0
+
+    def line(self, device: str) -> str:
+        """One printed line per round: round, examples, loss, bytes up, seconds."""
+        return (
+            f"device {device}: run {self.run} round {self.round}: {self.examples} examples, "
+            f"loss {self.loss:.4f}, {self.packet_bytes} bytes up, {self.seconds:.2f} s"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,7 +113,7 @@ class Device:
     def __init__(
         self,
         device_id: str,
-        run: str,
+        run: str | None,
         artifact: ModelArtifact,
         backend: Backend,
         x: np.ndarray,
@@ -97,11 +124,16 @@ class Device:
         on_trained: Callable[[TrainingRecord], None] | None = None,
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
         limits: TaskLimits | None = None,
+        ends: wire.EndCommitments | None = None,
+        public: tuple[np.ndarray, np.ndarray] | None = None,
         key: bytes | None = None,
         decoy_data: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """``key``: this device's secret (enrolment), needed for decoys; ``decoy_data``: public
-        examples ``(x, y)`` of the same domain that decoy updates train on."""
+        """``run=None``: not pinned, takes part in any run that sends it a task. ``ends`` may be
+        shared by the devices of one process (a fleet worker). ``public``: examples anyone may
+        hold (the source of ``dummy:source=public``). ``key``: this device's secret (enrolment),
+        needed for decoys; ``decoy_data``: public examples ``(x, y)`` of the same domain that
+        decoy updates train on."""
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
@@ -122,27 +154,30 @@ class Device:
         self.on_trained = on_trained
         self.max_message_bytes = max_message_bytes
         self.limits = limits or TaskLimits()
+        self.ends = ends if ends is not None else wire.EndCommitments()
+        self.public = public
         self.rejected: dict[str, int] = {}
         self.rounds_done = 0
-        self.last_round = -1  # the latest round this device answered
+        self.updates: dict[str, int] = {}  # updates sent, per run
+        self.last_round: dict[str, int] = {}  # the latest round answered, per run
         self._seen: collections.deque[str] = collections.deque(maxlen=SEEN_NONCES)
         self.key = key
         self.decoy_data = decoy_data
-        # Error feedback: what earlier updates did not carry, per codec; slot -1 is the real
-        # update, slots 0.. the decoys (so decoys carry residuals like the real one).
-        self.residuals: dict[tuple[str, int], wire.Params] = {}
-
-    @property
-    def task_topic(self) -> str:
-        return wire.task_topic(self.run, self.device_id)
+        # Error feedback: what earlier updates did not carry, per run and codec; slot -1 is the
+        # real update, slots 0.. the decoys (so decoys carry residuals like the real one).
+        self.residuals: dict[tuple[str, str, int], wire.Params] = {}
 
     @property
     def status_topic(self) -> str:
+        if self.run is None:
+            return wire.lobby_status_topic(self.device_id)
         return wire.status_topic(self.run, self.device_id)
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
-        return (self.task_topic, wire.control_topic(self.run))
+        """Task and control topics of its run (any run when not pinned), and its own status
+        topic: a forged ``offline`` there is answered with ``online`` again."""
+        return (*wire.device_filters(self.device_id, self.run), self.status_topic)
 
     def client(self, inbox: queue.Queue[Received], protocol: int) -> mqtt.Client:
         """This device's MQTT client: its id, its subscriptions, "online" once subscribed,
@@ -167,23 +202,28 @@ class Device:
     def train(
         self,
         task: wire.Task,
+        steps: tuple[protect.Protection, ...] = (),
         data: tuple[np.ndarray, np.ndarray] | None = None,
         rng: np.random.Generator | None = None,
     ) -> LocalResult:
-        """Run the task's local training on this device's data (or on ``data``)."""
+        """Run the task's local training on this device's data (or on ``data``) with the
+        protections ``steps``.
+
+        Batches are drawn from a generator seeded by (seed, device id, round), noise and dummies
+        from ``noise_rng(round)``: every runtime gets the same of both. An ``rng`` given replaces
+        both (decoys draw theirs unpredictably)."""
         x, y = data if data is not None else (self.x, self.y)
-        rng = rng if rng is not None else np.random.default_rng([self.seed, task.round])
-        if task.algorithm == "fedsgd":
-            return fedsgd(self.backend, task.weights, x, y, task.batch_size, rng)
-        return fedavg(
+        return protect.protected_training(
+            steps,
             self.backend,
             task.weights,
             x,
             y,
-            epochs=task.epochs,
-            batch_size=task.batch_size,
-            lr=task.lr,
-            rng=rng,
+            protect.LocalPlan(task.algorithm, task.epochs, task.batch_size, task.lr),
+            rng=rng if rng is not None else device_rng(self.seed, self.device_id, task.round),
+            noise_rng=rng if rng is not None else self.noise_rng(task.round),
+            num_classes=self.artifact.manifest.num_classes,
+            public=self.public,
         )
 
     def refuse(self, err: wire.WireError) -> None:
@@ -191,20 +231,22 @@ class Device:
         self.rejected[err.reason] = self.rejected.get(err.reason, 0) + 1
         log.warning("device %s rejected a task: %s", self.device_id, str(err)[:300])
 
-    def accept(self, payload: bytes) -> wire.Task:
-        """The task in ``payload`` if this device should run it; ``WireError`` saying why not."""
+    def accept(self, payload: bytes, run: str) -> wire.Task:
+        """The task in ``payload``, received on run ``run``'s topic, if this device should run
+        it; ``WireError`` saying why not."""
         task = wire.decode_task(payload, self.artifact.manifest)
-        if task.run != self.run or task.device != self.device_id:
+        if task.run != run or task.device != self.device_id:
             raise wire.WireError("not_mine", f"task for {task.run[:40]}/{task.device[:40]}")
         if task.model_hash != self.artifact.manifest.sha256:
             raise wire.WireError("model_mismatch", f"task model {task.model_hash[:12]}")
         if task.nonce in self._seen:
             raise wire.WireError("replayed_nonce", f"task nonce {task.nonce} was seen before")
         self._seen.append(task.nonce)
-        if task.round == self.last_round:
+        last = self.last_round.get(task.run, -1)
+        if task.round == last:
             raise wire.WireError("duplicate", f"round {task.round} was already answered")
-        if task.round < self.last_round:
-            raise wire.WireError("stale_round", f"round {task.round} < {self.last_round}")
+        if task.round < last:
+            raise wire.WireError("stale_round", f"round {task.round} < {last}")
         self.limits.check(task, len(self.x))
         if task.decoys and self.key is None:
             raise wire.WireError("no_key", "decoys need this device's key (--key)")
@@ -212,28 +254,59 @@ class Device:
             raise wire.WireError("no_decoy_data", "decoys need public examples (--decoy-data)")
         return task
 
-    def _decoy_result(self, task: wire.Task) -> LocalResult:
-        """A decoy: the task's training on as many public examples as this device holds, drawn
-        with an unpredictable generator."""
+    def noise_rng(self, round_: int) -> np.random.Generator:
+        """The generator of this device's noise and dummies in ``round_``: seeded by (seed, round,
+        device id), so devices sharing a seed still draw different noise. Reproducible by design
+        (emulation, runtime parity); a real deployment keeps its device's seed secret."""
+        device = int.from_bytes(hashlib.sha256(self.device_id.encode()).digest()[:8], "little")
+        return np.random.default_rng([self.seed, round_, 1, device])
+
+    def _mine(self, msg: Received) -> tuple[str, str] | None:
+        """(run, channel) of a message on one of this device's topics; None otherwise."""
+        try:
+            run, channel, device = wire.parse_topic(msg.topic)
+        except wire.WireError:
+            return None
+        if self.run is not None and run != self.run and channel != "status":
+            return None
+        if channel == "control" or (channel in ("task", "status") and device == self.device_id):
+            return run, channel
+        return None
+
+    def ended(self, msg: Received) -> str | None:
+        """The run a genuine ``end`` ends (its token matches a commitment of a task this device
+        received; that run's state is forgotten); None for anything else, forged ends included."""
+        where = self._mine(msg)
+        if where is None or where[1] != "control" or not self.ends.accepts(where[0], msg.payload):
+            return None
+        self.ends.forget(where[0])
+        return where[0]
+
+    def _announce(self) -> Outgoing:
+        return Outgoing(self.status_topic, self.status("online"), kind="status", retain=True)
+
+    def _decoy_result(self, task: wire.Task, steps: tuple[protect.Protection, ...]) -> LocalResult:
+        """A decoy: the task's protected training on as many public examples as this device
+        holds, drawn with an unpredictable generator."""
         assert self.decoy_data is not None
         px, py = self.decoy_data
         rng = np.random.default_rng(secrets.randbits(128))
         pick = rng.choice(len(px), size=len(self.x), replace=len(px) < len(self.x))
-        return self.train(task, (px[pick], py[pick]), rng)
+        return self.train(task, steps, (px[pick], py[pick]), rng)
 
     def _message(
-        self, task: wire.Task, result: LocalResult, device_field: str, slot: int
-    ) -> Outgoing:
-        """Encode one update with error feedback for ``slot`` (-1: the real update)."""
+        self, task: wire.Task, result: LocalResult, device_field: str, slot: int, defence: str
+    ) -> tuple[str, bytes]:
+        """(topic, payload) of one update, with error feedback for ``slot`` (-1: the real one)."""
         codec = wire.get_codec(task.uplink)
-        key = (codec.name, slot)
+        key = (task.run, codec.name, slot)
         tensors, corrected, residual = codec.compress(
             result.params, self.residuals.get(key), self.artifact.manifest
         )
         if residual is not None:
             self.residuals[key] = residual
         update = wire.Update(
-            run=self.run,
+            run=task.run,
             round=task.round,
             device=device_field,
             kind=result.kind,
@@ -242,48 +315,82 @@ class Device:
             train_loss=result.train_loss,
             runtime=self.backend.name,
             codec=codec.name,
+            defence=defence,
         )
         payload = wire.encode_update(update, tensors=tensors)
-        return Outgoing(wire.update_topic(self.run, device_field), payload)
+        return wire.update_topic(task.run, device_field), payload
 
     def handle(self, msg: Received) -> list[Outgoing]:
         """A task in, its update(s) out (the real one, or K decoys and the real one under
-        pseudonyms); anything else is counted and dropped."""
-        if msg.topic != self.task_topic:
+        pseudonyms); ``hello`` on a control topic, or any status of its own that is not its
+        ``online`` (a forged ``offline``), in: its ``online`` status out. Anything else is
+        dropped; a bad task is counted."""
+        where = self._mine(msg)
+        if where is None:
             return []
+        run, channel = where
+        if channel == "control":
+            return [self._announce()] if msg.payload == wire.HELLO else []
+        if channel == "status":
+            on_own = msg.topic == self.status_topic
+            return [self._announce()] if on_own and msg.payload != self.status("online") else []
+        t0 = time.monotonic()
         try:
-            task = self.accept(msg.payload)
+            task = self.accept(msg.payload, run)
+            self.ends.add(task.run, task.end)
+            steps = protect.parse(task.protect)
+            result = self.train(task, steps)
+        except protect.ProtectError as e:
+            self.refuse(wire.WireError("bad_protect", str(e)))
+            return []
         except wire.WireError as e:
             self.refuse(e)
             return []
-        result = self.train(task)
         if self.on_trained is not None:
-            self.on_trained(TrainingRecord(self.run, task.round, self.device_id, result.used))
+            self.on_trained(TrainingRecord(task.run, task.round, self.device_id, result.used))
+        defence = protect.defence_json(steps)
+        real = 0
         if not task.decoys:
-            out = [self._message(task, result, self.device_id, -1)]
+            sent = [self._message(task, result, self.device_id, -1, defence)]
         else:
             assert self.key is not None
-            real = decoy.real_slot(self.key, self.run, task.round, task.decoys)
-            out = []
+            real = decoy.real_slot(self.key, task.run, task.round, task.decoys)
+            sent = []
             for slot in range(task.decoys + 1):
-                name = decoy.pseudonym(self.key, self.run, task.round, slot)
+                name = decoy.pseudonym(self.key, task.run, task.round, slot)
                 if slot == real:
-                    out.append(self._message(task, result, name, -1))
+                    sent.append(self._message(task, result, name, -1, defence))
                 else:
-                    out.append(self._message(task, self._decoy_result(task), name, slot))
-        size = max(publish_packet_bytes(o.topic, len(o.payload), QOS) for o in out)
-        if size > self.max_message_bytes:
+                    fake = self._decoy_result(task, steps)
+                    sent.append(self._message(task, fake, name, slot, defence))
+        sizes = [publish_packet_bytes(topic, len(payload), QOS) for topic, payload in sent]
+        if max(sizes) > self.max_message_bytes:
             # paho would retry an over-size packet forever after the broker drops the connection.
             log.error(
                 "device %s: update of %d bytes exceeds %d; not sent",
                 self.device_id,
-                size,
+                max(sizes),
                 self.max_message_bytes,
             )
             return []
         self.rounds_done += 1
-        self.last_round = task.round
-        return out
+        self.last_round[task.run] = task.round
+        self.updates[task.run] = self.updates.get(task.run, 0) + 1
+        seconds = time.monotonic() - t0
+        return [
+            Outgoing(
+                topic,
+                payload,
+                kind="update" if i == real else "decoy",
+                run=task.run,
+                round=task.round,
+                examples=result.num_examples,
+                loss=result.train_loss,
+                packet_bytes=size,
+                seconds=seconds,
+            )  # fmt: skip
+            for i, ((topic, payload), size) in enumerate(zip(sent, sizes, strict=True))
+        ]
 
     def handle_safely(self, msg: Received) -> list[Outgoing]:
         """``handle``, but an unexpected error is logged and counted (``internal_error``) and the
@@ -301,26 +408,53 @@ def run_device(
     broker: BrokerAddress,
     *,
     stop: threading.Event | None = None,
-    exit_on_end: bool = True,
+    exit_on_end: bool = False,
+    say: Callable[[str], None] = log.info,
+    backoff_s: tuple[float, float] = (1.0, 30.0),
 ) -> None:
-    """Run one device on its own MQTT connection until the run's control topic says ``end``."""
+    """Run one device on its own MQTT connection until ``stop`` (or, with ``exit_on_end``, the
+    first genuine ``end``); ``say`` gets one line per round and per ended run.
+
+    The broker may be down at start and may restart: connecting and reconnecting back off
+    exponentially from ``backoff_s[0]`` up to ``backoff_s[1]`` seconds."""
     inbox: queue.Queue[Received] = queue.Queue()
     client = device.client(inbox, broker.protocol)
+    client.reconnect_delay_set(max(1, round(backoff_s[0])), max(1, round(backoff_s[1])))
     stop = stop or threading.Event()
-    with running(client, broker):
-        try:
-            while not stop.is_set():
-                try:
-                    msg = inbox.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if msg.topic == wire.control_topic(device.run):
-                    if msg.payload == b"end" and exit_on_end:
-                        break
-                    continue
-                for out in device.handle_safely(msg):
-                    client.publish(out.topic, out.payload, qos=QOS).wait_for_publish(timeout=60)
-        finally:  # however the loop ends, the retained status must not stay "online"
-            client.publish(
-                device.status_topic, device.status("offline"), qos=QOS, retain=True
-            ).wait_for_publish(5)
+    if not connect_with_backoff(
+        client, broker, stop=stop, say=say, initial_s=backoff_s[0], cap_s=backoff_s[1]
+    ):
+        return
+    client.loop_start()
+    try:
+        while not stop.is_set():
+            try:
+                msg = inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            run = device.ended(msg)
+            if run is not None:
+                n = device.updates.pop(run, 0)
+                say(f"device {device.device_id}: run {run} ended after {n} updates")
+                if exit_on_end:
+                    break
+                continue
+            for out in device.handle_safely(msg):
+                _send(client, out.topic, out.payload, retain=out.retain, timeout=60)
+                if out.kind == "update":
+                    say(out.line(device.device_id))
+    finally:
+        if client.is_connected():
+            _send(client, device.status_topic, device.status("offline"), retain=True, timeout=5)
+        client.disconnect()
+        client.loop_stop()
+
+
+def _send(client: mqtt.Client, topic: str, payload: bytes, *, retain: bool, timeout: float) -> None:
+    """Publish at QoS 1 and wait for the PUBACK; while the broker is away, paho keeps the
+    message and sends it after reconnecting."""
+    info = client.publish(topic, payload, qos=QOS, retain=retain)
+    try:
+        info.wait_for_publish(timeout)
+    except RuntimeError as e:
+        log.warning("%s: %s; it goes out when the broker is back", topic, e)

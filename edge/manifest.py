@@ -36,6 +36,9 @@ class Manifest:
     grad.<param name>...``), ``onnx_infer`` (inputs ``*param names, x``; output ``logits``),
     ``init`` (initial parameters, safetensors), optionally ``pte`` and ``pt2``.
     ``sha256`` is the content hash of the layout and every artifact file.
+    ``flops_per_example``: FLOPs to train on one example, counted from the inference graph at
+    export (``export.flops``; 0 when not counted). It is derived from the artifacts, so it is
+    not hashed.
     """
 
     model: str
@@ -45,6 +48,7 @@ class Manifest:
     artifacts: dict[str, str] = field(default_factory=dict)
     sha256: str = ""
     version: int = MANIFEST_VERSION
+    flops_per_example: int = 0
 
     @property
     def param_names(self) -> list[str]:
@@ -83,6 +87,7 @@ class Manifest:
                 ],
                 "artifacts": self.artifacts,
                 "sha256": self.sha256,
+                "flops_per_example": self.flops_per_example,
             },
             indent=2,
         )
@@ -113,6 +118,7 @@ class Manifest:
             ),
             artifacts={str(k): str(v) for k, v in d.get("artifacts", {}).items()},
             sha256=str(d.get("sha256", "")),
+            flops_per_example=int(d.get("flops_per_example", 0)),
         )
 
 

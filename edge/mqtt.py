@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from urllib.parse import urlparse
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -28,25 +29,95 @@ SCHEMES = {"mqtt": 5, "mqtt311": 4}
 
 @dataclass(frozen=True)
 class BrokerAddress:
+    """Where the broker is, and the credentials every client of ours connects with.
+
+    ``url`` and ``repr`` never show the password; ``secret_url`` does (hand it to a child
+    process, never print it)."""
+
     host: str
     port: int
     protocol: int = 5  # MQTT protocol level: 5, or 4 for 3.1.1
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def _url(self, password: str | None) -> str:
+        scheme = next(k for k, v in SCHEMES.items() if v == self.protocol)
+        auth = ""
+        if self.username is not None:
+            auth = quote(self.username, safe="")
+            if self.password is not None:
+                auth += ":" + (password or "")
+            auth += "@"
+        return f"{scheme}://{auth}{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
-        scheme = next(k for k, v in SCHEMES.items() if v == self.protocol)
-        return f"{scheme}://{self.host}:{self.port}"
+        """The URL with the password replaced by ``***``: safe to print and store."""
+        return self._url(None if self.password is None else "***")
+
+    @property
+    def secret_url(self) -> str:
+        """The URL with the password: for a child process's settings only."""
+        return self._url(None if self.password is None else quote(self.password, safe=""))
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://HOST:PORT`` (MQTT 5) or ``mqtt311://HOST:PORT`` (MQTT 3.1.1); port defaults to 1883."""
-    p = urlparse(url)
-    if p.scheme not in SCHEMES or not p.hostname:
+    """``mqtt://[USER[:PASSWORD]@]HOST[:PORT]`` (MQTT 5) or ``mqtt311://...`` (MQTT 3.1.1);
+    port defaults to 1883. The error message never repeats the password."""
+    try:
+        p = urlparse(url)
+        port = p.port
+    except ValueError:
+        p, port = None, None
+    if p is None or p.scheme not in SCHEMES or not p.hostname:
+        shown = url if p is None or p.password is None else url.replace(p.password, "***")
         raise ValueError(
-            f"broker URL {url!r}: expected mqtt://HOST:PORT (or mqtt311:// for an MQTT 3.1.1 "
-            f"broker), e.g. mqtt://127.0.0.1:1883"
+            f"broker URL {shown!r}: expected mqtt://HOST:PORT (or mqtt311:// for an MQTT 3.1.1 "
+            f"broker; a login as mqtt://USER:PASSWORD@HOST:PORT), e.g. mqtt://127.0.0.1:1883"
         )
-    return BrokerAddress(p.hostname, p.port or 1883, SCHEMES[p.scheme])
+    user = unquote(p.username) if p.username is not None else None
+    password = unquote(p.password) if p.password is not None else None
+    return BrokerAddress(p.hostname, port or 1883, SCHEMES[p.scheme], user, password)
+
+
+def connect(client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 60) -> None:
+    """Connect ``client`` to ``broker`` with the broker address's credentials, if any."""
+    if broker.username is not None:
+        client.username_pw_set(broker.username, broker.password)
+    client.connect(broker.host, broker.port, keepalive=keepalive)
+
+
+def backoff_delays(initial: float = 1.0, cap: float = 30.0) -> Iterator[float]:
+    """Capped exponential backoff: initial, 2×initial, … up to ``cap``, then ``cap`` forever."""
+    delay = initial
+    while True:
+        yield min(delay, cap)
+        delay = min(delay * 2, cap)
+
+
+def connect_with_backoff(
+    client: mqtt.Client,
+    broker: BrokerAddress,
+    *,
+    stop: threading.Event,
+    say: Callable[[str], None],
+    initial_s: float = 1.0,
+    cap_s: float = 30.0,
+    keepalive: int = 60,
+) -> bool:
+    """Connect, retrying with capped exponential backoff while the broker is not reachable;
+    one ``say`` line per failed attempt. False when ``stop`` was set before a connection."""
+    for delay in backoff_delays(initial_s, cap_s):
+        if stop.is_set():
+            return False
+        try:
+            connect(client, broker, keepalive=keepalive)
+            return True
+        except OSError as e:
+            say(f"broker {broker.url} not reachable ({e.strerror or e}), retrying in {delay:g} s")
+        if stop.wait(delay):
+            return False
+    return False  # pragma: no cover - the delays never run out
 
 
 def varint_len(n: int) -> int:
@@ -92,6 +163,7 @@ class Received:
     qos: int = QOS
     properties_len: int = 0
     protocol: int = 5
+    client: str = ""  # the id of the client that received it
 
     @property
     def packet_bytes(self) -> int:
@@ -160,14 +232,21 @@ def make_client(
                     msg.qos,
                     read_varint(props)[0],
                     protocol,
+                    client_id,
                 )
             )
 
+    def on_disconnect(_c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        if rc.is_failure:
+            log.warning("%s: lost the broker (%s); reconnecting with backoff", client_id, rc)
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     client.on_subscribe = on_subscribe
     client.on_message = on_message
     client.max_inflight_messages_set(0)  # 0 = unlimited: a device never queues behind itself
     client.max_queued_messages_set(0)
+    client.reconnect_delay_set(1, 30)  # paho's network thread: capped exponential backoff
     return client
 
 
@@ -176,7 +255,7 @@ def running(
     client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 60
 ) -> Iterator[mqtt.Client]:
     """Connect and run paho's network thread for the duration of the block."""
-    client.connect(broker.host, broker.port, keepalive=keepalive)
+    connect(client, broker, keepalive=keepalive)
     client.loop_start()
     try:
         yield client

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from edge.backends.base import Backend, Params
+from edge.backends.base import Backend, Params, StepResult
+
+# One local step's gradient on a batch (default: the backend's mean gradient).
+StepFn = Callable[[Params, np.ndarray, np.ndarray], StepResult]
+# The batches of one epoch: (number of examples, rng) -> index arrays.
+Sampler = Callable[[int, np.random.Generator], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,12 @@ class LocalResult:
     num_examples: int
     train_loss: float
     used: np.ndarray  # indices into the device's data, in the order they were used
+
+
+def device_rng(seed: int, device: str, round_: int) -> np.random.Generator:
+    """The generator of ``device`` in round ``round_``: a function of (seed, CRC-32 of the id,
+    round) only, so it does not depend on fleet order, worker count or the Python process."""
+    return np.random.default_rng([seed, zlib.crc32(device.encode()), round_])
 
 
 def sgd_step(params: Params, grads: Params, lr: float) -> Params:
@@ -39,10 +52,15 @@ def fedsgd(
     y: np.ndarray,
     batch_size: int,
     rng: np.random.Generator,
+    *,
+    step_fn: StepFn | None = None,
+    sampler: Sampler | None = None,
 ) -> LocalResult:
-    """The mean gradient of one batch of ``batch_size`` examples (all of them for 0)."""
-    idx = minibatches(len(x), batch_size, rng)[0]
-    step = backend.loss_and_grad(weights, x[idx], y[idx])
+    """The mean gradient of one batch of ``batch_size`` examples (all of them for 0);
+    ``step_fn``/``sampler`` replace the backend's step and the shuffled batches (protections)."""
+    step_fn = step_fn or backend.loss_and_grad
+    idx = (sampler or (lambda n, r: minibatches(n, batch_size, r)))(len(x), rng)[0]
+    step = step_fn(weights, x[idx], y[idx])
     return LocalResult(step.grads, "gradient", len(idx), step.loss, idx)
 
 
@@ -56,16 +74,23 @@ def fedavg(
     batch_size: int,
     lr: float,
     rng: np.random.Generator,
+    step_fn: StepFn | None = None,
+    sampler: Sampler | None = None,
 ) -> LocalResult:
-    """``epochs`` epochs of minibatch SGD at ``lr``; the update is w_local - w_global."""
+    """``epochs`` epochs of minibatch SGD at ``lr``; the update is w_local - w_global.
+    ``step_fn``/``sampler`` replace the backend's step and the shuffled batches (protections)."""
+    step_fn = step_fn or backend.loss_and_grad
+    sampler = sampler or (lambda n, r: minibatches(n, batch_size, r))
     w = dict(weights)
     losses: list[float] = []
     used: list[np.ndarray] = []
     for _ in range(epochs):
-        for idx in minibatches(len(x), batch_size, rng):
-            step = backend.loss_and_grad(w, x[idx], y[idx])
+        for idx in sampler(len(x), rng):
+            step = step_fn(w, x[idx], y[idx])
             w = sgd_step(w, step.grads, lr)
             losses.append(step.loss)
             used.append(idx)
     delta = {k: (w[k] - weights[k]).astype(np.float32) for k in weights}
-    return LocalResult(delta, "delta", len(x), float(np.mean(losses)), np.concatenate(used))
+    finite = [v for v in losses if np.isfinite(v)]  # an empty Poisson batch has no loss
+    loss = float(np.mean(finite)) if finite else float("nan")
+    return LocalResult(delta, "delta", len(x), loss, np.concatenate(used))

@@ -7,7 +7,16 @@ Every message is one tensor container (see ``edge.codec``, the safetensors layou
     edgeleak/<run>/update/<device>   device -> coordinator  Update: gradient or weight delta
     edgeleak/<run>/status/<device>   device -> all          JSON {"state": "online"|"offline", ...},
                                                             retained; "offline" is the last will
-    edgeleak/<run>/control           coordinator -> all     b"end" when the run is over
+    edgeleak/<run>/control           coordinator -> all     b"end <token>" when the run is over;
+                                                            b"hello": devices re-announce
+    edgeleak/any/status/<device>     device -> all          as status, for a device that is not
+                                                            pinned to a run (``ANY_RUN``)
+
+A device pinned to a run subscribes to its run's task and control topics; an unpinned one to
+``edgeleak/+/task/<device>`` and ``edgeleak/+/control``, and takes part in any run that sends it a
+task. Each task carries ``end``: the SHA-256 (hex) of the run's random 32-byte end token; the
+real ``end`` reveals the token, so a device accepts an ``end`` only for a run whose commitment
+it holds (``EndCommitments``), and a forged one is ignored.
 
 Decoding validates everything before use and raises ``WireError`` with a short ``reason``
 (counted by the coordinator) and a ``detail`` for people.
@@ -15,9 +24,12 @@ Decoding validates everything before use and raises ``WireError`` with a short `
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import os
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -32,9 +44,14 @@ SCHEMA_VERSION = 1
 TOPIC_PREFIX = "edgeleak"
 ALGORITHMS = ("fedsgd", "fedavg")
 UPDATE_KINDS = ("gradient", "delta")
+# The run segment of the status topic of devices not pinned to a run; never a run id.
+ANY_RUN = "any"
+HELLO = b"hello"  # control: every device of the run (and every unpinned one) re-announces
+END_TOKEN_BYTES = 32
 # MQTT caps a packet at 268,435,455 bytes; brokers usually allow far less. Checked before publish.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_STATUS_BYTES = 4096  # a status is a small JSON object
+MAX_PROTECT_CHARS = 1024  # a task's protection spec
 NONCE_HEX = 24  # a nonce is 12 random bytes as lowercase hex
 _NONCE = re.compile(f"[0-9a-f]{{{NONCE_HEX}}}")
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
@@ -83,6 +100,20 @@ def status_topic(run: str, device: str) -> str:
 
 def control_topic(run: str) -> str:
     return f"{TOPIC_PREFIX}/{_check_segment(run, 'run')}/control"
+
+
+def device_filters(device: str, run: str | None) -> tuple[str, str]:
+    """The task and control topic filters a device subscribes to: its run's, or (``run=None``)
+    those of every run."""
+    if run is None:
+        any_run = f"{TOPIC_PREFIX}/+"
+        return f"{any_run}/task/{_check_segment(device, 'device')}", f"{any_run}/control"
+    return task_topic(run, device), control_topic(run)
+
+
+def lobby_status_topic(device: str) -> str:
+    """The run-independent status topic of a device that takes part in any run."""
+    return status_topic(ANY_RUN, device)
 
 
 def parse_topic(topic: str) -> tuple[str, str, str | None]:
@@ -194,6 +225,57 @@ def check_codec(name: str) -> str:
     return get_codec(name).name
 
 
+# -- run end -----------------------------------------------------------------------------------
+
+
+def new_end_token() -> bytes:
+    """A run's secret end token (cryptographic randomness)."""
+    return secrets.token_bytes(END_TOKEN_BYTES)
+
+
+def end_commitment(token: bytes) -> str:
+    """What every task carries: the SHA-256 (hex) of the end token."""
+    return hashlib.sha256(token).hexdigest()
+
+
+def end_payload(token: bytes) -> bytes:
+    """The control message that ends a run by revealing its token."""
+    return b"end " + token.hex().encode()
+
+
+def _is_commitment(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+class EndCommitments:
+    """The end commitments a device (or a fleet worker, or an eavesdropper) received, per run;
+    ``accepts`` is the one check of an ``end`` message."""
+
+    def __init__(self) -> None:
+        self._by_run: dict[str, set[str]] = {}
+
+    def add(self, run: str, commitment: str) -> None:
+        self._by_run.setdefault(run, set()).add(commitment)
+
+    def forget(self, run: str) -> None:
+        self._by_run.pop(run, None)
+
+    def runs(self) -> list[str]:
+        return sorted(self._by_run)
+
+    def accepts(self, run: str, payload: bytes) -> bool:
+        """True only for ``end <token>`` whose token hashes to a commitment held for ``run``."""
+        held = self._by_run.get(run)
+        if not held or not payload.startswith(b"end ") or len(payload) != 4 + 2 * END_TOKEN_BYTES:
+            return False
+        try:
+            token = bytes.fromhex(payload[4:].decode("ascii"))
+        except ValueError:
+            return False
+        digest = end_commitment(token)
+        return any(hmac.compare_digest(digest, c) for c in held)
+
+
 # -- messages -----------------------------------------------------------------------------------
 
 
@@ -219,6 +301,9 @@ class Task:
     uplink: str = "f32"  # the codec the device must use for its update
     decoys: int = 0  # decoy updates the device publishes beside its real one (edge.decoy)
     nonce: str = field(default_factory=new_nonce)
+    # SHA-256 hex of the run's end token; by default one nobody holds the token of.
+    end: str = field(default_factory=lambda: end_commitment(new_end_token()))
+    protect: str = ""  # the run's client-side protections (edge.protect spec); "" for none
 
 
 @dataclass(frozen=True)
@@ -255,7 +340,10 @@ def encode_task(task: Task) -> bytes:
         "uplink": check_codec(task.uplink),
         "decoys": str(task.decoys),
         "nonce": task.nonce,
+        "end": task.end,
     }
+    if task.protect:  # optional: tasks without protections keep their old bytes
+        meta["protect"] = task.protect
     return write_tensors(get_codec(task.codec).encode(task.weights), meta)
 
 
@@ -418,7 +506,23 @@ def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_
         uplink=check_codec(_field(meta, "uplink")),
         decoys=_int(meta, "decoys", 0, MAX_DECOYS),
         nonce=_nonce(meta),
+        end=_commitment(meta, "end"),
+        protect=_protect(meta),
     )
+
+
+def _protect(meta: Mapping[str, str]) -> str:
+    v = meta.get("protect", "")
+    if len(v) > MAX_PROTECT_CHARS:
+        raise WireError("bad_field", f"protect: {len(v)} characters > {MAX_PROTECT_CHARS}")
+    return v
+
+
+def _commitment(meta: Mapping[str, str], key: str) -> str:
+    v = _field(meta, key)
+    if not _is_commitment(v):
+        raise WireError("bad_field", f"{key}={v[:80]!r}: expected 64 lowercase hex digits")
+    return v
 
 
 def decode_update(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Update:

@@ -7,31 +7,58 @@ publisher still gets its PUBACK: the config sets it to 0 (unlimited).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from devices.orphans import parent_death_hook
 from edge.mqtt import BrokerAddress
+from edgeleak.errors import UsageError
 
 MOSQUITTO_CONF = """\
-listener {port} 127.0.0.1
-allow_anonymous true
+listener {port} {bind}
+user {user}
+{auth}
 persistence false
 max_queued_messages 0
 max_inflight_messages 0
 message_size_limit 0
-log_dest stderr
-log_type error
+{log}log_type error
 log_type warning
 """
+
+
+def mosquitto_conf(
+    port: int,
+    *,
+    bind: str = "127.0.0.1",
+    password_file: Path | None = None,
+    log_file: Path | None = None,
+) -> str:
+    """The one mosquitto config of the project (demo, tests and ``edgeleak broker``): no silent
+    drops, no size limit; anonymous unless ``password_file`` (made with ``mosquitto_passwd``)."""
+    auth = (
+        "allow_anonymous true"
+        if password_file is None
+        else f"allow_anonymous false\npassword_file {password_file.absolute()}"
+    )
+    log = "log_dest stderr\n" + (f"log_dest file {log_file.absolute()}\n" if log_file else "")
+    # Started as root, mosquitto would switch to the user "mosquitto", who cannot read our files
+    # and whose switch clears the parent-death signal (the broker must die with us).
+    user = pwd.getpwuid(os.getuid()).pw_name
+    return MOSQUITTO_CONF.format(port=port, bind=bind, user=user, auth=auth, log=log)
+
 
 AMQTT_CONF = """\
 listeners:
@@ -59,26 +86,33 @@ def mosquitto_path() -> str | None:
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    _wait_listening_on("127.0.0.1", port, proc, timeout, what)
+
+
+def _wait_listening_on(
+    host: str, port: int, proc: subprocess.Popen[bytes], timeout: float, what: str = "mosquitto"
+) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise RuntimeError(f"{what} exited with {proc.returncode}: {err.strip()[-500:]}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.02)
     proc.kill()
-    raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+    raise TimeoutError(f"{what} did not listen on {host}:{port} within {timeout:.0f} s")
 
 
 @contextmanager
 def local_broker(
-    kind: str = "auto", *, port: int | None = None
+    kind: str = "auto", *, port: int | None = None, password_file: Path | None = None
 ) -> Iterator[tuple[BrokerAddress, str]]:
     """Start a broker on loopback for the block; yields (address, "mosquitto" | "amqtt").
 
-    ``kind``: "auto" (mosquitto if installed, else amqtt), "mosquitto" or "amqtt".
+    ``kind``: "auto" (mosquitto if installed, else amqtt), "mosquitto" or "amqtt";
+    ``password_file`` (mosquitto only): clients must log in.
     """
     if kind not in ("auto", "mosquitto", "amqtt"):
         raise ValueError(f"broker kind {kind!r}; expected auto, mosquitto or amqtt")
@@ -90,12 +124,11 @@ def local_broker(
     with tempfile.TemporaryDirectory(prefix="edgeleak-broker-") as tmp:
         if use == "mosquitto":
             conf = Path(tmp) / "mosquitto.conf"
-            # As root, mosquitto drops to user "mosquitto", which clears the parent-death signal:
-            # stay the user we run as, so the broker dies with us.
-            stay = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
-            conf.write_text(MOSQUITTO_CONF.format(port=port) + stay)
+            conf.write_text(mosquitto_conf(port, password_file=password_file))
             cmd = [str(exe), "-c", str(conf)]
         else:
+            if password_file is not None:
+                raise RuntimeError("a password file needs mosquitto: apt-get install -y mosquitto")
             conf = Path(tmp) / "amqtt.yaml"
             conf.write_text(AMQTT_CONF.format(port=port))
             cmd = [sys.executable, "-m", "edgeleak.amqtt_main", str(conf)]
@@ -119,3 +152,65 @@ def local_broker(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def serve_broker(
+    *,
+    port: int = 1883,
+    bind: str = "127.0.0.1",
+    data: Path | None = None,
+    password_file: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> int:
+    """``edgeleak broker``: mosquitto with the project's config, in the foreground, until
+    Ctrl-C or SIGTERM; config and log go to ``data`` (default: a temporary folder)."""
+    exe = mosquitto_path()
+    if exe is None:
+        raise UsageError("mosquitto is not installed: apt-get install -y mosquitto")
+    if password_file is not None and not password_file.is_file():
+        raise UsageError(f"--password-file {password_file}: no such file (mosquitto_passwd -c)")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((bind, port))
+        except OSError as e:
+            raise UsageError(f"cannot listen on {bind}:{port}: {e.strerror or e}") from None
+    with contextlib.ExitStack() as stack:
+        folder = data or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeleak-")))
+        folder.mkdir(parents=True, exist_ok=True)
+        conf = folder / "mosquitto.conf"
+        log_file = folder / "mosquitto.log"
+        conf.write_text(
+            mosquitto_conf(port, bind=bind, password_file=password_file, log_file=log_file)
+        )
+        if bind not in ("127.0.0.1", "localhost", "::1") and password_file is None:
+            say(
+                f"warning: listening on {bind}:{port} WITHOUT authentication: anyone on the "
+                "network can read and publish every message (--password-file to require a login)"
+            )
+        proc = subprocess.Popen([exe, "-c", str(conf)])
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
+            _wait_listening_on(host, port, proc, 15)
+            say(
+                f"broker: mosquitto on mqtt://{host}:{port} (config {conf}, log {log_file}); Ctrl-C stops it"
+            )
+            while proc.poll() is None and not stop.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if proc.returncode not in (0, -signal.SIGTERM) and not stop.is_set():
+            raise UsageError(f"mosquitto exited with {proc.returncode}; see {log_file}")
+        say("broker stopped")
+        return 0

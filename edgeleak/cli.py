@@ -10,7 +10,6 @@ import logging
 import shutil
 import sqlite3
 import sys
-import time
 from pathlib import Path
 
 from edge.args import OneLineParser
@@ -44,10 +43,15 @@ def _demo(args: argparse.Namespace) -> int:
     for f in dataclasses.fields(ExperimentConfig):
         if getattr(args, f.name) is not None:
             base[f.name] = getattr(args, f.name)
+    if isinstance(base.get("protect"), list):  # --protect is repeatable
+        base["protect"] = ";".join(base["protect"])
     cfg = ExperimentConfig.from_dict(base)
     if args.broker:
         checks.broker(args.broker)
-    out = Path(args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
+    from coordinator.server import new_run_id
+
+    run = new_run_id("demo")
+    out = Path(args.out or Path("runs") / run)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; expected a folder")
     created = not out.exists()
@@ -56,7 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
     from edgeleak.report import print_leak_table
 
     try:
-        res = run_experiment(cfg, out, broker_url=args.broker)
+        res = run_experiment(cfg, out, broker_url=args.broker, run=run)
     except BaseException as e:
         done = _rounds_done(out / "run.db")
         if created and done == 0:
@@ -73,6 +77,13 @@ def _demo(args: argparse.Namespace) -> int:
         f"{s['bytes_up'] / 1e6:.2f} MB up, {s['bytes_down'] / 1e6:.2f} MB down, "
         f"{s['seconds']:.1f} s, broker {s['broker']}"
     )
+    if s["privacy"]:
+        eps = [p["epsilon"] for p in s["privacy"].values()]
+        first = next(iter(s["privacy"].values()))
+        print(
+            f"privacy ({s['protect']}): ε per device {min(eps):.3g}..{max(eps):.3g} at "
+            f"δ={first['delta']:g} over the rounds each took part in (RDP, dp-accounting)"
+        )
     print(f"wrote {out}/run.db, {out}/summary.json, {out}/rounds.png")
     return 0
 
@@ -90,8 +101,51 @@ def _device_epilog() -> str:
     )
 
 
+def _broker(args: argparse.Namespace) -> int:
+    from edgeleak.broker import serve_broker
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: expected 1..65535")
+    return serve_broker(
+        port=args.port,
+        bind=args.bind,
+        data=Path(args.data) if args.data else None,
+        password_file=Path(args.password_file) if args.password_file else None,
+    )
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from edgeleak.config import ExperimentConfig
+    from edgeleak.experiment import run_coordinator
+
+    base = ExperimentConfig.from_file(args.config).to_dict() if args.config else {}
+    for key in ("rounds", "dataset"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    cfg = ExperimentConfig.from_dict(base)
+    checks.model(args.model)
+    checks.broker(args.broker)
+    if args.min_devices < 1:
+        raise UsageError(f"--min-devices {args.min_devices}: expected an integer >= 1")
+    for flag, value in (("--wait-s", args.wait_s), ("--unproven-wait-s", args.unproven_wait_s)):
+        if not value > 0:
+            raise UsageError(f"{flag} {value}: expected a number of seconds > 0")
+    res = run_coordinator(
+        cfg, broker_url=args.broker, model_dir=Path(args.model),
+        out=Path(args.out) if args.out else None, run=args.run, min_devices=args.min_devices,
+        wait_s=args.wait_s, quiet_s=args.unproven_wait_s,
+    )  # fmt: skip
+    s = res.summary
+    print(
+        f"run {res.run}: accuracy {100 * (s['final_accuracy'] or 0):.2f}% after "
+        f"{len(s['rounds'])} rounds with {s['devices']} devices; wrote {res.out}/run.db, "
+        f"{res.out}/summary.json, {res.out}/rounds.png"
+    )
+    return 0
+
+
 def _device(rest: list[str]) -> int:
-    """``device bundle ...``, ``device deploy ...``, else run one device (``python -m edge``)."""
+    """``device bundle|deploy|calibrate ...``, else run one device (``python -m edge``)."""
     if rest and rest[0] in ("bundle", "deploy"):
         sub = _device_tools_parser().parse_args(rest)
         return int(sub.func(sub))
@@ -242,6 +296,8 @@ def _attack(args: argparse.Namespace) -> int:
         print(f"no intercepted update in {args.capture} fits {', '.join(names)}")
         return 0
     print_leak_table([dataclasses.asdict(r) for r in rows])
+    if hit := sum(r.budget_hit for r in rows):
+        print(f"{hit} attack(s) hit the --budget-s cap and stopped before their last iteration")
     print(f"wrote reconstructions to {out} and the leakage table to {args.capture}/capture.db")
     return 0
 
@@ -328,6 +384,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = ExperimentConfig()
     for f in dataclasses.fields(ExperimentConfig):
         value = getattr(defaults, f.name)
+        if f.name == "protect":
+            parser.add_argument(
+                "--protect", dest="protect", action="append",
+                help="a client-side protection, repeatable: dp:clip=C,sigma=S | "
+                "dpsgd:clip=C,sigma=S | central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
+            )  # fmt: skip
+            continue
         allowed = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f.name, type=type(value),
@@ -352,10 +415,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(d)
     d.set_defaults(func=_demo)
 
+    b = sub.add_parser(
+        "broker", help="run mosquitto with the project's config in the foreground (Ctrl-C stops)"
+    )
+    b.add_argument("--port", type=int, default=1883, help="TCP port (default 1883)")
+    b.add_argument(
+        "--bind", default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for devices on a LAN: "
+        "unauthenticated unless --password-file)",
+    )  # fmt: skip
+    b.add_argument("--data", help="folder for mosquitto.conf and mosquitto.log (default: temp)")
+    b.add_argument(
+        "--password-file", help="mosquitto_passwd file: clients must log in (mqtt://USER:PW@...)"
+    )
+    b.set_defaults(func=_broker)
+
+    c = sub.add_parser(
+        "coordinator",
+        help="run rounds for the devices online on a broker (they join with `edgeleak device`)",
+    )
+    c.add_argument("--broker", required=True, help="mqtt://[USER:PASSWORD@]HOST:PORT")
+    c.add_argument("--model", required=True, help="model folder written by `edgeleak export`")
+    c.add_argument("--run", help="run id (default: run-<UTC time>-<random>)")
+    c.add_argument("--rounds", type=int, help="rounds to run (default from --config, else 10)")
+    c.add_argument(
+        "--min-devices", type=int, default=1,
+        help="each round waits until this many devices are online (default 1)",
+    )  # fmt: skip
+    c.add_argument(
+        "--wait-s", type=float, default=300.0,
+        help="how long a round waits for --min-devices (default 300 s)",
+    )  # fmt: skip
+    c.add_argument(
+        "--unproven-wait-s", type=float, default=60.0,
+        help="once only devices without an accepted update are left, stop waiting for them "
+        "after this long without an answer (default 60 s)",
+    )  # fmt: skip
+    c.add_argument("--config", help="JSON file of ExperimentConfig fields (algorithm, lr, ...)")
+    c.add_argument("--dataset", help="evaluation split (default from --config: fashion-mnist)")
+    c.add_argument("--out", help="output folder (default runs/<run id>)")
+    c.set_defaults(func=_coordinator)
+
     v = sub.add_parser(
         "device", add_help=False,
         help="run one device (see `edgeleak device --help`), or `device bundle ...` / "
-        "`device deploy ...`",
+        "`device deploy ...` / `device calibrate --model DIR`",
     )  # fmt: skip
     v.add_argument("rest", nargs=argparse.REMAINDER)  # dispatched in main(): see _device
 
@@ -376,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     a.add_argument(
         "--budget-s", type=checks.number(float, 0, strict=True), default=30.0,
-        help="seconds per attack and update (default 30)",
+        help="cap in seconds per attack and update; schedules run on iterations (default 30)",
     )  # fmt: skip
     a.add_argument(
         "--max-updates", type=checks.number(int, 1), default=4,

@@ -12,12 +12,14 @@ from coordinator.aggregate import AGGREGATORS as _AGGREGATORS
 from devices.datasets import DATASETS
 from devices.partition import SCHEMES as PARTITIONS
 from devices.profiles import PROFILES
+from edge import protect
 from edge.backends import RUNTIMES
 from edge.wire import ALGORITHMS, CODEC_HELP, MAX_DECOYS, WireError, check_codec
 from export.names import MODELS
 
 AGGREGATORS = tuple(_AGGREGATORS)
 CLOCKS = ("none", "virtual", "real")
+CLOCK_BASES = ("flops", "host")
 MALICIOUS = ("none", "imprint")
 
 
@@ -30,6 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "aggregator": AGGREGATORS,
     "runtime": RUNTIMES,
     "clock": CLOCKS,
+    "clock_base": CLOCK_BASES,
     "profiles": PROFILES,
     "attack": ATTACK_NAMES,
     "malicious": MALICIOUS,
@@ -54,6 +57,7 @@ FIELD_HELP: dict[str, str] = {
     "decoys": "decoy updates per device and round, under keyed pseudonyms (0: none)",
     "runtime": "device runtime, or a comma-separated mix assigned round-robin",
     "clock": "none; virtual (profiles set round times, no waiting); real (devices wait)",
+    "clock_base": "flops: model FLOPs / profile throughput; host: scaled to this host's speed",
     "profiles": "comma-separated device profiles, round-robin (empty: all of them)",
     "attack": "comma-separated attacks an eavesdropper runs on the run's traffic",
     "attack_budget_s": "seconds per attack and intercepted update",
@@ -67,6 +71,10 @@ FIELD_HELP: dict[str, str] = {
     "max_epochs": "a device refuses a task with more local epochs",
     "max_batch_size": "a device refuses a task with a larger batch",
     "max_steps": "a device refuses a task costing more SGD steps (epochs x batches)",
+    "protect": "client-side protections, ';'-separated: dp:clip=C,sigma=S | dpsgd:clip=C,sigma=S "
+    "| central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
+    "dp_epsilon": "> 0: calibrate the DP protection's sigma to this epsilon for the whole run",
+    "dp_delta": "delta of the privacy accounting and of the calibration",
 }
 
 
@@ -95,6 +103,7 @@ class ExperimentConfig:
     clock: str = (
         "none"  # none | virtual (profiles drive deadlines, no waiting) | real (devices wait)
     )
+    clock_base: str = "flops"  # flops: model FLOPs / profile throughput | host: scaled to this host
     profiles: str = ""  # comma-separated device profiles, round-robin; empty: all of them
     attack: str = ""  # comma-separated attacks run by an eavesdropper on the run's traffic
     attack_budget_s: float = 30.0  # seconds per attack and update
@@ -112,6 +121,10 @@ class ExperimentConfig:
     max_epochs: int = 10
     max_batch_size: int = 1024
     max_steps: int = 10_000  # SGD steps one task may cost a device
+    # client-side protections, ";"-separated edge.protect specs (e.g. "dp:clip=1,sigma=0.8")
+    protect: str = ""
+    dp_epsilon: float = 0.0  # > 0: calibrate the DP protection's sigma to this ε for the run
+    dp_delta: float = 1e-5  # δ of the accounting (and of the calibration)
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
@@ -128,6 +141,7 @@ class ExperimentConfig:
         for r in self.runtimes:
             _choice("runtime", r, RUNTIMES)
         _choice("clock", self.clock, CLOCKS)
+        _choice("clock_base", self.clock_base, CLOCK_BASES)
         for name in self.profile_names:
             _choice("profiles", name, PROFILES)
         for name in self.attacks:
@@ -162,6 +176,37 @@ class ExperimentConfig:
         _positive("deadline_s", self.deadline_s)
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction={self.fraction!r}: expected a number in (0, 1]")
+        self._check_protect()
+
+    def _check_protect(self) -> None:
+        try:
+            steps = protect.parse(self.protect)
+        except protect.ProtectError as e:
+            raise ConfigError(f"protect={self.protect!r}: {e}") from None
+        dp = protect.dp_step(steps)
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta={self.dp_delta!r}: expected a number in (0, 1)")
+        if self.dp_epsilon < 0:
+            raise ConfigError(f"dp_epsilon={self.dp_epsilon!r}: expected a number >= 0")
+        if self.dp_epsilon > 0 and dp is None:
+            raise ConfigError(
+                "dp_epsilon calibrates the sigma of a DP protection: add one, e.g. "
+                "--protect dp:clip=1 (or dpsgd:clip=1, central_dp:clip=1)"
+            )
+        if dp is not None and self.dp_epsilon > 0 and dp.sigma is not None:
+            raise ConfigError(
+                f"{dp.name}: give sigma or --dp-epsilon, not both (sigma={dp.sigma} "
+                f"and dp_epsilon={self.dp_epsilon})"
+            )
+        if dp is not None and self.dp_epsilon == 0 and dp.sigma is None:
+            raise ConfigError(
+                f"{dp.name}: no sigma; give {dp.name}:clip={dp.clip},sigma=S or --dp-epsilon E"
+            )
+        if isinstance(dp, protect.CentralDP) and self.aggregator != "mean":
+            raise ConfigError(
+                f"central_dp adds its noise to the mean: aggregator must be 'mean', "
+                f"not {self.aggregator!r}"
+            )
 
     @property
     def runtimes(self) -> list[str]:
@@ -189,6 +234,8 @@ class ExperimentConfig:
         defaults = cls()
         typed: dict[str, Any] = {}
         for k, v in d.items():
+            if k == "protect" and isinstance(v, list) and all(isinstance(p, str) for p in v):
+                v = ";".join(v)  # a list of specs, one per protection
             want = type(getattr(defaults, k))
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)

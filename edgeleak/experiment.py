@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,12 +16,13 @@ import numpy as np
 
 from attacks.intercept import CaptureStore, Eavesdropper
 from coordinator.evaluate import evaluate
-from coordinator.server import Coordinator, RoundClock, RoundPlan, Tamper
+from coordinator.server import Coordinator, RoundClock, RoundPlan, Tamper, new_run_id
 from coordinator.store import RoundResult, RunStore
-from devices.clock import VirtualClock, assign_profiles, measure_seconds_per_example
-from devices.datasets import load_dataset
+from devices.clock import VirtualClock, assign_profiles, host_speed_scale
+from devices.datasets import Dataset, load_dataset
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.partition import partition
+from edge import protect, wire
 from edge.backends import load_backend
 from edge.decoy import new_key, save_key
 from edge.device import TaskLimits, task_steps
@@ -28,6 +30,7 @@ from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url
 from edgeleak.broker import local_broker
 from edgeleak.config import ConfigError, ExperimentConfig
+from edgeleak.errors import UsageError
 from edgeleak.leak import attack_captures, fleet_truth
 from edgeleak.report import SUMMARY_UNITS, software_versions
 
@@ -60,14 +63,7 @@ def fleet_spec(
 ) -> FleetSpec:
     """Partition the training set; give each device a runtime and (with a clock) a profile,
     round-robin over the configured mixes; with ``keys`` (decoys), each device its key."""
-    shards = partition(
-        labels,
-        cfg.devices,
-        scheme=cfg.partition,
-        alpha=cfg.alpha,
-        seed=cfg.seed,
-        min_size=cfg.batch_size or 1,
-    )
+    shards = device_shards(cfg, labels)
     runtimes = cfg.runtimes
     profiles = assign_profiles(cfg.devices, cfg.profile_names) if cfg.clock != "none" else None
     devices = tuple(
@@ -75,7 +71,7 @@ def fleet_spec(
             f"d{i:04d}",
             shard,
             runtimes[i % len(runtimes)],
-            seed=cfg.seed * 100_003 + i,
+            seed=cfg.seed,  # Device.train draws from (seed, device id, round)
             profile=profiles[i] if profiles else "",
             key=keys.get(f"d{i:04d}") if keys else None,
         )
@@ -89,17 +85,17 @@ def fleet_spec(
             f"{limits.max_steps}: raise max_steps, or use fewer epochs or a larger batch_size"
         )
     realtime = cfg.clock == "real"
-    base = measure_seconds_per_example(artifact) if realtime else 0.0
     return FleetSpec(
         run,
-        broker.url,
+        broker.secret_url,
         str(artifact.folder),
         cfg.dataset,
         devices,
         cfg.workers,
         str(truth_dir) if truth_dir else None,
         realtime=realtime,
-        base_seconds_per_example=base,
+        flops_per_example=artifact.manifest.flops_per_example,
+        speed_scale=speed_scale(cfg, artifact) if realtime else 1.0,
         limits=limits,
         decoy_pool="test" if cfg.decoys else "",
     )
@@ -116,16 +112,63 @@ def enrol(cfg: ExperimentConfig, keys_dir: Path) -> dict[str, bytes] | None:
     return keys
 
 
+def speed_scale(cfg: ExperimentConfig, artifact: ModelArtifact) -> float:
+    """1 with ``clock_base="flops"`` (profiles as cited, any host alike); this host's measured
+    speed over the profiles' reference core with ``clock_base="host"``."""
+    return host_speed_scale(artifact) if cfg.clock_base == "host" else 1.0
+
+
+def device_shards(cfg: ExperimentConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """Each device's example indices (deterministic in the config)."""
+    return partition(
+        labels,
+        cfg.devices,
+        scheme=cfg.partition,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+        min_size=cfg.batch_size or 1,
+    )
+
+
+def calibrate_protect(cfg: ExperimentConfig, shard_sizes: list[int]) -> ExperimentConfig:
+    """With ``dp_epsilon``: the config whose DP protection has the smallest σ that keeps every
+    device within (ε, δ) if it takes part in every round; ``ConfigError`` naming the fix when
+    no σ up to ``SIGMA_MAX`` can."""
+    steps = protect.parse(cfg.protect)
+    dp = protect.dp_step(steps)
+    if cfg.dp_epsilon <= 0 or dp is None:
+        return cfg
+    from coordinator.accounting import SIGMA_MAX, calibrate_sigma, run_epsilon
+
+    def eps(sigma: float) -> float:
+        return run_epsilon(
+            dp, sigma, cfg.dp_delta, rounds=cfg.rounds, algorithm=cfg.algorithm,
+            shard_sizes=shard_sizes, batch_size=cfg.batch_size, epochs=cfg.epochs,
+        )  # fmt: skip
+
+    try:
+        sigma = calibrate_sigma(eps, cfg.dp_epsilon, cfg.dp_delta)
+    except ValueError as e:
+        raise ConfigError(
+            f"{dp.name} over {cfg.rounds} rounds: {e}; ask for fewer --rounds or a larger "
+            f"--dp-epsilon (ε with σ={SIGMA_MAX:g}: {eps(SIGMA_MAX):.3g})"
+        ) from None
+    calibrated = [dataclasses.replace(s, sigma=sigma) if s is dp else s for s in steps]
+    return dataclasses.replace(cfg, protect=protect.format_spec(calibrated), dp_epsilon=0.0)
+
+
 def virtual_clock(
     cfg: ExperimentConfig, spec: FleetSpec, artifact: ModelArtifact
 ) -> RoundClock | None:
-    """With ``clock=virtual``: deadlines and stragglers from the devices' profiles."""
+    """With ``clock=virtual``: deadlines and stragglers from the devices' profiles and the
+    model's FLOPs per example (host-independent unless ``clock_base="host"``)."""
     if cfg.clock != "virtual":
         return None
     return VirtualClock.from_names(
         {d.device_id: d.profile for d in spec.devices},
-        base_seconds_per_example=measure_seconds_per_example(artifact),
+        flops_per_example=artifact.manifest.flops_per_example,
         seed=cfg.seed,
+        speed_scale=speed_scale(cfg, artifact),
     )
 
 
@@ -145,36 +188,9 @@ def tamper(cfg: ExperimentConfig, artifact: ModelArtifact, x: np.ndarray) -> Tam
     return ship
 
 
-def run_experiment(
-    cfg: ExperimentConfig,
-    out: Path,
-    *,
-    broker_url: str | None = None,
-    progress: bool = True,
-    run: str | None = None,
-) -> ExperimentResult:
-    """Run ``cfg`` and write run.db, summary.json and rounds.png into ``out``."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from edgeleak.report import plot_rounds
-    from export import export_model
-
-    out.mkdir(parents=True, exist_ok=True)
-    run = run or time.strftime("run-%Y%m%d-%H%M%S")
-    data = load_dataset(cfg.dataset)
-    artifact = export_model(
-        cfg.model,
-        out / "model",
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
-        seed=cfg.seed,
-    )
-    evaluator_backend = load_backend("onnx", artifact)
-
-    def evaluator(w: dict[str, np.ndarray]) -> tuple[float, float]:
-        return evaluate(evaluator_backend, w, data.x_test, data.y_test)
-
-    plan = RoundPlan(
+def round_plan(cfg: ExperimentConfig, *, max_unproven: int = 0, quiet_s: float = 0.0) -> RoundPlan:
+    """The coordinator's round plan from the config (and the admission policy's knobs)."""
+    return RoundPlan(
         algorithm=cfg.algorithm,
         lr=cfg.lr,
         epochs=cfg.epochs,
@@ -185,12 +201,209 @@ def run_experiment(
         aggregator=cfg.aggregator,
         codec=cfg.codec,
         max_examples=cfg.max_examples,
+        max_unproven=max_unproven,
+        unproven_quiet_s=quiet_s,
+        protect=cfg.protect,
+        dp_delta=cfg.dp_delta,
         decoys=cfg.decoys,
+    )
+
+
+@dataclass(frozen=True)
+class RoundsSetup:
+    """Everything ``run_rounds`` needs besides the config: where, what, and how long to wait."""
+
+    run: str
+    out: Path
+    broker: BrokerAddress
+    broker_kind: str  # "mosquitto", "amqtt" or "external"
+    artifact: ModelArtifact
+    data: Dataset
+    plan: RoundPlan
+    min_devices: int  # each round waits until this many devices are eligible
+    wait_s: float  # ... for at most this long
+    clock: RoundClock | None = None
+    tamper: Tamper | None = None
+    fleet_size: int | None = None  # the demo's emulated fleet; None: whoever shows up
+    keys: dict[str, bytes] | None = None  # every device's secret key (decoys, ``enrol``)
+
+
+def run_rounds(
+    cfg: ExperimentConfig,
+    setup: RoundsSetup,
+    store: RunStore,
+    *,
+    alongside: contextlib.AbstractContextManager[object] | None = None,
+    restarts: Callable[[], int] = lambda: 0,
+    on_round: Callable[[RoundResult], None] = lambda _r: None,
+) -> dict[str, Any]:
+    """The coordinator side of a run, for the demo and ``edgeleak coordinator`` alike: record the
+    run, run ``cfg.rounds`` rounds with whatever devices are online (each round waits for
+    ``setup.min_devices``; with an emulated fleet, the first), evaluate, end the run (also when interrupted); returns the summary.
+
+    ``alongside`` is entered after the coordinator subscribed (the demo's fleet and
+    eavesdropper); ``restarts`` counts the fleet's restarted workers: after one, the next round
+    waits (up to ``setup.wait_s``) for their devices to come back."""
+    data, artifact = setup.data, setup.artifact
+    evaluator_backend = load_backend("onnx", artifact)
+
+    def evaluator(w: dict[str, np.ndarray]) -> tuple[float, float]:
+        return evaluate(evaluator_backend, w, data.x_test, data.y_test)
+
+    store.add_run(
+        setup.run,
+        config=cfg.to_dict(),
+        broker=f"{setup.broker_kind} {setup.broker.url}",
+        runtime=cfg.runtime,
+        devices=setup.fleet_size or setup.min_devices,
+        model=artifact.manifest.model,
+        model_hash=artifact.manifest.sha256,
+    )
+    coord = Coordinator(
+        setup.run, artifact, setup.broker, store, setup.plan, evaluator=evaluator, seed=cfg.seed,
+        clock=setup.clock, tamper=setup.tamper, keys=setup.keys,
+    )  # fmt: skip
+    results: list[RoundResult] = []
+    t_start = time.monotonic()
+    with coord, alongside or contextlib.nullcontext():
+        try:
+            restarted = 0
+            for r in range(1, cfg.rounds + 1):
+                if restarts() != restarted:  # a fleet worker died: let its devices come back
+                    restarted = restarts()
+                    with contextlib.suppress(TimeoutError):
+                        coord.wait_for_devices(setup.min_devices, timeout=setup.wait_s)
+                try:
+                    if r == 1 or setup.fleet_size is None:  # an emulated fleet is there already
+                        coord.wait_for_devices(setup.min_devices, timeout=setup.wait_s)
+                except TimeoutError as e:
+                    raise UsageError(
+                        f"{e}: start devices with `edgeleak device --broker "
+                        f"{setup.broker.url} ...` or lower --min-devices"
+                    ) from None
+                res = coord.run_round(r)
+                results.append(res)
+                on_round(res)
+        finally:
+            coord.end()
+    return build_summary(
+        cfg, setup.run, setup.broker_kind, setup.broker, results, store,
+        seconds=time.monotonic() - t_start, artifact=artifact,
+        devices=setup.fleet_size or len(coord.proven),
+    )  # fmt: skip
+
+
+@contextmanager
+def _spy_and_fleet(
+    broker: BrokerAddress, run: str, capture: CaptureStore | None, fleet: Fleet
+) -> Iterator[None]:
+    with Eavesdropper(broker, run, capture) if capture else contextlib.nullcontext(), fleet:
+        yield
+
+
+def round_line(res: RoundResult) -> str:
+    """One printed line per round."""
+    return (
+        f"round {res.round}: {res.accepted}/{res.selected} accepted, {res.rejected} rejected, "
+        f"accuracy {100 * res.accuracy:.2f}%, {res.bytes_up / 1e6:.2f} MB up, "
+        f"{res.bytes_down / 1e6:.2f} MB down, {res.seconds:.1f} s"
+    )
+
+
+def write_outputs(out: Path, summary: dict[str, Any], title: str) -> None:
+    """summary.json and rounds.png of a finished run."""
+    from edgeleak.report import plot_rounds
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_rounds(summary["rounds"], out / "rounds.png", title=title)
+
+
+def run_coordinator(
+    cfg: ExperimentConfig,
+    *,
+    broker_url: str,
+    model_dir: Path,
+    out: Path | None = None,
+    run: str | None = None,
+    min_devices: int = 1,
+    wait_s: float = 300.0,
+    quiet_s: float = 60.0,
+    say: Callable[[str], None] = print,
+) -> ExperimentResult:
+    """``edgeleak coordinator``: rounds for the devices on an external broker; writes run.db,
+    summary.json and rounds.png into ``out`` (default ``runs/<run id>``)."""
+    try:
+        broker = parse_broker_url(broker_url)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if cfg.dp_epsilon > 0:
+        raise UsageError(
+            "--dp-epsilon calibrates σ from the fleet's shard sizes, which a coordinator of real "
+            "devices does not know: give σ in the protection (e.g. dp:clip=1,sigma=0.8)"
+        )
+    if cfg.decoys:
+        raise UsageError(
+            "decoys need every device's key, which `edgeleak coordinator` does not hold (there "
+            "is no enrolment service yet): run decoys with `edgeleak demo`"
+        )
+    run = run or new_run_id("run")
+    if run == wire.ANY_RUN or not run or any(c in run for c in "/+#\0"):
+        raise UsageError(f"--run {run!r}: expected an id without '/', '+', '#', other than 'any'")
+    try:
+        artifact = ModelArtifact.load(model_dir)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {model_dir}: {e}") from None
+    data = load_dataset(cfg.dataset)
+    if artifact.manifest.input_shape != data.input_shape:
+        raise UsageError(
+            f"--model {model_dir} takes inputs of shape {artifact.manifest.input_shape}, "
+            f"dataset {cfg.dataset} has {data.input_shape}: pass the model's --dataset"
+        )
+    out = out or Path("runs") / run
+    out.mkdir(parents=True, exist_ok=True)
+    store = RunStore(out / "run.db")
+    setup = RoundsSetup(
+        run, out, broker, "external", artifact, data,
+        round_plan(cfg, max_unproven=min_devices, quiet_s=quiet_s), min_devices, wait_s,
+    )  # fmt: skip
+    say(f"run {run}: coordinator on {broker.url}, waiting for {min_devices} device(s)")
+    try:
+        summary = run_rounds(cfg, setup, store, on_round=lambda r: say(round_line(r)))
+    except OSError as e:
+        raise UsageError(f"broker {broker.url} not reachable: {e}") from None
+    write_outputs(out, summary, f"{artifact.manifest.model} · {cfg.algorithm} · {run}")
+    store.close()
+    return ExperimentResult(run, out, summary)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: Path,
+    *,
+    broker_url: str | None = None,
+    progress: bool = True,
+    run: str | None = None,
+) -> ExperimentResult:
+    """The demo: a broker (unless ``broker_url``), an emulated fleet and ``run_rounds``; writes
+    run.db, summary.json and rounds.png into ``out``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from export import export_model
+
+    data = load_dataset(cfg.dataset)
+    asked = cfg
+    cfg = calibrate_protect(cfg, [len(s) for s in device_shards(cfg, data.y_train)])
+    out.mkdir(parents=True, exist_ok=True)
+    run = run or new_run_id("demo")
+    artifact = export_model(
+        cfg.model,
+        out / "model",
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        seed=cfg.seed,
     )
     keys = enrol(cfg, out / "keys")
     store = RunStore(out / "run.db")
-    results: list[RoundResult] = []
-    t_start = time.monotonic()
     cols = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -199,36 +412,21 @@ def run_experiment(
         TimeElapsedColumn(),
     )
     with broker_for(broker_url) as (broker, broker_kind):
-        store.add_run(
-            run,
-            config=cfg.to_dict(),
-            broker=f"{broker_kind} {broker.url}",
-            runtime=cfg.runtime,
-            devices=cfg.devices,
-            model=cfg.model,
-            model_hash=artifact.manifest.sha256,
-        )
         spec = fleet_spec(cfg, run, broker, artifact, data.y_train, out / "truth", keys)
-        clock = virtual_clock(cfg, spec, artifact)
-        coord = Coordinator(
-            run, artifact, broker, store, plan, evaluator=evaluator, seed=cfg.seed, clock=clock,
-            tamper=tamper(cfg, artifact, data.x_train), keys=keys,
+        setup = RoundsSetup(
+            run, out, broker, broker_kind, artifact, data,
+            round_plan(cfg, max_unproven=cfg.devices), cfg.devices, 60 + cfg.devices * 0.1,
+            clock=virtual_clock(cfg, spec, artifact), tamper=tamper(cfg, artifact, data.x_train),
+            fleet_size=cfg.devices, keys=keys,
         )  # fmt: skip
         capture = CaptureStore(out / "capture") if cfg.attacks else None
-        spy = Eavesdropper(broker, run, capture) if capture else contextlib.nullcontext()
-        with spy, coord, Fleet(spec) as fleet, Progress(*cols, disable=not progress) as bar:
-            coord.wait_for_devices(cfg.devices, timeout=60 + cfg.devices * 0.1)
+        fleet = Fleet(spec)
+        with Progress(*cols, disable=not progress) as bar:
             job = bar.add_task(
                 f"{cfg.algorithm} {cfg.devices} devices", total=cfg.rounds, status=""
             )
-            restarts = 0
-            for r in range(1, cfg.rounds + 1):
-                if fleet.restarts != restarts:  # a worker died: let its devices come back
-                    restarts = fleet.restarts
-                    with contextlib.suppress(TimeoutError):
-                        coord.wait_for_devices(cfg.devices, timeout=60 + cfg.devices * 0.1)
-                res = coord.run_round(r)
-                results.append(res)
+
+            def advance(res: RoundResult) -> None:
                 bar.update(
                     job,
                     advance=1,
@@ -237,17 +435,15 @@ def run_experiment(
                         f"down {res.bytes_down / 1e6:.1f} MB  {res.accepted}/{res.selected} ok"
                     ),
                 )
-            coord.end()
-        summary = build_summary(
-            cfg,
-            run,
-            broker_kind,
-            broker,
-            results,
-            store,
-            seconds=time.monotonic() - t_start,
-            artifact=artifact,
-        )
+
+            summary = run_rounds(
+                cfg, setup, store, alongside=_spy_and_fleet(broker, run, capture, fleet),
+                restarts=lambda: fleet.restarts, on_round=advance,
+            )  # fmt: skip
+    if asked.dp_epsilon > 0:
+        summary["dp_calibration"] = {
+            "epsilon": asked.dp_epsilon, "delta": asked.dp_delta, "protect": cfg.protect,
+        }  # fmt: skip
     if capture is not None:
         rows = attack_captures(
             capture, artifact, out / "attack", attacks=cfg.attacks, budget_s=cfg.attack_budget_s,
@@ -256,11 +452,8 @@ def run_experiment(
         )  # fmt: skip
         summary["attack"] = [asdict(r) for r in rows]
         capture.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_rounds(
-        summary["rounds"],
-        out / "rounds.png",
-        title=f"{cfg.model} · {cfg.algorithm} · {cfg.devices} devices · {cfg.dataset}",
+    write_outputs(
+        out, summary, f"{cfg.model} · {cfg.algorithm} · {cfg.devices} devices · {cfg.dataset}"
     )
     store.close()
     return ExperimentResult(run, out, summary)
@@ -276,8 +469,10 @@ def build_summary(
     *,
     seconds: float,
     artifact: ModelArtifact,
+    devices: int,
 ) -> dict[str, Any]:
-    """summary.json: the run's totals and one object per round."""
+    """summary.json: the run's totals and one object per round; ``devices``: how many took
+    part (the demo: its fleet; the coordinator service: those with an accepted update)."""
     keys = (
         "round",
         "accuracy",
@@ -291,24 +486,28 @@ def build_summary(
         "rejected",
         "seconds",
         "virtual_seconds",
+        "model_sha256",
     )
     return {
         "run": run,
-        "devices": cfg.devices,
+        "devices": devices,
         "runtime": cfg.runtime,
         "broker": broker_kind,
         "broker_url": broker.url,
-        "model": cfg.model,
+        "model": artifact.manifest.model,
         "parameters": artifact.manifest.num_parameters,
         "dataset": cfg.dataset,
         "algorithm": cfg.algorithm,
         "clock": cfg.clock,
+        "flops_per_example": artifact.manifest.flops_per_example,
         "bytes_up": store.ledger_bytes(run, direction="up"),
         "bytes_down": store.ledger_bytes(run, direction="down"),
         "bytes_rejected": store.ledger_bytes(run, direction="up", kinds=("rejected",)),
         "final_accuracy": results[-1].accuracy if results else None,
         "seconds": round(seconds, 3),
         "rejections": store.rejection_counts(run),
+        "protect": cfg.protect,
+        "privacy": store.privacy(run),
         "config": cfg.to_dict(),
         "rounds": [{k: getattr(r, k) for k in keys} for r in results],
         "units": SUMMARY_UNITS,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attacks.base import AttackMetadata
+from attacks.base import AttackMetadata, Reconstruction
 from attacks.intercept import CaptureStore, Intercepted
 from attacks.leakage import LeakageReport, evaluate, matched_images, matched_labels
 from attacks.registry import get_attack
@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS leakage (
     run TEXT, round INTEGER, device TEXT, attack TEXT, capture_id INTEGER, kind TEXT,
     examples INTEGER, psnr_mean REAL, ssim_mean REAL, baseline_psnr REAL, label_accuracy REAL,
     label_count_accuracy REAL, recovered_fraction REAL, exact_fraction REAL, seconds REAL,
-    grid TEXT
+    budget_hit INTEGER, grid TEXT
 );
 """
 
@@ -56,6 +56,7 @@ class LeakRow:
     recovered_fraction: float | None
     exact_fraction: float | None
     seconds: float
+    budget_hit: bool  # the time cap stopped the attack before its iterations ended
     grid: str
 
 
@@ -151,7 +152,7 @@ def attack_captures(
                             out / f"{stem}.png", rec.images, labels, title=f"{title} (no truth)"
                         )
                     )
-                rows.append(_row(item, name, rec.seconds, report, grid))
+                rows.append(_row(item, name, rec, report, grid))
                 bar.advance(job)
     if db is not None:
         record(db, rows)
@@ -159,7 +160,7 @@ def attack_captures(
 
 
 def _row(
-    item: Intercepted, name: str, seconds: float, r: LeakageReport | None, grid: str
+    item: Intercepted, name: str, rec: Reconstruction, r: LeakageReport | None, grid: str
 ) -> LeakRow:
     def score(field: str) -> float | None:
         return None if r is None else getattr(r, field)
@@ -171,7 +172,7 @@ def _row(
         baseline_psnr=score("baseline_psnr"), label_accuracy=score("label_accuracy"),
         label_count_accuracy=score("label_count_accuracy"),
         recovered_fraction=score("recovered_fraction"), exact_fraction=score("exact_fraction"),
-        seconds=seconds, grid=grid,
+        seconds=rec.seconds, budget_hit=rec.budget_hit, grid=grid,
     )  # fmt: skip
 
 

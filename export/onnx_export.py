@@ -36,6 +36,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from edge.codec import write_tensors
 from edge.manifest import MANIFEST_FILE, Manifest, ModelArtifact, ParamSpec, content_hash
 from export import zoo
+from export.flops import training_flops_per_example
 from export.names import TARGETS
 
 GRAD_FILE = "grad.onnx"
@@ -316,6 +317,11 @@ def export_model(
         num_classes=num_classes,
         params=tuple(ParamSpec(n, tuple(p.shape)) for n, p in zip(t.names, t.params, strict=True)),
         artifacts=artifacts,
+        flops_per_example=(
+            training_flops_per_example(out / artifacts["onnx_infer"])
+            if "onnx_infer" in artifacts
+            else 0
+        ),
     )
     manifest = dataclasses.replace(manifest, sha256=content_hash(manifest, out))
     (out / MANIFEST_FILE).write_text(manifest.to_json())

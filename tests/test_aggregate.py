@@ -60,3 +60,13 @@ def test_registry_errors_list_names() -> None:
         get_aggregator("avg")
     with pytest.raises(ValueError, match="no updates"):
         weighted_mean([])
+
+
+def test_order_statistics_and_krum_ignore_input_order() -> None:
+    """The coordinator sorts updates by device id; these rules need no order at all."""
+    rng = np.random.default_rng(1)
+    ups = [({"w": rng.standard_normal(7).astype(np.float32)}, int(n)) for n in (3, 5, 2, 8, 4)]
+    for rule in (coordinate_median, trimmed_mean, krum):
+        want = rule(ups)["w"]
+        for perm in ([4, 3, 2, 1, 0], [2, 0, 4, 1, 3]):
+            np.testing.assert_array_equal(rule([ups[i] for i in perm])["w"], want)

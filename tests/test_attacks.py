@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import time
 import typing
 from collections.abc import Iterator
 
@@ -201,41 +200,60 @@ def test_imprint_recovers_most_of_a_batch_of_8(digits: tuple[np.ndarray, np.ndar
 
 
 def test_inverting_gradients_beats_the_mean_image(digits: tuple[np.ndarray, np.ndarray]) -> None:
-    client, weights, meta = victim("lenet_zhu", budget_s=5.0)
+    # Stops on iterations; the 600 s budget is only a safety net (~15 s per image here, busy).
+    client, weights, meta = victim("lenet_zhu", budget_s=600.0)
     x, y = digits
     attack = get_attack("inverting_gradients", max_iterations=1500)
     gains = []
     for i in range(2):
         xb, yb = x[i : i + 1], y[i : i + 1]
-        t0 = time.perf_counter()
         rec = attack.reconstruct(simulate_update(client, weights, xb, yb), weights, meta)
-        assert time.perf_counter() - t0 < meta.budget_s + 2.0
+        assert not rec.budget_hit
         report = evaluate(rec, xb, yb, mean_image=x[:500].mean(axis=0))
         assert report.psnr_mean is not None and report.baseline_psnr is not None
         gains.append(report.psnr_mean - report.baseline_psnr)
     assert min(gains) >= GAIN_DB, gains
 
 
-GAIN_DB = 25.0  # measured ~50 dB (about 60 dB against a ~11 dB baseline)
+GAIN_DB = 25.0  # measured 59.5 and 56.6 dB at 1,500 iterations (2026-11, any load)
+
+
+OTHER = {
+    "dlg": ({}, {"max_iterations": 3}),
+    "fedavg": (
+        {"algorithm": "fedavg", "lr": 0.01, "epochs": 2, "batch_size": 2},
+        {"max_iterations": 40},
+    ),
+}
 
 
 @pytest.mark.parametrize("name", ["dlg", "fedavg"])
-def test_other_optimisation_attacks_run_within_budget(
+def test_other_optimisation_attacks_stop_on_iterations_and_repeat_exactly(
     name: str, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    client, weights, meta = victim("lenet_zhu", budget_s=1.5)
+    client, weights, meta = victim("lenet_zhu", budget_s=600.0)
     x, y = digits
-    kwargs = (
-        {"algorithm": "fedavg", "lr": 0.01, "epochs": 2, "batch_size": 2}
-        if name == "fedavg"
-        else {}
-    )
-    update = simulate_update(client, weights, x[:2], y[:2], **kwargs)  # type: ignore[arg-type]
-    t0 = time.perf_counter()
-    rec = get_attack(name).reconstruct(update, weights, meta)
-    assert time.perf_counter() - t0 < meta.budget_s + 3.0
-    assert rec.images is not None and rec.images.shape == (2, 1, 28, 28)
-    assert rec.images.min() >= 0 and rec.images.max() <= 1
+    hp, cfg = OTHER[name]
+    update = simulate_update(client, weights, x[:2], y[:2], **hp)  # type: ignore[arg-type]
+    first, again = (get_attack(name, **cfg).reconstruct(update, weights, meta) for _ in range(2))
+    assert first.images is not None and first.images.shape == (2, 1, 28, 28)
+    assert first.images.min() >= 0 and first.images.max() <= 1
+    assert not first.budget_hit and not again.budget_hit
+    assert again.images is not None
+    np.testing.assert_array_equal(first.images, again.images)
+
+
+@pytest.mark.parametrize("name", ["dlg", "inverting_gradients", "fedavg"])
+def test_budget_only_caps_an_attack_and_says_so(
+    name: str, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    client, weights, meta = victim("lenet_zhu", budget_s=0.2)
+    x, y = digits
+    hp = OTHER.get(name, ({}, {}))[0]
+    update = simulate_update(client, weights, x[:1], y[:1], **hp)  # type: ignore[arg-type]
+    rec = get_attack(name, max_iterations=10**9).reconstruct(update, weights, meta)
+    assert rec.budget_hit  # 10^9 iterations cannot finish; the cap stopped it
+    assert rec.images is not None and rec.images.min() >= 0 and rec.images.max() <= 1
 
 
 def test_fedavg_local_order_is_an_explicit_assumption(

@@ -202,7 +202,7 @@ def _row(attack: str, psnr: float) -> LeakRow:
         run="r", round=1, device="d0", attack=attack, capture_id=7, kind="gradient", examples=1,
         psnr_mean=psnr, ssim_mean=None, baseline_psnr=None, label_accuracy=1.0,
         label_count_accuracy=None, recovered_fraction=None, exact_fraction=None, seconds=0.5,
-        grid="",
+        budget_hit=False, grid="",
     )  # fmt: skip
 
 

@@ -247,7 +247,7 @@ def test_deploy_over_ssh_joins_a_round(
                 "-o",
                 "IdentitiesOnly=yes",
             ],
-            args=["--id", "pi-1"],
+            args=["--id", "pi-1", "--exit-on-end"],
             env={"EDGELEAK_PYTHON": sys.executable},
         )
         try:
@@ -270,7 +270,7 @@ def test_deploy_over_ssh_joins_a_round(
     assert (res.selected, res.accepted) == (1, 1)
     assert (remote / "start.sh").is_file() and (remote / "model" / "manifest.json").is_file()
     assert f"edge from {remote / 'edge'}" in log, log
-    assert "device pi-1: run ended after 1 updates" in log, log
+    assert f"device pi-1: run {run} ended after 1 updates" in log, log
 
 
 # -- the Raspberry Pi stand-in: arm64 Debian under qemu-user ---------------------------------------
@@ -320,6 +320,7 @@ def test_bundle_runs_on_the_arm64_standin(
             "HOME=/root",
             "EDGELEAK_WHEELS=/wheels",
             f"{inside}/start.sh",
+            "--exit-on-end",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -346,5 +347,5 @@ def test_bundle_runs_on_the_arm64_standin(
     )
     print(out)
     assert pi.returncode == 0, out
-    assert ", aarch64, " in out and "run ended after 1 updates" in out
+    assert ", aarch64, " in out and "ended after 1 updates" in out
     assert (res.selected, res.accepted, res.rejected) == (3, 3, 0)

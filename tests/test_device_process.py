@@ -26,7 +26,9 @@ def test_device_cli_process_joins_a_round(
     data = load_dataset("fashion-mnist")
     save_shard(tmp_path / "shard.npz", data.x_train[:40], data.y_train[:40])
     proc = subprocess.Popen(
-        device_argv(mosquitto.url, tmp_path / "shard.npz", lenet_artifact, run, "phone-1"),
+        device_argv(
+            mosquitto.url, tmp_path / "shard.npz", lenet_artifact, run, "phone-1", "--exit-on-end"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -44,7 +46,8 @@ def test_device_cli_process_joins_a_round(
     finally:
         proc.kill()
     assert proc.returncode == 0, out
-    assert "run ended after 1 updates" in out
+    assert f"device phone-1: run {run} ended after 1 updates" in out
+    assert f"device phone-1: run {run} round 1: 40 examples, loss " in out
     assert (res.selected, res.accepted) == (1, 1)
     assert any(not np.array_equal(w0[k], coord.weights[k]) for k in w0)
 

@@ -218,7 +218,9 @@ def test_device_process_refuses_hostile_tasks_and_carries_on(
     data = load_dataset("fashion-mnist")
     save_shard(tmp_path / "shard.npz", data.x_train[:40], data.y_train[:40])
     proc = subprocess.Popen(
-        device_argv(mosquitto.url, tmp_path / "shard.npz", lenet_artifact, run, "phone-1"),
+        device_argv(
+            mosquitto.url, tmp_path / "shard.npz", lenet_artifact, run, "phone-1", "--exit-on-end"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -244,7 +246,7 @@ def test_device_process_refuses_hostile_tasks_and_carries_on(
     assert proc.returncode == 0, stdout
     refused = {**reasons, "replayed_nonce": 1, "duplicate": 1}
     line = ", ".join(f"{k} {v}" for k, v in sorted(refused.items()))
-    assert f"run ended after 1 updates; refused tasks: {line}" in stdout, stdout
+    assert f"stopped after 1 updates; refused tasks: {line}" in stdout, stdout
     assert "device phone-1 rejected a task: over_limit: epochs 20 > max 10" in stdout
     assert (res.selected, res.accepted, res.rejected) == (1, 1, 0)
     assert store.rejection_counts(run) == {}

@@ -40,7 +40,11 @@ def test_eavesdropper_captures_pairs_and_attacks(
         coord.run_round(2)
         coord.end()
         assert spy.ended.wait(10)
-    assert (capture.count("task"), capture.count("update"), capture.count("control")) == (6, 6, 1)
+    assert (capture.count("task"), capture.count("update"), capture.count("control")) == (
+        6,
+        6,
+        2,
+    )  # hello, end
     items = list(capture.paired(lenet_artifact.manifest, run=run))
     assert len(items) == 6
     for it in items:  # each update is paired with the global model its own task carried

@@ -133,6 +133,7 @@ def test_device_process_in_a_namespace_joins_a_round(
                     "phone-1",
                     "--profile",
                     "phone-low",
+                    "--exit-on-end",
                 ),  # fmt: skip
             ),
             cwd=REPO,

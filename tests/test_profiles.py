@@ -15,6 +15,7 @@ from devices.profiles import (
     Source,
     _parse,
     all_profiles,
+    compute_seconds,
     load_profile,
     round_time,
 )
@@ -22,28 +23,32 @@ from devices.profiles import (
 
 def test_round_time_exact_on_a_known_profile() -> None:
     p = load_profile("rpi4")
-    assert (p.slowdown, p.downlink_mbps, p.uplink_mbps, p.rtt_ms) == (6.4, 93.9, 45.0, 10.0)
+    assert (p.train_gflops, p.downlink_mbps, p.uplink_mbps, p.rtt_ms) == (0.641, 93.9, 45.0, 10.0)
     t = round_time(
-        p, examples=100, bytes_down=1_000_000, bytes_up=500_000, base_seconds_per_example=0.002
+        p, examples=100, bytes_down=1_000_000, bytes_up=500_000, flops_per_example=2_499_120
     )
-    # 100 * 0.002 * 6.4 + 8e6 / 93.9e6 + 4e6 / 45e6 + 0.010
-    assert t == pytest.approx(1.28 + 0.08519701810436635 + 0.08888888888888889 + 0.01, abs=1e-12)
+    # 100 * 2,499,120 / 0.641e9 + 8e6 / 93.9e6 + 4e6 / 45e6 + 0.010
+    want = 0.38987831513260530 + 0.08519701810436635 + 0.08888888888888889 + 0.01
+    assert t == pytest.approx(want, abs=1e-12)
 
 
 def test_round_time_terms() -> None:
     p = DeviceProfile("t", "", 2.0, 1024, 8.0, 4.0, 50.0, (1.0,) * HOURS, {})
 
-    def rt(examples: int = 0, down: int = 0, up: int = 0, base: float = 0.0) -> float:
+    def rt(examples: int = 0, down: int = 0, up: int = 0, flops: float = 1.0) -> float:
         return round_time(
-            p, examples=examples, bytes_down=down, bytes_up=up, base_seconds_per_example=base
+            p, examples=examples, bytes_down=down, bytes_up=up, flops_per_example=flops
         )
 
     assert rt() == pytest.approx(0.05, abs=1e-15)  # RTT only
     assert rt(down=1_000_000) == pytest.approx(1.05, abs=1e-12)  # 8 Mbit at 8 Mbit/s
     assert rt(up=1_000_000) == pytest.approx(2.05, abs=1e-12)  # 8 Mbit at 4 Mbit/s
-    assert rt(examples=10, base=0.01) == pytest.approx(0.25, abs=1e-12)  # 10 * 0.01 * 2
+    assert rt(examples=10, flops=1e8) == pytest.approx(0.55, abs=1e-12)  # 1e9 FLOPs at 2 GFLOP/s
+    assert compute_seconds(p, examples=10, flops_per_example=1e8, speed_scale=4.0) == 0.125
     with pytest.raises(ValueError, match=">= 0"):
         rt(up=-1)
+    with pytest.raises(ValueError, match="flops_per_example > 0"):
+        rt(flops=0.0)
 
 
 def test_every_profile_has_sources() -> None:
@@ -68,8 +73,8 @@ def test_profile_files_match_registry() -> None:
 
 def test_tiers_are_ordered() -> None:
     p = all_profiles()
-    assert p["phone-low"].slowdown > p["phone-mid"].slowdown > p["phone-high"].slowdown
-    assert p["rpi3b"].slowdown > p["rpi4"].slowdown > p["rpi5"].slowdown
+    assert p["phone-low"].train_gflops < p["phone-mid"].train_gflops < p["phone-high"].train_gflops
+    assert p["rpi3b"].train_gflops < p["rpi4"].train_gflops < p["rpi5"].train_gflops
     assert p["rpi3b"].memory_mb < p["rpi4"].memory_mb < p["rpi5"].memory_mb
 
 

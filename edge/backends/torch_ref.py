@@ -6,7 +6,7 @@ exporter is imported here. It is the reference that every other runtime is check
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,6 +62,32 @@ class TorchBackend:
             float(loss.detach()),
             logits.detach().numpy(),
             {n: g.numpy() for n, g in zip(self._names, grads, strict=True)},
+        )
+
+    def per_example_grads(
+        self, params: Params, x: np.ndarray, y: np.ndarray
+    ) -> tuple[np.ndarray, Params]:
+        """(loss of each example [B], its gradient {name: [B, *shape]}) by
+        ``torch.func.vmap(grad)`` over the batch, each example as a batch of one."""
+        import torch
+
+        if self._program is None:
+            self._program = torch.export.load(self.artifact.path("pt2")).module()
+        program = self._program
+        ps = tuple(torch.tensor(np.asarray(params[n], dtype=np.float32)) for n in self._names)
+
+        def loss_one(ps: tuple[torch.Tensor, ...], xi: torch.Tensor, yi: torch.Tensor) -> Any:
+            loss = program(*ps, xi[None], yi[None])[0]
+            return loss, loss
+
+        xt = torch.tensor(np.asarray(x, dtype=np.float32))
+        yt = torch.tensor(np.asarray(y, dtype=np.int64))
+        grads, losses = torch.func.vmap(
+            torch.func.grad(loss_one, has_aux=True), in_dims=(None, 0, 0)
+        )(ps, xt, yt)
+        return (
+            losses.detach().numpy().astype(np.float64),
+            {n: g.detach().numpy() for n, g in zip(self._names, grads, strict=True)},
         )
 
     def logits(self, params: Params, x: np.ndarray) -> np.ndarray:
