@@ -80,7 +80,7 @@ def test_device_process_sends_compressed_update_and_decoys(
     key = new_key()
     save_key(tmp_path / "phone-2.key", key)
     argv = device_argv(mosquitto.url, tmp_path / "shard.npz", lenet_artifact, run, "phone-2",
-                       "--key", str(tmp_path / "phone-2.key"),
+                       "--exit-on-end", "--key", str(tmp_path / "phone-2.key"),
                        "--decoy-data", str(tmp_path / "public.npz"))  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     store = RunStore(tmp_path / "run.db")
@@ -99,6 +99,7 @@ def test_device_process_sends_compressed_update_and_decoys(
     finally:
         proc.kill()
     assert proc.returncode == 0, out
+    assert out.count(f"device phone-2: run {run} round 1:") == 1, out  # a line for the real one
     assert (res.selected, res.accepted, res.rejected) == (1, 1, 0)
     rows = sorted(store.db.execute(kinds).fetchall())
     assert [(k, d) for k, d, _ in rows] == [("decoy", "phone-2"), ("update", "phone-2")]
