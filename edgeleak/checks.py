@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.args import csv_choices
+from edge.wire import ANY_RUN
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url
 from edgeleak.errors import UsageError
@@ -28,8 +29,9 @@ def tcp_reachable(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> s
         return e.strerror or type(e).__name__
 
 
-def broker(url: str, *, timeout: float = CONNECT_TIMEOUT_S) -> BrokerAddress:
-    """The parsed broker URL, after checking that something listens there."""
+def broker(url: str, *, timeout: float = CONNECT_TIMEOUT_S, or_else: str = "") -> BrokerAddress:
+    """The parsed broker URL, after checking that something listens there; ``or_else`` ends the
+    error with the command's own alternative."""
     try:
         addr = parse_broker_url(url)
     except ValueError as e:
@@ -37,10 +39,17 @@ def broker(url: str, *, timeout: float = CONNECT_TIMEOUT_S) -> BrokerAddress:
     why = tcp_reachable(addr.host, addr.port, timeout)
     if why is not None:
         raise UsageError(
-            f"broker {url} is not reachable ({why}): start one (e.g. `mosquitto -p "
-            f"{addr.port}`) or leave --broker out to start one here"
+            f"broker {addr.url} is not reachable ({why}): start one (e.g. `edgeleak broker "
+            f"--port {addr.port}`){or_else}"
         )
     return addr
+
+
+def run_id(run: str) -> str:
+    """A run id usable in topics: not empty, no '/', '+', '#', and not the reserved 'any'."""
+    if run == ANY_RUN or not run or any(c in run for c in "/+#\0"):
+        raise UsageError(f"--run {run!r}: expected an id without '/', '+', '#', other than 'any'")
+    return run
 
 
 def broker_url(url: str) -> BrokerAddress:

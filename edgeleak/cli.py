@@ -47,7 +47,7 @@ def _demo(args: argparse.Namespace) -> int:
         base["protect"] = ";".join(base["protect"])
     cfg = ExperimentConfig.from_dict(base)
     if args.broker:
-        checks.broker(args.broker)
+        checks.broker(args.broker, or_else=" or leave --broker out to start one here")
     from coordinator.server import new_run_id
 
     run = new_run_id("demo")
@@ -123,6 +123,8 @@ def _coordinator(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
     cfg = ExperimentConfig.from_dict(base)
+    if args.run is not None:
+        checks.run_id(args.run)
     checks.model(args.model)
     checks.broker(args.broker)
     if args.min_devices < 1:

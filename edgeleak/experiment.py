@@ -28,6 +28,7 @@ from edge.decoy import new_key, save_key
 from edge.device import TaskLimits, task_steps
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url
+from edgeleak import checks
 from edgeleak.broker import local_broker
 from edgeleak.config import ConfigError, ExperimentConfig
 from edgeleak.errors import UsageError
@@ -346,9 +347,7 @@ def run_coordinator(
             "decoys need every device's key, which `edgeleak coordinator` does not hold (there "
             "is no enrolment service yet): run decoys with `edgeleak demo`"
         )
-    run = run or new_run_id("run")
-    if run == wire.ANY_RUN or not run or any(c in run for c in "/+#\0"):
-        raise UsageError(f"--run {run!r}: expected an id without '/', '+', '#', other than 'any'")
+    run = checks.run_id(run or new_run_id("run"))
     try:
         artifact = ModelArtifact.load(model_dir)
     except (OSError, ValueError) as e:
