@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from edge.args import csv_choices
-from edge.wire import ANY_RUN
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url
+from edge.wire import ANY_RUN
 from edgeleak.errors import UsageError
 
 CONNECT_TIMEOUT_S = 3.0

@@ -22,7 +22,7 @@ from devices.clock import VirtualClock, assign_profiles, host_speed_scale
 from devices.datasets import Dataset, load_dataset
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.partition import partition
-from edge import protect, wire
+from edge import protect
 from edge.backends import load_backend
 from edge.decoy import new_key, save_key
 from edge.device import TaskLimits, task_steps
