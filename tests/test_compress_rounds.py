@@ -144,3 +144,16 @@ def test_decoys_are_dropped_and_counted(
 def test_decoys_need_keys(lenet_artifact: ModelArtifact, mosquitto: BrokerAddress) -> None:
     with pytest.raises(ValueError, match="key"):
         Coordinator("r", lenet_artifact, mosquitto, RunStore(":memory:"), RoundPlan(decoys=2))
+
+
+def test_coordinator_command_refuses_decoys(lenet_artifact: ModelArtifact) -> None:
+    """`edgeleak coordinator` holds no device keys: decoys are a usage error, not a crash."""
+    from edgeleak.config import ExperimentConfig
+    from edgeleak.errors import UsageError
+    from edgeleak.experiment import run_coordinator
+
+    with pytest.raises(UsageError, match="decoys need every device's key"):
+        run_coordinator(
+            ExperimentConfig(decoys=1), broker_url="mqtt://127.0.0.1:1",
+            model_dir=lenet_artifact.folder, say=lambda _s: None,
+        )  # fmt: skip
