@@ -51,7 +51,7 @@ def message_bytes(
     task = wire.Task(
         run=run, round=round_, device=device, algorithm=plan.algorithm, lr=plan.lr,
         epochs=plan.epochs, batch_size=plan.batch_size, model_hash=artifact.manifest.sha256,
-        weights=w, deadline_s=plan.deadline_s, codec=plan.codec,
+        weights=w, deadline_s=plan.deadline_s, codec=plan.task_codec, uplink=plan.codec,
     )  # fmt: skip
     update = wire.Update(
         run=run, round=round_, device=device, kind="delta", num_examples=examples, params=w,

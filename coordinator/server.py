@@ -3,12 +3,13 @@ evaluates and records every message in the byte ledger."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,7 +19,7 @@ import paho.mqtt.client as mqtt
 from coordinator import policy
 from coordinator.aggregate import apply_update, central_dp_mean, get_aggregator
 from coordinator.store import MessageRow, PrivacyRow, RoundResult, RunStore
-from edge import protect, wire
+from edge import decoy, protect, wire
 from edge.codec import params_sha256
 from edge.manifest import ModelArtifact
 from edge.mqtt import (
@@ -72,13 +73,27 @@ class RoundPlan:
     deadline_s: float = 120.0
     server_lr: float = 1.0
     aggregator: str = "mean"
-    codec: str = "f32"
+    codec: str = "f32"  # the devices' uplink codec; tasks go dense (f16 when this is f16)
     # An update whose n is above this, or above the examples its device announced, is refused.
     max_examples: int = 100_000
     max_unproven: int = 0  # > 0: at most max(this, proven devices) unproven ones per round
     unproven_quiet_s: float = 0.0  # > 0: stop waiting for unproven devices after this quiet
     protect: str = ""  # client-side protections (edge.protect spec), sent in every task
     dp_delta: float = 1e-5  # δ at which ε is accounted (with a DP protection)
+    decoys: int = 0  # decoy updates per device and round (needs every device's key)
+
+    @property
+    def task_codec(self) -> str:
+        return self.codec if self.codec in wire.DENSE_CODECS else "f32"
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Who a pseudonym belongs to (decoys on): the device, the round, real or decoy."""
+
+    device: str
+    round: int
+    real: bool
 
 
 @dataclass
@@ -89,9 +104,10 @@ class _RoundState:
     last_answer: float | None = None  # monotonic time of the last update from a selected device
     accepted: dict[str, wire.Update] = field(default_factory=dict)
     rejections: dict[str, int] = field(default_factory=dict)
-    bytes_up: int = 0  # accepted updates only
+    bytes_up: int = 0  # accepted updates and this round's decoys
     bytes_rejected: int = 0  # rejected messages on the update and status topics
     lost: set[str] = field(default_factory=set)  # selected devices that went offline
+    decoy_up: dict[str, int] = field(default_factory=dict)  # packet bytes of each one's decoys
     down: dict[str, int] = field(default_factory=dict)  # packet bytes of each device's task
     up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
 
@@ -113,14 +129,24 @@ class Coordinator:
         clock: RoundClock | None = None,
         collect_timeout_s: float = 600.0,
         tamper: Tamper | None = None,
+        keys: Mapping[str, bytes] | None = None,
     ) -> None:
         """With a ``clock``, ``plan.deadline_s`` is virtual: rounds select available devices only,
         wait in real time (up to ``collect_timeout_s``) for every selected device, then drop the
-        updates whose virtual arrival is after the deadline (rejection ``straggler``)."""
+        updates whose virtual arrival is after the deadline (rejection ``straggler``).
+        ``keys``: every device's secret key, needed when ``plan.decoys`` > 0 to tell its real
+        update from its decoys (``edge.decoy``)."""
         if plan.algorithm not in UPDATE_KIND:
             raise ValueError(
                 f"algorithm {plan.algorithm!r}; expected one of {', '.join(UPDATE_KIND)}"
             )
+        wire.check_codec(plan.codec)
+        if not 0 <= plan.decoys <= wire.MAX_DECOYS:
+            raise ValueError(f"decoys={plan.decoys}: expected 0..{wire.MAX_DECOYS}")
+        if plan.decoys and not keys:
+            raise ValueError("decoys need every device's key (keys={device: key})")
+        self.keys: dict[str, bytes] = dict(keys or {})
+        self._slots: dict[str, _Slot] = {}  # pseudonym -> owner, this round and the last
         self.run = run
         self.artifact = artifact
         self.manifest = artifact.manifest
@@ -227,7 +253,7 @@ class Coordinator:
             except queue.Empty:
                 return
 
-    def _ledger(self, msg: Received, device: str, kind: str) -> int:
+    def _ledger(self, msg: Received, device: str, kind: str, round_: int | None = None) -> int:
         """Record an incoming message; ``kind`` "rejected" keeps it apart from device traffic."""
         size = msg.packet_bytes
         if kind == "rejected" and self._state is not None:
@@ -236,7 +262,7 @@ class Coordinator:
             [
                 MessageRow(
                     self.run,
-                    self.round,
+                    self.round if round_ is None else round_,
                     device,
                     msg.topic,
                     "up",
@@ -259,23 +285,34 @@ class Coordinator:
         if channel == "status":
             self._on_status(msg, device)
         elif channel == "update":
+            slot = self._slots.get(device) if self.plan.decoys else None
+            owner = slot.device if slot else device
             st = self._state
-            if st is not None and device in st.selected:
-                st.heard.add(device)
-            if device in self.standing and self.standing[device].silent:
+            if st is not None and owner in st.selected:
+                st.heard.add(owner)
+            if owner in self.standing and self.standing[owner].silent:
                 # a late answer: the device is there, only slow
-                self.standing[device] = policy.Standing(live=True, silent=False)
+                self.standing[owner] = policy.Standing(live=True, silent=False)
+            if slot is not None and not slot.real:
+                # A decoy: dropped before aggregation; its bytes count for its device.
+                size = self._ledger(msg, owner, "decoy", slot.round)
+                if st is not None and slot.round == st.round:
+                    st.bytes_up += size
+                    st.decoy_up[owner] = st.decoy_up.get(owner, 0) + size
+                return
             try:
-                update = self._validate(msg, device)
+                if self.plan.decoys and slot is None:
+                    raise wire.WireError("unknown_pseudonym", f"{device!r} is no device's slot")
+                update = self._validate(msg, device, owner)
             except wire.WireError as e:
-                self._ledger(msg, device, "rejected")
-                self._reject(msg.topic, device, e)
+                self._ledger(msg, owner, "rejected")
+                self._reject(msg.topic, owner, e)
                 return
             assert st is not None
-            size = self._ledger(msg, device, "update")
+            size = self._ledger(msg, owner, "update")
             st.bytes_up += size
-            st.accepted[device] = update
-            st.up[device] = size
+            st.accepted[owner] = dataclasses.replace(update, device=owner)
+            st.up[owner] = size
             st.last_answer = time.monotonic()
             self.nonces.setdefault(st.round, set()).add(update.nonce)
 
@@ -313,14 +350,15 @@ class Coordinator:
         else:
             self.standing[device] = new
 
-    def _validate(self, msg: Received, device: str) -> wire.Update:
+    def _validate(self, msg: Received, topic_device: str, device: str) -> wire.Update:
+        """The update of ``device``, sent on ``topic_device`` (its pseudonym when decoys are on)."""
         update = wire.decode_update(msg.payload, self.manifest)
         st = self._state
         if update.run != self.run:
             raise wire.WireError("wrong_run", f"run {update.run!r}")
-        if update.device != device:
+        if update.device != topic_device:
             raise wire.WireError(
-                "device_mismatch", f"metadata says {update.device!r}, topic {device!r}"
+                "device_mismatch", f"metadata says {update.device!r}, topic {topic_device!r}"
             )
         if st is None or update.round < st.round:
             raise wire.WireError("stale_round", f"round {update.round}, current {self.round}")
@@ -385,10 +423,13 @@ class Coordinator:
                 model_hash=self.manifest.sha256,
                 weights=weights,
                 deadline_s=self.plan.deadline_s,
-                codec=self.plan.codec,
+                codec=self.plan.task_codec,
+                uplink=self.plan.codec,
+                decoys=self.plan.decoys,
                 end=self.end_commitment,
                 protect=self.plan.protect,
             )
+            self._register_slots(device)
             payload = wire.encode_task(task)
             topic = wire.task_topic(self.run, device)
             self.client.publish(topic, payload, qos=QOS)
@@ -410,6 +451,19 @@ class Coordinator:
             self._state.down.update({r.device: r.bytes for r in rows})
         return sum(r.bytes for r in rows)
 
+    def _register_slots(self, device: str) -> None:
+        """With decoys, the pseudonyms ``device`` will use this round, and which one is real."""
+        k = self.plan.decoys
+        if not k:
+            return
+        if device not in self.keys:
+            raise ValueError(f"no key for device {device!r}: decoys need every device's key")
+        key = self.keys[device]
+        real = decoy.real_slot(key, self.run, self.round, k)
+        for i in range(k + 1):
+            name = decoy.pseudonym(key, self.run, self.round, i)
+            self._slots[name] = _Slot(device, self.round, i == real)
+
     def _drop_stragglers(self, st: _RoundState) -> float:
         """Reject the updates that arrive after the deadline in virtual time; returns the round's
         virtual length: the slowest arrival, or the deadline when any selected device missed it."""
@@ -421,7 +475,7 @@ class Coordinator:
                 device,
                 examples=n * self.plan.epochs if self.plan.algorithm == "fedavg" else n,
                 bytes_down=st.down[device],
-                bytes_up=st.up[device],
+                bytes_up=st.up[device] + st.decoy_up.get(device, 0),
             )
             slowest = max(slowest, t)
             if t > self.plan.deadline_s:
@@ -456,6 +510,8 @@ class Coordinator:
         st = _RoundState(round_, set(selected))
         self._state = st
         self.nonces = {r: n for r, n in self.nonces.items() if r >= round_ - NONCE_ROUNDS}
+        # Pseudonyms of the last round stay known for its late decoys; older ones are dropped.
+        self._slots = {p: s for p, s in self._slots.items() if s.round >= round_ - 1}
         sent = self.tamper(round_, self.weights) if self.tamper else self.weights
         bytes_down = self.broadcast(selected, sent)
         limit = self.collect_timeout_s if self.clock is not None else self.plan.deadline_s

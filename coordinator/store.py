@@ -64,7 +64,7 @@ class MessageRow:
     device: str
     topic: str
     direction: str  # "up" (device -> broker) or "down" (broker -> device)
-    kind: str  # "task", "update", "status", "control"; "rejected": refused incoming traffic
+    kind: str  # "task", "update", "decoy" (a dropped decoy), "status", "control"; "rejected": refused incoming traffic
     bytes: int
     payload_bytes: int
     t: float
@@ -191,7 +191,7 @@ class RunStore:
         run: str,
         *,
         direction: str,
-        kinds: tuple[str, ...] = ("task", "update"),
+        kinds: tuple[str, ...] = ("task", "update", "decoy"),
         round_: int | None = None,
     ) -> int:
         """Sum of packet bytes for a run (optionally one round), one direction, the given kinds."""

@@ -51,6 +51,7 @@ class DeviceSpec:
     runtime: str = "onnx"
     seed: int = 0
     profile: str = ""
+    key: bytes | None = field(default=None, repr=False)  # secret for decoys (edge.decoy)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class FleetSpec:
     speed_scale: float = 1.0  # profile speeds relative to as cited (devices.clock)
     limits: TaskLimits = field(default_factory=TaskLimits)  # what a task may ask of a device
     max_restarts: int = 3  # a worker that dies is started again this many times at most
+    # Public examples decoy updates train on: "" none, "test" the dataset's test split (a
+    # stand-in for public data of the same domain).
+    decoy_pool: str = ""
 
 
 class StopFlag(Protocol):
@@ -192,16 +196,14 @@ def run_devices(
         if device.ended(msg) is not None:
             ended = True
             continue
-        update = device.handle_safely(msg)
-        if update is None:
-            continue
-        if hold is None or update.kind != "update":
-            clients[device.device_id].publish(
-                update.topic, update.payload, qos=QOS, retain=update.retain
-            )
-        else:
-            due = msg.t + hold(device, msg, update)
-            heapq.heappush(held, (due, next(order), device.device_id, update))
+        for out in device.handle_safely(msg):
+            if hold is None or out.kind == "status":
+                clients[device.device_id].publish(
+                    out.topic, out.payload, qos=QOS, retain=out.retain
+                )
+            else:  # updates and decoys alike, so that timing does not tell them apart
+                due = msg.t + hold(device, msg, out)
+                heapq.heappush(held, (due, next(order), device.device_id, out))
     for d in devices:
         clients[d.device_id].publish(d.status_topic, d.status("offline"), qos=QOS, retain=True)
     _flush(loop, list(clients.values()), timeout=30)
@@ -239,6 +241,7 @@ def _worker(
     if spec.truth_dir:
         truth = open(Path(spec.truth_dir) / f"worker-{worker_id}.jsonl", "a")  # noqa: SIM115
 
+    pool = (data.x_test, data.y_test) if spec.decoy_pool == "test" else None
     devices = []
     ends = EndCommitments()  # one for the worker: its devices serve one run
     for ds in shard:
@@ -261,6 +264,8 @@ def _worker(
                 limits=spec.limits,
                 ends=ends,
                 public=(data.x_test, data.y_test),  # held out from every device's data
+                key=ds.key,
+                decoy_data=pool,
             )
         )
     try:
@@ -337,6 +342,8 @@ class Fleet:
                 f"real-time mode needs a profile per device; none for {missing[:5]} "
                 f"(set DeviceSpec(profile=...), e.g. rpi4)"
             )
+        if spec.decoy_pool not in ("", "test"):
+            raise ValueError(f"decoy_pool={spec.decoy_pool!r}: expected '' or 'test'")
         self.spec = spec
         self.procs: list[mp.process.BaseProcess] = []
         self.restarts = 0  # workers started again after dying

@@ -5,6 +5,7 @@ safetensors), as a deployment bundle's ``start.sh`` runs it on a Raspberry Pi or
                    [--id ID] [--run RUN [--exit-on-end]] [--runtime onnx] [--profile rpi4]
                    [--seed 0] [--max-backoff-s 30] [--config config.json]
                    [--max-epochs 10] [--max-batch-size 1024] [--max-steps 10000]
+                   [--key device.key --decoy-data public.npz]
 
 ``python -m edge calibrate --model model/`` measures this device's training throughput instead
 (``edge.calibrate``).
@@ -39,9 +40,9 @@ if TYPE_CHECKING:
 
 SETTINGS = (
     "broker", "data", "model", "run", "id", "runtime", "profile", "seed", "exit_on_end",
-    "max_backoff_s", "max_epochs", "max_batch_size", "max_steps",
+    "max_backoff_s", "max_epochs", "max_batch_size", "max_steps", "key", "decoy_data",
 )  # fmt: skip
-PATHS = ("data", "model")
+PATHS = ("data", "model", "key", "decoy_data")
 PROG = "python -m edge"
 
 
@@ -109,6 +110,8 @@ def build_parser(
         default=limits.max_steps,
         help="refuse a task costing more SGD steps (default %(default)s)",
     )
+    p.add_argument("--key", help="file with this device's secret key (hex), for decoy updates")
+    p.add_argument("--decoy-data", help=".npz of public examples that decoy updates train on")
     return p
 
 
@@ -156,6 +159,7 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
     """Load and check the shard, the model and the runtime; ``SetupError`` says what is wrong."""
     from edge.backends import load_backend
     from edge.data import check_fits, load_shard
+    from edge.decoy import load_key
     from edge.device import Device, TaskLimits
     from edge.manifest import ModelArtifact
     from edge.mqtt import parse_broker_url
@@ -165,6 +169,10 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
         x, y = load_shard(args.data)
         artifact = ModelArtifact.load(args.model)
         check_fits(x, y, artifact.manifest, where=str(args.data))
+        key = load_key(args.key) if args.key else None
+        pool = load_shard(args.decoy_data) if args.decoy_data else None
+        if pool is not None:
+            check_fits(*pool, artifact.manifest, where=str(args.decoy_data))
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise SetupError(str(e)) from None
     try:
@@ -174,7 +182,7 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
     limits = TaskLimits(args.max_epochs, args.max_batch_size, args.max_steps)
     device = Device(
         args.id, args.run, artifact, backend, x, y, seed=args.seed, profile=args.profile,
-        limits=limits,
+        limits=limits, key=key, decoy_data=pool,
     )  # fmt: skip
     return device, broker
 

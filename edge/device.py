@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge import protect, wire
+from edge import decoy, protect, wire
 from edge.backends.base import Backend
 from edge.manifest import ModelArtifact
 from edge.mqtt import (
@@ -39,7 +40,7 @@ class Outgoing:
 
     topic: str
     payload: bytes
-    kind: str = "update"  # or "status"
+    kind: str = "update"  # or "status", or "decoy" (published like an update, printed as none)
     retain: bool = False
     run: str = ""
     round: int = 0
@@ -125,10 +126,14 @@ class Device:
         limits: TaskLimits | None = None,
         ends: wire.EndCommitments | None = None,
         public: tuple[np.ndarray, np.ndarray] | None = None,
+        key: bytes | None = None,
+        decoy_data: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """``run=None``: not pinned, takes part in any run that sends it a task. ``ends`` may be
         shared by the devices of one process (a fleet worker). ``public``: examples anyone may
-        hold (the source of ``dummy:source=public``)."""
+        hold (the source of ``dummy:source=public``). ``key``: this device's secret (enrolment),
+        needed for decoys; ``decoy_data``: public examples ``(x, y)`` of the same domain that
+        decoy updates train on."""
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
@@ -156,6 +161,11 @@ class Device:
         self.updates: dict[str, int] = {}  # updates sent, per run
         self.last_round: dict[str, int] = {}  # the latest round answered, per run
         self._seen: collections.deque[str] = collections.deque(maxlen=SEEN_NONCES)
+        self.key = key
+        self.decoy_data = decoy_data
+        # Error feedback: what earlier updates did not carry, per run and codec; slot -1 is the
+        # real update, slots 0.. the decoys (so decoys carry residuals like the real one).
+        self.residuals: dict[tuple[str, str, int], wire.Params] = {}
 
     @property
     def status_topic(self) -> str:
@@ -189,20 +199,29 @@ class Device:
             info["profile"] = self.profile
         return json.dumps(info, sort_keys=True).encode()
 
-    def train(self, task: wire.Task, steps: tuple[protect.Protection, ...] = ()) -> LocalResult:
-        """Run the task's local training on this device's data with the protections ``steps``.
+    def train(
+        self,
+        task: wire.Task,
+        steps: tuple[protect.Protection, ...] = (),
+        data: tuple[np.ndarray, np.ndarray] | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> LocalResult:
+        """Run the task's local training on this device's data (or on ``data``) with the
+        protections ``steps``.
 
         Batches are drawn from a generator seeded by (seed, device id, round), noise and dummies
-        from ``noise_rng(round)``: every runtime gets the same of both."""
+        from ``noise_rng(round)``: every runtime gets the same of both. An ``rng`` given replaces
+        both (decoys draw theirs unpredictably)."""
+        x, y = data if data is not None else (self.x, self.y)
         return protect.protected_training(
             steps,
             self.backend,
             task.weights,
-            self.x,
-            self.y,
+            x,
+            y,
             protect.LocalPlan(task.algorithm, task.epochs, task.batch_size, task.lr),
-            rng=device_rng(self.seed, self.device_id, task.round),
-            noise_rng=self.noise_rng(task.round),
+            rng=rng if rng is not None else device_rng(self.seed, self.device_id, task.round),
+            noise_rng=rng if rng is not None else self.noise_rng(task.round),
             num_classes=self.artifact.manifest.num_classes,
             public=self.public,
         )
@@ -229,6 +248,10 @@ class Device:
         if task.round < last:
             raise wire.WireError("stale_round", f"round {task.round} < {last}")
         self.limits.check(task, len(self.x))
+        if task.decoys and self.key is None:
+            raise wire.WireError("no_key", "decoys need this device's key (--key)")
+        if task.decoys and self.decoy_data is None:
+            raise wire.WireError("no_decoy_data", "decoys need public examples (--decoy-data)")
         return task
 
     def noise_rng(self, round_: int) -> np.random.Generator:
@@ -262,19 +285,55 @@ class Device:
     def _announce(self) -> Outgoing:
         return Outgoing(self.status_topic, self.status("online"), kind="status", retain=True)
 
-    def handle(self, msg: Received) -> Outgoing | None:
-        """A task in, an update out; ``hello`` on a control topic, or any status of its own that
-        is not its ``online`` (a forged ``offline``), in: its ``online`` status out. Anything
-        else is dropped; a bad task is counted."""
+    def _decoy_result(self, task: wire.Task, steps: tuple[protect.Protection, ...]) -> LocalResult:
+        """A decoy: the task's protected training on as many public examples as this device
+        holds, drawn with an unpredictable generator."""
+        assert self.decoy_data is not None
+        px, py = self.decoy_data
+        rng = np.random.default_rng(secrets.randbits(128))
+        pick = rng.choice(len(px), size=len(self.x), replace=len(px) < len(self.x))
+        return self.train(task, steps, (px[pick], py[pick]), rng)
+
+    def _message(
+        self, task: wire.Task, result: LocalResult, device_field: str, slot: int, defence: str
+    ) -> tuple[str, bytes]:
+        """(topic, payload) of one update, with error feedback for ``slot`` (-1: the real one)."""
+        codec = wire.get_codec(task.uplink)
+        key = (task.run, codec.name, slot)
+        tensors, corrected, residual = codec.compress(
+            result.params, self.residuals.get(key), self.artifact.manifest
+        )
+        if residual is not None:
+            self.residuals[key] = residual
+        update = wire.Update(
+            run=task.run,
+            round=task.round,
+            device=device_field,
+            kind=result.kind,
+            num_examples=result.num_examples,
+            params=corrected,
+            train_loss=result.train_loss,
+            runtime=self.backend.name,
+            codec=codec.name,
+            defence=defence,
+        )
+        payload = wire.encode_update(update, tensors=tensors)
+        return wire.update_topic(task.run, device_field), payload
+
+    def handle(self, msg: Received) -> list[Outgoing]:
+        """A task in, its update(s) out (the real one, or K decoys and the real one under
+        pseudonyms); ``hello`` on a control topic, or any status of its own that is not its
+        ``online`` (a forged ``offline``), in: its ``online`` status out. Anything else is
+        dropped; a bad task is counted."""
         where = self._mine(msg)
         if where is None:
-            return None
+            return []
         run, channel = where
         if channel == "control":
-            return self._announce() if msg.payload == wire.HELLO else None
+            return [self._announce()] if msg.payload == wire.HELLO else []
         if channel == "status":
             on_own = msg.topic == self.status_topic
-            return self._announce() if on_own and msg.payload != self.status("online") else None
+            return [self._announce()] if on_own and msg.payload != self.status("online") else []
         t0 = time.monotonic()
         try:
             task = self.accept(msg.payload, run)
@@ -283,45 +342,57 @@ class Device:
             result = self.train(task, steps)
         except protect.ProtectError as e:
             self.refuse(wire.WireError("bad_protect", str(e)))
-            return None
+            return []
         except wire.WireError as e:
             self.refuse(e)
-            return None
+            return []
         if self.on_trained is not None:
             self.on_trained(TrainingRecord(task.run, task.round, self.device_id, result.used))
-        update = wire.Update(
-            run=task.run,
-            round=task.round,
-            device=self.device_id,
-            kind=result.kind,
-            num_examples=result.num_examples,
-            params=result.params,
-            train_loss=result.train_loss,
-            runtime=self.backend.name,
-            codec=task.codec,
-            defence=protect.defence_json(steps),
-        )
-        payload = wire.encode_update(update)
-        topic = wire.update_topic(task.run, self.device_id)
-        size = publish_packet_bytes(topic, len(payload), QOS)
-        if size > self.max_message_bytes:
+        defence = protect.defence_json(steps)
+        real = 0
+        if not task.decoys:
+            sent = [self._message(task, result, self.device_id, -1, defence)]
+        else:
+            assert self.key is not None
+            real = decoy.real_slot(self.key, task.run, task.round, task.decoys)
+            sent = []
+            for slot in range(task.decoys + 1):
+                name = decoy.pseudonym(self.key, task.run, task.round, slot)
+                if slot == real:
+                    sent.append(self._message(task, result, name, -1, defence))
+                else:
+                    fake = self._decoy_result(task, steps)
+                    sent.append(self._message(task, fake, name, slot, defence))
+        sizes = [publish_packet_bytes(topic, len(payload), QOS) for topic, payload in sent]
+        if max(sizes) > self.max_message_bytes:
             # paho would retry an over-size packet forever after the broker drops the connection.
             log.error(
                 "device %s: update of %d bytes exceeds %d; not sent",
                 self.device_id,
-                size,
+                max(sizes),
                 self.max_message_bytes,
             )
-            return None
+            return []
         self.rounds_done += 1
         self.last_round[task.run] = task.round
         self.updates[task.run] = self.updates.get(task.run, 0) + 1
-        return Outgoing(
-            topic, payload, run=task.run, round=task.round, examples=result.num_examples,
-            loss=result.train_loss, packet_bytes=size, seconds=time.monotonic() - t0,
-        )  # fmt: skip
+        seconds = time.monotonic() - t0
+        return [
+            Outgoing(
+                topic,
+                payload,
+                kind="update" if i == real else "decoy",
+                run=task.run,
+                round=task.round,
+                examples=result.num_examples,
+                loss=result.train_loss,
+                packet_bytes=size,
+                seconds=seconds,
+            )  # fmt: skip
+            for i, ((topic, payload), size) in enumerate(zip(sent, sizes, strict=True))
+        ]
 
-    def handle_safely(self, msg: Received) -> Outgoing | None:
+    def handle_safely(self, msg: Received) -> list[Outgoing]:
         """``handle``, but an unexpected error is logged and counted (``internal_error``) and the
         device carries on."""
         try:
@@ -329,7 +400,7 @@ class Device:
         except Exception as e:  # a message must never take the device down
             log.exception("device %s: error while handling %s", self.device_id, msg.topic)
             self.refuse(wire.WireError("internal_error", repr(e)))
-            return None
+            return []
 
 
 def run_device(
@@ -368,12 +439,10 @@ def run_device(
                 if exit_on_end:
                     break
                 continue
-            out = device.handle_safely(msg)
-            if out is None:
-                continue
-            _send(client, out.topic, out.payload, retain=out.retain, timeout=60)
-            if out.kind == "update":
-                say(out.line(device.device_id))
+            for out in device.handle_safely(msg):
+                _send(client, out.topic, out.payload, retain=out.retain, timeout=60)
+                if out.kind == "update":
+                    say(out.line(device.device_id))
     finally:
         if client.is_connected():
             _send(client, device.status_topic, device.status("offline"), retain=True, timeout=5)

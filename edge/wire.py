@@ -32,9 +32,11 @@ import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
+from edge import compress
 from edge.codec import CodecError, read_container, write_tensors
 from edge.manifest import Manifest
 
@@ -60,6 +62,8 @@ MAX_LR = 1e3
 MAX_DEADLINE_S = 7 * 24 * 3600.0
 MAX_EPOCHS = 10_000
 MAX_BATCH_SIZE = 2**31 - 1
+# Decoys multiply a device's training work; a task may not ask for more than this.
+MAX_DECOYS = 32
 
 Params = dict[str, np.ndarray]
 
@@ -123,8 +127,11 @@ def parse_topic(topic: str) -> tuple[str, str, str | None]:
 
 
 # -- codecs -------------------------------------------------------------------------------------
-# A codec turns named float32 arrays into named wire tensors and back. Dense f32 and f16 now;
-# int8-with-scale and top-k fit the same slot (several wire tensors per parameter).
+# A codec turns named float32 arrays into wire tensors and back: dense f32 and f16 here, and the
+# compressed ones of ``edge.compress`` (int8, int8c, topk:F, topk:F+int8) by parsed name.
+
+DENSE_CODECS = ("f32", "f16")
+CODEC_HELP = "f32, f16, int8, int8c, topk:F or topk:F+int8 (F in (0, 1], e.g. topk:0.01+int8)"
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,23 @@ class Codec:
     name: str
     encode: Callable[[Params], dict[str, np.ndarray]]
     decode: Callable[[Mapping[str, np.ndarray], Manifest], Params]
+    lossless: bool = False  # decode(encode(x)) == x: no residual to keep
+
+    def compress(
+        self, params: Params, residual: Params | None, manifest: Manifest
+    ) -> tuple[dict[str, np.ndarray], Params, Params | None]:
+        """Error feedback: encode ``params + residual``; returns (wire tensors, the corrected
+        update that was encoded, the new residual = corrected - what the receiver decodes;
+        None for a lossless codec)."""
+        if self.lossless:
+            return self.encode(params), params, None
+        corrected = {
+            k: (np.asarray(v, np.float32) + residual[k]) if residual is not None else v
+            for k, v in params.items()
+        }
+        tensors = self.encode(corrected)
+        sent = self.decode(tensors, manifest)
+        return tensors, corrected, {k: corrected[k] - sent[k] for k in corrected}
 
 
 def _dense_decoder(wire_dtype: np.dtype) -> Callable[[Mapping[str, np.ndarray], Manifest], Params]:
@@ -161,6 +185,7 @@ CODECS: dict[str, Codec] = {
         "f32",
         lambda p: {k: np.asarray(v, dtype=np.float32) for k, v in p.items()},
         _dense_decoder(np.dtype("<f4")),
+        lossless=True,
     ),
     "f16": Codec(
         "f16",
@@ -170,10 +195,34 @@ CODECS: dict[str, Codec] = {
 }
 
 
+def _compressed_codec(name: str) -> Codec:
+    try:
+        spec = compress.parse(name)
+    except compress.CompressError as e:
+        raise WireError(e.reason, f"{e.detail}; expected {CODEC_HELP}") from None
+
+    def decode(tensors: Mapping[str, np.ndarray], manifest: Manifest) -> Params:
+        try:
+            return compress.decode(spec, tensors, manifest.shapes())
+        except compress.CompressError as e:
+            raise WireError(e.reason, e.detail) from None
+
+    return Codec(name, lambda p: compress.encode(spec, p), decode)
+
+
+@lru_cache(maxsize=64)
 def get_codec(name: str) -> Codec:
-    if name not in CODECS:
-        raise WireError("bad_codec", f"codec {name!r}; expected one of {', '.join(CODECS)}")
-    return CODECS[name]
+    """The codec of a name; ``WireError('bad_codec')`` for a name outside the contract."""
+    if name in CODECS:
+        return CODECS[name]
+    if name.startswith(("int8", "topk:")):
+        return _compressed_codec(name)
+    raise WireError("bad_codec", f"codec {name!r}; expected {CODEC_HELP}")
+
+
+def check_codec(name: str) -> str:
+    """``name`` if it is a valid codec name; ``ValueError`` (a ``WireError``) saying what is."""
+    return get_codec(name).name
 
 
 # -- run end -----------------------------------------------------------------------------------
@@ -248,7 +297,9 @@ class Task:
     model_hash: str
     weights: Params = field(repr=False)
     deadline_s: float = 60.0
-    codec: str = "f32"
+    codec: str = "f32"  # the task's own tensors: f32 or f16 (tasks stay dense)
+    uplink: str = "f32"  # the codec the device must use for its update
+    decoys: int = 0  # decoy updates the device publishes beside its real one (edge.decoy)
     nonce: str = field(default_factory=new_nonce)
     # SHA-256 hex of the run's end token; by default one nobody holds the token of.
     end: str = field(default_factory=lambda: end_commitment(new_end_token()))
@@ -285,7 +336,9 @@ def encode_task(task: Task) -> bytes:
         "batch_size": str(task.batch_size),
         "model": task.model_hash,
         "deadline_s": repr(float(task.deadline_s)),
-        "codec": task.codec,
+        "codec": _dense(task.codec),
+        "uplink": check_codec(task.uplink),
+        "decoys": str(task.decoys),
         "nonce": task.nonce,
         "end": task.end,
     }
@@ -294,7 +347,15 @@ def encode_task(task: Task) -> bytes:
     return write_tensors(get_codec(task.codec).encode(task.weights), meta)
 
 
-def encode_update(update: Update) -> bytes:
+def _dense(codec: str) -> str:
+    if codec not in DENSE_CODECS:
+        raise WireError("bad_codec", f"a task is dense: codec {codec!r}, expected f32 or f16")
+    return codec
+
+
+def encode_update(update: Update, *, tensors: dict[str, np.ndarray] | None = None) -> bytes:
+    """The update's message; ``tensors``: the codec's output for ``update.params`` when the
+    caller already has it (``Codec.compress`` returns it)."""
     meta = {
         "edgeleak": str(SCHEMA_VERSION),
         "type": "update",
@@ -303,13 +364,16 @@ def encode_update(update: Update) -> bytes:
         "device": update.device,
         "kind": update.kind,
         "n": str(update.num_examples),
-        "loss": repr(float(update.train_loss)),
+        # Fixed width (exact for float64), so that the field's length says nothing about the value.
+        "loss": f"{float(update.train_loss):.16e}",
         "runtime": update.runtime,
         "codec": update.codec,
         "defence": update.defence,
         "nonce": update.nonce,
     }
-    return write_tensors(get_codec(update.codec).encode(update.params), meta)
+    if tensors is None:
+        tensors = get_codec(update.codec).encode(update.params)
+    return write_tensors(tensors, meta)
 
 
 def _field(meta: Mapping[str, str], key: str) -> str:
@@ -413,9 +477,11 @@ def _finite(params: Params) -> None:
 def _open_params(
     buf: bytes, expected_type: str, manifest: Manifest, max_bytes: int
 ) -> tuple[Params, dict[str, str], Codec]:
-    """Open a message and decode its finite parameters with the codec it names."""
+    """Open a message and decode its finite parameters with the codec it names (a task's is
+    dense)."""
     tensors, meta = _open(buf, expected_type, max_bytes)
-    codec = get_codec(_field(meta, "codec"))
+    name = _field(meta, "codec")
+    codec = get_codec(_dense(name) if expected_type == "task" else name)
     _bounded(tensors, manifest)
     params = codec.decode(tensors, manifest)
     _finite(params)
@@ -437,6 +503,8 @@ def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_
         weights=weights,
         deadline_s=_float(meta, "deadline_s", lo=0.0, hi=MAX_DEADLINE_S),
         codec=codec.name,
+        uplink=check_codec(_field(meta, "uplink")),
+        decoys=_int(meta, "decoys", 0, MAX_DECOYS),
         nonce=_nonce(meta),
         end=_commitment(meta, "end"),
         protect=_protect(meta),

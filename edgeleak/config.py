@@ -14,7 +14,7 @@ from devices.partition import SCHEMES as PARTITIONS
 from devices.profiles import PROFILES
 from edge import protect
 from edge.backends import RUNTIMES
-from edge.wire import ALGORITHMS, CODECS
+from edge.wire import ALGORITHMS, CODEC_HELP, MAX_DECOYS, WireError, check_codec
 from export.names import MODELS
 
 AGGREGATORS = tuple(_AGGREGATORS)
@@ -30,7 +30,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "partition": PARTITIONS,
     "algorithm": ALGORITHMS,
     "aggregator": AGGREGATORS,
-    "codec": tuple(CODECS),
     "runtime": RUNTIMES,
     "clock": CLOCKS,
     "clock_base": CLOCK_BASES,
@@ -54,7 +53,8 @@ FIELD_HELP: dict[str, str] = {
     "fraction": "fraction of devices selected per round, in (0, 1]",
     "server_lr": "server learning rate applied to the aggregate",
     "aggregator": "how the coordinator combines updates",
-    "codec": "tensor encoding of tasks and updates on the wire",
+    "codec": "uplink encoding of updates: f32, f16, int8, int8c, topk:F, topk:F+int8 (F in (0, 1])",
+    "decoys": "decoy updates per device and round, under keyed pseudonyms (0: none)",
     "runtime": "device runtime, or a comma-separated mix assigned round-robin",
     "clock": "none; virtual (profiles set round times, no waiting); real (devices wait)",
     "clock_base": "flops: compute = model FLOPs / profile throughput (any host alike); host: "
@@ -98,7 +98,8 @@ class ExperimentConfig:
     fraction: float = 1.0
     server_lr: float = 1.0
     aggregator: str = "mean"
-    codec: str = "f32"
+    codec: str = "f32"  # uplink: f32, f16, int8, int8c, topk:F, topk:F+int8
+    decoys: int = 0  # decoy updates per device and round, under keyed pseudonyms (edge.decoy)
     runtime: str = "onnx"  # one runtime, or a comma-separated mix assigned round-robin
     clock: str = (
         "none"  # none | virtual (profiles drive deadlines, no waiting) | real (devices wait)
@@ -132,7 +133,12 @@ class ExperimentConfig:
         _choice("partition", self.partition, PARTITIONS)
         _choice("algorithm", self.algorithm, ALGORITHMS)
         _choice("aggregator", self.aggregator, AGGREGATORS)
-        _choice("codec", self.codec, tuple(CODECS))
+        try:
+            check_codec(self.codec)
+        except WireError:
+            raise ConfigError(f"codec={self.codec!r}: expected {CODEC_HELP}") from None
+        if not isinstance(self.decoys, int) or not 0 <= self.decoys <= MAX_DECOYS:
+            raise ConfigError(f"decoys={self.decoys!r}: expected an integer in 0..{MAX_DECOYS}")
         for r in self.runtimes:
             _choice("runtime", r, RUNTIMES)
         _choice("clock", self.clock, CLOCKS)

@@ -24,6 +24,7 @@ from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.partition import partition
 from edge import protect
 from edge.backends import load_backend
+from edge.decoy import new_key, save_key
 from edge.device import TaskLimits, task_steps
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url
@@ -59,9 +60,10 @@ def fleet_spec(
     artifact: ModelArtifact,
     labels: np.ndarray,
     truth_dir: Path | None,
+    keys: dict[str, bytes] | None = None,
 ) -> FleetSpec:
     """Partition the training set; give each device a runtime and (with a clock) a profile,
-    round-robin over the configured mixes."""
+    round-robin over the configured mixes; with ``keys`` (decoys), each device its key."""
     shards = device_shards(cfg, labels)
     runtimes = cfg.runtimes
     profiles = assign_profiles(cfg.devices, cfg.profile_names) if cfg.clock != "none" else None
@@ -72,6 +74,7 @@ def fleet_spec(
             runtimes[i % len(runtimes)],
             seed=cfg.seed,  # Device.train draws from (seed, device id, round)
             profile=profiles[i] if profiles else "",
+            key=keys.get(f"d{i:04d}") if keys else None,
         )
         for i, shard in enumerate(shards)
     )
@@ -95,7 +98,19 @@ def fleet_spec(
         flops_per_example=artifact.manifest.flops_per_example,
         speed_scale=speed_scale(cfg, artifact) if realtime else 1.0,
         limits=limits,
+        decoy_pool="test" if cfg.decoys else "",
     )
+
+
+def enrol(cfg: ExperimentConfig, keys_dir: Path) -> dict[str, bytes] | None:
+    """With decoys: a fresh secret key per device, also written to ``keys_dir/<device>.key``
+    (the stand-in for enrolment: a physical device gets its file and ``--key``)."""
+    if not cfg.decoys:
+        return None
+    keys = {f"d{i:04d}": new_key() for i in range(cfg.devices)}
+    for device, key in keys.items():
+        save_key(keys_dir / f"{device}.key", key)
+    return keys
 
 
 def speed_scale(cfg: ExperimentConfig, artifact: ModelArtifact) -> float:
@@ -191,6 +206,7 @@ def round_plan(cfg: ExperimentConfig, *, max_unproven: int = 0, quiet_s: float =
         unproven_quiet_s=quiet_s,
         protect=cfg.protect,
         dp_delta=cfg.dp_delta,
+        decoys=cfg.decoys,
     )
 
 
@@ -210,6 +226,7 @@ class RoundsSetup:
     clock: RoundClock | None = None
     tamper: Tamper | None = None
     fleet_size: int | None = None  # the demo's emulated fleet; None: whoever shows up
+    keys: dict[str, bytes] | None = None  # every device's secret key (decoys, ``enrol``)
 
 
 def run_rounds(
@@ -245,7 +262,7 @@ def run_rounds(
     )
     coord = Coordinator(
         setup.run, artifact, setup.broker, store, setup.plan, evaluator=evaluator, seed=cfg.seed,
-        clock=setup.clock, tamper=setup.tamper,
+        clock=setup.clock, tamper=setup.tamper, keys=setup.keys,
     )  # fmt: skip
     results: list[RoundResult] = []
     t_start = time.monotonic()
@@ -325,6 +342,11 @@ def run_coordinator(
             "--dp-epsilon calibrates σ from the fleet's shard sizes, which a coordinator of real "
             "devices does not know: give σ in the protection (e.g. dp:clip=1,sigma=0.8)"
         )
+    if cfg.decoys:
+        raise UsageError(
+            "decoys need every device's key, which `edgeleak coordinator` does not hold (there "
+            "is no enrolment service yet): run decoys with `edgeleak demo`"
+        )
     run = checks.run_id(run or new_run_id("run"))
     try:
         artifact = ModelArtifact.load(model_dir)
@@ -379,6 +401,7 @@ def run_experiment(
         num_classes=data.num_classes,
         seed=cfg.seed,
     )
+    keys = enrol(cfg, out / "keys")
     store = RunStore(out / "run.db")
     cols = (
         TextColumn("[bold]{task.description}"),
@@ -388,12 +411,12 @@ def run_experiment(
         TimeElapsedColumn(),
     )
     with broker_for(broker_url) as (broker, broker_kind):
-        spec = fleet_spec(cfg, run, broker, artifact, data.y_train, out / "truth")
+        spec = fleet_spec(cfg, run, broker, artifact, data.y_train, out / "truth", keys)
         setup = RoundsSetup(
             run, out, broker, broker_kind, artifact, data,
             round_plan(cfg, max_unproven=cfg.devices), cfg.devices, 60 + cfg.devices * 0.1,
             clock=virtual_clock(cfg, spec, artifact), tamper=tamper(cfg, artifact, data.x_train),
-            fleet_size=cfg.devices,
+            fleet_size=cfg.devices, keys=keys,
         )  # fmt: skip
         capture = CaptureStore(out / "capture") if cfg.attacks else None
         fleet = Fleet(spec)

@@ -14,6 +14,7 @@ from edge.backends import load_backend
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress
 from edge.train import sgd_step
+from edge.wire import get_codec
 
 Params = dict[str, np.ndarray]
 
@@ -59,8 +60,10 @@ def expected_round(
     algorithm: str,
     lr: float,
     batch_size: int,
+    codec: str = "f32",
 ) -> Params:
-    """Recompute a round from the fleet's truth records: same examples, same order, same runtime."""
+    """Recompute a round from the fleet's truth records: same examples, same order, same runtime;
+    each update through ``codec`` (no error-feedback residual: a device's first update)."""
     data = load_dataset("fashion-mnist")
     backend = load_backend("onnx", artifact)
     updates: list[tuple[Params, int]] = []
@@ -79,6 +82,7 @@ def expected_round(
                     w, backend.loss_and_grad(w, data.x_train[b], data.y_train[b]).grads, lr
                 )
             updates.append(({k: w[k] - w0[k] for k in w0}, len(set(idx.tolist()))))
-    agg = weighted_mean(updates)
+    c = get_codec(codec)
+    agg = weighted_mean([(c.decode(c.encode(u), artifact.manifest), n) for u, n in updates])
     sign = -lr if algorithm == "fedsgd" else 1.0
     return {k: w0[k] + np.float32(sign) * agg[k] for k in w0}

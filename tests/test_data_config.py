@@ -75,6 +75,14 @@ def test_shard_round_trip(tmp_path: Path) -> None:
         ("devices", 0, "devices=0: expected an integer >= 1"),
         ("fraction", 1.5, "fraction=1.5: expected a number in (0, 1]"),
         ("lr", -1.0, "lr=-1.0: expected a number > 0"),
+        (
+            "codec",
+            "topk:2",
+            "codec='topk:2': expected f32, f16, int8, int8c, topk:F or "
+            "topk:F+int8 (F in (0, 1], e.g. topk:0.01+int8)",
+        ),
+        ("decoys", -1, "decoys=-1: expected an integer in 0..32"),
+        ("decoys", 33, "decoys=33: expected an integer in 0..32"),
     ],
 )
 def test_bad_config_names_field_and_allowed_values(field: str, value: object, message: str) -> None:
@@ -94,3 +102,6 @@ def test_config_file_unknown_field(tmp_path: Path) -> None:
         ExperimentConfig.from_file(tmp_path / "d.json")
     (tmp_path / "e.json").write_text(json.dumps({"devices": 5, "lr": 1}))
     assert ExperimentConfig.from_file(tmp_path / "e.json").lr == 1.0
+    (tmp_path / "f.json").write_text(json.dumps({"codec": "topk:0.01+int8", "decoys": 3}))
+    cfg = ExperimentConfig.from_file(tmp_path / "f.json")
+    assert (cfg.codec, cfg.decoys) == ("topk:0.01+int8", 3)

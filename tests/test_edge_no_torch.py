@@ -27,7 +27,7 @@ class BlockTorch:
 
 sys.meta_path.insert(0, BlockTorch())
 import numpy as np
-import edge, edge.codec, edge.manifest, edge.backends.onnx
+import edge, edge.codec, edge.compress, edge.decoy, edge.device, edge.manifest, edge.backends.onnx
 
 artifact = edge.manifest.ModelArtifact.load(sys.argv[1])
 backend = edge.backends.onnx.OnnxBackend(artifact)

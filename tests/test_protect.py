@@ -232,8 +232,7 @@ def test_device_update_under_dp_is_clipped_plus_noise(
     )  # fmt: skip
     payload = wire.encode_task(task)
     assert wire.decode_task(payload, lenet_artifact.manifest).protect == "dp:clip=0.2,sigma=0.5"
-    out = dev.handle(Received(wire.task_topic("r", "d1"), payload, False, time.time()))
-    assert out is not None
+    (out,) = dev.handle(Received(wire.task_topic("r", "d1"), payload, False, time.time()))
     update = wire.decode_update(out.payload, lenet_artifact.manifest)
     assert json.loads(update.defence) == {"protect": [{"name": "dp", "clip": 0.2, "sigma": 0.5}]}
     # the same batch, clipped, plus the device's seeded noise
@@ -261,7 +260,7 @@ def test_device_refuses_a_task_it_cannot_follow(
             protect=spec,
         )  # fmt: skip
         msg = Received(wire.task_topic("r", "d1"), wire.encode_task(task), False, time.time())
-        assert dev.handle(msg) is None
+        assert dev.handle(msg) == []
     assert dev.rejected == {"bad_protect": 3}
 
 
