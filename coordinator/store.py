@@ -82,6 +82,19 @@ class PrivacyRow:
     delta: float
 
 
+def rounds_recorded(path: str | Path) -> int:
+    """Rounds recorded in the run store at ``path`` (0 when there is none yet)."""
+    if not Path(path).is_file():
+        return 0
+    con = sqlite3.connect(path)
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+    finally:
+        con.close()
+
+
 class RunStore:
     """Thin wrapper over one SQLite file; every write commits."""
 

@@ -72,6 +72,18 @@ plugins:
 """
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a broker process, killing it if it has not exited after 5 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -146,12 +158,7 @@ def local_broker(
             # amqtt 0.12 speaks MQTT 3.1.1 only.
             yield BrokerAddress("127.0.0.1", port, 5 if use == "mosquitto" else 4), use
         finally:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
 
 
 def serve_broker(
@@ -203,13 +210,7 @@ def serve_broker(
             pass
         finally:
             signal.signal(signal.SIGTERM, previous)
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            _stop(proc)
         if proc.returncode not in (0, -signal.SIGTERM) and not stop.is_set():
             raise UsageError(f"mosquitto exited with {proc.returncode}; see {log_file}")
         say("broker stopped")

@@ -8,10 +8,10 @@ import argparse
 import dataclasses
 import logging
 import shutil
-import sqlite3
 import sys
 from pathlib import Path
 
+from coordinator.store import rounds_recorded
 from edge.args import OneLineParser
 from edgeleak import checks
 from edgeleak.errors import UsageError
@@ -21,19 +21,6 @@ INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 class Interrupted(Exception):
     """Ctrl-C, with a one-line account of what was completed."""
-
-
-def _rounds_done(db: Path) -> int:
-    """Rounds recorded in a run store (0 when there is none yet)."""
-    if not db.is_file():
-        return 0
-    con = sqlite3.connect(db)
-    try:
-        return int(con.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
-    except sqlite3.Error:
-        return 0
-    finally:
-        con.close()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -62,7 +49,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         res = run_experiment(cfg, out, broker_url=args.broker, run=run)
     except BaseException as e:
-        done = _rounds_done(out / "run.db")
+        done = rounds_recorded(out / "run.db")
         if created and done == 0:
             shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping: leave no half-run
         if isinstance(e, KeyboardInterrupt):

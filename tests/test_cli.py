@@ -17,7 +17,7 @@ import pytest
 
 from attacks.registry import ATTACK_NAMES
 from coordinator.aggregate import AGGREGATORS
-from coordinator.store import RoundResult, RunStore
+from coordinator.store import RoundResult, RunStore, rounds_recorded
 from devices.datasets import DATASETS
 from devices.partition import SCHEMES
 from devices.profiles import PROFILES
@@ -236,18 +236,6 @@ def test_show_prints_a_runs_store(tmp_path: Path) -> None:
     assert "17.2" in out and "idlg" in out
 
 
-def _rounds(db: Path) -> int:
-    if not db.is_file():
-        return 0
-    con = sqlite3.connect(db)
-    try:
-        return int(con.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
-    except sqlite3.Error:
-        return 0
-    finally:
-        con.close()
-
-
 def test_ctrl_c_in_a_demo_is_one_line_and_130(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -260,7 +248,7 @@ def test_ctrl_c_in_a_demo_is_one_line_and_130(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300  # safety net only: the loop ends on the first round
-        while _rounds(out / "run.db") < 1 and proc.poll() is None:
+        while rounds_recorded(out / "run.db") < 1 and proc.poll() is None:
             assert time.monotonic() < deadline, "no round completed"
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: every process in the group
@@ -272,7 +260,7 @@ def test_ctrl_c_in_a_demo_is_one_line_and_130(tmp_path: Path) -> None:
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    done = _rounds(out / "run.db")
+    done = rounds_recorded(out / "run.db")
     assert lines[0] == (
         f"edgeleak demo: interrupted: {done} of 500 rounds completed; partial results in {out}"
     )
