@@ -156,10 +156,14 @@ def claims() -> list[Claim]:
     ]  # fmt: skip
     for i, (name, over) in enumerate(PROTECTIONS.items()):
         out.append(
-            Claim(f"8{'abcd'[i]}", f"protection: {name} lowers what leaks, at a price",
-                  f"lenet_zhu, FedSGD, B=1, inverting gradients, with {label(over)}; holds "
-                  f"when the attacker loses ≥ {DB_GAP:g} dB",
-                  {"none": {}, name: over}, _judge_protection(name))  # fmt: skip
+            Claim(
+                f"8{'abcd'[i]}",
+                f"protection: {name} lowers what leaks, at a price",
+                f"lenet_zhu, FedSGD, B=1, inverting gradients, with {label(over)}; holds "
+                f"when the attacker loses ≥ {DB_GAP:g} dB",
+                {"none": {}, name: over},
+                _judge_protection(name),
+            )  # fmt: skip
         )
     return out
 

@@ -126,8 +126,17 @@ def run_report(run_dir: Path) -> str:
         image(run_dir / "rounds.png", "test accuracy against traffic and per round"),
         "<h2>Rounds</h2>"
         + table(
-            ["round", "accuracy %", "loss", "bytes up", "bytes down", "accepted", "rejected",
-             "seconds"], rounds,
+            [
+                "round",
+                "accuracy %",
+                "loss",
+                "bytes up",
+                "bytes down",
+                "accepted",
+                "rejected",
+                "seconds",
+            ],
+            rounds,
         ),  # fmt: skip
     ]
     if s.get("privacy"):
@@ -135,7 +144,9 @@ def run_report(run_dir: Path) -> str:
             [d, fmt(p["epsilon"], ".4g"), fmt(p["delta"], "g"), fmt(p.get("rounds"))]
             for d, p in s["privacy"].items()
         ]
-        sections.append("<h2>Privacy (ε per device)</h2>" + table(["device", "ε", "δ", "rounds"], priv))
+        sections.append(
+            "<h2>Privacy (ε per device)</h2>" + table(["device", "ε", "δ", "rounds"], priv)
+        )
     if s.get("attack"):
         sections.append("<h2>Leakage of intercepted updates</h2>")
         sections.append(table(LEAK_HEADERS, leak_rows(s["attack"]), text_cols=2))
@@ -172,9 +183,24 @@ def sweep_report(sweep_dir: Path) -> str:
     ]  # fmt: skip
     sections = [
         "<h2>Points</h2>",
-        table(["setting", "seed", "status", "accuracy %", "MB per round", "ε", "PSNR dB",
-               "baseline dB", "label acc.", "exact frac.", "seconds", "error"], rows,
-              text_cols=1),  # fmt: skip
+        table(
+            [
+                "setting",
+                "seed",
+                "status",
+                "accuracy %",
+                "MB per round",
+                "ε",
+                "PSNR dB",
+                "baseline dB",
+                "label acc.",
+                "exact frac.",
+                "seconds",
+                "error",
+            ],
+            rows,
+            text_cols=1,
+        ),  # fmt: skip
     ]
     if plot_pareto(p, figs / "pareto.png", title=name):
         sections.append(image(figs / "pareto.png", "leakage against bytes and accuracy "
@@ -188,9 +214,11 @@ def sweep_report(sweep_dir: Path) -> str:
         c = json.loads(claims.read_text())["claims"]
         sections.append("<h2>The article's claims on this testbed</h2>")
         sections.append(
-            table(["#", "claim", "setting", "measured", "verdict"],
-                  [[str(x["id"]), x["claim"], x["setting"], x["measured"], x["verdict"]]
-                   for x in c], text_cols=5)  # fmt: skip
+            table(
+                ["#", "claim", "setting", "measured", "verdict"],
+                [[str(x["id"]), x["claim"], x["setting"], x["measured"], x["verdict"]] for x in c],
+                text_cols=5,
+            )  # fmt: skip
         )
     grids = res.leakage[res.leakage["grid"].astype(bool)] if len(res.leakage) else res.leakage
     if len(grids):
@@ -199,9 +227,14 @@ def sweep_report(sweep_dir: Path) -> str:
         seeds = dict(zip(p["point"], p["seed"], strict=True))
         for point, g in grids.groupby("point", sort=False):
             a = g.iloc[0]
-            sections.append(image(Path(a["grid"]), f"{labels[point]} (seed {seeds[point]}): "
-                                  f"{a['attack']} on round {a['round']}, device {a['device']}"))
-    sections.append("<h2>Sweep file</h2>" f"<pre>{_esc(meta.get('source', ''))}</pre>")
+            sections.append(
+                image(
+                    Path(a["grid"]),
+                    f"{labels[point]} (seed {seeds[point]}): "
+                    f"{a['attack']} on round {a['round']}, device {a['device']}",
+                )
+            )
+    sections.append(f"<h2>Sweep file</h2><pre>{_esc(meta.get('source', ''))}</pre>")
     sections.append(_config_section({}, software_versions()).replace("<pre>{}</pre>", ""))
     return page(f"edgeleak sweep {name}", sections)
 

@@ -102,7 +102,9 @@ def expand(
     settings: list[dict[str, Any]] = []
     if grid:
         keys = list(grid)
-        settings += [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*grid.values())]
+        settings += [
+            dict(zip(keys, vals, strict=True)) for vals in itertools.product(*grid.values())
+        ]
     settings += [dict(p) for p in points]
     if not settings and base:
         settings = [{}]  # only a base: one setting, over the seeds
@@ -232,7 +234,9 @@ class SweepStore:
                 (time.time(), point),
             )
             return int(
-                self.db.execute("SELECT attempts FROM points WHERE point = ?", (point,)).fetchone()[0]
+                self.db.execute("SELECT attempts FROM points WHERE point = ?", (point,)).fetchone()[
+                    0
+                ]
             )
 
     def fail(self, point: str, error: str, *, final: bool) -> None:
@@ -318,9 +322,7 @@ def ingest(db: sqlite3.Connection, point: str, summary: Mapping[str, Any], run_d
             for a in attack
         ],
     )  # fmt: skip
-    db.executemany(
-        "INSERT INTO messages VALUES (?, ?, ?, ?, ?)", [(point, *m) for m in messages]
-    )
+    db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", [(point, *m) for m in messages])
 
 
 def default_jobs() -> int:

@@ -183,7 +183,12 @@ def test_sweep_resumes_exports_and_reports(tmp_path: Path) -> None:
         assert r["bytes_up"] == summary["bytes_up"]
         assert r["exact_fraction"] == 1.0  # the analytic attack on B=1 MLP updates
     assert len(res.leakage) == 8 and len(res.rounds) == 4
-    up = res.messages[res.messages["direction"] == "up"].groupby("point")["bytes"].sum()
+    m = res.messages
+    up = (
+        m[(m["direction"] == "up") & m["kind"].isin(["update", "decoy"])]
+        .groupby("point")["bytes"]
+        .sum()
+    )
     assert dict(up) == dict(zip(res.points["point"], res.points["bytes_up"], strict=True))
 
     assert main(["export", str(out), "--format", "csv", "--out", str(tmp_path / "csv")]) == 0
