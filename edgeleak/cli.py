@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shutil
-import json
 import sys
 from pathlib import Path
 from typing import Any

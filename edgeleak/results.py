@@ -42,7 +42,7 @@ class Results:
     messages: pd.DataFrame
 
     def table(self, name: str) -> pd.DataFrame:
-        return getattr(self, name)  # type: ignore[no-any-return]
+        return getattr(self, name)
 
 
 def sweep_db(path: str | Path) -> Path:

@@ -20,7 +20,7 @@ from edgeleak.claims import claims, preset
 from edgeleak.cli import main
 from edgeleak.config import ConfigError
 from edgeleak.figures import pareto_front
-from edgeleak.sweep import Sweep, SweepRunner, expand, parse, point_id
+from edgeleak.sweep import SweepRunner, expand, parse, point_id
 
 TINY = {
     "devices": 2, "rounds": 1, "model": "mlp", "algorithm": "fedsgd", "batch_size": 1,
