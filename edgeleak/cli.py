@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from coordinator.store import rounds_recorded
 from edge.args import OneLineParser
 from edgeleak import checks
 from edgeleak.errors import UsageError
+from export.names import MODELS as MODEL_NAMES
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
@@ -71,7 +74,10 @@ def _demo(args: argparse.Namespace) -> int:
             f"privacy ({s['protect']}): ε per device {min(eps):.3g}..{max(eps):.3g} at "
             f"δ={first['delta']:g} over the rounds each took part in (RDP, dp-accounting)"
         )
-    print(f"wrote {out}/run.db, {out}/summary.json, {out}/rounds.png")
+    from edgeleak.html import write_report
+
+    report = write_report(out)
+    print(f"wrote {out}/run.db, {out}/summary.json, {out}/rounds.png, {report}")
     return 0
 
 
@@ -302,8 +308,16 @@ def _input_shape(text: str) -> tuple[int, ...]:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format is not None or Path(args.what).is_dir():
+        return _export_results(args)
     from export import TARGETS
 
+    if args.what not in MODEL_NAMES:
+        raise UsageError(
+            f"{args.what!r}: expected a zoo model ({', '.join(MODEL_NAMES)}) or a sweep folder"
+        )
+    if args.out is None:
+        raise UsageError("--out: the folder for the model's artifacts is required")
     targets = checks.names(args.targets, TARGETS, "export target")
     if not targets:
         raise UsageError(f"--targets: expected some of {', '.join(TARGETS)}")
@@ -313,7 +327,7 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         art = export_model(
-            args.model, out, input_shape=args.input_shape, seed=args.seed, targets=targets
+            args.what, out, input_shape=args.input_shape, seed=args.seed, targets=targets
         )
     except BaseException as e:
         if created:
@@ -324,6 +338,93 @@ def _export(args: argparse.Namespace) -> int:
     m = art.manifest
     files = ", ".join(m.artifacts.values())
     print(f"exported {m.model} ({m.num_parameters} parameters) to {args.out}: {files}")
+    return 0
+
+
+def _export_results(args: argparse.Namespace) -> int:
+    from edgeleak import results
+
+    fmt = args.format or "csv"
+    out = Path(args.out) if args.out else Path(args.what) / "export"
+    files = results.export(args.what, fmt, out)
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from edgeleak import sweep as sw
+
+    if args.preset is not None and args.file is not None:
+        raise UsageError("give a sweep FILE or --preset, not both")
+    if args.preset is not None:
+        from edgeleak.claims import preset
+
+        spec = preset(args.preset)
+    elif args.file is not None:
+        spec = sw.load(args.file)
+    else:
+        raise UsageError("expected a sweep FILE.toml (or --preset claims)")
+    out = Path(args.out or Path("sweeps") / spec.name)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a folder")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    runner = sw.SweepRunner(spec, out, jobs=args.jobs)
+    left = runner.pending()
+    done_before = runner.store.counts()["done"]
+    print(
+        f"sweep {spec.name}: {len(spec.points)} points, {done_before} already done, "
+        f"{len(left)} to run, {args.jobs} at a time; store {out / 'sweep.db'}"
+    )
+    cols = (
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )  # fmt: skip
+    with Progress(*cols) as bar:
+        overall = bar.add_task("[bold]points", total=len(spec.points), completed=done_before)
+        current: dict[str, Any] = {}
+
+        def event(kind: str, p: sw.Point, detail: str) -> None:
+            name = f"  {p.label} (seed {p.seed})"
+            if kind == "start":
+                current[p.id] = bar.add_task(f"{name} {detail}", total=None)
+                return
+            bar.remove_task(current.pop(p.id))
+            if kind in ("done", "failed"):
+                bar.advance(overall)
+            if kind != "done":
+                bar.console.print(f"{kind}: {p.label} (seed {p.seed}): {detail}")
+
+        try:
+            rep = runner.run(event)
+        except KeyboardInterrupt:
+            c = runner.store.counts()
+            raise Interrupted(
+                f"{c['done']} of {len(spec.points)} points done; rerun the same command to resume"
+            ) from None
+        finally:
+            runner.store.close()
+    if args.preset is not None:
+        from edgeleak.claims import evaluate
+
+        claims = evaluate(out, args.preset)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"claims": claims}, indent=1))
+    from edgeleak.html import write_report
+
+    report = write_report(out)
+    print(
+        f"sweep {spec.name}: {rep.done} done ({rep.skipped} before this run), {rep.failed} "
+        f"failed; wrote {report}"
+    )
+    return 1 if rep.failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from edgeleak.html import write_report
+
+    dest = write_report(Path(args.target), Path(args.o) if args.o else None)
+    print(f"wrote {dest}")
     return 0
 
 
@@ -391,6 +492,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from devices.datasets import DATASETS
     from devices.partition import SCHEMES
+    from edgeleak.sweep import default_jobs
     from export.names import MODELS, TARGETS
 
     p = OneLineParser(prog="edgeleak", description=__doc__)
@@ -483,9 +585,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", help="where reconstructions go (default CAPTURE/attack)")
     a.set_defaults(func=_attack)
 
-    e = sub.add_parser("export", help="export a zoo model for devices")
-    e.add_argument("model", choices=MODELS, help=f"zoo model: one of {', '.join(MODELS)}")
-    e.add_argument("--out", required=True, help="folder for the artifacts and manifest.json")
+    e = sub.add_parser(
+        "export", help="export a zoo model for devices, or a sweep's tables (--format csv|parquet)"
+    )
+    e.add_argument(
+        "what", metavar="MODEL|SWEEP",
+        help=f"zoo model ({', '.join(MODELS)}), or a sweep's output folder",
+    )  # fmt: skip
+    e.add_argument("--out", help="model: folder for the artifacts; sweep: folder for the tables")
+    e.add_argument(
+        "--format", choices=("csv", "parquet"), help="sweep tables: csv (default) or parquet"
+    )
     e.add_argument(
         "--input-shape", type=_input_shape, help="CxHxW, e.g. 1x28x28 (default: the model's)"
     )
@@ -494,6 +604,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
     e.set_defaults(func=_export)
+
+    sw = sub.add_parser(
+        "sweep", help="run a grid of experiments over seeds (resumable); writes sweep.db + report"
+    )
+    sw.add_argument("file", nargs="?", metavar="FILE.toml", help="the sweep file (see README)")
+    sw.add_argument("--preset", choices=("claims",), help="a built-in sweep instead of a file")
+    sw.add_argument("--out", help="output folder (default sweeps/<name>); rerun to resume")
+    sw.add_argument(
+        "--jobs", type=checks.number(int, 1), default=default_jobs(),
+        help=f"points run at once (default {default_jobs()}: one per two cores)",
+    )  # fmt: skip
+    sw.add_argument("--json", help="--preset claims: write the claims table here as JSON")
+    sw.set_defaults(func=_sweep)
+
+    r = sub.add_parser("report", help="write a run's or a sweep's self-contained HTML report")
+    r.add_argument("target", metavar="RUN_OR_SWEEP", help="a run's or a sweep's output folder")
+    r.add_argument("-o", metavar="FILE", help="output file (default <folder>/report.html)")
+    r.set_defaults(func=_report)
 
     s = sub.add_parser("shards", help="write per-device data shards (.npz) for physical devices")
     s.add_argument(

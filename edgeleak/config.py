@@ -63,6 +63,8 @@ FIELD_HELP: dict[str, str] = {
     "attack": "comma-separated attacks an eavesdropper runs on the run's traffic",
     "attack_budget_s": "seconds per attack and intercepted update",
     "attack_max": "number of intercepted updates attacked",
+    "attack_round": "attack updates from this round on (1: from the first; e.g. the last round "
+    "to attack a trained model)",
     "malicious": "imprint: a dishonest coordinator plants an imprint in the shipped weights",
     "imprint_bins": "imprint bins (malicious imprint)",
     "workers": "fleet worker processes",
@@ -109,6 +111,7 @@ class ExperimentConfig:
     attack: str = ""  # comma-separated attacks run by an eavesdropper on the run's traffic
     attack_budget_s: float = 30.0  # seconds per attack and update
     attack_max: int = 4  # intercepted updates attacked
+    attack_round: int = 1  # attack updates from this round on
     malicious: str = (
         "none"  # none | imprint: a dishonest coordinator plants an imprint in the weights
     )
@@ -149,6 +152,11 @@ class ExperimentConfig:
             _choice("attack", name, ATTACK_NAMES)
         _positive("attack_budget_s", self.attack_budget_s)
         _at_least("attack_max", self.attack_max, 1)
+        _at_least("attack_round", self.attack_round, 1)
+        if self.attack_round > self.rounds:
+            raise ConfigError(
+                f"attack_round={self.attack_round} is after the last round (rounds={self.rounds})"
+            )
         _choice("malicious", self.malicious, MALICIOUS)
         _at_least("imprint_bins", self.imprint_bins, 1)
         if self.malicious == "imprint" and (self.model, self.algorithm) != ("mlp", "fedsgd"):

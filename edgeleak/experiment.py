@@ -447,7 +447,7 @@ def run_experiment(
         rows = attack_captures(
             capture, artifact, out / "attack", attacks=cfg.attacks, budget_s=cfg.attack_budget_s,
             max_updates=cfg.attack_max, truth=fleet_truth(out / "truth", cfg.dataset), run=run,
-            db=store.db, progress=progress,
+            db=store.db, progress=progress, from_round=cfg.attack_round,
         )  # fmt: skip
         summary["attack"] = [asdict(r) for r in rows]
         capture.close()

@@ -102,12 +102,15 @@ def attack_captures(
     run: str | None = None,
     db: sqlite3.Connection | None = None,
     progress: bool = True,
+    from_round: int = 1,
 ) -> list[LeakRow]:
-    """Run every named attack on up to ``max_updates`` intercepted updates; score, plot, store."""
+    """Run every named attack on up to ``max_updates`` intercepted updates of rounds
+    ``from_round`` on; score, plot, store."""
     from rich.progress import Progress
 
     out.mkdir(parents=True, exist_ok=True)
-    items = list(itertools.islice(capture.paired(artifact.manifest, run=run), max_updates))
+    paired = (i for i in capture.paired(artifact.manifest, run=run) if i.round >= from_round)
+    items = list(itertools.islice(paired, max_updates))
     meta = AttackMetadata(artifact.manifest, budget_s=budget_s)
     rows: list[LeakRow] = []
     with Progress(disable=not progress) as bar:

@@ -95,7 +95,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
             "manifest.json does not exist",
         ),
         (["device", "--run", "r"], "missing --broker, --data, --model"),
-        (["export", "lenett", "--out", "m"], "invalid choice: 'lenett'"),
+        (["export", "lenett", "--out", "m"], "'lenett': expected a zoo model (mlp, lenet_zhu"),
         (["export", "lenet", "--out", "m", "--targets", "onnxx"], "unknown export target onnxx"),
         (["export", "lenet", "--out", "m", "--input-shape", "28x28"], "expected CxHxW"),
         (["shards", "--devices", "0", "--out", "s"], "argument --devices: '0': expected"),
