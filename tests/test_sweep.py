@@ -20,7 +20,7 @@ from edgeleak.claims import claims, preset
 from edgeleak.cli import main
 from edgeleak.config import ConfigError
 from edgeleak.figures import pareto_front
-from edgeleak.sweep import SweepRunner, expand, parse, point_id
+from edgeleak.sweep import SweepRunner, expand, load, parse, point_id
 
 TINY = {
     "devices": 2, "rounds": 1, "model": "mlp", "algorithm": "fedsgd", "batch_size": 1,
@@ -105,6 +105,13 @@ def test_claims_preset_is_a_valid_sweep_that_covers_every_claim() -> None:
     for c in claims():
         assert c.points, c.id
     assert {c.id for c in claims()} >= {"1", "2", "3", "4", "5", "6", "8a", "8b", "8c", "8d"}
+
+
+def test_the_shipped_sweep_files_are_valid() -> None:
+    files = sorted((Path(__file__).parents[1] / "docs" / "sweeps").glob("*.toml"))
+    assert files
+    for f in files:
+        assert load(f).points, f
 
 
 def test_a_crashing_point_is_retried_once_then_recorded_failed(tmp_path: Path) -> None:
