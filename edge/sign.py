@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
-from edge.codec import CodecError, read_header, write_tensors
 from edge import wire
+from edge.codec import CodecError, read_header, write_tensors
 from edge.wire import WireError
 
 SIG_TENSOR = wire.SIG_TENSOR
@@ -73,6 +73,13 @@ def cert_path(pki: str | Path, identity: str) -> Path:
 
 def key_path(pki: str | Path, identity: str) -> Path:
     return Path(pki) / IDENTITIES / f"{check_id(identity)}.key"
+
+
+def bundle_files(identity: str) -> list[str]:
+    """What a device's bundle carries of the PKI folder (same relative paths): the CA, the CRL,
+    its own key and certificate, and the coordinator's certificate (never the CA's key)."""
+    ids = f"{IDENTITIES}/{check_id(identity)}"
+    return [CA_CERT, CRL, f"{ids}.crt", f"{ids}.key", f"{IDENTITIES}/{COORDINATOR}.crt"]
 
 
 def tls_context(pki: str | Path, identity: str) -> ssl.SSLContext:
@@ -114,14 +121,14 @@ def signed_part(buf: bytes) -> tuple[memoryview, bytes, str]:
         entries, meta, start = read_header(buf)
     except CodecError as e:
         raise WireError("bad_signature", f"not a signed message: {e.detail}") from None
-    e = entries.get(SIG_TENSOR)
-    if e is None or "signer" not in meta:
+    sig = entries.get(SIG_TENSOR)
+    if sig is None or "signer" not in meta:
         raise WireError("bad_signature", "unsigned message (no __sig__ tensor or signer)")
     if (
-        e.dtype != np.dtype("u1")
-        or e.shape != (SIG_BYTES,)
-        or start + e.end != len(buf)
-        or any(o.end > e.begin for n, o in entries.items() if n != SIG_TENSOR)
+        sig.dtype != np.dtype("u1")
+        or sig.shape != (SIG_BYTES,)
+        or start + sig.end != len(buf)
+        or any(o.end > sig.begin for n, o in entries.items() if n != SIG_TENSOR)
     ):
         raise WireError("bad_signature", f"{SIG_TENSOR} must be the last {SIG_BYTES} bytes (U8)")
     view = memoryview(buf)

@@ -154,7 +154,9 @@ def enroll(pki: Path, identity: str, role: str = "device") -> Path:
     if identity in revoked_ids(pki):
         raise UsageError(f"{identity} was revoked in {pki}; enrol the device under a new id")
     if sign.cert_path(pki, identity).exists():
-        raise UsageError(f"{identity} is already enrolled in {pki} (its key and certificate are in identities/)")
+        raise UsageError(
+            f"{identity} is already enrolled in {pki} (its key and certificate are in identities/)"
+        )
     return _issue(pki, ca, key, identity, role)
 
 

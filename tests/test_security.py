@@ -52,7 +52,9 @@ def secure_broker(pki_dir: Path) -> Iterator[BrokerAddress]:
         yield addr
 
 
-def _update(run: str, device: str, round_: int, artifact: ModelArtifact, **kw: object) -> wire.Update:
+def _update(
+    run: str, device: str, round_: int, artifact: ModelArtifact, **kw: object
+) -> wire.Update:
     params = {s.name: np.zeros(s.shape, np.float32) for s in artifact.manifest.params}
     return wire.Update(run=run, round=round_, device=device, kind="delta", num_examples=8,
                        params=params, **kw)  # type: ignore[arg-type]  # fmt: skip
@@ -256,12 +258,12 @@ def test_revoked_device_is_refused_by_the_coordinator(
     pki.revoke(own, late)
     store = RunStore(tmp_path / "run.db")
     creds = sign.Credentials.load(own, "coordinator")
-    with Coordinator(run, lenet_artifact, secure_broker, store, RoundPlan(), credentials=creds) as co:
+    with Coordinator(
+        run, lenet_artifact, secure_broker, store, RoundPlan(), credentials=creds
+    ) as co:
         online = json.dumps({"state": "online", "examples": 8}).encode()
         c.c.publish(wire.status_topic(run, late), online, qos=QOS).wait_for_publish(30)
-        wait_until(
-            lambda: bool(store.rejection_counts(run)) or co.poll(0.05), 30, "the rejection"
-        )
+        wait_until(lambda: bool(store.rejection_counts(run)) or co.poll(0.05), 30, "the rejection")
         assert late not in co.standing
     c.close()
     assert store.rejection_counts(run) == {"revoked": 1}
@@ -311,4 +313,3 @@ def test_broker_urls_carry_tls_and_pki() -> None:
     with pytest.raises(ValueError, match="--pki"):
         with_pki(parse_broker_url("mqtts://h:1"), None)
     assert with_pki(parse_broker_url("mqtt://h:1"), None).tls is False
-
