@@ -36,7 +36,7 @@ def _demo(args: argparse.Namespace) -> int:
     if isinstance(base.get("protect"), list):  # --protect is repeatable
         base["protect"] = ";".join(base["protect"])
     cfg = ExperimentConfig.from_dict(base)
-    if args.broker and not (args.secure or args.pki):
+    if args.broker:
         checks.broker(args.broker, or_else=" or leave --broker out to start one here")
     from coordinator.server import new_run_id
 
@@ -143,8 +143,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     if args.run is not None:
         checks.run_id(args.run)
     checks.model(args.model)
-    if not args.pki:
-        checks.broker(args.broker)
+    checks.broker(args.broker)
     if args.min_devices < 1:
         raise UsageError(f"--min-devices {args.min_devices}: expected an integer >= 1")
     for flag, value in (("--wait-s", args.wait_s), ("--unproven-wait-s", args.unproven_wait_s)):
@@ -285,6 +284,11 @@ def _attack(args: argparse.Namespace) -> int:
         if not args.run:
             raise UsageError("--broker needs --run (the run id to listen to)")
         broker = checks.broker(args.broker)
+        if broker.tls:
+            raise UsageError(
+                f"--broker {args.broker}: a secure broker admits no eavesdropper (TLS, client "
+                "certificates, ACL); capture from an unauthenticated mqtt:// broker"
+            )
     elif not (Path(args.capture) / "capture.db").is_file():
         raise UsageError(
             f"--capture {args.capture}: no capture.db there; capture first with --broker and --run"

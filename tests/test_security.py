@@ -313,3 +313,32 @@ def test_broker_urls_carry_tls_and_pki() -> None:
     with pytest.raises(ValueError, match="--pki"):
         with_pki(parse_broker_url("mqtts://h:1"), None)
     assert with_pki(parse_broker_url("mqtt://h:1"), None).tls is False
+
+
+def test_pki_cli_and_bundle_carry_credentials(
+    tmp_path: Path, lenet_artifact: ModelArtifact, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from devices.deploy import build_bundle
+    from edgeleak.cli import main
+
+    ca = tmp_path / "ca"
+    assert main(["pki", "init", str(ca), "--host", "pi.lan"]) == 0
+    assert main(["pki", "enroll", str(ca), "--device", "a+b"]) == 2
+    assert "without '/', '+', '#'" in capsys.readouterr().err
+    assert main(["pki", "enroll", str(ca), "--device", "coordinator", "--role", "coordinator"]) == 0
+    assert main(["pki", "enroll", str(ca), "--device", "pi-7"]) == 0
+    assert main(["broker", "--secure", "--port", "18999"]) == 2
+    out = build_bundle(tmp_path / "b", model_dir=lenet_artifact.folder, runtime="onnx",
+                       profile="", device_id="pi-7", broker="mqtts://pi.lan", pki=ca)  # fmt: skip
+    files = sorted(str(p.relative_to(out / "pki")) for p in (out / "pki").rglob("*.*"))
+    assert files == ["ca.crt", "crl.pem", "identities/coordinator.crt", "identities/pi-7.crt",
+                     "identities/pi-7.key"]  # fmt: skip
+    assert json.loads((out / "config.json").read_text())["pki"] == "pki"
+    assert "cryptography>=42" in (out / "requirements.txt").read_text()
+    sign.Credentials.load(out / "pki", "pi-7")  # what the device loads at start
+    with pytest.raises(ValueError, match="pki enroll"):
+        build_bundle(tmp_path / "c", model_dir=lenet_artifact.folder, runtime="onnx", profile="",
+                     device_id="pi-8", pki=ca)  # fmt: skip
+    assert main(["pki", "revoke", str(ca), "--device", "pi-7"]) == 0
+    with pytest.raises(wire.WireError, match="revoked"):
+        sign.Verifier(ca).admit("pi-7")
