@@ -120,8 +120,9 @@ def fleet_round_seconds(
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(Path(tmp) / "run.db")
         t0 = time.perf_counter()
-        with Coordinator(run, artifact, broker, store, plan, credentials=creds) as coord, Fleet(
-            spec
+        with (
+            Coordinator(run, artifact, broker, store, plan, credentials=creds) as coord,
+            Fleet(spec),
         ):
             coord.wait_for_devices(n, 120 + n * 0.5)
             connect_s = time.perf_counter() - t0
