@@ -342,3 +342,37 @@ def test_pki_cli_and_bundle_carry_credentials(
     assert main(["pki", "revoke", str(ca), "--device", "pi-7"]) == 0
     with pytest.raises(wire.WireError, match="revoked"):
         sign.Verifier(ca).admit("pi-7")
+
+
+def test_device_process_with_pki_joins_a_secure_round(
+    secure_broker: BrokerAddress, pki_dir: Path, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    """`edgeleak device --broker mqtts://... --pki DIR`: TLS, a signed task in, a signed update out."""
+    import subprocess
+
+    from devices.datasets import load_dataset
+    from edge.data import save_shard
+    from tests.fedutil import device_argv
+
+    run = _run_id()
+    data = load_dataset("fashion-mnist")
+    save_shard(tmp_path / "shard.npz", data.x_train[:16], data.y_train[:16])
+    url = f"mqtts://127.0.0.1:{secure_broker.port}"
+    argv = device_argv(url, tmp_path / "shard.npz", lenet_artifact, run, "d0001", "--pki",
+                       str(pki_dir), "--exit-on-end")  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    store = RunStore(tmp_path / "run.db")
+    creds = sign.Credentials.load(pki_dir, "coordinator")
+    plan = RoundPlan(algorithm="fedavg", lr=0.05, batch_size=8, deadline_s=60)
+    try:
+        with Coordinator(run, lenet_artifact, secure_broker, store, plan, credentials=creds) as co:
+            co.wait_for_devices(1, 120)
+            res = co.run_round(1)
+            co.end()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert (res.selected, res.accepted, res.rejected) == (1, 1, 0)
+    assert f"device d0001: run {run} round 1: 16 examples, loss " in out
+    assert "refused tasks: none" in out
