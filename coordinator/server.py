@@ -34,6 +34,7 @@ from edge.mqtt import (
 
 if TYPE_CHECKING:
     from coordinator.accounting import PrivacyLedger
+    from edge.sign import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,15 @@ class Coordinator:
         collect_timeout_s: float = 600.0,
         tamper: Tamper | None = None,
         keys: Mapping[str, bytes] | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         """With a ``clock``, ``plan.deadline_s`` is virtual: rounds select available devices only,
         wait in real time (up to ``collect_timeout_s``) for every selected device, then drop the
         updates whose virtual arrival is after the deadline (rejection ``straggler``).
         ``keys``: every device's secret key, needed when ``plan.decoys`` > 0 to tell its real
-        update from its decoys (``edge.decoy``)."""
+        update from its decoys (``edge.decoy``). ``credentials`` (secure mode, ``edge.sign``):
+        tasks are signed with the coordinator's key; an update must be signed by the enrolled,
+        unrevoked device of its topic, and a revoked or unknown device's status is refused."""
         if plan.algorithm not in UPDATE_KIND:
             raise ValueError(
                 f"algorithm {plan.algorithm!r}; expected one of {', '.join(UPDATE_KIND)}"
@@ -146,6 +150,9 @@ class Coordinator:
         if plan.decoys and not keys:
             raise ValueError("decoys need every device's key (keys={device: key})")
         self.keys: dict[str, bytes] = dict(keys or {})
+        if credentials is not None and plan.decoys:
+            raise ValueError("decoys publish under pseudonyms, which secure mode's ACL refuses")
+        self.credentials = credentials
         self._slots: dict[str, _Slot] = {}  # pseudonym -> owner, this round and the last
         self.run = run
         self.artifact = artifact
@@ -201,7 +208,8 @@ class Coordinator:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def __enter__(self) -> Coordinator:
-        connect(self.client, self.broker, keepalive=60)
+        identity = self.credentials.signer.identity if self.credentials else None
+        connect(self.client, self.broker, keepalive=60, identity=identity)
         self.client.loop_start()
         wait_until(lambda: bool(self._ready), 10, "the coordinator's subscriptions")
         self.hello()
@@ -317,6 +325,14 @@ class Coordinator:
             self.nonces.setdefault(st.round, set()).add(update.nonce)
 
     def _on_status(self, msg: Received, device: str) -> None:
+        if self.credentials is not None:
+            try:
+                self.credentials.verifier.admit(device)
+            except wire.WireError as e:
+                if not msg.retain:
+                    self._ledger(msg, device, "rejected")
+                self._reject(msg.topic, device, e)
+                return
         try:
             if len(msg.payload) > wire.MAX_STATUS_BYTES:
                 raise ValueError(f"{len(msg.payload)} bytes > {wire.MAX_STATUS_BYTES}")
@@ -352,6 +368,8 @@ class Coordinator:
 
     def _validate(self, msg: Received, topic_device: str, device: str) -> wire.Update:
         """The update of ``device``, sent on ``topic_device`` (its pseudonym when decoys are on)."""
+        if self.credentials is not None:
+            self.credentials.verifier.check(msg.payload, topic_device)
         update = wire.decode_update(msg.payload, self.manifest)
         st = self._state
         if update.run != self.run:
@@ -430,7 +448,9 @@ class Coordinator:
                 protect=self.plan.protect,
             )
             self._register_slots(device)
-            payload = wire.encode_task(task)
+            payload = wire.encode_task(
+                task, signer=self.credentials.signer if self.credentials else None
+            )
             topic = wire.task_topic(self.run, device)
             self.client.publish(topic, payload, qos=QOS)
             rows.append(

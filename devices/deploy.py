@@ -46,6 +46,7 @@ EXTRA_REQUIREMENTS = {
     "torch": ("torch==2.13.0",),
     "executorch": ("torch==2.13.0", "executorch==1.5.1"),
 }
+SECURE_REQUIREMENT = "cryptography>=42"  # secure mode: TLS identity and signatures (edge.sign)
 ARTIFACT_FOR = {"onnx": "onnx_grad", "torch": "pt2", "executorch": "pte"}
 LOG_FILE = "device.log"
 
@@ -136,12 +137,29 @@ def build_bundle(
     device_id: str | None = None,
     seed: int = 0,
     wheels: str | Path | None = None,
+    pki: str | Path | None = None,
 ) -> Path:
-    """Write a device bundle into ``out`` (which must not exist or be empty); returns its path."""
+    """Write a device bundle into ``out`` (which must not exist or be empty); returns its path.
+    ``pki``: the PKI folder the device (``device_id``) is enrolled in; the bundle carries its
+    credentials (``edge.sign.bundle_files``) in ``pki/`` for a ``mqtts://`` broker."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: give a new folder for the bundle")
     reqs = requirements(runtime)
+    creds: list[str] = []
+    if pki is not None:
+        from edge.sign import bundle_files
+
+        if not device_id:
+            raise ValueError("a bundle with credentials (--pki) needs the device's --id")
+        creds = bundle_files(device_id)
+        missing = [c for c in creds if not (Path(pki) / c).is_file()]
+        if missing:
+            raise ValueError(
+                f"--pki {pki}: no {', '.join(missing)}; enrol first: edgeleak pki enroll {pki} "
+                f"--device {device_id} (and the coordinator: --role coordinator)"
+            )
+        reqs = (*reqs, SECURE_REQUIREMENT)
     if profile and profile not in PROFILES:
         raise ValueError(
             f"unknown device profile {profile!r}; expected one of {', '.join(PROFILES)}"
@@ -160,6 +178,9 @@ def build_bundle(
         shutil.copy2(data, out / "data.npz")
     if wheels is not None:
         shutil.copytree(wheels, out / "wheels")
+    for rel in creds:
+        (out / "pki" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(pki or "") / rel, out / "pki" / rel)
     cfg = bundle_config(
         runtime=runtime,
         profile=profile,
@@ -169,6 +190,8 @@ def build_bundle(
         device_id=device_id,
         seed=seed,
     )
+    if creds:
+        cfg["pki"] = "pki"
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "requirements.txt").write_text("\n".join(reqs) + "\n")
     (out / "start.sh").write_text(START_SH)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -38,6 +38,9 @@ from edge.device import Device, Outgoing, TaskLimits, TrainingRecord
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, connect, parse_broker_url
 from edge.wire import EndCommitments
+
+if TYPE_CHECKING:
+    from edge.sign import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +168,8 @@ def run_devices(
         c = d.client(inbox, broker.protocol)
         loop.add(c)
         clients[d.device_id] = c
-    for i, c in enumerate(clients.values()):
-        connect(c, broker, keepalive=120)
+    for i, (device_id, c) in enumerate(clients.items()):
+        connect(c, broker, keepalive=120, identity=device_id)
         if i % connect_batch == connect_batch - 1:
             loop.poll(0)  # let CONNACKs flow while the rest connect
     ended = False
@@ -242,6 +245,8 @@ def _worker(
         truth = open(Path(spec.truth_dir) / f"worker-{worker_id}.jsonl", "a")  # noqa: SIM115
 
     pool = (data.x_test, data.y_test) if spec.decoy_pool == "test" else None
+    broker = parse_broker_url(spec.broker_url)
+    credentials = _credentials(broker.pki, [ds.device_id for ds in shard])
     devices = []
     ends = EndCommitments()  # one for the worker: its devices serve one run
     for ds in shard:
@@ -266,15 +271,24 @@ def _worker(
                 public=(data.x_test, data.y_test),  # held out from every device's data
                 key=ds.key,
                 decoy_data=pool,
+                credentials=credentials.get(ds.device_id),
             )
         )
     try:
-        run_devices(
-            devices, parse_broker_url(spec.broker_url), hold=_realtime_hold(spec, shard), stop=stop
-        )
+        run_devices(devices, broker, hold=_realtime_hold(spec, shard), stop=stop)
     finally:
         if truth is not None:
             truth.close()
+
+
+def _credentials(pki: str | None, ids: list[str]) -> dict[str, Credentials]:
+    """Secure mode (a PKI folder): each device's signer, one verifier for all of them."""
+    if pki is None:
+        return {}
+    from edge.sign import Credentials, Signer, Verifier
+
+    verifier = Verifier(pki)
+    return {d: Credentials(Signer.load(pki, d), verifier) for d in ids}
 
 
 def _realtime_hold(spec: FleetSpec, shard: list[DeviceSpec]) -> HoldFn | None:

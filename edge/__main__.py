@@ -40,9 +40,9 @@ if TYPE_CHECKING:
 
 SETTINGS = (
     "broker", "data", "model", "run", "id", "runtime", "profile", "seed", "exit_on_end",
-    "max_backoff_s", "max_epochs", "max_batch_size", "max_steps", "key", "decoy_data",
+    "max_backoff_s", "max_epochs", "max_batch_size", "max_steps", "key", "decoy_data", "pki",
 )  # fmt: skip
-PATHS = ("data", "model", "key", "decoy_data")
+PATHS = ("data", "model", "key", "decoy_data", "pki")
 PROG = "python -m edge"
 
 
@@ -112,6 +112,10 @@ def build_parser(
     )
     p.add_argument("--key", help="file with this device's secret key (hex), for decoy updates")
     p.add_argument("--decoy-data", help=".npz of public examples that decoy updates train on")
+    p.add_argument(
+        "--pki", help="secure mode (with an mqtts:// broker): PKI folder holding this device's "
+        "certificate and key (`edgeleak pki enroll`, or a bundle's pki/)",
+    )  # fmt: skip
     return p
 
 
@@ -162,10 +166,15 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
     from edge.decoy import load_key
     from edge.device import Device, TaskLimits
     from edge.manifest import ModelArtifact
-    from edge.mqtt import parse_broker_url
+    from edge.mqtt import parse_broker_url, with_pki
 
+    credentials = None
     try:
-        broker = parse_broker_url(args.broker)
+        broker = with_pki(parse_broker_url(args.broker), args.pki)
+        if args.pki:
+            from edge.sign import Credentials
+
+            credentials = Credentials.load(args.pki, args.id)
         x, y = load_shard(args.data)
         artifact = ModelArtifact.load(args.model)
         check_fits(x, y, artifact.manifest, where=str(args.data))
@@ -175,6 +184,8 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
             check_fits(*pool, artifact.manifest, where=str(args.decoy_data))
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise SetupError(str(e)) from None
+    except ImportError as e:  # --pki without the cryptography package
+        raise SetupError(f"--pki needs {e.name}: pip install cryptography") from None
     try:
         backend = load_backend(args.runtime, artifact)
     except (ImportError, OSError, RuntimeError, ValueError) as e:
@@ -182,7 +193,7 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
     limits = TaskLimits(args.max_epochs, args.max_batch_size, args.max_steps)
     device = Device(
         args.id, args.run, artifact, backend, x, y, seed=args.seed, profile=args.profile,
-        limits=limits, key=key, decoy_data=pool,
+        limits=limits, key=key, decoy_data=pool, credentials=credentials,
     )  # fmt: skip
     return device, broker
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -29,6 +30,9 @@ from edge.mqtt import (
     publish_packet_bytes,
 )
 from edge.train import LocalResult, device_rng
+
+if TYPE_CHECKING:
+    from edge.sign import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +132,14 @@ class Device:
         public: tuple[np.ndarray, np.ndarray] | None = None,
         key: bytes | None = None,
         decoy_data: tuple[np.ndarray, np.ndarray] | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         """``run=None``: not pinned, takes part in any run that sends it a task. ``ends`` may be
         shared by the devices of one process (a fleet worker). ``public``: examples anyone may
         hold (the source of ``dummy:source=public``). ``key``: this device's secret (enrolment),
         needed for decoys; ``decoy_data``: public examples ``(x, y)`` of the same domain that
-        decoy updates train on."""
+        decoy updates train on. ``credentials`` (secure mode, ``edge.sign``): tasks must be
+        signed by the coordinator, and updates are signed with this device's key."""
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
@@ -163,6 +169,7 @@ class Device:
         self._seen: collections.deque[str] = collections.deque(maxlen=SEEN_NONCES)
         self.key = key
         self.decoy_data = decoy_data
+        self.credentials = credentials
         # Error feedback: what earlier updates did not carry, per run and codec; slot -1 is the
         # real update, slots 0.. the decoys (so decoys carry residuals like the real one).
         self.residuals: dict[tuple[str, str, int], wire.Params] = {}
@@ -234,6 +241,10 @@ class Device:
     def accept(self, payload: bytes, run: str) -> wire.Task:
         """The task in ``payload``, received on run ``run``'s topic, if this device should run
         it; ``WireError`` saying why not."""
+        if self.credentials is not None:
+            from edge.sign import COORDINATOR
+
+            self.credentials.verifier.check(payload, COORDINATOR, role=COORDINATOR)
         task = wire.decode_task(payload, self.artifact.manifest)
         if task.run != run or task.device != self.device_id:
             raise wire.WireError("not_mine", f"task for {task.run[:40]}/{task.device[:40]}")
@@ -317,7 +328,8 @@ class Device:
             codec=codec.name,
             defence=defence,
         )
-        payload = wire.encode_update(update, tensors=tensors)
+        signer = self.credentials.signer if self.credentials is not None else None
+        payload = wire.encode_update(update, tensors=tensors, signer=signer)
         return wire.update_topic(task.run, device_field), payload
 
     def handle(self, msg: Received) -> list[Outgoing]:
@@ -422,8 +434,9 @@ def run_device(
     client.reconnect_delay_set(max(1, round(backoff_s[0])), max(1, round(backoff_s[1])))
     stop = stop or threading.Event()
     if not connect_with_backoff(
-        client, broker, stop=stop, say=say, initial_s=backoff_s[0], cap_s=backoff_s[1]
-    ):
+        client, broker, stop=stop, say=say, initial_s=backoff_s[0], cap_s=backoff_s[1],
+        identity=device.device_id,
+    ):  # fmt: skip
         return
     client.loop_start()
     try:

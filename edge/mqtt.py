@@ -5,14 +5,16 @@ paho callbacks only hand messages to a queue; training and aggregation run elsew
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import parse_qs, quote, unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,6 +27,9 @@ log = logging.getLogger(__name__)
 # URL scheme -> MQTT protocol level. MQTT 5 is the contract; 3.1.1 serves brokers without 5
 # (the embedded amqtt). Packet sizes differ only by the properties field.
 SCHEMES = {"mqtt": 5, "mqtt311": 4}
+# mqtts: MQTT 5 over TLS with a client certificate from a PKI folder (``edge.sign``).
+TLS_SCHEME = "mqtts"
+TLS_PORT = 8883
 
 
 @dataclass(frozen=True)
@@ -39,16 +44,20 @@ class BrokerAddress:
     protocol: int = 5  # MQTT protocol level: 5, or 4 for 3.1.1
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    tls: bool = False  # mqtts: TLS with the client certificate of an identity in ``pki``
+    pki: str | None = None  # PKI folder (``edgeleak pki``) of the TLS identities
 
     def _url(self, password: str | None) -> str:
         scheme = next(k for k, v in SCHEMES.items() if v == self.protocol)
+        scheme = TLS_SCHEME if self.tls else scheme
+        query = f"?pki={quote(self.pki, safe='/')}" if self.pki else ""
         auth = ""
         if self.username is not None:
             auth = quote(self.username, safe="")
             if self.password is not None:
                 auth += ":" + (password or "")
             auth += "@"
-        return f"{scheme}://{auth}{self.host}:{self.port}"
+        return f"{scheme}://{auth}{self.host}:{self.port}{query}"
 
     @property
     def url(self) -> str:
@@ -69,19 +78,51 @@ def parse_broker_url(url: str) -> BrokerAddress:
         port = p.port
     except ValueError:
         p, port = None, None
-    if p is None or p.scheme not in SCHEMES or not p.hostname:
+    if p is None or p.scheme not in (*SCHEMES, TLS_SCHEME) or not p.hostname:
         shown = url if p is None or p.password is None else url.replace(p.password, "***")
         raise ValueError(
             f"broker URL {shown!r}: expected mqtt://HOST:PORT (or mqtt311:// for an MQTT 3.1.1 "
-            f"broker; a login as mqtt://USER:PASSWORD@HOST:PORT), e.g. mqtt://127.0.0.1:1883"
+            f"broker, mqtts://HOST:PORT with --pki for TLS; a login as "
+            f"mqtt://USER:PASSWORD@HOST:PORT), e.g. mqtt://127.0.0.1:1883"
         )
     user = unquote(p.username) if p.username is not None else None
     password = unquote(p.password) if p.password is not None else None
-    return BrokerAddress(p.hostname, port or 1883, SCHEMES[p.scheme], user, password)
+    tls = p.scheme == TLS_SCHEME
+    pki = parse_qs(p.query).get("pki", [None])[-1]
+    return BrokerAddress(
+        p.hostname, port or (TLS_PORT if tls else 1883), SCHEMES.get(p.scheme, 5), user, password,
+        tls=tls, pki=pki,
+    )  # fmt: skip
 
 
-def connect(client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 60) -> None:
-    """Connect ``client`` to ``broker`` with the broker address's credentials, if any."""
+def with_pki(broker: BrokerAddress, pki: str | None) -> BrokerAddress:
+    """``broker`` with the PKI folder its TLS identities come from (``--pki``); an mqtts address
+    needs one, and a PKI folder needs an mqtts address."""
+    if pki is None and not broker.tls:
+        return broker
+    if pki is None or not broker.tls:
+        raise ValueError(
+            f"broker {broker.url}: TLS needs both an mqtts://HOST:PORT broker and --pki DIR "
+            "(`edgeleak pki init`)"
+        )
+    return dataclasses.replace(broker, pki=str(pki))
+
+
+_TLS_READY: weakref.WeakSet[mqtt.Client] = weakref.WeakSet()
+
+
+def connect(
+    client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 60, identity: str | None = None
+) -> None:
+    """Connect ``client`` to ``broker`` with the broker address's credentials, if any; over TLS
+    (mqtts) with ``identity``'s certificate from ``broker.pki``."""
+    if broker.tls and client not in _TLS_READY:
+        if broker.pki is None or identity is None:
+            raise ValueError(f"broker {broker.url}: TLS needs --pki and an enrolled identity")
+        from edge.sign import tls_context
+
+        client.tls_set_context(tls_context(broker.pki, identity))
+        _TLS_READY.add(client)
     if broker.username is not None:
         client.username_pw_set(broker.username, broker.password)
     client.connect(broker.host, broker.port, keepalive=keepalive)
@@ -104,6 +145,7 @@ def connect_with_backoff(
     initial_s: float = 1.0,
     cap_s: float = 30.0,
     keepalive: int = 60,
+    identity: str | None = None,
 ) -> bool:
     """Connect, retrying with capped exponential backoff while the broker is not reachable;
     one ``say`` line per failed attempt. False when ``stop`` was set before a connection."""
@@ -111,7 +153,7 @@ def connect_with_backoff(
         if stop.is_set():
             return False
         try:
-            connect(client, broker, keepalive=keepalive)
+            connect(client, broker, keepalive=keepalive, identity=identity)
             return True
         except OSError as e:
             say(f"broker {broker.url} not reachable ({e.strerror or e}), retrying in {delay:g} s")
@@ -252,10 +294,10 @@ def make_client(
 
 @contextmanager
 def running(
-    client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 60
+    client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 60, identity: str | None = None
 ) -> Iterator[mqtt.Client]:
     """Connect and run paho's network thread for the duration of the block."""
-    connect(client, broker, keepalive=keepalive)
+    connect(client, broker, keepalive=keepalive, identity=identity)
     client.loop_start()
     try:
         yield client

@@ -33,12 +33,16 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge import compress
 from edge.codec import CodecError, read_container, write_tensors
 from edge.manifest import Manifest
+
+if TYPE_CHECKING:
+    from edge.sign import Signer
 
 SCHEMA_VERSION = 1
 TOPIC_PREFIX = "edgeleak"
@@ -64,6 +68,8 @@ MAX_EPOCHS = 10_000
 MAX_BATCH_SIZE = 2**31 - 1
 # Decoys multiply a device's training work; a task may not ask for more than this.
 MAX_DECOYS = 32
+# A signed message's last tensor: its Ed25519 signature (``edge.sign``).
+SIG_TENSOR = "__sig__"
 
 Params = dict[str, np.ndarray]
 
@@ -323,7 +329,7 @@ class Update:
     nonce: str = field(default_factory=new_nonce)
 
 
-def encode_task(task: Task) -> bytes:
+def encode_task(task: Task, *, signer: Signer | None = None) -> bytes:
     meta = {
         "edgeleak": str(SCHEMA_VERSION),
         "type": "task",
@@ -344,7 +350,8 @@ def encode_task(task: Task) -> bytes:
     }
     if task.protect:  # optional: tasks without protections keep their old bytes
         meta["protect"] = task.protect
-    return write_tensors(get_codec(task.codec).encode(task.weights), meta)
+    tensors = get_codec(task.codec).encode(task.weights)
+    return signer.write(tensors, meta) if signer else write_tensors(tensors, meta)
 
 
 def _dense(codec: str) -> str:
@@ -353,9 +360,11 @@ def _dense(codec: str) -> str:
     return codec
 
 
-def encode_update(update: Update, *, tensors: dict[str, np.ndarray] | None = None) -> bytes:
+def encode_update(
+    update: Update, *, tensors: dict[str, np.ndarray] | None = None, signer: Signer | None = None
+) -> bytes:
     """The update's message; ``tensors``: the codec's output for ``update.params`` when the
-    caller already has it (``Codec.compress`` returns it)."""
+    caller already has it (``Codec.compress`` returns it); ``signer``: signed (secure mode)."""
     meta = {
         "edgeleak": str(SCHEMA_VERSION),
         "type": "update",
@@ -373,7 +382,7 @@ def encode_update(update: Update, *, tensors: dict[str, np.ndarray] | None = Non
     }
     if tensors is None:
         tensors = get_codec(update.codec).encode(update.params)
-    return write_tensors(tensors, meta)
+    return signer.write(tensors, meta) if signer else write_tensors(tensors, meta)
 
 
 def _field(meta: Mapping[str, str], key: str) -> str:
@@ -450,6 +459,7 @@ def _open(
         )
     if meta.get("type") != expected_type:
         raise WireError("bad_type", f"type {meta.get('type')!r}; expected {expected_type!r}")
+    tensors.pop(SIG_TENSOR, None)  # a signature is checked before decoding (edge.sign)
     return tensors, meta
 
 

@@ -45,14 +45,18 @@ def mosquitto_conf(
     bind: str = "127.0.0.1",
     password_file: Path | None = None,
     log_file: Path | None = None,
+    tls: str | None = None,
 ) -> str:
     """The one mosquitto config of the project (demo, tests and ``edgeleak broker``): no silent
-    drops, no size limit; anonymous unless ``password_file`` (made with ``mosquitto_passwd``)."""
+    drops, no size limit; anonymous unless ``password_file`` (made with ``mosquitto_passwd``);
+    ``tls``: the secure mode's TLS, certificate and ACL lines (``edgeleak.pki.mosquitto_tls``)."""
     auth = (
         "allow_anonymous true"
         if password_file is None
         else f"allow_anonymous false\npassword_file {password_file.absolute()}"
     )
+    if tls is not None:
+        auth = tls
     log = "log_dest stderr\n" + (f"log_dest file {log_file.absolute()}\n" if log_file else "")
     # Started as root, mosquitto would switch to the user "mosquitto", who cannot read our files
     # and whose switch clears the parent-death signal (the broker must die with us).
@@ -119,13 +123,22 @@ def _wait_listening_on(
 
 @contextmanager
 def local_broker(
-    kind: str = "auto", *, port: int | None = None, password_file: Path | None = None
+    kind: str = "auto",
+    *,
+    port: int | None = None,
+    password_file: Path | None = None,
+    pki: Path | None = None,
 ) -> Iterator[tuple[BrokerAddress, str]]:
     """Start a broker on loopback for the block; yields (address, "mosquitto" | "amqtt").
 
     ``kind``: "auto" (mosquitto if installed, else amqtt), "mosquitto" or "amqtt";
-    ``password_file`` (mosquitto only): clients must log in.
+    ``password_file`` (mosquitto only): clients must log in; ``pki`` (mosquitto only): the
+    secure mode, TLS with client certificates of that PKI folder and the ACL of ``edgeleak.pki``.
     """
+    if pki is not None and kind == "amqtt":
+        raise ValueError("secure mode (TLS, ACL) needs mosquitto: apt-get install -y mosquitto")
+    if pki is not None:
+        kind = "mosquitto"
     if kind not in ("auto", "mosquitto", "amqtt"):
         raise ValueError(f"broker kind {kind!r}; expected auto, mosquitto or amqtt")
     exe = mosquitto_path()
@@ -136,7 +149,7 @@ def local_broker(
     with tempfile.TemporaryDirectory(prefix="edgeleak-broker-") as tmp:
         if use == "mosquitto":
             conf = Path(tmp) / "mosquitto.conf"
-            conf.write_text(mosquitto_conf(port, password_file=password_file))
+            conf.write_text(mosquitto_conf(port, password_file=password_file, tls=_tls(pki, tmp)))
             cmd = [str(exe), "-c", str(conf)]
         else:
             if password_file is not None:
@@ -156,9 +169,22 @@ def local_broker(
         try:
             _wait_listening(port, proc, 15, use)
             # amqtt 0.12 speaks MQTT 3.1.1 only.
-            yield BrokerAddress("127.0.0.1", port, 5 if use == "mosquitto" else 4), use
+            protocol = 5 if use == "mosquitto" else 4
+            pki_dir = str(pki) if pki is not None else None
+            yield BrokerAddress("127.0.0.1", port, protocol, tls=pki is not None, pki=pki_dir), use
         finally:
             _stop(proc)
+
+
+def _tls(pki: Path | None, folder: str | Path) -> str | None:
+    """The secure mode's mosquitto lines, with its ACL file written into ``folder``."""
+    if pki is None:
+        return None
+    from edgeleak.pki import acl_text, mosquitto_tls
+
+    acl = Path(folder) / "acl"
+    acl.write_text(acl_text())
+    return mosquitto_tls(pki, acl)
 
 
 def serve_broker(
@@ -168,6 +194,7 @@ def serve_broker(
     data: Path | None = None,
     password_file: Path | None = None,
     say: Callable[[str], None] = print,
+    pki: Path | None = None,
 ) -> int:
     """``edgeleak broker``: mosquitto with the project's config, in the foreground, until
     Ctrl-C or SIGTERM; config and log go to ``data`` (default: a temporary folder)."""
@@ -187,10 +214,11 @@ def serve_broker(
         folder.mkdir(parents=True, exist_ok=True)
         conf = folder / "mosquitto.conf"
         log_file = folder / "mosquitto.log"
+        tls = _tls(pki, folder)
         conf.write_text(
-            mosquitto_conf(port, bind=bind, password_file=password_file, log_file=log_file)
+            mosquitto_conf(port, bind=bind, password_file=password_file, log_file=log_file, tls=tls)
         )
-        if bind not in ("127.0.0.1", "localhost", "::1") and password_file is None:
+        if bind not in ("127.0.0.1", "localhost", "::1") and password_file is None and not tls:
             say(
                 f"warning: listening on {bind}:{port} WITHOUT authentication: anyone on the "
                 "network can read and publish every message (--password-file to require a login)"
@@ -201,8 +229,9 @@ def serve_broker(
         try:
             host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
             _wait_listening_on(host, port, proc, 15)
+            scheme = "mqtts" if tls else "mqtt"
             say(
-                f"broker: mosquitto on mqtt://{host}:{port} (config {conf}, log {log_file}); Ctrl-C stops it"
+                f"broker: mosquitto on {scheme}://{host}:{port} (config {conf}, log {log_file}); Ctrl-C stops it"
             )
             while proc.poll() is None and not stop.wait(0.2):
                 pass

@@ -45,12 +45,16 @@ def _demo(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; expected a folder")
     created = not out.exists()
+    # Secure mode: the fleet is enrolled in --pki (default: a new CA in the run folder).
+    pki = Path(args.pki) if args.pki else out / "pki" if args.secure else None
+    if pki is not None and args.broker and not args.broker.startswith("mqtts://"):
+        raise UsageError(f"--broker {args.broker}: secure mode needs mqtts://HOST:PORT")
 
     from edgeleak.experiment import run_experiment
     from edgeleak.report import print_leak_table
 
     try:
-        res = run_experiment(cfg, out, broker_url=args.broker, run=run)
+        res = run_experiment(cfg, out, broker_url=args.broker, run=run, pki=pki)
     except BaseException as e:
         done = rounds_recorded(out / "run.db")
         if created and done == 0:
@@ -99,12 +103,32 @@ def _broker(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: expected 1..65535")
+    if args.secure != bool(args.pki):
+        raise UsageError("--secure needs --pki DIR (`edgeleak pki init DIR`), and --pki --secure")
     return serve_broker(
         port=args.port,
         bind=args.bind,
         data=Path(args.data) if args.data else None,
         password_file=Path(args.password_file) if args.password_file else None,
+        pki=Path(args.pki) if args.pki else None,
     )
+
+
+def _pki(args: argparse.Namespace) -> int:
+    from edgeleak import pki
+
+    folder = Path(args.dir)
+    if args.action == "init":
+        pki.init(folder, hosts=args.host or ())
+        print(f"CA and broker certificate in {folder}; enrol with `edgeleak pki enroll {folder} "
+              "--device ID` (and --device coordinator --role coordinator)")  # fmt: skip
+    elif args.action == "enroll":
+        path = pki.enroll(folder, args.device, args.role)
+        print(f"enrolled {args.device} ({args.role}): {path} and its .key")
+    else:
+        path = pki.revoke(folder, args.device)
+        print(f"revoked {args.device}: {path} updated; restart the broker so that it reads it")
+    return 0
 
 
 def _coordinator(args: argparse.Namespace) -> int:
@@ -128,7 +152,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     res = run_coordinator(
         cfg, broker_url=args.broker, model_dir=Path(args.model),
         out=Path(args.out) if args.out else None, run=args.run, min_devices=args.min_devices,
-        wait_s=args.wait_s, quiet_s=args.unproven_wait_s,
+        wait_s=args.wait_s, quiet_s=args.unproven_wait_s, pki=Path(args.pki) if args.pki else None,
     )  # fmt: skip
     s = res.summary
     print(
@@ -165,9 +189,11 @@ def _bundle(args: argparse.Namespace) -> int:
         out = build_bundle(
             args.out, model_dir=args.model, runtime=args.runtime, profile=args.profile,
             data=args.data, broker=args.broker, run=args.run, device_id=args.id, seed=args.seed,
-            wheels=args.wheels,
+            wheels=args.wheels, pki=args.pki,
         )  # fmt: skip
     except FileNotFoundError as e:  # the model has no artifact for this runtime
+        raise UsageError(str(e)) from None
+    except ValueError as e:  # --pki without the device's credentials
         raise UsageError(str(e)) from None
     print(f"bundle in {out}: run ./start.sh on the device, or `edgeleak device deploy`")
     return 0
@@ -223,6 +249,10 @@ def _device_tools_parser() -> argparse.ArgumentParser:
     b.add_argument("--id", help="device id written into the bundle's config")
     b.add_argument("--seed", type=int, default=0, help="device seed (default 0)")
     b.add_argument("--wheels", help="folder of wheels for an offline install on the device")
+    b.add_argument(
+        "--pki", help="PKI folder where --id is enrolled: the bundle carries its certificate, "
+        "key, the CA and the coordinator's certificate (secure mode, mqtts:// broker)",
+    )  # fmt: skip
     b.set_defaults(func=_bundle)
     d = sub.add_parser(
         "deploy", help="copy a bundle over SSH and start the device there",
@@ -254,6 +284,11 @@ def _attack(args: argparse.Namespace) -> int:
         if not args.run:
             raise UsageError("--broker needs --run (the run id to listen to)")
         broker = checks.broker(args.broker)
+        if broker.tls:
+            raise UsageError(
+                f"--broker {args.broker}: a secure broker admits no eavesdropper (TLS, client "
+                "certificates, ACL); capture from an unauthenticated mqtt:// broker"
+            )
     elif not (Path(args.capture) / "capture.db").is_file():
         raise UsageError(
             f"--capture {args.capture}: no capture.db there; capture first with --broker and --run"
@@ -503,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="JSON file of ExperimentConfig fields (flags override it)")
     d.add_argument("--out", help="output folder (default runs/demo-<time>)")
     d.add_argument("--broker", help="external broker mqtt://HOST:PORT (default: start one here)")
+    d.add_argument(
+        "--secure", action="store_true",
+        help="secure mode: TLS broker with client certificates and ACL, signed tasks and updates; "
+        "the fleet is enrolled in --pki (default OUT/pki)",
+    )  # fmt: skip
+    d.add_argument("--pki", help="PKI folder (created if absent) for secure mode (mqtts:// broker)")
     _add_config_flags(d)
     d.set_defaults(func=_demo)
 
@@ -519,13 +560,42 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--password-file", help="mosquitto_passwd file: clients must log in (mqtt://USER:PW@...)"
     )
+    b.add_argument(
+        "--secure", action="store_true",
+        help="TLS with client certificates of --pki (identity = certificate CN) and the ACL",
+    )  # fmt: skip
+    b.add_argument("--pki", help="PKI folder (`edgeleak pki init`) for --secure")
     b.set_defaults(func=_broker)
+
+    k = sub.add_parser("pki", help="secure mode: a CA, enrolment of identities, revocation")
+    ksub = k.add_subparsers(dest="action", required=True)
+    ki = ksub.add_parser("init", help="create a CA, an empty CRL and the broker's certificate")
+    ki.add_argument("dir", metavar="DIR", help="new (or empty) folder")
+    ki.add_argument(
+        "--host", action="append",
+        help="name or address devices reach the broker at (repeatable; 127.0.0.1 and "
+        "localhost are always in)",
+    )  # fmt: skip
+    for name, what in (("enroll", "issue a key and certificate"), ("revoke", "revoke (CRL)")):
+        ke = ksub.add_parser(name, help=f"{what} for an identity")
+        ke.add_argument("dir", metavar="DIR", help="the PKI folder (`edgeleak pki init`)")
+        ke.add_argument("--device", required=True, help="the identity: a device id, or coordinator")
+        if name == "enroll":
+            ke.add_argument(
+                "--role", default="device", choices=("device", "coordinator", "aggregator", "keyholder"),
+                help="device (default), coordinator, aggregator or keyholder",
+            )  # fmt: skip
+    k.set_defaults(func=_pki)
 
     c = sub.add_parser(
         "coordinator",
         help="run rounds for the devices online on a broker (they join with `edgeleak device`)",
     )
-    c.add_argument("--broker", required=True, help="mqtt://[USER:PASSWORD@]HOST:PORT")
+    c.add_argument(
+        "--broker", required=True,
+        help="mqtt://[USER:PASSWORD@]HOST:PORT, or mqtts://HOST:PORT with --pki",
+    )  # fmt: skip
+    c.add_argument("--pki", help="PKI folder with the coordinator's identity (mqtts:// broker)")
     c.add_argument("--model", required=True, help="model folder written by `edgeleak export`")
     c.add_argument("--run", help="run id (default: run-<UTC time>-<random>)")
     c.add_argument("--rounds", type=int, help="rounds to run (default from --config, else 10)")

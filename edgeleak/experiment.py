@@ -27,7 +27,7 @@ from edge.backends import load_backend
 from edge.decoy import new_key, save_key
 from edge.device import TaskLimits, task_steps
 from edge.manifest import ModelArtifact
-from edge.mqtt import BrokerAddress, parse_broker_url
+from edge.mqtt import BrokerAddress, parse_broker_url, with_pki
 from edgeleak import checks
 from edgeleak.broker import local_broker
 from edgeleak.config import ConfigError, ExperimentConfig
@@ -44,12 +44,16 @@ class ExperimentResult:
 
 
 @contextmanager
-def broker_for(url: str | None) -> Iterator[tuple[BrokerAddress, str]]:
-    """The external broker at ``url``, or a local one started for the block."""
+def broker_for(url: str | None, pki: Path | None = None) -> Iterator[tuple[BrokerAddress, str]]:
+    """The external broker at ``url``, or a local one started for the block; with ``pki``,
+    secure mode (``mqtts://`` URL, or a local mosquitto with TLS and the ACL)."""
     if url:
-        yield parse_broker_url(url), "external"
+        try:
+            yield with_pki(parse_broker_url(url), str(pki) if pki else None), "external"
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     else:
-        with local_broker("auto") as b:
+        with local_broker("mosquitto" if pki else "auto", pki=pki) as b:
             yield b
 
 
@@ -260,9 +264,14 @@ def run_rounds(
         model=artifact.manifest.model,
         model_hash=artifact.manifest.sha256,
     )
+    credentials = None
+    if setup.broker.pki:  # secure mode: the coordinator's own identity signs its tasks
+        from edge.sign import COORDINATOR, Credentials
+
+        credentials = Credentials.load(setup.broker.pki, COORDINATOR)
     coord = Coordinator(
         setup.run, artifact, setup.broker, store, setup.plan, evaluator=evaluator, seed=cfg.seed,
-        clock=setup.clock, tamper=setup.tamper, keys=setup.keys,
+        clock=setup.clock, tamper=setup.tamper, keys=setup.keys, credentials=credentials,
     )  # fmt: skip
     results: list[RoundResult] = []
     t_start = time.monotonic()
@@ -330,11 +339,13 @@ def run_coordinator(
     wait_s: float = 300.0,
     quiet_s: float = 60.0,
     say: Callable[[str], None] = print,
+    pki: Path | None = None,
 ) -> ExperimentResult:
     """``edgeleak coordinator``: rounds for the devices on an external broker; writes run.db,
-    summary.json and rounds.png into ``out`` (default ``runs/<run id>``)."""
+    summary.json and rounds.png into ``out`` (default ``runs/<run id>``); ``pki``: secure mode
+    (an ``mqtts://`` broker, the coordinator's identity enrolled there)."""
     try:
-        broker = parse_broker_url(broker_url)
+        broker = with_pki(parse_broker_url(broker_url), str(pki) if pki else None)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if cfg.dp_epsilon > 0:
@@ -382,9 +393,13 @@ def run_experiment(
     broker_url: str | None = None,
     progress: bool = True,
     run: str | None = None,
+    pki: Path | None = None,
 ) -> ExperimentResult:
     """The demo: a broker (unless ``broker_url``), an emulated fleet and ``run_rounds``; writes
-    run.db, summary.json and rounds.png into ``out``."""
+    run.db, summary.json and rounds.png into ``out``. ``pki``: secure mode, with the coordinator
+    and every device enrolled there first (the CA is created if the folder has none)."""
+    if pki is not None:
+        _check_secure(cfg)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from export import export_model
@@ -402,6 +417,10 @@ def run_experiment(
         seed=cfg.seed,
     )
     keys = enrol(cfg, out / "keys")
+    if pki is not None:
+        from edgeleak.pki import ensure_fleet
+
+        ensure_fleet(pki, [f"d{i:04d}" for i in range(cfg.devices)])
     store = RunStore(out / "run.db")
     cols = (
         TextColumn("[bold]{task.description}"),
@@ -410,7 +429,7 @@ def run_experiment(
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
     )
-    with broker_for(broker_url) as (broker, broker_kind):
+    with broker_for(broker_url, pki) as (broker, broker_kind):
         spec = fleet_spec(cfg, run, broker, artifact, data.y_train, out / "truth", keys)
         setup = RoundsSetup(
             run, out, broker, broker_kind, artifact, data,
@@ -456,6 +475,17 @@ def run_experiment(
     )
     store.close()
     return ExperimentResult(run, out, summary)
+
+
+def _check_secure(cfg: ExperimentConfig) -> None:
+    """Secure mode refuses what needs the unauthenticated broker."""
+    if cfg.attacks:
+        raise UsageError(
+            "--attack eavesdrops on the broker, which secure mode shuts out (TLS, client "
+            "certificates, ACL): leave out --secure/--pki for the eavesdropper experiment"
+        )
+    if cfg.decoys:
+        raise UsageError("decoys publish under pseudonyms, which secure mode's ACL refuses")
 
 
 def build_summary(

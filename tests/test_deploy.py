@@ -90,11 +90,13 @@ def test_bundle_is_self_contained(lenet_artifact: ModelArtifact, tmp_path: Path)
                 top = str(name).split(".")[0]
                 if top not in sys.stdlib_module_names and top not in ("edge", "__future__"):
                     imported.add((top, path.name))
-    assert {t for t, f in imported if f not in ("torch_ref.py", "executorch.py")} == {
+    assert {t for t, f in imported if f not in ("torch_ref.py", "executorch.py", "sign.py")} == {
         "numpy",
         "paho",
         "onnxruntime",
     }
+    # Secure mode's module only (imported with --pki; a bundle built with --pki requires it).
+    assert {t for t, f in imported if f == "sign.py"} == {"numpy", "cryptography"}
     assert os.access(b / "start.sh", os.X_OK)
     assert not list(b.rglob("__pycache__"))
     sources = [p.read_text() for p in (b / "edge").rglob("*.py")]

@@ -1,0 +1,378 @@
+"""Secure mode: enrolment, a real mosquitto with TLS + ACL, signed tasks and updates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import ssl
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from coordinator.server import Coordinator, RoundPlan
+from coordinator.store import RunStore
+from devices.fleet import Fleet
+from edge import sign, wire
+from edge.backends import load_backend
+from edge.codec import read_container
+from edge.device import Device
+from edge.manifest import ModelArtifact
+from edge.mqtt import QOS, BrokerAddress, Received, parse_broker_url, wait_until, with_pki
+from edgeleak import pki
+from edgeleak.broker import local_broker
+from edgeleak.errors import UsageError
+from tests.fedutil import contiguous_shards, fleet
+
+DEVICES = ("d0000", "d0001")
+
+
+def _run_id() -> str:
+    return "s" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA with the coordinator, two fleet devices, a spy device and a revoked one."""
+    d = tmp_path_factory.mktemp("pki") / "ca"
+    pki.ensure_fleet(d, [*DEVICES, "spy", "gone"])
+    pki.revoke(d, "gone")
+    return d
+
+
+@pytest.fixture(scope="module")
+def secure_broker(pki_dir: Path) -> Iterator[BrokerAddress]:
+    with local_broker("mosquitto", pki=pki_dir) as (addr, _):
+        yield addr
+
+
+def _update(
+    run: str, device: str, round_: int, artifact: ModelArtifact, **kw: object
+) -> wire.Update:
+    params = {s.name: np.zeros(s.shape, np.float32) for s in artifact.manifest.params}
+    return wire.Update(run=run, round=round_, device=device, kind="delta", num_examples=8,
+                       params=params, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+class Client:
+    """A paho client over TLS with ``identity``'s certificate (None: no certificate at all)."""
+
+    def __init__(self, broker: BrokerAddress, pki_dir: Path, identity: str | None) -> None:
+        self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.result: queue.Queue[str] = queue.Queue()
+        self.granted: queue.Queue[list[int]] = queue.Queue()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"x-{uuid.uuid4().hex[:6]}",
+                             protocol=mqtt.MQTTv5)  # fmt: skip
+        if identity is None:
+            ctx = ssl.create_default_context(cafile=str(pki_dir / sign.CA_CERT))
+        else:
+            ctx = sign.tls_context(pki_dir, identity)
+        self.c.tls_set_context(ctx)
+        self.c.on_connect = lambda _c, _u, _f, rc, _p: self.result.put(str(rc))
+        self.c.on_disconnect = lambda _c, _u, _f, rc, _p: self.result.put(f"disconnect {rc}")
+        self.c.on_message = lambda _c, _u, m: self.inbox.put(m)
+        self.c.on_subscribe = lambda _c, _u, _m, rcs, _p: self.granted.put([r.value for r in rcs])
+        try:
+            self.c.connect(broker.host, broker.port)
+        except (OSError, ssl.SSLError) as e:
+            self.result.put(f"refused {e}")
+            return
+        self.c.loop_start()
+
+    def outcome(self) -> str:
+        return self.result.get(timeout=30)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+# -- enrolment ----------------------------------------------------------------------------------
+
+
+def test_enrolment_refuses_topic_characters_and_reserved_roles(tmp_path: Path) -> None:
+    d = pki.init(tmp_path / "ca")
+    for bad in ("a/b", "a+b", "a#b", "", ".hidden"):
+        with pytest.raises(UsageError, match="identity"):
+            pki.enroll(d, bad)
+    with pytest.raises(UsageError, match="reserved"):
+        pki.enroll(d, "coordinator")
+    with pytest.raises(UsageError, match="--role"):
+        pki.enroll(d, "x", role="admin")
+    pki.enroll(d, "agg1", role="aggregator")
+    with pytest.raises(UsageError, match="already enrolled"):
+        pki.enroll(d, "agg1", role="aggregator")
+    with pytest.raises(UsageError, match="pki init"):
+        pki.enroll(tmp_path / "nothing", "x")
+    with pytest.raises(UsageError, match="new or empty"):
+        pki.init(d)
+    assert (d / "identities" / "agg1.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_signed_message_verifies_and_every_tampering_is_a_counted_reason(
+    pki_dir: Path, lenet_artifact: ModelArtifact
+) -> None:
+    v = sign.Verifier(pki_dir)
+    d0 = sign.Signer.load(pki_dir, "d0000")
+    up = _update("r", "d0000", 1, lenet_artifact)
+    signed = wire.encode_update(up, signer=d0)
+    plain = wire.encode_update(up)
+    v.check(signed, "d0000")
+    # The signature adds its tensor entry, the signer field and 64 bytes; the rest decodes alike.
+    got = wire.decode_update(signed, lenet_artifact.manifest)
+    assert got.device == "d0000" and set(got.params) == set(up.params)
+    tensors, meta = read_container(signed)
+    assert meta["signer"] == "d0000" and tensors["__sig__"].shape == (64,)
+    assert bytes(tensors["__sig__"]) == signed[-64:]
+    assert "signer" not in read_container(plain)[1]
+
+    def reason(buf: bytes, signer: str = "d0000", role: str | None = None) -> str:
+        with pytest.raises(wire.WireError) as e:
+            v.check(buf, signer, role)
+        return e.value.reason
+
+    flipped = bytearray(signed)
+    flipped[len(signed) // 2] ^= 1  # one bit of a tensor
+    assert reason(bytes(flipped)) == "bad_signature"
+    assert reason(plain) == "bad_signature"  # unsigned
+    assert reason(signed, "d0001") == "bad_signature"  # names d0000 as its signer
+    forged = wire.encode_update(_update("r", "d0001", 1, lenet_artifact), signer=d0)
+    forged = forged.replace(b'"signer":"d0000"', b'"signer":"d0001"')
+    assert reason(forged, "d0001") == "bad_signature"  # d0000's key, d0001's name
+    ghost = wire.encode_update(_update("r", "ghost", 1, lenet_artifact), signer=d0)
+    assert reason(ghost.replace(b'"signer":"d0000"', b'"signer":"ghost"'), "ghost") == (
+        "unknown_device"
+    )
+    gone = sign.Signer.load(pki_dir, "gone")
+    assert reason(wire.encode_update(up, signer=gone), "gone") == "revoked"
+    # A task must come from the coordinator's identity, enrolled as the coordinator.
+    task = wire.Task(run="r", round=1, device="d0000", algorithm="fedavg", lr=0.1, epochs=1,
+                     batch_size=8, model_hash="m", weights=up.params)  # fmt: skip
+    assert reason(wire.encode_task(task, signer=d0), "d0000", "coordinator") == "unknown_device"
+    coord = sign.Signer.load(pki_dir, "coordinator")
+    v.check(wire.encode_task(task, signer=coord), "coordinator", "coordinator")
+
+
+def test_revocation_takes_effect_on_the_next_message(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    pki.ensure_fleet(d, ["a", "b"])
+    v = sign.Verifier(d)
+    v.admit("a")
+    pki.revoke(d, "a")
+    with pytest.raises(wire.WireError, match="revoked"):
+        v.admit("a")
+    v.admit("b")
+    with pytest.raises(UsageError, match="revoked"):
+        pki.enroll(d, "a")
+
+
+# -- the broker ---------------------------------------------------------------------------------
+
+
+def test_outsider_without_certificate_and_revoked_device_cannot_connect(
+    secure_broker: BrokerAddress, pki_dir: Path
+) -> None:
+    for who in (None, "gone"):
+        c = Client(secure_broker, pki_dir, who)
+        try:
+            assert c.outcome() != "Success", who
+        finally:
+            c.close()
+    ok = Client(secure_broker, pki_dir, "spy")
+    try:
+        assert ok.outcome() == "Success"
+    finally:
+        ok.close()
+
+
+def test_secure_round_acl_and_signatures(
+    secure_broker: BrokerAddress,
+    pki_dir: Path,
+    lenet_artifact: ModelArtifact,
+    tmp_path: Path,
+) -> None:
+    run = _run_id()
+    plan = RoundPlan(algorithm="fedavg", lr=0.05, epochs=1, batch_size=8, deadline_s=60)
+    store = RunStore(tmp_path / "run.db")
+    creds = sign.Credentials.load(pki_dir, "coordinator")
+    spec = fleet(run, secure_broker, lenet_artifact, contiguous_shards([8, 8]), tmp_path / "t")
+    assert "pki=" in spec.broker_url and spec.broker_url.startswith("mqtts://")
+    spy = Client(secure_broker, pki_dir, "spy")
+    assert spy.outcome() == "Success"
+    # A device's certificate may subscribe to anything (mosquitto 2.0 grants it), but the ACL
+    # is applied on delivery: it reads no one's updates or tasks.
+    spy.c.subscribe([(f"edgeleak/{run}/update/#", QOS), (f"edgeleak/{run}/task/#", QOS)])
+    spy.granted.get(timeout=30)
+    coord = Coordinator(run, lenet_artifact, secure_broker, store, plan, credentials=creds)
+    with coord, Fleet(spec):
+        coord.wait_for_devices(2, 60)
+        w0 = dict(coord.weights)
+        res = coord.run_round(1)
+        # The spy publishes an update on d0000's topic: the broker disconnects it for that.
+        forged = wire.encode_update(
+            _update(run, "d0000", 2, lenet_artifact), signer=sign.Signer.load(pki_dir, "spy")
+        )
+        spy.c.publish(wire.update_topic(run, "d0000"), forged, qos=QOS)
+        assert spy.outcome().startswith("disconnect")
+        spy.close()
+        assert spy.inbox.qsize() == 0  # no task, no update, no control of the run reached it
+        # Back with the same certificate, it publishes on its own topic naming d0000 in the
+        # metadata (the coordinator rejects it), then its status: per-client ordering means
+        # the coordinator has seen the update once it sees the status.
+        spy = Client(secure_broker, pki_dir, "spy")
+        assert spy.outcome() == "Success"
+        spy.c.publish(wire.update_topic(run, "spy"), forged, qos=QOS).wait_for_publish(30)
+        online = json.dumps({"state": "online", "examples": 8}).encode()
+        spy.c.publish(wire.status_topic(run, "spy"), online, qos=QOS).wait_for_publish(30)
+        wait_until(lambda: "spy" in coord.standing or coord.poll(0.05), 30, "the spy's status")
+        coord.end()
+    spy.close()
+    assert (res.selected, res.accepted, res.rejected) == (2, 2, 0)
+    assert any(np.abs(coord.weights[k] - w0[k]).max() > 0 for k in w0)
+    rows = store.db.execute(
+        "SELECT device, topic, reason FROM rejections WHERE run=?", (run,)
+    ).fetchall()
+    assert rows == [("spy", wire.update_topic(run, "spy"), "device_mismatch")]
+    assert store.ledger_bytes(run, direction="up", kinds=("update",)) == res.bytes_up
+
+
+def test_revoked_device_is_refused_by_the_coordinator(
+    secure_broker: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    """Revoked after the broker started (which reads the CRL only then): the coordinator still
+    refuses the device's status, so it is never selected."""
+    run = _run_id()
+    # A second CA would not pass the broker: revoke in the broker's own PKI, on a fresh id.
+    assert secure_broker.pki is not None
+    own = Path(secure_broker.pki)
+    late = f"late{uuid.uuid4().hex[:6]}"
+    pki.enroll(own, late)
+    c = Client(secure_broker, own, late)
+    assert c.outcome() == "Success"
+    pki.revoke(own, late)
+    store = RunStore(tmp_path / "run.db")
+    creds = sign.Credentials.load(own, "coordinator")
+    with Coordinator(
+        run, lenet_artifact, secure_broker, store, RoundPlan(), credentials=creds
+    ) as co:
+        online = json.dumps({"state": "online", "examples": 8}).encode()
+        c.c.publish(wire.status_topic(run, late), online, qos=QOS).wait_for_publish(30)
+        wait_until(lambda: bool(store.rejection_counts(run)) or co.poll(0.05), 30, "the rejection")
+        assert late not in co.standing
+    c.close()
+    assert store.rejection_counts(run) == {"revoked": 1}
+
+
+def test_device_refuses_forged_tasks_and_trains_on_nothing(
+    pki_dir: Path, lenet_artifact: ModelArtifact, caplog: pytest.LogCaptureFixture
+) -> None:
+    creds = sign.Credentials.load(pki_dir, "d0000")
+    x = np.zeros((8, *lenet_artifact.manifest.input_shape), np.float32)
+    dev = Device("d0000", "r", lenet_artifact, load_backend("onnx", lenet_artifact), x,
+                 np.zeros(8, np.int64), credentials=creds)  # fmt: skip
+    task = wire.Task(run="r", round=1, device="d0000", algorithm="fedavg", lr=0.1, epochs=1,
+                     batch_size=8, model_hash=lenet_artifact.manifest.sha256,
+                     weights=lenet_artifact.initial_params())  # fmt: skip
+    topic = wire.task_topic("r", "d0000")
+
+    def deliver(payload: bytes) -> list[object]:
+        return list(dev.handle(Received(topic, payload, False, time.monotonic())))
+
+    with caplog.at_level(logging.WARNING, logger="edge.device"):
+        assert deliver(wire.encode_task(task)) == []  # unsigned
+        assert deliver(wire.encode_task(task, signer=sign.Signer.load(pki_dir, "spy"))) == []
+    assert dev.rejected == {"bad_signature": 2}
+    assert dev.rounds_done == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(": ", 2)[2] for line in lines] == [
+        "unsigned message (no __sig__ tensor or signer)",
+        "signed by 'spy', expected 'coordinator'",
+    ]
+    genuine = wire.encode_task(task, signer=sign.Signer.load(pki_dir, "coordinator"))
+    (out,) = deliver(genuine)
+    assert dev.rounds_done == 1
+    sign.Verifier(pki_dir).check(out.payload, "d0000")  # type: ignore[attr-defined]
+    assert deliver(genuine) == []  # a replay stays refused by its nonce
+    assert dev.rejected["replayed_nonce"] == 1
+
+
+def test_broker_urls_carry_tls_and_pki() -> None:
+    b = parse_broker_url("mqtts://10.0.0.2")
+    assert (b.tls, b.port, b.pki) == (True, 8883, None)
+    b = with_pki(b, "/x/ca")
+    assert parse_broker_url(b.secret_url) == b
+    assert b.url == "mqtts://10.0.0.2:8883?pki=/x/ca"
+    with pytest.raises(ValueError, match="mqtts"):
+        with_pki(parse_broker_url("mqtt://h:1"), "/x")
+    with pytest.raises(ValueError, match="--pki"):
+        with_pki(parse_broker_url("mqtts://h:1"), None)
+    assert with_pki(parse_broker_url("mqtt://h:1"), None).tls is False
+
+
+def test_pki_cli_and_bundle_carry_credentials(
+    tmp_path: Path, lenet_artifact: ModelArtifact, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from devices.deploy import build_bundle
+    from edgeleak.cli import main
+
+    ca = tmp_path / "ca"
+    assert main(["pki", "init", str(ca), "--host", "pi.lan"]) == 0
+    assert main(["pki", "enroll", str(ca), "--device", "a+b"]) == 2
+    assert "without '/', '+', '#'" in capsys.readouterr().err
+    assert main(["pki", "enroll", str(ca), "--device", "coordinator", "--role", "coordinator"]) == 0
+    assert main(["pki", "enroll", str(ca), "--device", "pi-7"]) == 0
+    assert main(["broker", "--secure", "--port", "18999"]) == 2
+    out = build_bundle(tmp_path / "b", model_dir=lenet_artifact.folder, runtime="onnx",
+                       profile="", device_id="pi-7", broker="mqtts://pi.lan", pki=ca)  # fmt: skip
+    files = sorted(str(p.relative_to(out / "pki")) for p in (out / "pki").rglob("*.*"))
+    assert files == ["ca.crt", "crl.pem", "identities/coordinator.crt", "identities/pi-7.crt",
+                     "identities/pi-7.key"]  # fmt: skip
+    assert json.loads((out / "config.json").read_text())["pki"] == "pki"
+    assert "cryptography>=42" in (out / "requirements.txt").read_text()
+    sign.Credentials.load(out / "pki", "pi-7")  # what the device loads at start
+    with pytest.raises(ValueError, match="pki enroll"):
+        build_bundle(tmp_path / "c", model_dir=lenet_artifact.folder, runtime="onnx", profile="",
+                     device_id="pi-8", pki=ca)  # fmt: skip
+    assert main(["pki", "revoke", str(ca), "--device", "pi-7"]) == 0
+    with pytest.raises(wire.WireError, match="revoked"):
+        sign.Verifier(ca).admit("pi-7")
+
+
+def test_device_process_with_pki_joins_a_secure_round(
+    secure_broker: BrokerAddress, pki_dir: Path, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    """`edgeleak device --broker mqtts://... --pki DIR`: TLS, a signed task in, a signed update out."""
+    import subprocess
+
+    from devices.datasets import load_dataset
+    from edge.data import save_shard
+    from tests.fedutil import device_argv
+
+    run = _run_id()
+    data = load_dataset("fashion-mnist")
+    save_shard(tmp_path / "shard.npz", data.x_train[:16], data.y_train[:16])
+    url = f"mqtts://127.0.0.1:{secure_broker.port}"
+    argv = device_argv(url, tmp_path / "shard.npz", lenet_artifact, run, "d0001", "--pki",
+                       str(pki_dir), "--exit-on-end")  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    store = RunStore(tmp_path / "run.db")
+    creds = sign.Credentials.load(pki_dir, "coordinator")
+    plan = RoundPlan(algorithm="fedavg", lr=0.05, batch_size=8, deadline_s=60)
+    try:
+        with Coordinator(run, lenet_artifact, secure_broker, store, plan, credentials=creds) as co:
+            co.wait_for_devices(1, 120)
+            res = co.run_round(1)
+            co.end()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert (res.selected, res.accepted, res.rejected) == (1, 1, 0)
+    assert f"device d0001: run {run} round 1: 16 examples, loss " in out
+    assert "refused tasks: none" in out
