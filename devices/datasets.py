@@ -132,8 +132,16 @@ def _fortunes(folder: Path) -> Dataset:
     test = {n: f[TEST_EVERY - 1 :: TEST_EVERY] for n, f in per_source.items()}
     vocab = text.build_vocab((t for f in train.values() for t in f), VOCAB_SIZE)
 
+    index = text.word_index(vocab)
+
     def examples(texts: list[list[str]], cap: int) -> tuple[np.ndarray, np.ndarray]:
-        parts = [text.windows(text.encode(t, vocab), CONTEXT) for t in texts]
+        """The first ``cap`` next-word examples of ``texts``, in order."""
+        parts, n = [], 0
+        for t in texts:
+            if n >= cap:
+                break
+            parts.append(text.windows(text.encode(t, index), CONTEXT))
+            n += len(parts[-1][1])
         x = np.concatenate([p[0] for p in parts])[:cap]
         return x, np.concatenate([p[1] for p in parts])[:cap]
 

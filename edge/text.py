@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +39,15 @@ def build_vocab(texts: Iterable[Sequence[str]], size: int) -> tuple[str, ...]:
     return SPECIALS + tuple(w for w, _ in ranked[: size - len(SPECIALS)])
 
 
-def encode(tokens: Sequence[str], vocab: Sequence[str]) -> np.ndarray:
-    """Token ids (int64) of ``tokens``; words outside ``vocab`` become ``<unk>`` (id 0)."""
-    index = {w: i for i, w in enumerate(vocab)}
+def word_index(vocab: Sequence[str]) -> dict[str, int]:
+    """Id of each word of ``vocab`` (build once, pass to ``encode``)."""
+    return {w: i for i, w in enumerate(vocab)}
+
+
+def encode(tokens: Sequence[str], vocab: Sequence[str] | Mapping[str, int]) -> np.ndarray:
+    """Token ids (int64) of ``tokens``; words outside ``vocab`` become ``<unk>`` (id 0).
+    ``vocab``: the word list, or its ``word_index`` (faster over many texts)."""
+    index = vocab if isinstance(vocab, Mapping) else word_index(vocab)
     return np.array([index.get(t, 0) for t in tokens], dtype=np.int64)
 
 
