@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from attacks.base import AttackUpdate
 from edge.manifest import Manifest
@@ -133,6 +134,15 @@ class KeyboardLeak:
         """Recover the words, and under FedSGD the windows and their next words."""
         t0 = time.perf_counter()
         check_keyboard(manifest)
+        # One BLAS thread, like every attack's one torch thread: on 2 busy cores two threads
+        # made the SVDs here 14x slower.
+        with threadpool_limits(limits=1):
+            windows, labels, words = self._recover(update, global_model, manifest)
+        return TextReconstruction(words, windows, labels, time.perf_counter() - t0)
+
+    def _recover(
+        self, update: AttackUpdate, global_model: Mapping[str, np.ndarray], manifest: Manifest
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         g = update.params
         context = manifest.input_shape[0]
         seen = nonzero_rows(np.asarray(g[EMBEDDING]))
@@ -146,7 +156,7 @@ class KeyboardLeak:
             windows = windows_in_span(np.asarray(g[HIDDEN_W]), emb, seen, context)
             if len(windows):
                 labels = next_words(windows, global_model, np.asarray(g[OUT_W]), len(windows))
-        return TextReconstruction(words, windows, labels, time.perf_counter() - t0)
+        return windows, labels, words
 
 
 # -- scoring: the only place that sees the typed text ---------------------------------------------
@@ -197,7 +207,8 @@ class TextLeakage:
 
 def _precision_recall(guess: set[int], truth: set[int]) -> tuple[float, float]:
     hit = len(guess & truth)
-    return (hit / len(guess) if guess else 0.0), (hit / len(truth) if truth else 1.0)
+    # Nothing claimed is nothing wrong; nothing to find is nothing missed.
+    return (hit / len(guess) if guess else 1.0), (hit / len(truth) if truth else 1.0)
 
 
 def score(
