@@ -10,7 +10,8 @@ do. One CPU thread per attack.
                             [--budget-s S]
 
 Writes one object per case id to the JSON file and a PNG grid per case beside it
-(``<json stem>.<case>.png``: originals above their matched reconstructions).
+(``<json stem>.<case>.png``: originals above their matched reconstructions); the text cases
+(keyboard model) write the side-by-side text table instead (``<json stem>.<case>.txt``).
 """
 # ruff: noqa: E402
 
@@ -404,7 +405,8 @@ def main() -> None:
             _fmt(r["recovered_fraction"], ".2f"), _fmt(r["exact_fraction"], ".2f"),
             str(r["images"]), CASES[cid].target,
         )  # fmt: skip
-    console.print(table)
+    if table.row_count:
+        console.print(table)
     text = Table(title="text leakage (keyboard model, fortunes, FedSGD, untrained)")
     for col in ("case", "precision", "recall", "exact", "ROUGE-1", "ROUGE-2",
                 "unigram P/R/R-1", "s/example", "examples", "target"):  # fmt: skip
