@@ -447,8 +447,9 @@ def _shards(args: argparse.Namespace) -> int:
         )
     try:
         parts = partition(
-            data.y_train, args.devices, scheme=args.partition, alpha=args.alpha, seed=args.seed
-        )
+            data.y_train, args.devices, scheme=args.partition, alpha=args.alpha, seed=args.seed,
+            groups=data.groups,
+        )  # fmt: skip
     except (ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
