@@ -10,7 +10,8 @@ do. One CPU thread per attack.
                             [--budget-s S]
 
 Writes one object per case id to the JSON file and a PNG grid per case beside it
-(``<json stem>.<case>.png``: originals above their matched reconstructions).
+(``<json stem>.<case>.png``: originals above their matched reconstructions); the text cases
+(keyboard model) write the side-by-side text table instead (``<json stem>.<case>.txt``).
 """
 # ruff: noqa: E402
 
@@ -132,6 +133,7 @@ class Case:
     lr: float = 0.1
     epochs: int = 1
     imprint_bins: int = 0
+    trained_rounds: int = 0  # > 0: attack the model after this many FedAvg rounds (_trained)
 
 
 CASES: dict[str, Case] = {
@@ -156,6 +158,18 @@ CASES: dict[str, Case] = {
              "psnr >= 100 dB"),
         Case("imprint_b32", fashion, "lenet_zhu", (1, 28, 28), 32, 128, "imprint", 10.0,
              "exact fraction >= 60%", imprint_bins=128),
+        # Deep vs shallow on the same photo crops (ig_b1_rgb is the shallow B=1 side).
+        Case("resnet_ig_b1", photo_crops, "resnet", (3, 32, 32), 1, 4,
+             "inverting_gradients", 60.0, "deep vs ig_b1_rgb (shallow), same images"),
+        Case("ig_b8_rgb", photo_crops, "lenet_zhu", (3, 32, 32), 8, 8,
+             "inverting_gradients", 120.0, "shallow side of resnet_ig_b8"),
+        Case("resnet_ig_b8", photo_crops, "resnet", (3, 32, 32), 8, 8,
+             "inverting_gradients", 120.0, "deep vs ig_b8_rgb (shallow), same images"),
+        # Trained vs untrained: ig_b1_relu's attack on the demo's model after 10 FedAvg rounds.
+        Case("trained_ig_b1", digits_and_fashion, "lenet", (1, 28, 28), 1, 8,
+             "inverting_gradients", 20.0, "trained vs ig_b1_relu (untrained)",
+             config={"cosine": "global", "tv_weight": 1e-2, "tv_decay": False},
+             trained_rounds=10),
     )
 }  # fmt: skip
 
@@ -190,6 +204,31 @@ def _imprint_model(case: Case) -> torch.nn.Module:
     return build_imprint_model(base, case.input_shape, thresholds)
 
 
+def _trained(module: torch.nn.Module, rounds: int, seed: int) -> torch.nn.Module:
+    """``module`` after ``rounds`` rounds of the demo's FedAvg (20 IID devices, 1 local epoch,
+    batch 16, lr 0.1, mean of the deltas) on 4,000 Fashion-MNIST training images (200 per
+    device; the demo's devices hold 3,000 each, so this model is less trained than the demo's)."""
+    ds = load_dataset("fashion-mnist")
+    x, y = _pick(ds.x_train, ds.y_train, 4000, seed)
+    shards = np.array_split(np.arange(len(x)), 20)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(rounds):
+        start = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        total = {k: torch.zeros_like(v) for k, v in start.items()}
+        for shard in shards:
+            module.load_state_dict(start)
+            sgd = torch.optim.SGD(module.parameters(), lr=0.1)
+            for i in range(0, len(shard), 16):
+                b = shard[i : i + 16]
+                sgd.zero_grad()
+                torch.nn.functional.cross_entropy(module(xt[b]), yt[b]).backward()
+                sgd.step()
+            for k, v in module.state_dict().items():
+                total[k] += (v - start[k]) / len(shards)
+        module.load_state_dict({k: start[k] + total[k] for k in start})
+    return module
+
+
 def run_case(
     case: Case, *, images: int, budget_s: float, seed: int, out_png: Path
 ) -> dict[str, Any]:
@@ -200,6 +239,8 @@ def run_case(
         name = f"imprint{case.imprint_bins}+{case.model}"
     else:
         module, name = zoo.build(case.model, case.input_shape), case.model
+    if case.trained_rounds:
+        module = _trained(module, case.trained_rounds, seed)
     meta = AttackMetadata(manifest_for(name, module, case.input_shape, 10), budget_s=budget_s)
     victim = FunctionalModel(module, InputMap.from_metadata(meta, torch.device("cpu")))
     global_model = {k: v.detach().numpy().copy() for k, v in module.named_parameters()}
@@ -236,6 +277,73 @@ def run_case(
     }
 
 
+# -- text: the keyboard model's words and sentences -------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextCase:
+    """One text case: ``batches`` FedSGD batches of ``batch`` fortunes test windows."""
+
+    id: str
+    batch: int
+    batches: int
+    target: str
+
+
+TEXT_CASES: dict[str, TextCase] = {
+    c.id: c
+    for c in (
+        TextCase("text_words_b1", 1, 20, "word precision and recall 100%"),
+        TextCase("text_words_b8", 8, 10, "word precision and recall 100%"),
+        TextCase("text_words_b32", 32, 5, "word precision and recall 100%"),
+        TextCase("text_sentences_b1", 1, 20, "exact fraction 100%, ROUGE-2 100%"),
+    )
+}
+
+
+def run_text_case(case: TextCase, *, batches: int, seed: int, out_txt: Path) -> dict[str, Any]:
+    """Attack the untrained keyboard model's FedSGD gradients of fortunes test windows (each
+    batch drawn at random, as a device's shuffled batch); the side-by-side text table goes to
+    ``out_txt``."""
+    from attacks.text import KeyboardLeak, score, text_table
+
+    ds = load_dataset("fortunes")
+    torch.manual_seed(seed)
+    module = zoo.build("keyboard", ds.input_shape, ds.num_classes)
+    manifest = manifest_for("keyboard", module, ds.input_shape, ds.num_classes)
+    victim = FunctionalModel(module, InputMap(torch.ones(()), torch.zeros(())))  # ids as they are
+    weights = {k: v.detach().numpy().copy() for k, v in module.named_parameters()}
+    rng = np.random.default_rng(seed)
+    scores, seconds, pairs = [], 0.0, []
+    for _ in range(batches):
+        idx = rng.choice(len(ds.x_test), size=case.batch, replace=False)
+        x, y = ds.x_test[idx], ds.y_test[idx]
+        rec = KeyboardLeak().reconstruct(simulate_update(victim, weights, x, y), weights, manifest)
+        s = score(rec, x, y, ds.vocab)
+        scores.append(s)
+        seconds += rec.seconds
+        pairs += s.pairs
+    out_txt.write_text(text_table(pairs) + "\n")
+
+    def mean(key: str) -> float:
+        return float(np.mean([getattr(s, key) for s in scores]))
+
+    n = batches * case.batch
+    return {
+        "case": case.id,
+        "psnr_mean": None, "psnr_std": None, "baseline_psnr": None,
+        "seconds_per_image": seconds / n,
+        "label_accuracy": None, "recovered_fraction": None,
+        "exact_fraction": mean("exact_fraction"),
+        "images": n,
+        "word_precision": mean("word_precision"), "word_recall": mean("word_recall"),
+        "rouge1": mean("rouge1"), "rouge2": mean("rouge2"),
+        "baseline_word_precision": mean("baseline_precision"),
+        "baseline_word_recall": mean("baseline_recall"),
+        "baseline_rouge1": mean("baseline_rouge1"),
+    }  # fmt: skip
+
+
 def _fmt(value: Any, spec: str) -> str:
     if value is None:
         return "—"
@@ -247,7 +355,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--json", required=True, help="write the figures here")
-    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument(
+        "--cases", nargs="+", choices=[*CASES, *TEXT_CASES], default=[*CASES, *TEXT_CASES]
+    )
     ap.add_argument("--images", type=int, help="images per case (default: per case)")
     ap.add_argument("--budget-s", type=float, help="attack budget per update (default: per case)")
     ap.add_argument("--seed", type=int, default=0)
@@ -260,7 +370,16 @@ def main() -> None:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, Any]] = {}
-    for cid in args.cases:
+    for cid in (c for c in args.cases if c in TEXT_CASES):
+        t0 = time.perf_counter()
+        tc = TEXT_CASES[cid]
+        rows[cid] = run_text_case(
+            tc, batches=max(1, (args.images or tc.batch * tc.batches) // tc.batch),
+            seed=args.seed, out_txt=out.with_name(f"{out.stem}.{cid}.txt"),
+        )  # fmt: skip
+        console.log(f"{cid}: {time.perf_counter() - t0:.0f} s", rows[cid])
+        out.write_text(json.dumps(rows, indent=2))
+    for cid in (c for c in args.cases if c in CASES):
         case = CASES[cid]
         n = max(case.batch, (args.images or case.images) // case.batch * case.batch)
         t0 = time.perf_counter()
@@ -278,7 +397,7 @@ def main() -> None:
     for col in ("case", "attack", "PSNR dB", "baseline dB", "s/image", "labels", "≥30 dB",
                 "≥60 dB", "images", "target"):  # fmt: skip
         table.add_column(col)
-    for cid, r in rows.items():
+    for cid, r in ((c, r) for c, r in rows.items() if c in CASES):
         psnr = None if r["psnr_mean"] is None else f"{r['psnr_mean']:.1f} ± {r['psnr_std']:.1f}"
         table.add_row(
             cid, CASES[cid].attack, psnr or "—", _fmt(r["baseline_psnr"], ".1f"),
@@ -286,7 +405,22 @@ def main() -> None:
             _fmt(r["recovered_fraction"], ".2f"), _fmt(r["exact_fraction"], ".2f"),
             str(r["images"]), CASES[cid].target,
         )  # fmt: skip
-    console.print(table)
+    if table.row_count:
+        console.print(table)
+    text = Table(title="text leakage (keyboard model, fortunes, FedSGD, untrained)")
+    for col in ("case", "precision", "recall", "exact", "ROUGE-1", "ROUGE-2",
+                "unigram P/R/R-1", "s/example", "examples", "target"):  # fmt: skip
+        text.add_column(col)
+    for cid, r in ((c, r) for c, r in rows.items() if c in TEXT_CASES):
+        text.add_row(
+            cid, f"{r['word_precision']:.3f}", f"{r['word_recall']:.3f}",
+            f"{r['exact_fraction']:.3f}", f"{r['rouge1']:.3f}", f"{r['rouge2']:.3f}",
+            f"{r['baseline_word_precision']:.2f}/{r['baseline_word_recall']:.2f}/"
+            f"{r['baseline_rouge1']:.2f}",
+            _fmt(r["seconds_per_image"], ".2f"), str(r["images"]), TEXT_CASES[cid].target,
+        )  # fmt: skip
+    if text.row_count:
+        console.print(text)
 
 
 if __name__ == "__main__":

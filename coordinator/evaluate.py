@@ -14,11 +14,24 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     return float(-logp[np.arange(len(y)), y].mean())
 
 
+def predict(
+    backend: Backend, weights: Params, x: np.ndarray, *, batch_size: int = 1000
+) -> np.ndarray:
+    """Logits of ``weights`` on ``x``, in batches."""
+    return np.concatenate(
+        [backend.logits(weights, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    )
+
+
+def top_k_accuracy(logits: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among the ``k`` largest logits (ties: lower index)."""
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return float((top == y[:, None]).any(axis=1).mean())
+
+
 def evaluate(
     backend: Backend, weights: Params, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1000
 ) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``weights`` on ``(x, y)``."""
-    logits = np.concatenate(
-        [backend.logits(weights, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    )
+    logits = predict(backend, weights, x, batch_size=batch_size)
     return float((logits.argmax(1) == y).mean()), cross_entropy(logits, y)

@@ -1,4 +1,4 @@
-"""Splitting a dataset over devices: IID and Dirichlet(alpha) label skew, seeded."""
+"""Splitting a dataset over devices: IID, Dirichlet(alpha) label skew, or by source; seeded."""
 
 from __future__ import annotations
 
@@ -46,7 +46,22 @@ def dirichlet(
     )
 
 
-SCHEMES = ("iid", "dirichlet")
+def by_source(
+    groups: np.ndarray, num_devices: int, *, seed: int, min_size: int = 1
+) -> list[np.ndarray]:
+    """Non-IID by author: the examples sorted by source (sources in a seeded order, each kept
+    in its own order), cut into ``num_devices`` contiguous near-equal shards, so a device
+    holds the text of one source, or of two or three neighbouring ones."""
+    if num_devices * min_size > len(groups):
+        raise ValueError(
+            f"{num_devices} devices × {min_size} examples exceed {len(groups)} examples"
+        )
+    rank = np.random.default_rng(seed).permutation(int(groups.max()) + 1)
+    order = np.argsort(rank[groups], kind="stable")
+    return list(np.array_split(order, num_devices))
+
+
+SCHEMES = ("iid", "dirichlet", "source")
 
 
 def partition(
@@ -57,10 +72,16 @@ def partition(
     seed: int,
     alpha: float = 0.5,
     min_size: int = 1,
+    groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Split example indices over devices by ``scheme`` (see ``SCHEMES``)."""
+    """Split example indices over devices by ``scheme`` (see ``SCHEMES``); ``source`` needs
+    ``groups``, each example's source (a text dataset's ``Dataset.groups``)."""
     if scheme == "iid":
         return iid(len(labels), num_devices, seed=seed)
     if scheme == "dirichlet":
         return dirichlet(labels, num_devices, alpha=alpha, seed=seed, min_size=min_size)
+    if scheme == "source":
+        if groups is None:
+            raise ValueError("partition 'source' needs a dataset with sources (fortunes)")
+        return by_source(groups, num_devices, seed=seed, min_size=min_size)
     raise ValueError(f"unknown partition {scheme!r}; expected one of {', '.join(SCHEMES)}")

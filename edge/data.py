@@ -1,4 +1,5 @@
-"""A device's private data on disk: one ``.npz`` with x (float32 N×C×H×W in [0, 1]) and y (int64 N)."""
+"""A device's private data on disk: one ``.npz`` with x (float32 N×C×H×W in [0, 1], or N×words
+word ids for the keyboard model) and y (int64 N)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ def load_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             x, y = z["x"].astype(np.float32), z["y"].astype(np.int64)
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable .npz shard ({e})") from None
-    if x.ndim != 4 or len(x) != len(y):
+    if x.ndim not in (2, 4) or len(x) != len(y):
         raise ValueError(
-            f"{path}: expected x of shape (N, C, H, W) and N labels, got {x.shape}, {y.shape}"
+            f"{path}: expected x of shape (N, C, H, W) (images) or (N, words) (word ids) and N "
+            f"labels, got {x.shape}, {y.shape}"
         )
     return x, y
 

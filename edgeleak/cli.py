@@ -71,6 +71,9 @@ def _demo(args: argparse.Namespace) -> int:
         f"{s['bytes_up'] / 1e6:.2f} MB up, {s['bytes_down'] / 1e6:.2f} MB down, "
         f"{s['seconds']:.1f} s, broker {s['broker']}"
     )
+    if s.get("next_word_accuracy"):  # a keyboard model
+        top = s["next_word_accuracy"]
+        print(f"next word: top-1 {100 * top['top1']:.2f}%, top-3 {100 * top['top3']:.2f}%")
     if s["privacy"]:
         eps = [p["epsilon"] for p in s["privacy"].values()]
         first = next(iter(s["privacy"].values()))
@@ -479,8 +482,9 @@ def _shards(args: argparse.Namespace) -> int:
         )
     try:
         parts = partition(
-            data.y_train, args.devices, scheme=args.partition, alpha=args.alpha, seed=args.seed
-        )
+            data.y_train, args.devices, scheme=args.partition, alpha=args.alpha, seed=args.seed,
+            groups=data.groups,
+        )  # fmt: skip
     except (ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)

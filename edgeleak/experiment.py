@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from attacks.intercept import CaptureStore, Eavesdropper
-from coordinator.evaluate import evaluate
+from coordinator.evaluate import evaluate, predict, top_k_accuracy
 from coordinator.server import Coordinator, RoundClock, RoundPlan, Tamper, new_run_id
 from coordinator.store import RoundResult, RunStore
 from devices.clock import VirtualClock, assign_profiles, host_speed_scale
@@ -65,10 +65,11 @@ def fleet_spec(
     labels: np.ndarray,
     truth_dir: Path | None,
     keys: dict[str, bytes] | None = None,
+    groups: np.ndarray | None = None,
 ) -> FleetSpec:
     """Partition the training set; give each device a runtime and (with a clock) a profile,
     round-robin over the configured mixes; with ``keys`` (decoys), each device its key."""
-    shards = device_shards(cfg, labels)
+    shards = device_shards(cfg, labels, groups)
     runtimes = cfg.runtimes
     profiles = assign_profiles(cfg.devices, cfg.profile_names) if cfg.clock != "none" else None
     devices = tuple(
@@ -123,8 +124,11 @@ def speed_scale(cfg: ExperimentConfig, artifact: ModelArtifact) -> float:
     return host_speed_scale(artifact) if cfg.clock_base == "host" else 1.0
 
 
-def device_shards(cfg: ExperimentConfig, labels: np.ndarray) -> list[np.ndarray]:
-    """Each device's example indices (deterministic in the config)."""
+def device_shards(
+    cfg: ExperimentConfig, labels: np.ndarray, groups: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Each device's example indices (deterministic in the config); ``groups``: each
+    example's source, for ``partition="source"``."""
     return partition(
         labels,
         cfg.devices,
@@ -132,6 +136,7 @@ def device_shards(cfg: ExperimentConfig, labels: np.ndarray) -> list[np.ndarray]
         alpha=cfg.alpha,
         seed=cfg.seed,
         min_size=cfg.batch_size or 1,
+        groups=groups,
     )
 
 
@@ -252,7 +257,10 @@ def run_rounds(
     data, artifact = setup.data, setup.artifact
     evaluator_backend = load_backend("onnx", artifact)
 
+    final: list[dict[str, np.ndarray]] = []  # the last evaluated weights (text: top-k below)
+
     def evaluator(w: dict[str, np.ndarray]) -> tuple[float, float]:
+        final[:] = [w]
         return evaluate(evaluator_backend, w, data.x_test, data.y_test)
 
     store.add_run(
@@ -296,11 +304,17 @@ def run_rounds(
                 on_round(res)
         finally:
             coord.end()
-    return build_summary(
+    summary = build_summary(
         cfg, setup.run, setup.broker_kind, setup.broker, results, store,
         seconds=time.monotonic() - t_start, artifact=artifact,
         devices=setup.fleet_size or len(coord.proven),
     )  # fmt: skip
+    if data.vocab and final:  # a keyboard model: next-word accuracy of the final model
+        logits = predict(evaluator_backend, final[0], data.x_test)
+        summary["next_word_accuracy"] = {
+            f"top{k}": top_k_accuracy(logits, data.y_test, k) for k in (1, 3)
+        }
+    return summary
 
 
 @contextmanager
@@ -406,7 +420,8 @@ def run_experiment(
 
     data = load_dataset(cfg.dataset)
     asked = cfg
-    cfg = calibrate_protect(cfg, [len(s) for s in device_shards(cfg, data.y_train)])
+    shard_sizes = [len(s) for s in device_shards(cfg, data.y_train, data.groups)]
+    cfg = calibrate_protect(cfg, shard_sizes)
     out.mkdir(parents=True, exist_ok=True)
     run = run or new_run_id("demo")
     artifact = export_model(
@@ -415,6 +430,7 @@ def run_experiment(
         input_shape=data.input_shape,
         num_classes=data.num_classes,
         seed=cfg.seed,
+        vocab=data.vocab,
     )
     keys = enrol(cfg, out / "keys")
     if pki is not None:
@@ -430,7 +446,9 @@ def run_experiment(
         TimeElapsedColumn(),
     )
     with broker_for(broker_url, pki) as (broker, broker_kind):
-        spec = fleet_spec(cfg, run, broker, artifact, data.y_train, out / "truth", keys)
+        spec = fleet_spec(
+            cfg, run, broker, artifact, data.y_train, out / "truth", keys, data.groups
+        )
         setup = RoundsSetup(
             run, out, broker, broker_kind, artifact, data,
             round_plan(cfg, max_unproven=cfg.devices), cfg.devices, 60 + cfg.devices * 0.1,

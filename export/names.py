@@ -3,5 +3,5 @@ and config validation); ``export.zoo`` and ``export.onnx_export`` check that the
 
 from __future__ import annotations
 
-MODELS: tuple[str, ...] = ("mlp", "lenet_zhu", "lenet", "convnet")
+MODELS: tuple[str, ...] = ("mlp", "lenet_zhu", "lenet", "convnet", "resnet", "keyboard")
 TARGETS: tuple[str, ...] = ("onnx", "executorch")

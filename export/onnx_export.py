@@ -35,6 +35,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from edge.codec import write_tensors
 from edge.manifest import MANIFEST_FILE, Manifest, ModelArtifact, ParamSpec, content_hash
+from edge.text import VOCAB_FILE, save_vocab
 from export import zoo
 from export.flops import training_flops_per_example
 from export.names import TARGETS
@@ -295,12 +296,16 @@ def export_model(
     num_classes: int = 10,
     seed: int = 0,
     targets: Sequence[str] = ("onnx",),
+    vocab: Sequence[str] = (),
 ) -> ModelArtifact:
     """Export zoo model ``name`` into ``out_dir`` and return the verified artifact.
 
     ``targets`` picks the on-device runtimes; the initial parameters and the torch reference
-    (``pt2``) are always written. The global torch RNG is left as it was.
+    (``pt2``) are always written. A text model's ``vocab`` (one word per class) is shipped as
+    the ``vocab`` artifact (``edge.text.VOCAB_FILE``). The global torch RNG is left as it was.
     """
+    if vocab and len(vocab) != num_classes:
+        raise ValueError(f"a vocabulary of {len(vocab)} words for {num_classes} classes")
     unknown = [tg for tg in targets if tg not in _TARGETS]
     if unknown:
         raise ValueError(f"unknown export targets {unknown}; expected some of {', '.join(TARGETS)}")
@@ -311,6 +316,9 @@ def export_model(
         artifacts = {**_export_init(t, out), **_export_pt2(t, out)}
         for target in targets:
             artifacts.update(_TARGETS[target](t, out))
+    if vocab:
+        save_vocab(out / VOCAB_FILE, vocab)
+        artifacts["vocab"] = VOCAB_FILE
     manifest = Manifest(
         model=name,
         input_shape=tuple(t.x.shape[1:]),

@@ -69,7 +69,11 @@ def test_shard_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("model", "resnet", "model='resnet': expected one of mlp, lenet_zhu, lenet, convnet"),
+        (
+            "model",
+            "resnet50",
+            "model='resnet50': expected one of mlp, lenet_zhu, lenet, convnet, resnet, keyboard",
+        ),
         ("algorithm", "fedprox", "algorithm='fedprox': expected one of fedsgd, fedavg"),
         ("runtime", "onnx,tflite", "runtime='tflite': expected one of onnx, torch, executorch"),
         ("devices", 0, "devices=0: expected an integer >= 1"),

@@ -17,7 +17,8 @@ from edge.manifest import Manifest, ModelArtifact
 from export import TARGETS, export_model, zoo
 
 # (model, input shape): every zoo model at its default shape, the sigmoid LeNet also at 3x32x32.
-CASES = [(name, zoo.default_input_shape(name)) for name in zoo.MODELS] + [
+# The resnet's export takes minutes: tests/test_resnet.py covers it (one export, same parity).
+CASES = [(name, zoo.default_input_shape(name)) for name in zoo.MODELS if name != "resnet"] + [
     ("lenet_zhu", (3, 32, 32))
 ]
 TOL = 1e-5
