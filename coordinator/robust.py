@@ -18,7 +18,8 @@ into it and the factor each was scaled by. A defence is chosen by a spec string
                              N(0, (L·S)²) noise per coordinate (L=0: none)
 
 Every update also gets an anomaly score (``anomaly_scores``: cosine distance to the
-coordinate-wise median update), the same whatever the defence, stored per device and round.
+coordinate-wise median update plus the absolute log of its norm over the median norm), the same
+whatever the defence, stored per device and round (run store table ``anomaly``).
 """
 
 from __future__ import annotations
@@ -77,9 +78,14 @@ def cosine_distances(flat: np.ndarray) -> np.ndarray:
 
 
 def anomaly_scores(flat: np.ndarray) -> np.ndarray:
-    """Each update's cosine distance to the coordinate-wise median update, in [0, 2]."""
+    """Each update's cosine distance to the coordinate-wise median update (direction, in
+    [0, 2]) plus |ln(‖u‖ / median norm)| (magnitude): 0 for an update like the median; a
+    sign-flipped or boosted update scores high either way. A zero update's log term is ln of
+    the smallest positive float64."""
     both = np.vstack([np.median(flat, axis=0), flat])
-    return cosine_distances(both)[0, 1:]
+    norms = np.linalg.norm(flat, axis=1)
+    med = max(float(np.median(norms)), 1e-300)
+    return cosine_distances(both)[0, 1:] + np.abs(np.log(np.maximum(norms, 1e-300) / med))
 
 
 def median_norm_factors(flat: np.ndarray, bound: float) -> np.ndarray:
@@ -132,15 +138,20 @@ def norm_bound(updates: Sequence[Weighted], *, bound: float = 0.0) -> Defended:
 
 def majority_cluster(dist: np.ndarray) -> np.ndarray:
     """FLAME's admission: HDBSCAN (scikit-learn) on the precomputed cosine distances with
-    min_cluster_size n/2+1 and min_samples 1; True for members of the largest cluster. Fewer than
-    3 updates, or no cluster found: all admitted."""
+    min_cluster_size n/2+1, min_samples 1 and a single cluster allowed; True for members of the
+    largest cluster. As in FLAME, a single cluster admits its core only: honest updates at its
+    edge are left out too. Fewer than 3 updates, or no cluster found: all admitted."""
     n = len(dist)
     if n < 3:
         return np.ones(n, dtype=bool)
     from sklearn.cluster import HDBSCAN
 
     labels = HDBSCAN(
-        min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True
+        min_cluster_size=n // 2 + 1,
+        min_samples=1,
+        metric="precomputed",
+        allow_single_cluster=True,
+        copy=True,
     ).fit_predict(dist)
     found = labels[labels >= 0]
     if len(found) == 0:

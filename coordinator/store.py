@@ -89,9 +89,9 @@ class PrivacyRow:
 
 @dataclass(frozen=True)
 class AnomalyRow:
-    """One accepted update as the defence saw it: its L2 norm, its anomaly score (cosine
-    distance to the coordinate-wise median update), whether it entered the aggregate and the
-    factor it was scaled by (``coordinator.robust``)."""
+    """One accepted update as the defence saw it: its L2 norm, its anomaly score
+    (``coordinator.robust.anomaly_scores``), whether it entered the aggregate and the factor
+    it was scaled by."""
 
     device: str
     defence: str
