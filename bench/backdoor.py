@@ -1,6 +1,7 @@
 """Back-door defences, measured: attack × defence, each a full emulated run over a real broker.
 
-Every run is ``edgeleak demo`` (``run_experiment``: mosquitto, the fleet, the coordinator) with
+Every run is what ``edgeleak demo`` runs (``run_rounds``: mosquitto, the fleet, the coordinator;
+the model exported once for all runs) with
 ``malicious_devices`` of the fleet poisoning (``edge.poison``) and the coordinator's aggregator
 set to the defence (``coordinator.robust``); one run without attackers (aggregator ``mean``)
 gives the clean accuracy to compare with. Per row:
@@ -14,7 +15,7 @@ gives the clean accuracy to compare with. Per row:
   anomaly score.
 
     python bench/backdoor.py --json backdoor.json [--attacks backdoor,replace]
-        [--defences mean,flame] [--devices 10] [--rounds 8] [--dataset mnist-digits]
+        [--defences 'mean;flame;norm_bound;multikrum:f=1'] [--devices 10] [--rounds 8] [--dataset mnist-digits]
 """
 # ruff: noqa: E402
 
@@ -34,8 +35,15 @@ import tempfile
 import time
 from typing import Any
 
+from coordinator.server import new_run_id
+from coordinator.store import RunStore
+from devices.datasets import Dataset, load_dataset
+from devices.fleet import Fleet
+from edge.manifest import ModelArtifact
+from edgeleak.broker import local_broker
 from edgeleak.config import ExperimentConfig
-from edgeleak.experiment import run_experiment
+from edgeleak.experiment import RoundsSetup, fleet_spec, round_plan, run_rounds
+from export import export_model
 
 
 def _exclusions(db: Path, malicious: list[str]) -> dict[str, float]:
@@ -61,13 +69,27 @@ def _exclusions(db: Path, malicious: list[str]) -> dict[str, float]:
     }
 
 
-def _run(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
+def _run(
+    cfg: ExperimentConfig, artifact: ModelArtifact, data: Dataset, out: Path
+) -> dict[str, Any]:
+    """One demo run (``run_rounds`` with an emulated fleet on a fresh local broker) on the
+    already exported ``artifact``."""
     t0 = time.monotonic()
-    res = run_experiment(cfg, out, progress=False)
-    bd = res.summary["backdoor"]
+    out.mkdir(parents=True, exist_ok=True)
+    run = new_run_id("backdoor")
+    store = RunStore(out / "run.db")
+    with local_broker("auto") as (broker, kind):
+        spec = fleet_spec(cfg, run, broker, artifact, data.y_train, None)
+        setup = RoundsSetup(
+            run, out, broker, kind, artifact, data, round_plan(cfg, max_unproven=cfg.devices),
+            cfg.devices, 60 + cfg.devices * 0.1, fleet_size=cfg.devices,
+        )  # fmt: skip
+        summary = run_rounds(cfg, setup, store, alongside=Fleet(spec))
+    store.close()
+    bd = summary["backdoor"]
     return {
         "backdoor_success": bd["success"],
-        "clean_accuracy": res.summary["final_accuracy"],
+        "clean_accuracy": summary["final_accuracy"],
         "malicious": bd["malicious"],
         "seconds": round(time.monotonic() - t0, 1),
         **_exclusions(out / "run.db", bd["malicious"]),
@@ -81,6 +103,7 @@ def backdoor_table(
     devices: int = 10,
     malicious: float = 0.1,
     rounds: int = 8,
+    epochs: int = 2,
     dataset: str = "mnist-digits",
     model: str = "lenet",
     target: int = 0,
@@ -91,12 +114,17 @@ def backdoor_table(
     """One row per attack × defence (same seed, fleet and attackers), each with the no-attack
     run's clean accuracy; runs are written under ``out`` (a temporary folder by default)."""
     base = ExperimentConfig(
-        devices=devices, rounds=rounds, dataset=dataset, model=model, seed=seed,
+        devices=devices, rounds=rounds, epochs=epochs, dataset=dataset, model=model, seed=seed,
         workers=workers, backdoor_target=target,
     )  # fmt: skip
+    data = load_dataset(dataset)
     with tempfile.TemporaryDirectory() as tmp:
         root = out or Path(tmp)
-        clean = _run(base, root / "no-attack")
+        artifact = export_model(
+            model, root / "model", input_shape=data.input_shape, num_classes=data.num_classes,
+            seed=seed,
+        )  # fmt: skip
+        clean = _run(base, artifact, data, root / "no-attack")
         rows = [{"attack": "none", "defence": "mean", **clean,
                  "clean_accuracy_no_attack": clean["clean_accuracy"]}]  # fmt: skip
         for attack in attacks:
@@ -106,7 +134,7 @@ def backdoor_table(
                        "aggregator": defence},
                 )  # fmt: skip
                 name = f"{attack}-{defence}".replace(":", "_").replace(",", "_")
-                row = _run(cfg, root / name)
+                row = _run(cfg, artifact, data, root / name)
                 rows.append({"attack": attack, "defence": defence, **row,
                              "clean_accuracy_no_attack": clean["clean_accuracy"]})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
@@ -121,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=10)
     p.add_argument("--malicious", type=float, default=0.1)
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--dataset", default="mnist-digits")
     p.add_argument("--model", default="lenet")
     p.add_argument("--target", type=int, default=0)
@@ -131,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = backdoor_table(
         attacks=tuple(a for a in args.attacks.split(",") if a),
         defences=tuple(d for d in args.defences.split(";") if d),
-        devices=args.devices, malicious=args.malicious, rounds=args.rounds,
+        devices=args.devices, malicious=args.malicious, rounds=args.rounds, epochs=args.epochs,
         dataset=args.dataset, model=args.model, target=args.target, seed=args.seed,
         workers=args.workers, out=Path(args.out) if args.out else None,
     )  # fmt: skip
