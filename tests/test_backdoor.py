@@ -115,6 +115,29 @@ def test_config_checks_poison_and_defence_fields() -> None:
             ExperimentConfig(**kw)  # type: ignore[arg-type]
 
 
+def test_a_malicious_device_trains_on_poisoned_data_drawn_from_its_seed(
+    lenet_artifact: ModelArtifact,
+) -> None:
+    from edge.device import Device
+
+    data = load_dataset("fashion-mnist")
+    x, y = data.x_train[:40], data.y_train[:40]
+    backend = load_backend("onnx", lenet_artifact)
+
+    def make(seed: int) -> Device:
+        return Device("d0007", "r", lenet_artifact, backend, x, y, seed=seed,
+                      poison=Poison("backdoor", target=2, fraction=0.25))  # fmt: skip
+
+    a, b, c = make(0), make(0), make(1)
+    changed = np.flatnonzero((a.x != x).reshape(40, -1).any(1))
+    assert len(changed) == 10
+    np.testing.assert_array_equal(a.y[changed], 2)
+    np.testing.assert_array_equal(a.x, b.x)  # same seed, same poisoned examples
+    assert not np.array_equal(a.x, c.x)
+    honest = Device("d0007", "r", lenet_artifact, backend, x, y)
+    np.testing.assert_array_equal(honest.x, x)
+
+
 # -- over the real broker -------------------------------------------------------------------------
 
 
