@@ -46,7 +46,7 @@ from edgeleak.experiment import RoundsSetup, fleet_spec, round_plan, run_rounds
 from export import export_model
 
 
-def _exclusions(db: Path, malicious: list[str]) -> dict[str, float]:
+def _exclusions(db: Path, malicious: list[str]) -> dict[str, float | None]:
     """Excluded updates and mean anomaly scores, malicious vs honest, over the whole run."""
     con = sqlite3.connect(db)
     try:
@@ -56,8 +56,8 @@ def _exclusions(db: Path, malicious: list[str]) -> dict[str, float]:
     bad = [(k, s) for d, k, s in rows if d in malicious]
     good = [(k, s) for d, k, s in rows if d not in malicious]
 
-    def mean(v: list[float]) -> float:
-        return sum(v) / len(v) if v else float("nan")
+    def mean(v: list[float]) -> float | None:
+        return sum(v) / len(v) if v else None  # None: no such updates (JSON null)
 
     return {
         "excluded_malicious": sum(1 for k, _ in bad if not k),
@@ -82,7 +82,7 @@ def _run(
         spec = fleet_spec(cfg, run, broker, artifact, data.y_train, None)
         setup = RoundsSetup(
             run, out, broker, kind, artifact, data, round_plan(cfg, max_unproven=cfg.devices),
-            cfg.devices, 60 + cfg.devices * 0.1, fleet_size=cfg.devices,
+            cfg.devices, 600.0, fleet_size=cfg.devices,  # a safety net on a busy host
         )  # fmt: skip
         summary = run_rounds(cfg, setup, store, alongside=Fleet(spec))
     store.close()
