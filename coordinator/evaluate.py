@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge.backends.base import Backend, Params
+from edge.poison import stamp_trigger
 
 
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
@@ -35,3 +36,13 @@ def evaluate(
     """(accuracy, mean cross-entropy) of ``weights`` on ``(x, y)``."""
     logits = predict(backend, weights, x, batch_size=batch_size)
     return float((logits.argmax(1) == y).mean()), cross_entropy(logits, y)
+
+
+def backdoor_success(
+    backend: Backend, weights: Params, x: np.ndarray, y: np.ndarray, *, target: int
+) -> float:
+    """Backdoor success rate: the fraction of the test images not of class ``target`` that the
+    model classifies as ``target`` once the trigger (``edge.poison.stamp_trigger``) is stamped."""
+    keep = y != target
+    triggered = stamp_trigger(x[keep])
+    return evaluate(backend, weights, triggered, np.full(len(triggered), target))[0]

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from coordinator import policy
-from coordinator.aggregate import apply_update, central_dp_mean, get_aggregator
-from coordinator.store import MessageRow, PrivacyRow, RoundResult, RunStore
+from coordinator import policy, robust
+from coordinator.aggregate import apply_update, central_dp_mean
+from coordinator.store import AnomalyRow, MessageRow, PrivacyRow, RoundResult, RunStore
 from edge import decoy, protect, wire
 from edge.codec import params_sha256
 from edge.manifest import ModelArtifact
@@ -160,7 +160,7 @@ class Coordinator:
         self.broker = broker
         self.store = store
         self.plan = plan
-        self.aggregate = get_aggregator(plan.aggregator)
+        self.defence = robust.get_defence(plan.aggregator)
         self.protections = protect.parse(plan.protect)
         self.dp = protect.dp_step(self.protections)
         if isinstance(self.dp, protect.CentralDP) and plan.aggregator != "mean":
@@ -582,9 +582,13 @@ class Coordinator:
             )
             return central_dp_mean(ordered, clip=self.dp.clip, noise=noise, denominator=selected)
         # Canonical order (device id): the aggregate does not depend on arrival order.
-        return self.aggregate(
-            [(st.accepted[d].params, st.accepted[d].num_examples) for d in sorted(st.accepted)]
+        order = sorted(st.accepted)
+        updates = [(st.accepted[d].params, st.accepted[d].num_examples) for d in order]
+        out = self.defence(updates, np.random.default_rng(robust.defence_seed(self.seed, st.round)))
+        self.store.add_anomaly(
+            self.run, st.round, anomaly_rows(self.plan.aggregator, order, updates, out)
         )
+        return out.params
 
     def _account(self, st: _RoundState) -> None:
         """Add this round to every accepted device's privacy ledger; store each ε so far."""
@@ -602,6 +606,18 @@ class Coordinator:
         rows = [PrivacyRow(b.device, b.mechanism, b.sigma, b.rounds, b.epsilon, b.delta)
                 for b in self.privacy.budgets()]  # fmt: skip
         self.store.add_privacy(self.run, st.round, rows)
+
+
+def anomaly_rows(
+    defence: str, devices: list[str], updates: list[tuple[Params, int]], out: robust.Defended
+) -> list[AnomalyRow]:
+    """One row per update: norm and anomaly score (``robust.anomaly_scores``), kept, clip."""
+    flat = robust.flatten(updates)
+    norms, scores = np.linalg.norm(flat, axis=1), robust.anomaly_scores(flat)
+    return [
+        AnomalyRow(d, defence, float(norms[i]), float(scores[i]), out.kept[i], out.clip[i])
+        for i, d in enumerate(devices)
+    ]
 
 
 def central_noise_seed(seed: int, round_: int) -> list[int]:

@@ -31,6 +31,11 @@ CREATE TABLE IF NOT EXISTS privacy (
     epsilon REAL, delta REAL,
     PRIMARY KEY (run, round, device)
 );
+CREATE TABLE IF NOT EXISTS anomaly (
+    run TEXT, round INTEGER, device TEXT, defence TEXT, norm REAL, score REAL, kept INTEGER,
+    clip REAL,
+    PRIMARY KEY (run, round, device)
+);
 CREATE INDEX IF NOT EXISTS messages_run_round ON messages (run, round);
 """
 
@@ -80,6 +85,20 @@ class PrivacyRow:
     rounds: int
     epsilon: float
     delta: float
+
+
+@dataclass(frozen=True)
+class AnomalyRow:
+    """One accepted update as the defence saw it: its L2 norm, its anomaly score
+    (``coordinator.robust.anomaly_scores``), whether it entered the aggregate and the factor
+    it was scaled by."""
+
+    device: str
+    defence: str
+    norm: float
+    score: float
+    kept: bool
+    clip: float
 
 
 def rounds_recorded(path: str | Path) -> int:
@@ -187,6 +206,20 @@ class RunStore:
              for r in rows],
         )  # fmt: skip
         self.db.commit()
+
+    def add_anomaly(self, run: str, round_: int, rows: list[AnomalyRow]) -> None:
+        self.db.executemany(
+            "INSERT OR REPLACE INTO anomaly VALUES (?,?,?,?,?,?,?,?)",
+            [(run, round_, r.device, r.defence, r.norm, r.score, int(r.kept), r.clip)
+             for r in rows],
+        )  # fmt: skip
+        self.db.commit()
+
+    def anomaly(self, run: str) -> list[dict[str, object]]:
+        """Every scored update of ``run``, by round and device."""
+        cur = self.db.execute("SELECT * FROM anomaly WHERE run=? ORDER BY round, device", (run,))
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
     def privacy(self, run: str) -> dict[str, dict[str, object]]:
         """Each device's latest cumulative privacy row, by device."""

@@ -37,6 +37,7 @@ from edge.backends import Backend, load_backend
 from edge.device import Device, Outgoing, TaskLimits, TrainingRecord
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, connect, parse_broker_url
+from edge.poison import parse_poison
 from edge.wire import EndCommitments
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class DeviceSpec:
     seed: int = 0
     profile: str = ""
     key: bytes | None = field(default=None, repr=False)  # secret for decoys (edge.decoy)
+    poison: str = ""  # a malicious device's edge.poison spec ("" honest)
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,7 @@ def _worker(
                 key=ds.key,
                 decoy_data=pool,
                 credentials=credentials.get(ds.device_id),
+                poison=parse_poison(ds.poison) if ds.poison else None,
             )
         )
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -11,6 +12,7 @@ import queue
 import secrets
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,6 +31,7 @@ from edge.mqtt import (
     make_client,
     publish_packet_bytes,
 )
+from edge.poison import Poison, poison_data, poison_update
 from edge.train import LocalResult, device_rng
 
 if TYPE_CHECKING:
@@ -133,13 +136,16 @@ class Device:
         key: bytes | None = None,
         decoy_data: tuple[np.ndarray, np.ndarray] | None = None,
         credentials: Credentials | None = None,
+        poison: Poison | None = None,
     ) -> None:
         """``run=None``: not pinned, takes part in any run that sends it a task. ``ends`` may be
         shared by the devices of one process (a fleet worker). ``public``: examples anyone may
         hold (the source of ``dummy:source=public``). ``key``: this device's secret (enrolment),
         needed for decoys; ``decoy_data``: public examples ``(x, y)`` of the same domain that
         decoy updates train on. ``credentials`` (secure mode, ``edge.sign``): tasks must be
-        signed by the coordinator, and updates are signed with this device's key."""
+        signed by the coordinator, and updates are signed with this device's key. ``poison``:
+        a malicious device (back-door experiments): its data and updates as ``edge.poison``
+        says."""
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
@@ -155,6 +161,9 @@ class Device:
         self.backend = backend
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.y = np.ascontiguousarray(y, dtype=np.int64)
+        self.poison = poison
+        if poison is not None:
+            self.x, self.y = self._poisoned_data(poison, seed)
         self.seed = seed
         self.profile = profile
         self.on_trained = on_trained
@@ -173,6 +182,11 @@ class Device:
         # Error feedback: what earlier updates did not carry, per run and codec; slot -1 is the
         # real update, slots 0.. the decoys (so decoys carry residuals like the real one).
         self.residuals: dict[tuple[str, str, int], wire.Params] = {}
+
+    def _poisoned_data(self, p: Poison, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([seed, zlib.crc32(self.device_id.encode()), 0xBAD])
+        n = self.artifact.manifest.num_classes
+        return poison_data(self.x, self.y, p, num_classes=n, rng=rng)
 
     @property
     def status_topic(self) -> str:
@@ -352,6 +366,10 @@ class Device:
             self.ends.add(task.run, task.end)
             steps = protect.parse(task.protect)
             result = self.train(task, steps)
+            if self.poison is not None:
+                result = dataclasses.replace(
+                    result, params=poison_update(result.params, self.poison)
+                )
         except protect.ProtectError as e:
             self.refuse(wire.WireError("bad_protect", str(e)))
             return []

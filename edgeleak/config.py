@@ -8,16 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from attacks.registry import ATTACK_NAMES
-from coordinator.aggregate import AGGREGATORS as _AGGREGATORS
+from coordinator.robust import DEFENCES, parse_defence
 from devices.datasets import DATASETS
 from devices.partition import SCHEMES as PARTITIONS
 from devices.profiles import PROFILES
 from edge import protect
 from edge.backends import RUNTIMES
+from edge.poison import POISONS
 from edge.wire import ALGORITHMS, CODEC_HELP, MAX_DECOYS, WireError, check_codec
 from export.names import MODELS
 
-AGGREGATORS = tuple(_AGGREGATORS)
+AGGREGATORS = DEFENCES
 CLOCKS = ("none", "virtual", "real")
 CLOCK_BASES = ("flops", "host")
 MALICIOUS = ("none", "imprint")
@@ -36,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "profiles": PROFILES,
     "attack": ATTACK_NAMES,
     "malicious": MALICIOUS,
+    "poison": POISONS,
 }
 
 # One line per field for ``edgeleak demo --help`` (a test checks that every field has one).
@@ -52,7 +54,9 @@ FIELD_HELP: dict[str, str] = {
     "batch_size": "local batch size (0: the whole shard)",
     "fraction": "fraction of devices selected per round, in (0, 1]",
     "server_lr": "server learning rate applied to the aggregate",
-    "aggregator": "how the coordinator combines updates",
+    "aggregator": "how the coordinator combines updates, name[:key=value,...]: mean, median, "
+    "trimmed_mean:beta=B, krum:f=F, multikrum:f=F,m=M, norm_bound:bound=C (0: median norm), "
+    "flame:noise=L",
     "codec": "uplink encoding of updates: f32, f16, int8, int8c, topk:F, topk:F+int8 (F in (0, 1])",
     "decoys": "decoy updates per device and round, under keyed pseudonyms (0: none)",
     "runtime": "device runtime, or a comma-separated mix assigned round-robin",
@@ -67,6 +71,11 @@ FIELD_HELP: dict[str, str] = {
     "to attack a trained model)",
     "malicious": "imprint: a dishonest coordinator plants an imprint in the shipped weights",
     "imprint_bins": "imprint bins (malicious imprint)",
+    "malicious_devices": "fraction of devices that poison (chosen from the seed; 0: none)",
+    "poison": "what malicious devices do: backdoor (trigger patch), replace (backdoor boosted by "
+    "n/server_lr), flip (labels), scale, signflip (update times +/-boost)",
+    "backdoor_target": "class that triggered images are relabelled to (backdoor, replace)",
+    "poison_boost": "update scale of replace/scale/signflip (0: devices per round / server_lr)",
     "workers": "fleet worker processes",
     "deadline_s": "seconds a round waits for updates",
     "seed": "seed of partition, initial weights and selection",
@@ -116,6 +125,10 @@ class ExperimentConfig:
         "none"  # none | imprint: a dishonest coordinator plants an imprint in the weights
     )
     imprint_bins: int = 128
+    malicious_devices: float = 0.0  # fraction of poisoning devices (edge.poison), from the seed
+    poison: str = "backdoor"  # backdoor | replace | flip | scale | signflip
+    backdoor_target: int = 0  # the backdoor's target class
+    poison_boost: float = 0.0  # 0: Bagdasaryan's n/η (devices per round over server_lr)
     workers: int = 2
     deadline_s: float = 120.0
     seed: int = 0
@@ -135,7 +148,10 @@ class ExperimentConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("partition", self.partition, PARTITIONS)
         _choice("algorithm", self.algorithm, ALGORITHMS)
-        _choice("aggregator", self.aggregator, AGGREGATORS)
+        try:
+            parse_defence(self.aggregator)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         try:
             check_codec(self.codec)
         except WireError:
@@ -159,6 +175,7 @@ class ExperimentConfig:
             )
         _choice("malicious", self.malicious, MALICIOUS)
         _at_least("imprint_bins", self.imprint_bins, 1)
+        self._check_poison()
         if self.malicious == "imprint" and (self.model, self.algorithm) != ("mlp", "fedsgd"):
             raise ConfigError(
                 "malicious='imprint' rewrites a first linear layer and reads one batch gradient: "
@@ -186,6 +203,18 @@ class ExperimentConfig:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction={self.fraction!r}: expected a number in (0, 1]")
         self._check_protect()
+
+    def _check_poison(self) -> None:
+        m = self.malicious_devices
+        if not isinstance(m, int | float) or isinstance(m, bool) or not 0 <= m < 1:
+            raise ConfigError(
+                f"malicious_devices={self.malicious_devices!r}: expected a fraction in [0, 1)"
+            )
+        _choice("poison", self.poison, POISONS)
+        _at_least("backdoor_target", self.backdoor_target, 0)
+        b = self.poison_boost
+        if not isinstance(b, int | float) or isinstance(b, bool) or not b >= 0:
+            raise ConfigError(f"poison_boost={self.poison_boost!r}: expected a number >= 0")
 
     def _check_protect(self) -> None:
         try:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from attacks.intercept import CaptureStore, Eavesdropper
-from coordinator.evaluate import evaluate, predict, top_k_accuracy
+from coordinator.evaluate import backdoor_success, evaluate, predict, top_k_accuracy
 from coordinator.server import Coordinator, RoundClock, RoundPlan, Tamper, new_run_id
 from coordinator.store import RoundResult, RunStore
 from devices.clock import VirtualClock, assign_profiles, host_speed_scale
@@ -23,11 +23,12 @@ from devices.datasets import Dataset, load_dataset
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.partition import partition
 from edge import protect
-from edge.backends import load_backend
+from edge.backends import Backend, load_backend
 from edge.decoy import new_key, save_key
 from edge.device import TaskLimits, task_steps
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url, with_pki
+from edge.poison import Poison, choose_malicious, replacement_boost
 from edgeleak import checks
 from edgeleak.broker import local_broker
 from edgeleak.config import ConfigError, ExperimentConfig
@@ -72,6 +73,7 @@ def fleet_spec(
     shards = device_shards(cfg, labels, groups)
     runtimes = cfg.runtimes
     profiles = assign_profiles(cfg.devices, cfg.profile_names) if cfg.clock != "none" else None
+    poisons = poison_specs(cfg)
     devices = tuple(
         DeviceSpec(
             f"d{i:04d}",
@@ -80,6 +82,7 @@ def fleet_spec(
             seed=cfg.seed,  # Device.train draws from (seed, device id, round)
             profile=profiles[i] if profiles else "",
             key=keys.get(f"d{i:04d}") if keys else None,
+            poison=poisons.get(f"d{i:04d}", ""),
         )
         for i, shard in enumerate(shards)
     )
@@ -105,6 +108,16 @@ def fleet_spec(
         limits=limits,
         decoy_pool="test" if cfg.decoys else "",
     )
+
+
+def poison_specs(cfg: ExperimentConfig) -> dict[str, str]:
+    """The malicious devices (``malicious_devices`` of the fleet, chosen from the seed) and the
+    ``edge.poison`` spec each runs; boost 0 means n/η with n the devices selected per round."""
+    ids = [f"d{i:04d}" for i in range(cfg.devices)]
+    n = max(1, round(cfg.fraction * cfg.devices))
+    boost = cfg.poison_boost or replacement_boost(n, cfg.server_lr)
+    spec = Poison(cfg.poison, target=cfg.backdoor_target, boost=boost).spec()
+    return {d: spec for d in choose_malicious(ids, cfg.malicious_devices, cfg.seed)}
 
 
 def enrol(cfg: ExperimentConfig, keys_dir: Path) -> dict[str, bytes] | None:
@@ -314,7 +327,21 @@ def run_rounds(
         summary["next_word_accuracy"] = {
             f"top{k}": top_k_accuracy(logits, data.y_test, k) for k in (1, 3)
         }
+    if not data.vocab:  # images: the backdoor's trigger rate on the final model
+        summary["backdoor"] = backdoor_summary(cfg, evaluator_backend, coord.weights, data)
     return summary
+
+
+def backdoor_summary(
+    cfg: ExperimentConfig, backend: Backend, weights: dict[str, np.ndarray], data: Dataset
+) -> dict[str, Any]:
+    """The final model's backdoor success on triggered test images (``backdoor_success``; in a
+    run without attackers, the rate at which the trigger alone gives the target class) and who
+    poisoned."""
+    rate = backdoor_success(backend, weights, data.x_test, data.y_test, target=cfg.backdoor_target)
+    malicious = sorted(poison_specs(cfg)) if cfg.malicious_devices else []
+    return {"target": cfg.backdoor_target, "success": rate, "poison": cfg.poison,
+            "malicious": malicious}  # fmt: skip
 
 
 @contextmanager
@@ -419,6 +446,10 @@ def run_experiment(
     from export import export_model
 
     data = load_dataset(cfg.dataset)
+    if cfg.backdoor_target >= data.num_classes:
+        raise ConfigError(
+            f"backdoor_target={cfg.backdoor_target}: {cfg.dataset} has {data.num_classes} classes"
+        )
     asked = cfg
     shard_sizes = [len(s) for s in device_shards(cfg, data.y_train, data.groups)]
     cfg = calibrate_protect(cfg, shard_sizes)

@@ -70,3 +70,100 @@ def test_order_statistics_and_krum_ignore_input_order() -> None:
         want = rule(ups)["w"]
         for perm in ([4, 3, 2, 1, 0], [2, 0, 4, 1, 3]):
             np.testing.assert_array_equal(rule([ups[i] for i in perm])["w"], want)
+
+
+# -- robust defences (coordinator.robust) ---------------------------------------------------------
+
+
+def test_norm_bound_clips_to_the_median_norm_exactly() -> None:
+    from coordinator.robust import norm_bound
+
+    # norms 5, 1, 2: median 2; the first is scaled by 2/5, the others pass unchanged
+    ups = [(p(3, 4), 1), (p(1, 0), 1), (p(0, 2), 2)]
+    out = norm_bound(ups)
+    assert out.clip == (0.4, 1.0, 1.0)
+    assert out.kept == (True, True, True)
+    # (1.2, 1.6) + (1, 0) + 2·(0, 2) over 4 examples
+    np.testing.assert_allclose(out.params["w"], [0.55, 1.4], rtol=1e-7)
+    fixed = norm_bound(ups, bound=1.0)
+    assert fixed.clip == (0.2, 1.0, 0.5)
+    np.testing.assert_allclose(fixed.params["w"], [(0.6 + 1) / 4, (0.8 + 2) / 4], rtol=1e-7)
+
+
+def test_multi_krum_drops_f_outliers_and_averages_the_rest() -> None:
+    from coordinator.robust import krum_scores, multi_krum
+
+    ups = [(p(0, 0), 1), (p(1, 0), 3), (p(0, 1), 1), (p(9, 9), 1), (p(-9, 9), 1)]
+    flat = np.array([u["w"] for u, _ in ups], dtype=np.float64)
+    # f=2: each score sums the squared distances to its n - f - 2 = 1 nearest neighbour
+    np.testing.assert_array_equal(krum_scores(flat, 2), [1, 1, 1, 145, 145])
+    out = multi_krum(ups, f=2)
+    assert out.kept == (True, True, True, False, False)
+    np.testing.assert_array_equal(out.params["w"], np.array([0.6, 0.2], np.float32))
+    one = multi_krum(ups, f=2, m=1)  # Krum: the first of the tied best
+    assert one.kept == (True, False, False, False, False)
+    np.testing.assert_array_equal(one.params["w"], [0, 0])
+    assert multi_krum(ups, f=0).kept == (True,) * 5  # m = n - f = 5
+    # f=1: two neighbours each; (9, 9) scores 145 + 145, (-9, 9) 145 + 162: the latter goes
+    assert multi_krum(ups, f=1).kept == (True, True, True, True, False)
+    assert multi_krum(ups, f=1, m=2).kept == (True, True, False, False, False)
+
+
+def test_krum_through_the_registry_equals_the_reference_krum() -> None:
+    from coordinator.robust import get_defence
+
+    rng = np.random.default_rng(3)
+    ups = [({"w": rng.standard_normal(6).astype(np.float32)}, 1) for _ in range(6)]
+    got = get_defence("krum:f=1")(ups, rng)
+    np.testing.assert_array_equal(got.params["w"], krum(ups, num_byzantine=1)["w"])
+    assert sum(got.kept) == 1
+
+
+def test_flame_excludes_the_odd_direction_and_clips_to_the_median_norm() -> None:
+    from coordinator.robust import flame
+
+    honest = [(p(1, 0.1 * i), 1) for i in range(4)]  # norms 1, 1.005, 1.02, 1.044
+    attacker = (p(-30, 40), 1)  # norm 50, opposite direction
+    out = flame([*honest, attacker], np.random.default_rng(0))
+    # HDBSCAN's single cluster holds its core (1..3); (1, 0) at its edge and the attacker are out
+    assert out.kept == (False, True, True, True, False)
+    s = float(np.hypot(1, 0.2))  # the median norm
+    want = np.mean(
+        [np.array([1, 0.1 * i]) * min(1, s / np.hypot(1, 0.1 * i)) for i in (1, 2, 3)], 0
+    )
+    np.testing.assert_allclose(out.params["w"], want, rtol=1e-6)
+    assert out.clip[4] == pytest.approx(s / 50)
+    noisy = flame([*honest, attacker], np.random.default_rng(0), noise=0.01)
+    delta = noisy.params["w"] - out.params["w"]
+    np.testing.assert_allclose(delta, np.random.default_rng(0).normal(0, 0.01 * s, 2), atol=1e-7)
+
+
+def test_anomaly_score_is_cosine_distance_plus_log_norm_ratio() -> None:
+    from coordinator.robust import anomaly_scores
+
+    flat = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [4.0, 0.0]])
+    # coordinate median (1, 0): cos = 1, 1, 0, -1, 1; norms 1, 1, 1, 1, 4 (median 1)
+    np.testing.assert_allclose(anomaly_scores(flat), [0, 0, 1, 2, np.log(4)], atol=1e-12)
+
+
+def test_defence_specs_parse_and_name_what_is_valid() -> None:
+    from coordinator.robust import get_defence, parse_defence
+
+    assert parse_defence("multikrum:f=2") == ("multikrum", {"f": 2.0, "m": 0.0})
+    assert parse_defence("trimmed_mean") == ("trimmed_mean", {"beta": 0.1})
+    rng = np.random.default_rng(0)
+    ups = [(p(1), 1), (p(2), 1), (p(3), 1), (p(1000), 1), (p(4), 1)]
+    assert get_defence("trimmed_mean:beta=0.2")(ups, rng).params["w"][0] == 3
+    assert get_defence("median")(ups, rng).params["w"][0] == 3
+    assert get_defence("mean")(ups, rng).params["w"][0] == 202
+    bad = {
+        "avg": "expected one of mean, median, trimmed_mean, krum, multikrum, norm_bound, flame",
+        "multikrum:g=1": "multikrum takes key=value with f, m",
+        "krum:f=1.5": "f must be a whole number",
+        "trimmed_mean:beta=0.5": r"beta must be in \[0, 0.5\)",
+        "norm_bound:bound=x": "is not a number",
+        "median:f=1": "median takes key=value with none",
+    }
+    for spec, msg in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            parse_defence(spec)
