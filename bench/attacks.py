@@ -2,7 +2,7 @@
 
 Every case simulates honest clients (or, for ``imprint_b32``, a dishonest server's model) on
 data that ships offline, hands each update to an attack through the same API an eavesdropper
-uses, and scores the reconstruction with ``attacks.leakage.evaluate``. Untrained models, torch
+uses, and scores the reconstruction with ``attacks.truth.leakage.evaluate``. Untrained models, torch
 default initialisation (seed 0); images in [0, 1] fed to the model unnormalised, as the devices
 do. One CPU thread per attack.
 
@@ -37,11 +37,14 @@ import torch
 
 from attacks import get_attack
 from attacks.base import Algorithm, AttackMetadata, AttackUpdate
-from attacks.imprint import brightness, build_imprint_model, quantile_thresholds
-from attacks.leakage import LeakageReport, evaluate, matched_images
-from attacks.metrics import mean_image_psnr
-from attacks.model import FunctionalModel, InputMap, manifest_for, simulate_update
-from attacks.report import save_grid
+from attacks.imprint import brightness
+from attacks.imprint_model import build_imprint_model
+from attacks.malicious import quantile_thresholds
+from attacks.model import FunctionalModel, InputMap, manifest_for
+from attacks.truth.leakage import LeakageReport, evaluate, matched_images
+from attacks.truth.metrics import mean_image_psnr
+from attacks.truth.report import save_grid
+from attacks.truth.victim import simulate_update
 from devices.datasets import load_dataset
 from export import zoo
 
