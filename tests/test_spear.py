@@ -52,8 +52,9 @@ def test_spear_recovers_every_image_exactly(
     assert rec.count == size and not rec.budget_hit
     assert report.psnr.min() >= 100.0, report.psnr  # exact up to float32 (measured 115-180 dB)
     assert report.exact_fraction == 1.0
-    # Each direction is a ReLU gradient: about half of the 256 units are inactive.
-    assert np.all((rec.confidence > 0.35) & (rec.confidence < 0.65)), rec.confidence
+    # Each direction is a ReLU gradient: zero on a third to a half of the units alive for the
+    # batch (a wrong direction is zero only on the B-1 sampled rows: under 0.05).
+    assert np.all((rec.confidence > 0.25) & (rec.confidence < 0.65)), rec.confidence
 
 
 def test_solve_batch_inverts_a_known_factorisation() -> None:
