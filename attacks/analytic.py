@@ -9,7 +9,6 @@ ratio is a ``dL/dz_i``-weighted mix of the examples: returned as one image, low 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,29 +18,16 @@ import numpy as np
 from attacks.base import (
     AttackMetadata,
     AttackUpdate,
-    Reconstruction,
-    check_layout,
+    BaseAttack,
+    Deadline,
+    NotApplicable,
+    Recovered,
+    UpdateKind,
+    first_linear,
     inputs_to_images,
 )
 from attacks.labels import recover_labels
 from edge.manifest import Manifest
-
-
-def first_linear(manifest: Manifest) -> tuple[str, str]:
-    """Names of the first parameters if they are a linear layer on the flattened input."""
-    specs = manifest.params
-    n_in = int(np.prod(manifest.input_shape))
-    if (
-        len(specs) >= 2
-        and len(specs[0].shape) == 2
-        and specs[0].shape[1] == n_in
-        and specs[1].shape == (specs[0].shape[0],)
-    ):
-        return specs[0].name, specs[1].name
-    raise ValueError(
-        f"model {manifest.model!r} does not start with a linear layer with bias on its "
-        f"{n_in} inputs; the analytic attack needs one (the zoo's 'mlp' has it)"
-    )
 
 
 def linear_input(
@@ -55,7 +41,7 @@ def linear_input(
     db = bias_grad.astype(np.float64)
     keep = np.abs(db) >= rel_tol * np.abs(db).max()
     if not keep.any():
-        raise ValueError("all bias gradients are zero: the layer saw no signal")
+        raise NotApplicable("all bias gradients are zero: the layer saw no signal")
     dw = weight_grad[keep].astype(np.float64)
     return (db[keep] @ dw) / (db[keep] @ db[keep])
 
@@ -67,33 +53,29 @@ class AnalyticConfig:
     rel_tol: float = 1e-3
 
 
-class AnalyticAttack:
+class AnalyticAttack(BaseAttack):
     """Recover the input of a first linear layer exactly from one example's gradient."""
 
     name: ClassVar[str] = "analytic"
+    kinds: ClassVar[tuple[UpdateKind, ...]] = ("gradient",)
 
     def __init__(self, config: AnalyticConfig | None = None) -> None:
         self.config = config or AnalyticConfig()
 
-    def reconstruct(
+    def needs(self, update: AttackUpdate, manifest: Manifest) -> None:
+        first_linear(manifest)
+
+    def run(
         self,
         update: AttackUpdate,
         global_model: Mapping[str, np.ndarray],
         metadata: AttackMetadata,
-    ) -> Reconstruction:
-        start = time.perf_counter()
-        check_layout(update, global_model, metadata.manifest)
-        if update.kind != "gradient":
-            raise ValueError("analytic inverts a FedSGD gradient; a FedAvg delta mixes steps")
+        deadline: Deadline,
+    ) -> Recovered:
         w_name, b_name = first_linear(metadata.manifest)
         x = linear_input(update.params[w_name], update.params[b_name], rel_tol=self.config.rel_tol)
         image = inputs_to_images(x.reshape(metadata.manifest.input_shape), metadata)
-        labels, _ = recover_labels(update, global_model, metadata)
-        conf = 1.0 if update.num_examples == 1 else 1.0 / update.num_examples
-        return Reconstruction(
-            image[None],
-            labels[:1] if update.num_examples == 1 else None,
-            np.array([conf], dtype=np.float32),
-            time.perf_counter() - start,
-            self.name,
-        )
+        one = update.num_examples == 1
+        labels = recover_labels(update, global_model, metadata)[0][:1] if one else None
+        conf = 1.0 if one else 1.0 / update.num_examples
+        return Recovered(image[None], labels, np.array([conf], dtype=np.float32))

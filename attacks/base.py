@@ -2,7 +2,7 @@
 
 An attack gets an intercepted update, the global model it was computed at and public metadata,
 and returns a ``Reconstruction``. None of these types has a field that could carry the device's
-images, labels or example indices: the truth enters only ``attacks.leakage.evaluate``.
+images, labels or example indices: the truth enters only ``attacks.truth.leakage.evaluate``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from edge.manifest import Manifest
 
@@ -135,10 +136,16 @@ class Reconstruction:
         return len(self.confidence)
 
 
+class NotApplicable(Exception):
+    """The attack cannot use this update or model (wrong kind, size or layer layout); the message
+    says what it needs. Not a ``ValueError``: a bug inside an attack is not "does not apply"."""
+
+
 class Attack(Protocol):
     """An attack: one class with one verb."""
 
     name: ClassVar[str]
+    kinds: ClassVar[tuple[UpdateKind, ...]]
     config: Any
 
     def reconstruct(
@@ -149,6 +156,111 @@ class Attack(Protocol):
     ) -> Reconstruction:
         """Invert ``update`` (computed at ``global_model``); ``metadata.budget_s`` caps the time."""
         ...
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """What ``BaseAttack.run`` found; ``reconstruct`` adds the attack's name and its time."""
+
+    images: np.ndarray | None
+    labels: np.ndarray | None
+    confidence: np.ndarray
+    budget_hit: bool = False
+
+
+class BaseAttack:
+    """The prologue every attack shares: start the clock, check the layout, check applicability.
+
+    Subclasses declare ``kinds`` (the update kinds they invert), may add model or update needs in
+    ``needs`` (raise ``NotApplicable``), and implement ``run``.
+    """
+
+    name: ClassVar[str]
+    kinds: ClassVar[tuple[UpdateKind, ...]] = ("gradient", "delta")
+    config: Any
+
+    def reconstruct(
+        self,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+    ) -> Reconstruction:
+        """Invert ``update`` (computed at ``global_model``); ``metadata.budget_s`` caps the time.
+
+        Raises ``ValueError`` when update, model and manifest disagree, ``NotApplicable`` when
+        this attack cannot use the update.
+        """
+        deadline = Deadline(metadata.budget_s)
+        self.check(update, global_model, metadata)
+        # BLAS threads as torch's: on busy cores an oversubscribed SVD ran 50x slower.
+        with threadpool_limits(limits=metadata.threads):
+            found = self.run(update, global_model, metadata, deadline)
+        return Reconstruction(
+            found.images,
+            found.labels,
+            found.confidence,
+            deadline.elapsed(),
+            self.name,
+            budget_hit=found.budget_hit,
+        )
+
+    def check(
+        self,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+    ) -> None:
+        """The applicability check: layout, then the declared kinds, then ``needs``."""
+        check_layout(update, global_model, metadata.manifest)
+        if update.kind not in self.kinds:
+            raise NotApplicable(
+                f"{self.name} inverts {' or '.join(self.kinds)} updates, not {update.kind!r}"
+            )
+        self.needs(update, metadata.manifest)
+
+    def needs(self, update: AttackUpdate, manifest: Manifest) -> None:
+        """Raise ``NotApplicable`` unless the model and update have what this attack needs."""
+
+    def run(
+        self,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+        deadline: Deadline,
+    ) -> Recovered:
+        raise NotImplementedError
+
+
+def first_linear(manifest: Manifest) -> tuple[str, str]:
+    """Names of the first parameters if they are a linear layer with bias on the flattened input."""
+    specs = manifest.params
+    n_in = int(np.prod(manifest.input_shape))
+    if (
+        len(specs) >= 2
+        and len(specs[0].shape) == 2
+        and specs[0].shape[1] == n_in
+        and specs[1].shape == (specs[0].shape[0],)
+    ):
+        return specs[0].name, specs[1].name
+    raise NotApplicable(
+        f"model {manifest.model!r} does not start with a linear layer with bias on its "
+        f"{n_in} inputs; this attack needs one (the zoo's 'mlp' has it)"
+    )
+
+
+def last_layer(manifest: Manifest) -> tuple[str, str | None]:
+    """Names of the classifier's weight ``[classes, features]`` and bias ``[classes]`` (or None)."""
+    specs = list(manifest.params)
+    for i in range(len(specs) - 1, -1, -1):
+        spec = specs[i]
+        if len(spec.shape) == 2 and spec.shape[0] == manifest.num_classes:
+            nxt = specs[i + 1] if i + 1 < len(specs) else None
+            has_bias = nxt is not None and nxt.shape == (manifest.num_classes,)
+            return spec.name, nxt.name if has_bias and nxt is not None else None
+    raise NotApplicable(
+        f"model {manifest.model!r} has no linear layer with {manifest.num_classes} outputs: "
+        "label recovery needs a classifier as the last layer"
+    )
 
 
 def check_layout(

@@ -20,53 +20,30 @@ How subtle the change is:
   ``mlp``) the same imprint is planted by setting that layer's rows and biases, with no change to
   the architecture or the manifest's layout. Here the block is new parameters in front of the
   model, which a device that pins the architecture (the manifest hash it was deployed with)
-  refuses.
+  refuses (the block itself: ``attacks.imprint_model``).
 - What gives it away is structure, not size: a rank-one first layer whose biases form an
   ordered ladder. A client can check for that before training; nothing in the update shows it.
 """
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import torch
-from scipy.special import ndtri
-from torch import nn
 
-from attacks.analytic import first_linear
 from attacks.base import (
     AttackMetadata,
     AttackUpdate,
-    Reconstruction,
-    check_layout,
+    BaseAttack,
+    Deadline,
+    Recovered,
+    UpdateKind,
+    first_linear,
     inputs_to_images,
 )
-
-
-class ImprintBlock(nn.Module):
-    """``x + unflatten(lin1(relu(lin0(flatten(x)))))``: k bins of one linear measure."""
-
-    def __init__(self, input_shape: tuple[int, ...], bins: int) -> None:
-        super().__init__()
-        n = int(np.prod(input_shape))
-        self.input_shape = tuple(input_shape)
-        self.lin0 = nn.Linear(n, bins)
-        self.lin1 = nn.Linear(bins, n)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.lin0(x.flatten(1)))
-        return x + self.lin1(h).reshape(x.shape)
-
-
-def quantile_thresholds(mean: float, std: float, bins: int) -> np.ndarray:
-    """``bins`` ascending thresholds at the ``i / (bins + 1)`` quantiles of N(mean, std^2)."""
-    q = np.arange(1, bins + 1) / (bins + 1)
-    return (mean + std * ndtri(q)).astype(np.float64)
+from edge.manifest import Manifest
 
 
 def brightness(images: np.ndarray, metadata: AttackMetadata) -> np.ndarray:
@@ -74,27 +51,6 @@ def brightness(images: np.ndarray, metadata: AttackMetadata) -> np.ndarray:
     scale, shift = metadata.affine()
     inputs = images * scale[:, None, None] + shift[:, None, None]
     return inputs.reshape(len(images), -1).mean(axis=1)
-
-
-def build_imprint_model(
-    base: nn.Module,
-    input_shape: tuple[int, ...],
-    thresholds: np.ndarray,
-    *,
-    residual_scale: float = 1e-4,
-) -> nn.Sequential:
-    """The malicious model: an imprint block with ``thresholds`` (ascending) before ``base``.
-
-    Parameter names are ``imprint.lin0.*``, ``imprint.lin1.*`` and ``net.<base names>``.
-    """
-    block = ImprintBlock(input_shape, len(thresholds))
-    n = int(np.prod(input_shape))
-    with torch.no_grad():
-        block.lin0.weight.fill_(1.0 / n)
-        block.lin0.bias.copy_(torch.from_numpy(-np.asarray(thresholds, dtype=np.float32)))
-        block.lin1.weight.fill_(residual_scale)
-        block.lin1.bias.zero_()
-    return nn.Sequential(OrderedDict(imprint=block, net=base))
 
 
 def bin_differences(
@@ -120,24 +76,25 @@ class ImprintConfig:
     rel_tol: float = 1e-6
 
 
-class ImprintAttack:
+class ImprintAttack(BaseAttack):
     """Recover examples from the imprint block's gradient (the model must start with one)."""
 
     name: ClassVar[str] = "imprint"
+    kinds: ClassVar[tuple[UpdateKind, ...]] = ("gradient",)
 
     def __init__(self, config: ImprintConfig | None = None) -> None:
         self.config = config or ImprintConfig()
 
-    def reconstruct(
+    def needs(self, update: AttackUpdate, manifest: Manifest) -> None:
+        first_linear(manifest)
+
+    def run(
         self,
         update: AttackUpdate,
         global_model: Mapping[str, np.ndarray],
         metadata: AttackMetadata,
-    ) -> Reconstruction:
-        start = time.perf_counter()
-        check_layout(update, global_model, metadata.manifest)
-        if update.kind != "gradient":
-            raise ValueError("imprint inverts a FedSGD gradient; a FedAvg delta mixes steps")
+        deadline: Deadline,
+    ) -> Recovered:
         w_name, b_name = first_linear(metadata.manifest)
         dw, db, _ = bin_differences(
             update.params[w_name], update.params[b_name], global_model[b_name]
@@ -146,13 +103,7 @@ class ImprintAttack:
         inputs = dw[full] / db[full, None]
         shape = metadata.manifest.input_shape
         pixels = inputs_to_images(inputs.reshape(-1, *shape), metadata, clip=False)
-        return Reconstruction(
-            np.clip(pixels, 0.0, 1.0),
-            None,
-            in_range_fraction(pixels),
-            time.perf_counter() - start,
-            self.name,
-        )
+        return Recovered(np.clip(pixels, 0.0, 1.0), None, in_range_fraction(pixels))
 
 
 def in_range_fraction(pixels: np.ndarray, *, tol: float = 1e-3) -> np.ndarray:

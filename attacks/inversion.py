@@ -29,7 +29,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
-from attacks.base import AttackMetadata, AttackUpdate, Deadline, Reconstruction, check_layout
+from attacks.base import AttackMetadata, AttackUpdate, BaseAttack, Deadline, Recovered, UpdateKind
 from attacks.labels import recover_labels
 from attacks.model import FunctionalModel, select_device, to_weights
 
@@ -185,25 +185,19 @@ class FedAvgConfig(IGConfig):
     epoch_orders: tuple[tuple[int, ...], ...] = ()
 
 
-class _UpdateMatching:
+class _UpdateMatching(BaseAttack):
     """Shared driver: rebuild the model, recover labels, run restarts, keep the best match."""
 
     name: ClassVar[str]
-    kinds: ClassVar[tuple[str, ...]] = ("gradient", "delta")
     config: DLGConfig | IGConfig
 
-    def reconstruct(
+    def run(
         self,
         update: AttackUpdate,
         global_model: Mapping[str, np.ndarray],
         metadata: AttackMetadata,
-    ) -> Reconstruction:
-        deadline = Deadline(metadata.budget_s)
-        check_layout(update, global_model, metadata.manifest)
-        if update.kind not in self.kinds:
-            raise ValueError(
-                f"{self.name} inverts {' or '.join(self.kinds)} updates, not {update.kind!r}"
-            )
+        deadline: Deadline,
+    ) -> Recovered:
         device = select_device(metadata.device, metadata.threads)
         model = FunctionalModel.from_metadata(metadata, device)
         weights = {k: v.requires_grad_(True) for k, v in to_weights(global_model, device).items()}
@@ -234,7 +228,7 @@ class _UpdateMatching:
         score, x = best
         images = x.clamp(0, 1).cpu().numpy().astype(np.float32)
         conf = np.full(len(images), self.confidence(score), dtype=np.float32)
-        return Reconstruction(images, labels, conf, deadline.elapsed(), self.name, budget_hit=hit)
+        return Recovered(images, labels, conf, budget_hit=hit)
 
     def distance(
         self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], batch: int
@@ -283,7 +277,7 @@ class InvertingGradients(_UpdateMatching):
     """Inverting Gradients on a FedSGD gradient (see the module docstring)."""
 
     name = "inverting_gradients"
-    kinds = ("gradient",)
+    kinds: ClassVar[tuple[UpdateKind, ...]] = ("gradient",)
     config: IGConfig
 
     def __init__(self, config: IGConfig | None = None) -> None:
@@ -322,7 +316,7 @@ class FedAvgInversion(InvertingGradients):
     """Invert a FedAvg weight delta by simulating the client's local SGD on the dummy images."""
 
     name = "fedavg"
-    kinds = ("delta",)
+    kinds: ClassVar[tuple[UpdateKind, ...]] = ("delta",)
     config: FedAvgConfig
 
     def __init__(self, config: FedAvgConfig | None = None) -> None:

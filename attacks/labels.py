@@ -16,32 +16,28 @@ each weight row is ``dW_c = mean_i (p_ic - y_ic) h_i`` with ``h_i`` the layer's 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
-from attacks.base import AttackMetadata, AttackUpdate, Reconstruction, check_layout
-from attacks.model import FunctionalModel, select_device, to_weights
+from attacks.base import (
+    AttackMetadata,
+    AttackUpdate,
+    BaseAttack,
+    Deadline,
+    NotApplicable,
+    Recovered,
+    UpdateKind,
+    last_layer,
+)
 from edge.manifest import Manifest
 
+if TYPE_CHECKING:
+    import torch
 
-def last_layer(manifest: Manifest) -> tuple[str, str | None]:
-    """Names of the classifier's weight ``[classes, features]`` and bias ``[classes]`` (or None)."""
-    specs = list(manifest.params)
-    for i in range(len(specs) - 1, -1, -1):
-        spec = specs[i]
-        if len(spec.shape) == 2 and spec.shape[0] == manifest.num_classes:
-            nxt = specs[i + 1] if i + 1 < len(specs) else None
-            has_bias = nxt is not None and nxt.shape == (manifest.num_classes,)
-            return spec.name, nxt.name if has_bias and nxt is not None else None
-    raise ValueError(
-        f"model {manifest.model!r} has no linear layer with {manifest.num_classes} outputs: "
-        "label recovery needs a classifier as the last layer"
-    )
+    from attacks.model import FunctionalModel
 
 
 def class_signal(weight_grad: np.ndarray, bias_grad: np.ndarray | None) -> np.ndarray:
@@ -101,6 +97,8 @@ def mean_probs_along(
     knows, in a straight line (Dimitrov et al. 2022 replay it instead; measured here, the line
     is more accurate: B=16 in 4 steps at lr 0.1, 74% vs 54%).
     """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand((samples, *input_shape), generator=gen).to(model.input_map.scale.device)
     probs = []
@@ -134,9 +132,11 @@ def recover_labels(
         margin = np.sort(signal)[1] - signal[label] if len(signal) > 1 else 1.0
         return np.array([label], dtype=np.int64), np.array([margin], dtype=np.float32)
     if bias is None:
-        raise ValueError(
+        raise NotApplicable(
             f"{metadata.manifest.model!r} has no classifier bias: batch label counts need one"
         )
+    from attacks.model import FunctionalModel, select_device, to_weights
+
     device = select_device(metadata.device, metadata.threads)
     model = FunctionalModel.from_metadata(metadata, device)
     delta = to_weights(update.params, device) if update.kind == "delta" else None
@@ -170,32 +170,35 @@ class LabelCountConfig:
     seed: int = 0
 
 
-class IDLG:
+class IDLG(BaseAttack):
     """iDLG: the label of a one-example gradient from the sign of the last layer's gradient."""
 
     name: ClassVar[str] = "idlg"
+    kinds: ClassVar[tuple[UpdateKind, ...]] = ("gradient",)
 
     def __init__(self, config: IDLGConfig | None = None) -> None:
         self.config = config or IDLGConfig()
 
-    def reconstruct(
+    def needs(self, update: AttackUpdate, manifest: Manifest) -> None:
+        last_layer(manifest)
+        if update.num_examples != 1:
+            raise NotApplicable(
+                f"idlg needs a one-example gradient; got {update.num_examples} examples: "
+                "use 'label_count' for batches and deltas"
+            )
+
+    def run(
         self,
         update: AttackUpdate,
         global_model: Mapping[str, np.ndarray],
         metadata: AttackMetadata,
-    ) -> Reconstruction:
-        start = time.perf_counter()
-        check_layout(update, global_model, metadata.manifest)
-        if update.num_examples != 1 or update.kind != "gradient":
-            raise ValueError(
-                f"idlg needs a one-example gradient; got {update.num_examples} examples "
-                f"({update.kind}): use 'label_count' for batches and deltas"
-            )
+        deadline: Deadline,
+    ) -> Recovered:
         labels, conf = recover_labels(update, global_model, metadata)
-        return Reconstruction(None, labels, conf, time.perf_counter() - start, self.name)
+        return Recovered(None, labels, conf)
 
 
-class LabelCount:
+class LabelCount(BaseAttack):
     """Batch label counts from the last layer's bias update (see the module docstring)."""
 
     name: ClassVar[str] = "label_count"
@@ -203,16 +206,18 @@ class LabelCount:
     def __init__(self, config: LabelCountConfig | None = None) -> None:
         self.config = config or LabelCountConfig()
 
-    def reconstruct(
+    def needs(self, update: AttackUpdate, manifest: Manifest) -> None:
+        last_layer(manifest)
+
+    def run(
         self,
         update: AttackUpdate,
         global_model: Mapping[str, np.ndarray],
         metadata: AttackMetadata,
-    ) -> Reconstruction:
-        start = time.perf_counter()
-        check_layout(update, global_model, metadata.manifest)
+        deadline: Deadline,
+    ) -> Recovered:
         c = self.config
         labels, conf = recover_labels(
             update, global_model, metadata, samples=c.samples, seed=c.seed
         )
-        return Reconstruction(None, labels, conf, time.perf_counter() - start, self.name)
+        return Recovered(None, labels, conf)

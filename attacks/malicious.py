@@ -13,12 +13,18 @@ layer with a bias ladder), which a device would have to inspect before training.
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import ndtri
 
-from attacks.analytic import first_linear
-from attacks.imprint import quantile_thresholds
+from attacks.base import NotApplicable, first_linear
 from edge.manifest import Manifest
 
 Params = dict[str, np.ndarray]
+
+
+def quantile_thresholds(mean: float, std: float, bins: int) -> np.ndarray:
+    """``bins`` ascending thresholds at the ``i / (bins + 1)`` quantiles of N(mean, std^2)."""
+    q = np.arange(1, bins + 1) / (bins + 1)
+    return (mean + std * ndtri(q)).astype(np.float64)
 
 
 def second_linear(manifest: Manifest) -> str:
@@ -28,7 +34,7 @@ def second_linear(manifest: Manifest) -> str:
     for spec in manifest.params[2:]:
         if len(spec.shape) == 2 and spec.shape[1] == hidden:
             return spec.name
-    raise ValueError(
+    raise NotApplicable(
         f"model {manifest.model!r}: no linear layer reads the first layer's {hidden} outputs"
     )
 

@@ -1,12 +1,11 @@
 """The victim model as the attacker rebuilds it: a functional torch model over named weights.
 
-The same code computes a client's update (FedSGD gradient or FedAvg delta) for the bench's
-simulated victims and, differentiably, for the attacks that match it.
+The same code computes, differentiably, the update (FedSGD gradient or FedAvg delta) that the
+attacks match; ``attacks.truth.victim`` runs it on true images for benches and tests.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import MAX_THREADS, Algorithm, AttackMetadata, AttackUpdate, Device
+from attacks.base import MAX_THREADS, AttackMetadata, AttackUpdate, Device
 from edge.manifest import Manifest, ParamSpec
 
 Weights = dict[str, torch.Tensor]
@@ -172,38 +171,3 @@ class FunctionalModel:
             orders=orders,
             create_graph=create_graph,
         )
-
-
-def simulate_update(
-    model: FunctionalModel,
-    global_model: Mapping[str, np.ndarray],
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    algorithm: Algorithm = "fedsgd",
-    lr: float = 0.1,
-    epochs: int = 1,
-    batch_size: int = 0,
-    orders: Sequence[Sequence[int]] = (),
-) -> AttackUpdate:
-    """What an honest client sends for ``images``/``labels`` (the victim's side, for benches).
-
-    FedSGD: the mean gradient of the whole batch. FedAvg: the delta after ``epochs`` epochs of
-    consecutive minibatches of ``batch_size`` (0: the whole batch) at ``lr``, visiting the
-    examples in ``orders`` per epoch (default: as given).
-    """
-    device = model.input_map.scale.device
-    update = AttackUpdate(
-        params={},
-        kind="gradient" if algorithm == "fedsgd" else "delta",
-        num_examples=len(images),
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        algorithm=algorithm,
-    )
-    w = {k: v.requires_grad_(True) for k, v in to_weights(global_model, device).items()}
-    x = torch.tensor(np.ascontiguousarray(images), dtype=torch.float32, device=device)
-    y = torch.tensor(np.ascontiguousarray(labels), dtype=torch.int64, device=device)
-    params = to_arrays(model.update(w, x, y, update, orders=orders))
-    return dataclasses.replace(update, params=params)

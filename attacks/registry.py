@@ -17,6 +17,8 @@ _ATTACKS: dict[str, tuple[str, str, str]] = {
     "inverting_gradients": ("attacks.inversion", "InvertingGradients", "IGConfig"),
     "fedavg": ("attacks.inversion", "FedAvgInversion", "FedAvgConfig"),
     "imprint": ("attacks.imprint", "ImprintAttack", "ImprintConfig"),
+    "spear": ("attacks.spear", "Spear", "SpearConfig"),
+    "ilrg": ("attacks.ilrg", "ILRG", "ILRGConfig"),
 }
 ATTACK_NAMES: tuple[str, ...] = tuple(_ATTACKS)
 

@@ -2,7 +2,7 @@
 
 Every case simulates honest clients (or, for ``imprint_b32``, a dishonest server's model) on
 data that ships offline, hands each update to an attack through the same API an eavesdropper
-uses, and scores the reconstruction with ``attacks.leakage.evaluate``. Untrained models, torch
+uses, and scores the reconstruction with ``attacks.truth.leakage.evaluate``. Untrained models, torch
 default initialisation (seed 0); images in [0, 1] fed to the model unnormalised, as the devices
 do. One CPU thread per attack.
 
@@ -37,11 +37,14 @@ import torch
 
 from attacks import get_attack
 from attacks.base import Algorithm, AttackMetadata, AttackUpdate
-from attacks.imprint import brightness, build_imprint_model, quantile_thresholds
-from attacks.leakage import LeakageReport, evaluate, matched_images
-from attacks.metrics import mean_image_psnr
-from attacks.model import FunctionalModel, InputMap, manifest_for, simulate_update
-from attacks.report import save_grid
+from attacks.imprint import brightness
+from attacks.imprint_model import build_imprint_model
+from attacks.malicious import quantile_thresholds
+from attacks.model import FunctionalModel, InputMap, manifest_for
+from attacks.truth.leakage import LeakageReport, evaluate, matched_images
+from attacks.truth.metrics import mean_image_psnr
+from attacks.truth.report import save_grid
+from attacks.truth.victim import simulate_update
 from devices.datasets import load_dataset
 from export import zoo
 
@@ -170,6 +173,17 @@ CASES: dict[str, Case] = {
              "inverting_gradients", 20.0, "trained vs ig_b1_relu (untrained)",
              config={"cosine": "global", "tv_weight": 1e-2, "tv_decay": False},
              trained_rounds=10),
+        Case("spear_b4", fashion, "mlp", (1, 28, 28), 4, 40, "spear", 60.0,
+             "exact fraction 100% (psnr >= 100 dB), <= 60 s/batch"),
+        Case("spear_b8", fashion, "mlp", (1, 28, 28), 8, 80, "spear", 60.0,
+             "exact fraction >= 95%, <= 60 s/batch"),
+        Case("labels_b24_ilrg", fashion, "lenet", (1, 28, 28), 24, 240, "ilrg", 30.0,
+             "classes 100%, label-count accuracy >= 99%"),
+        Case("labels_b24_ilrg_mlp", fashion, "mlp", (1, 28, 28), 24, 240, "ilrg", 30.0,
+             "classes 100%, label-count accuracy >= 99%"),
+        Case("batch100_best", fashion, "mlp,lenet_zhu", (1, 28, 28), 100, 100,
+             "inverting_gradients|imprint", 30.0,
+             "recovered fraction (>= 30 dB) of B=100, honest vs dishonest, per model"),
     )
 }  # fmt: skip
 
@@ -344,6 +358,67 @@ def run_text_case(case: TextCase, *, batches: int, seed: int, out_txt: Path) -> 
     }  # fmt: skip
 
 
+def run_batch100(
+    case: Case, *, images: int, budget_s: float, seed: int, out_png: Path
+) -> dict[str, Any]:
+    """The best attack per model on one batch of ``images`` (100): the honest server's (IG, the
+    only one that applies to B=100 on every model) and the dishonest server's (the imprint: the
+    MLP's own first layer planted with 256 bins, or a 512-bin block before the conv net)."""
+    from attacks.malicious import plant_imprint
+
+    x, y = fashion(images, seed)
+    public = load_dataset("fashion-mnist").x_train[:10_000]
+    per_model: dict[str, dict[str, Any]] = {}
+    best: dict[str, Any] | None = None
+    for model in case.model.split(","):
+        per_model[model] = {}
+        for server in ("honest", "dishonest"):
+            torch.manual_seed(seed)
+            module = zoo.build(model, case.input_shape)
+            name = model
+            if server == "dishonest" and model != "mlp":
+                m = brightness(
+                    public, AttackMetadata(manifest_for(model, module, case.input_shape, 10))
+                )
+                thresholds = quantile_thresholds(float(m.mean()), float(m.std()), 512)
+                module, name = (
+                    build_imprint_model(module, case.input_shape, thresholds),
+                    f"imprint512+{model}",
+                )
+            meta = AttackMetadata(
+                manifest_for(name, module, case.input_shape, 10), budget_s=budget_s
+            )
+            weights = {k: v.detach().numpy().copy() for k, v in module.named_parameters()}
+            if server == "dishonest" and model == "mlp":
+                m = brightness(public, meta)
+                weights = plant_imprint(
+                    weights, meta.manifest, bins=256, mean=float(m.mean()), std=float(m.std())
+                )
+                module.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+            victim = FunctionalModel(module, InputMap.from_metadata(meta, torch.device("cpu")))
+            update = simulate_update(victim, weights, x, y)
+            attack = "imprint" if server == "dishonest" else "inverting_gradients"
+            rec = get_attack(attack).reconstruct(update, weights, meta)
+            report = evaluate(rec, x, y)
+            row: dict[str, Any] = {
+                "case": case.id, "model": model, "server": server, "attack": attack,
+                "psnr_mean": report.psnr_mean, "psnr_std": float(np.std(report.psnr[np.isfinite(report.psnr)])) if np.isfinite(report.psnr).any() else None,
+                "baseline_psnr": report.baseline_psnr, "seconds_per_image": report.seconds / len(x),
+                "label_accuracy": report.label_accuracy, "recovered_fraction": report.recovered_fraction,
+                "exact_fraction": report.exact_fraction, "images": len(x),
+            }  # fmt: skip
+            per_model[model][server] = row
+            got = report.recovered_fraction or 0.0
+            if best is None or got > (best["recovered_fraction"] or 0.0):
+                best = row
+                save_grid(out_png, x[:40], matched_images(rec, report)[:40], report.psnr[:40],
+                          title=f"{case.id}: {attack} ({server}), {model}, B={images}")  # fmt: skip
+    assert best is not None
+    keys = ("psnr_mean", "psnr_std", "baseline_psnr", "seconds_per_image", "label_accuracy",
+            "recovered_fraction", "exact_fraction", "images")  # fmt: skip
+    return {"case": case.id, **{k: best[k] for k in keys}, "per_model": per_model}
+
+
 def _fmt(value: Any, spec: str) -> str:
     if value is None:
         return "—"
@@ -383,7 +458,8 @@ def main() -> None:
         case = CASES[cid]
         n = max(case.batch, (args.images or case.images) // case.batch * case.batch)
         t0 = time.perf_counter()
-        rows[cid] = run_case(
+        runner = run_batch100 if cid == "batch100_best" else run_case
+        rows[cid] = runner(
             case,
             images=n,
             budget_s=args.budget_s or case.budget_s,

@@ -33,7 +33,7 @@ import numpy as np
 
 from attacks import get_attack
 from attacks.base import AttackMetadata, AttackUpdate
-from attacks.metrics import psnr_matrix
+from attacks.truth.metrics import psnr_matrix
 from devices.datasets import load_dataset
 from edge import decoy, wire
 from edge.backends import load_backend

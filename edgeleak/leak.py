@@ -1,7 +1,7 @@
 """Leakage of a run: attack intercepted updates, score them against the fleet's ground truth.
 
 The attacks see only what the eavesdropper captured (``attacks.intercept``). Ground truth (which
-examples each update used, written by the fleet) enters here, in ``attacks.leakage.evaluate``
+examples each update used, written by the fleet) enters here, in ``attacks.truth.leakage.evaluate``
 only, and only after the attack has returned.
 """
 
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from attacks.base import AttackMetadata, Reconstruction
+from attacks.base import AttackMetadata, NotApplicable, Reconstruction
 from attacks.intercept import CaptureStore, Intercepted
-from attacks.leakage import LeakageReport, evaluate, matched_images, matched_labels
 from attacks.registry import get_attack
-from attacks.report import save_grid, save_reconstructions
+from attacks.truth.leakage import LeakageReport, evaluate, matched_images, matched_labels
+from attacks.truth.report import save_grid, save_reconstructions
 from devices.datasets import load_dataset
 from devices.fleet import read_truth
 from edge.manifest import ModelArtifact
@@ -119,7 +119,7 @@ def attack_captures(
             for name in attacks:
                 try:
                     rec = get_attack(name).reconstruct(item.update, item.global_model, meta)
-                except ValueError as e:  # the attack does not apply to this update (kind, size)
+                except NotApplicable as e:  # the attack does not apply to this update (kind, size)
                     log.warning("%s on round %d %s: %s", name, item.round, item.device, e)
                     bar.advance(job)
                     continue

@@ -5,23 +5,31 @@ Fast checks only (one CPU thread, small budgets); quality runs live in ``bench/a
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
+import subprocess
+import sys
 import typing
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from attacks import ATTACK_NAMES, get_attack, metrics
-from attacks.base import AttackMetadata, AttackUpdate, Reconstruction
-from attacks.imprint import brightness, build_imprint_model, quantile_thresholds
+from attacks import ATTACK_NAMES, get_attack
+from attacks.base import AttackMetadata, AttackUpdate, NotApplicable, Reconstruction
+from attacks.imprint import brightness
+from attacks.imprint_model import build_imprint_model
 from attacks.labels import round_counts
-from attacks.leakage import evaluate, matched_images
-from attacks.model import FunctionalModel, InputMap, manifest_for, simulate_update
+from attacks.malicious import quantile_thresholds
+from attacks.model import FunctionalModel, InputMap, manifest_for
 from attacks.registry import config_class
-from attacks.report import save_grid
+from attacks.truth import metrics
+from attacks.truth.leakage import evaluate, matched_images
+from attacks.truth.report import save_grid
+from attacks.truth.victim import simulate_update
 from devices.datasets import load_dataset
 from edge.manifest import Manifest, ParamSpec
 from export import zoo
@@ -86,6 +94,43 @@ def test_every_attack_has_one_verb_over_public_inputs() -> None:
         if fields:
             with pytest.raises(dataclasses.FrozenInstanceError):
                 setattr(attack.config, fields[0].name, None)
+
+
+ATTACKS_DIR = Path(__file__).resolve().parents[1] / "attacks"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    return out | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_only_the_truth_folder_sees_the_truth() -> None:
+    outside = [p for p in ATTACKS_DIR.glob("*.py")]
+    assert len(outside) >= 10
+    for path in outside:
+        bad = [m for m in _imports(path) if m.startswith("attacks.truth")]
+        assert not bad, f"{path.name} imports {bad}: attacks must not see the truth"
+
+
+def test_not_applicable_is_not_a_value_error() -> None:
+    # A bug raising ValueError inside an attack must not pass for "does not apply".
+    assert not issubclass(NotApplicable, ValueError)
+
+
+def test_every_attack_declares_its_kinds() -> None:
+    for name in ATTACK_NAMES:
+        kinds = get_attack(name).kinds
+        assert kinds and set(kinds) <= {"gradient", "delta"}, name
+
+
+@pytest.mark.parametrize(
+    "module", ["attacks.registry", "attacks.analytic", "attacks.imprint", "attacks.malicious"]
+)
+def test_numpy_attacks_import_without_torch(module: str) -> None:
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_registry_errors_name_the_choices() -> None:
@@ -276,9 +321,9 @@ def test_attacks_refuse_updates_of_the_wrong_kind(digits: tuple[np.ndarray, np.n
     client, weights, meta = victim("lenet_zhu")
     x, y = digits
     delta = simulate_update(client, weights, x[:2], y[:2], algorithm="fedavg", lr=0.01)
-    with pytest.raises(ValueError, match="gradient"):
+    with pytest.raises(NotApplicable, match="gradient"):
         get_attack("inverting_gradients").reconstruct(delta, weights, meta)
-    with pytest.raises(ValueError, match="layer"):
+    with pytest.raises(NotApplicable, match="layer"):
         get_attack("analytic").reconstruct(
             simulate_update(client, weights, x[:1], y[:1]), weights, meta
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.image import imread
 
-from attacks.report import save_grid, save_reconstructions
+from attacks.truth.report import save_grid, save_reconstructions
 from edgeleak.report import cumulative_mb, leak_table, plot_rounds, software_versions
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from attacks import get_attack
 from attacks.base import AttackMetadata
-from attacks.model import FunctionalModel, InputMap, manifest_for, simulate_update
+from attacks.model import FunctionalModel, InputMap, manifest_for
+from attacks.truth.victim import simulate_update
 from edge.backends import load_backend
 from edge.manifest import ModelArtifact
 from export import export_model, zoo

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from attacks.base import AttackUpdate
-from attacks.model import FunctionalModel, InputMap, manifest_for, simulate_update
+from attacks.model import FunctionalModel, InputMap, manifest_for
 from attacks.text import KeyboardLeak, rouge_n, score, sentence, text_table
+from attacks.truth.victim import simulate_update
 from coordinator.evaluate import top_k_accuracy
 from devices.datasets import CONTEXT, FORTUNES_DIR, VOCAB_SIZE, load_dataset
 from devices.partition import partition

@@ -37,8 +37,9 @@ def ssim(a: np.ndarray, b: np.ndarray, *, data_range: float = 1.0) -> float:
 
 def psnr_matrix(recs: np.ndarray, truths: np.ndarray) -> np.ndarray:
     """PSNR of every reconstruction (rows) against every true image (columns), capped."""
-    r = recs.reshape(len(recs), -1).astype(np.float64)
-    t = truths.reshape(len(truths), -1).astype(np.float64)
+    size = int(np.prod(truths.shape[1:]))
+    r = recs.reshape(len(recs), size).astype(np.float64)
+    t = truths.reshape(len(truths), size).astype(np.float64)
     mse = ((r[:, None, :] - t[None, :, :]) ** 2).mean(axis=2)
     with np.errstate(divide="ignore"):
         db = 10 * np.log10(1.0 / mse)

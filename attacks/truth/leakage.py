@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attacks import metrics
 from attacks.base import Reconstruction
+from attacks.truth import metrics
 
 
 @dataclass(frozen=True)
