@@ -11,6 +11,7 @@ either the shares of its self mask (it survived) or of its mask key (it dropped)
 from __future__ import annotations
 
 import json
+import queue
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -19,7 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from coordinator.store import MessageRow, RunStore
 from edge import secagg as sa
+from edge import wire
+from edge.mqtt import QOS, BrokerAddress, Received, connect, make_client, publish_packet_bytes, wait_until
 
 # (device, topic, direction, kind, packet bytes, payload bytes) -> the byte ledger
 Ledger = Callable[[str, str, str, str, int, int], None]
@@ -300,3 +304,101 @@ class _Abort(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+# -- transport ------------------------------------------------------------------------------------
+
+
+def feed(rnd: SecAggRound, msg: Received) -> bool:
+    """Hand ``msg`` to the round if it is a secure-aggregation upload or an ``offline`` status
+    of one of its devices; False when it is neither."""
+    parsed = sa.parse_secagg_topic(msg.topic)
+    if parsed is not None and parsed[1] == "up":
+        rnd.on_message(msg.topic, msg.payload, msg.packet_bytes)
+        return True
+    try:
+        _run, channel, device = wire.parse_topic(msg.topic)
+    except wire.WireError:
+        return False
+    if channel == "status" and device in rnd.devices and b'"offline"' in msg.payload:
+        rnd.device_gone(device)
+        return True
+    return False
+
+
+class SecAggService:
+    """A coordinator that runs only secure-aggregation rounds over MQTT (tests, benchmarks):
+    one paho client, the byte ledger in ``rows`` (and in ``store`` when given)."""
+
+    def __init__(self, run: str, broker: BrokerAddress, *, store: RunStore | None = None) -> None:
+        self.run, self.broker, self.store = run, broker, store
+        self.inbox: queue.Queue[Received] = queue.Queue()
+        self._ready: list[str] = []
+        self.rows: list[MessageRow] = []
+        self._round = 0
+        self.client = make_client(
+            f"secagg-coordinator-{run}",
+            self.inbox,
+            protocol=broker.protocol,
+            subscriptions=(sa.up_filter(run), f"{wire.TOPIC_PREFIX}/{run}/status/+"),
+            on_ready=self._ready,
+        )
+
+    def __enter__(self) -> SecAggService:
+        connect(self.client, self.broker)
+        self.client.loop_start()
+        wait_until(lambda: bool(self._ready), 10, "the secagg coordinator's subscriptions")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _send(self, topic: str, payload: bytes) -> int:
+        self.client.publish(topic, payload, qos=QOS)
+        return publish_packet_bytes(topic, len(payload), QOS, protocol=self.broker.protocol)
+
+    def _ledger(self, device: str, topic: str, direction: str, kind_: str, size: int, n: int) -> None:
+        self.rows.append(
+            MessageRow(self.run, self._round, device, topic, direction, kind_, size, n, time.time())
+        )
+
+    def run_round(
+        self,
+        round_: int,
+        devices: Iterable[str],
+        spec: sa.SecAggSpec,
+        length: int,
+        *,
+        deadline_s: float = 60.0,
+        graph_seed: bytes | None = None,
+    ) -> SecAggRound:
+        """Start ``devices`` (``begin``) and run every phase; the round's ``outcome`` is set."""
+        self._round = round_
+        first = len(self.rows)
+        rnd = SecAggRound(
+            self.run, round_, devices, spec, length, send=self._send, ledger=self._ledger,
+            deadline_s=deadline_s, graph_seed=graph_seed,
+        )  # fmt: skip
+        rnd.begin()
+        drive(rnd, self.inbox)
+        if self.store is not None:
+            self.store.add_messages(self.rows[first:])
+        return rnd
+
+
+def drive(rnd: SecAggRound, inbox: queue.Queue[Received], other: Callable[[Received], None] | None = None) -> None:
+    """Feed ``rnd`` from ``inbox`` until it is done; messages it does not take go to ``other``."""
+    while not rnd.done:
+        try:
+            msg: Received | None = inbox.get(timeout=0.05)
+        except queue.Empty:
+            msg = None
+        while msg is not None:
+            if not feed(rnd, msg) and other is not None:
+                other(msg)
+            try:
+                msg = inbox.get_nowait()
+            except queue.Empty:
+                msg = None
+        rnd.step()

@@ -336,14 +336,22 @@ class Message:
         return t
 
 
-def decode_message(payload: bytes, phase: str, run: str, round_: int, device: str) -> Message:
-    """Parse and check the header against what the topic and the round say."""
+def decode_message(
+    payload: bytes, phase: str, run: str, round_: int | None, device: str
+) -> Message:
+    """Parse and check the header against what the topic and the round say (``round_=None``:
+    any round, for the message that starts one)."""
     try:
         tensors, meta = read_container(payload)
     except CodecError as e:
         raise SecAggError(e.reason, e.detail) from None
     if meta.get("secagg") != VERSION:
         raise SecAggError("bad_version", f"secagg version {meta.get('secagg')!r}")
+    if round_ is None:
+        raw = meta.get("round", "")
+        if not raw.isdigit() or len(raw) > 15:
+            raise SecAggError("bad_field", f"round {raw[:20]!r}")
+        round_ = int(raw)
     for key, want in (("phase", phase), ("run", run), ("round", str(round_)), ("device", device)):
         if meta.get(key) != want:
             raise SecAggError(
