@@ -11,20 +11,32 @@ either the shares of its self mask (it survived) or of its mask key (it dropped)
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
+import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from coordinator.store import MessageRow, RunStore
 from edge import secagg as sa
 from edge import wire
-from edge.mqtt import QOS, BrokerAddress, Received, connect, make_client, publish_packet_bytes, wait_until
+from edge.mqtt import (
+    QOS,
+    BrokerAddress,
+    Received,
+    connect,
+    make_client,
+    publish_packet_bytes,
+    wait_until,
+)
 
+log = logging.getLogger(__name__)
 # (device, topic, direction, kind, packet bytes, payload bytes) -> the byte ledger
 Ledger = Callable[[str, str, str, str, int, int], None]
 # (topic, payload) -> packet bytes published
@@ -185,7 +197,9 @@ class SecAggRound:
     def begin(self) -> None:
         """Start light devices that no task starts (``edge.secagg.begin_message``)."""
         for d in self.devices:
-            self._publish(d, "begin", sa.begin_message(self.run, self.round, d, self.spec, self.length))
+            self._publish(
+                d, "begin", sa.begin_message(self.run, self.round, d, self.spec, self.length)
+            )
 
     def _after_advertise(self) -> None:
         got = self.phase.got
@@ -227,7 +241,9 @@ class SecAggRound:
         for v in sorted(u2):
             senders = [u for u in self.graph[v] if u in u2]
             ct = np.stack([self.cts[u][v] for u in senders])
-            msg = sa.Message("shares", self.run, self.round, v, {"from": json.dumps(senders)}, {"ct": ct})
+            msg = sa.Message(
+                "shares", self.run, self.round, v, {"from": json.dumps(senders)}, {"ct": ct}
+            )
             self._publish(v, "shares", msg)
         self._next("masked", sorted(u2))
 
@@ -241,12 +257,12 @@ class SecAggRound:
         self.masked = {d: got[d].tensors["y"].view(np.uint32).copy() for d in sorted(got)}
         # Every secret that must be rebuilt needs t surviving neighbours to reveal a share.
         for u in sorted(self.cts):
-            alive = sum(v in self.masked for v in self.graph[u])
-            if alive < self.t:
+            left = sum(v in self.masked for v in self.graph[u])
+            if left < self.t:
                 raise _Abort(
                     "too_few_survivors",
                     f"{len(self.masked)} of {len(self.cts)} sent masked inputs; {u} has "
-                    f"{alive} surviving neighbours, t={self.t}",
+                    f"{left} surviving neighbours, t={self.t}",
                 )
         for v in sorted(self.masked):
             alive, dropped = self._unmask_lists(v)
@@ -279,12 +295,16 @@ class SecAggRound:
         for u in sorted(self.masked):
             shares = self._shares_of(u, "b")
             if len(shares) < self.t:
-                raise _Abort("too_few_reveals", f"{len(shares)} shares of {u}'s self mask, t={self.t}")
+                raise _Abort(
+                    "too_few_reveals", f"{len(shares)} shares of {u}'s self mask, t={self.t}"
+                )
             total -= sa.prg(sa.int_bytes(sa.shamir_combine(shares))[1:], m)
         for d in dropped:
             shares = self._shares_of(d, "s")
             if len(shares) < self.t:
-                raise _Abort("too_few_reveals", f"{len(shares)} shares of {d}'s mask key, t={self.t}")
+                raise _Abort(
+                    "too_few_reveals", f"{len(shares)} shares of {d}'s mask key, t={self.t}"
+                )
             raw = sa.int_bytes(sa.shamir_combine(shares))[1:]
             sk = X25519PrivateKey.from_private_bytes(raw)
             if sa.public_bytes(sk) != self.keys[d][1]:
@@ -358,7 +378,9 @@ class SecAggService:
         self.client.publish(topic, payload, qos=QOS)
         return publish_packet_bytes(topic, len(payload), QOS, protocol=self.broker.protocol)
 
-    def _ledger(self, device: str, topic: str, direction: str, kind_: str, size: int, n: int) -> None:
+    def _ledger(
+        self, device: str, topic: str, direction: str, kind_: str, size: int, n: int
+    ) -> None:
         self.rows.append(
             MessageRow(self.run, self._round, device, topic, direction, kind_, size, n, time.time())
         )
@@ -387,7 +409,9 @@ class SecAggService:
         return rnd
 
 
-def drive(rnd: SecAggRound, inbox: queue.Queue[Received], other: Callable[[Received], None] | None = None) -> None:
+def drive(
+    rnd: SecAggRound, inbox: queue.Queue[Received], other: Callable[[Received], None] | None = None
+) -> None:
     """Feed ``rnd`` from ``inbox`` until it is done; messages it does not take go to ``other``."""
     while not rnd.done:
         try:
@@ -402,3 +426,139 @@ def drive(rnd: SecAggRound, inbox: queue.Queue[Received], other: Callable[[Recei
             except queue.Empty:
                 msg = None
         rnd.step()
+
+
+# -- inside the coordinator's rounds --------------------------------------------------------------
+
+
+def check_plan(
+    spec_text: str, *, decoys: int, codec: str, aggregator: str, protect: str
+) -> sa.SecAggSpec:
+    """The plan's secure-aggregation spec, refused (ValueError saying why) where it cannot work:
+    the coordinator sees only the sum, so no decoys, robust aggregators or central DP, and the
+    fixed-point encoding replaces the uplink codec."""
+    spec = sa.parse_spec(spec_text)
+    if decoys:
+        raise ValueError("secagg with decoys: the coordinator sees only the sum; use one of them")
+    if codec != "f32":
+        raise ValueError(
+            f"secagg replaces the uplink codec with its fixed point; use codec f32, not {codec!r}"
+        )
+    if aggregator != "mean":
+        raise ValueError(
+            f"secagg yields the plain mean of the survivors; use aggregator 'mean', not {aggregator!r}"
+        )
+    if protect:
+        raise ValueError(
+            "secagg with client-side protections is not supported yet (distributed DP is not "
+            f"implemented); drop protect={protect!r} or secagg"
+        )
+    return spec
+
+
+def upload(rnd: SecAggRound | None, msg: Received) -> bool:
+    """True when ``msg`` is a secure-aggregation upload (handed to ``rnd`` if a round runs;
+    ledgered as rejected by the caller otherwise)."""
+    parsed = sa.parse_secagg_topic(msg.topic)
+    if parsed is None or parsed[1] != "up":
+        return False
+    if rnd is not None:
+        rnd.on_message(msg.topic, msg.payload, msg.packet_bytes)
+    return True
+
+
+class _Host(Protocol):
+    """What ``secure_round`` uses of ``coordinator.server.Coordinator``."""
+
+    run: str
+    store: RunStore
+    broker: BrokerAddress
+    client: mqtt.Client
+    secagg_round: SecAggRound | None
+
+    def poll(self, timeout: float = 0.05) -> None: ...
+
+
+@dataclass(frozen=True)
+class SecureResult:
+    """What a secure round hands back to the coordinator's round."""
+
+    mean: dict[str, np.ndarray] | None  # the survivors' mean update; None when aborted
+    survivors: tuple[str, ...]
+    heard: set[str]  # devices that advertised keys (they trained)
+    examples: dict[str, int]
+    losses: list[float]  # the survivors' reported training losses, by device id
+    bytes_up: int
+    bytes_down: int
+    rejections: dict[str, int]
+
+
+def secure_round(
+    host: _Host,
+    round_: int,
+    selected: Iterable[str],
+    spec: sa.SecAggSpec,
+    shapes: dict[str, tuple[int, ...]],
+    deadline_s: float,
+) -> SecureResult:
+    """Run the phases among ``selected`` (their tasks are out); every message in the ledger."""
+    rows: list[MessageRow] = []
+    counted = {"up": 0, "down": 0}
+
+    def send(topic: str, payload: bytes) -> int:
+        host.client.publish(topic, payload, qos=QOS)
+        return publish_packet_bytes(topic, len(payload), QOS, protocol=host.broker.protocol)
+
+    def ledger(device: str, topic: str, direction: str, kind_: str, size: int, n: int) -> None:
+        if kind_ != "rejected":
+            counted[direction] += size
+        rows.append(
+            MessageRow(host.run, round_, device, topic, direction, kind_, size, n, time.time())
+        )
+
+    length = sum(int(np.prod(s)) for s in shapes.values())
+    rnd = SecAggRound(
+        host.run, round_, selected, spec, length, send=send, ledger=ledger, deadline_s=deadline_s
+    )
+    host.secagg_round = rnd
+    try:
+        while not rnd.done:
+            host.poll(0.05)
+            rnd.step()
+    finally:
+        host.secagg_round = None
+        host.store.add_messages(rows)
+    out = rnd.outcome
+    assert out is not None
+    adverts = {m.device: m for m in rnd.received if m.phase == "advertise"}
+    rejections = dict(rnd.rejections)
+    mean = None
+    if out.aborted:
+        rejections[f"secagg_{out.aborted}"] = 1
+        host.store.add_rejection(
+            host.run, round_, "*", sa.up_filter(host.run), f"secagg_{out.aborted}", out.detail
+        )
+        log.warning("round %d: secure aggregation aborted: %s: %s", round_, out.aborted, out.detail)
+    else:
+        assert out.total is not None
+        flat = sa.decode_fixed(out.total, spec.bits) / len(out.survivors)
+        mean = sa.unflatten(flat, shapes)
+
+    def number(d: str, key: str) -> float:
+        try:
+            return float(adverts[d].fields.get(key, "nan"))
+        except ValueError:
+            return float("nan")
+
+    return SecureResult(
+        mean=mean,
+        survivors=out.survivors,
+        heard=set(adverts),
+        examples={
+            d: int(number(d, "examples")) for d in out.survivors if number(d, "examples") >= 0
+        },
+        losses=[number(d, "loss") for d in out.survivors],
+        bytes_up=counted["up"],
+        bytes_down=counted["down"],
+        rejections=rejections,
+    )

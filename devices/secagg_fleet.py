@@ -129,4 +129,3 @@ class LightSecAggFleet:
             self._publish(device, wire.status_topic(run, device), status)
             self.clients[device].disconnect()
             self.loop.clients.remove(self.clients[device])  # no reconnect by ``misc``
-

@@ -120,6 +120,14 @@ def parse_spec(spec: str) -> SecAggSpec:
     return SecAggSpec(**fields)  # type: ignore[arg-type]
 
 
+def task_spec(text: str) -> SecAggSpec:
+    """The spec a task carries; ``SecAggError("bad_secagg")`` when it is not one."""
+    try:
+        return parse_spec(text)
+    except ValueError as e:
+        raise SecAggError("bad_secagg", str(e)) from None
+
+
 # -- fixed point ----------------------------------------------------------------------------------
 
 
@@ -252,8 +260,7 @@ def neighbours(devices: Sequence[str], k: int, seed: bytes) -> dict[str, list[st
     ring = [order[i] for i in rng.permutation(n)]
     pos = {d: i for i, d in enumerate(ring)}
     return {
-        d: sorted({ring[(pos[d] + j) % n] for j in range(-k // 2, k // 2 + 1) if j})
-        for d in order
+        d: sorted({ring[(pos[d] + j) % n] for j in range(-k // 2, k // 2 + 1) if j}) for d in order
     }
 
 
@@ -323,7 +330,9 @@ class Message:
         try:
             value = json.loads(self.fields[key])
         except (KeyError, ValueError):
-            raise SecAggError("bad_field", f"{self.phase}: field {key!r} missing or not JSON") from None
+            raise SecAggError(
+                "bad_field", f"{self.phase}: field {key!r} missing or not JSON"
+            ) from None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise SecAggError("bad_field", f"{self.phase}: {key!r} is not a list of device ids")
         return value
@@ -358,7 +367,9 @@ def decode_message(
                 "stale_round" if key == "round" else f"wrong_{key}",
                 f"{key} {meta.get(key)!r}, expected {want!r}",
             )
-    fields = {k: v for k, v in meta.items() if k not in ("secagg", "phase", "run", "round", "device")}
+    fields = {
+        k: v for k, v in meta.items() if k not in ("secagg", "phase", "run", "round", "device")
+    }
     return Message(phase, run, round_, device, fields, tensors)
 
 
@@ -394,11 +405,13 @@ class SecAggClient:
         if self.phase != phase:
             raise SecAggError("wrong_phase", f"got {phase!r} while in {self.phase!r}")
 
-    def advertise(self) -> bytes:
+    def advertise(self, *, examples: int = 0, loss: float = math.nan) -> bytes:
+        """The two public keys, and what the device reports of its training (examples, loss)."""
         self._expect("advertise")
         self.phase = "keys"
         return self._msg(
             "advertise",
+            fields={"examples": str(examples), "loss": repr(float(loss))},
             tensors={
                 "c_pk": np.frombuffer(public_bytes(self._c_sk), np.uint8),
                 "s_pk": np.frombuffer(public_bytes(self._s_sk), np.uint8),
@@ -423,13 +436,12 @@ class SecAggClient:
         c_pk = msg.tensor("c_pk", "uint8", (n, KEY_BYTES))
         s_pk = msg.tensor("s_pk", "uint8", (n, KEY_BYTES))
         self.peers = {
-            d: (x, c_pk[i].tobytes(), s_pk[i].tobytes()) for i, (d, x) in enumerate(zip(ids, xs, strict=True))
+            d: (x, c_pk[i].tobytes(), s_pk[i].tobytes())
+            for i, (d, x) in enumerate(zip(ids, xs, strict=True))
         }
         self.threshold = t
         b_sh = shamir_split(int.from_bytes(self._b, "big"), xs, t)
-        s_sh = shamir_split(
-            int.from_bytes(self._s_sk.private_bytes_raw(), "big"), xs, t
-        )
+        s_sh = shamir_split(int.from_bytes(self._s_sk.private_bytes_raw(), "big"), xs, t)
         cts = np.zeros((n, CIPHER_BYTES), np.uint8)
         for i, d in enumerate(ids):
             x, pk, _ = self.peers[d]
@@ -457,7 +469,9 @@ class SecAggClient:
             s = int.from_bytes(plain[SHARE_BYTES:], "big")
             self.held[d] = (b, s)
         if len(senders) < self.threshold:
-            raise SecAggError("too_few_peers", f"{len(senders)} neighbours shared, t={self.threshold}")
+            raise SecAggError(
+                "too_few_peers", f"{len(senders)} neighbours shared, t={self.threshold}"
+            )
         m = len(self.x)
         y = self.x + prg(self._b, m)
         for d in senders:
@@ -478,7 +492,9 @@ class SecAggClient:
         if set(alive) | set(dropped) != set(self.masked_with):
             raise SecAggError("bad_unmask", "every neighbour we masked with must be accounted for")
         if len(alive) < self.threshold:
-            raise SecAggError("too_few_survivors", f"{len(alive)} neighbours left, t={self.threshold}")
+            raise SecAggError(
+                "too_few_survivors", f"{len(alive)} neighbours left, t={self.threshold}"
+            )
         self.phase = "done"
 
         def rows(ids: list[str], which: int) -> np.ndarray:

@@ -150,7 +150,9 @@ def test_in_memory_round_with_dropouts_at_every_phase(k: int) -> None:
     assert "d002" in rnd.keys and "d002" not in rnd.cts  # advertised, never shared: not masked with
     assert out.dropped == ("d005",)
     assert "d009" in out.survivors and len(out.survivors) == 12
-    assert np.array_equal(out.total.view(np.int32).astype(np.int64), _plain_sum(xs, out.survivors, spec))
+    assert np.array_equal(
+        out.total.view(np.int32).astype(np.int64), _plain_sum(xs, out.survivors, spec)
+    )
 
 
 # -- over the real broker -----------------------------------------------------------------------
@@ -168,7 +170,10 @@ def _over_mqtt(
     xs = {f"d{i:03d}": rng.normal(0, 0.3, m) for i in range(n)}
     run = f"sa-{secrets.token_hex(4)}"
     devices = [LightDevice(d, x, vanish.get(d, "")) for d, x in xs.items()]
-    with LightSecAggFleet(run, broker, devices) as fleet, SecAggService(run, broker, store=store) as svc:
+    with (
+        LightSecAggFleet(run, broker, devices) as fleet,
+        SecAggService(run, broker, store=store) as svc,
+    ):
         rnd = svc.run_round(1, xs, spec, m, deadline_s=300.0, graph_seed=bytes(32))
     return rnd, xs, fleet
 
@@ -178,7 +183,9 @@ def _vanishing(n: int, fraction: float, phase: str) -> dict[str, str]:
     return {f"d{i:03d}": phase for i in sorted(picked)}
 
 
-def test_100_devices_30pct_vanish_after_masked_input_exact(mosquitto: BrokerAddress, tmp_path) -> None:
+def test_100_devices_30pct_vanish_after_masked_input_exact(
+    mosquitto: BrokerAddress, tmp_path
+) -> None:
     """Classic SecAgg (all pairs), t = 65 of 99 neighbours: 30 devices send their masked input and
     vanish; their self masks are rebuilt from the 70 survivors' shares; the sum is exact."""
     spec = sa.SecAggSpec(k=0, t=0.65, clip=1.0, bits=16)
@@ -190,7 +197,9 @@ def test_100_devices_30pct_vanish_after_masked_input_exact(mosquitto: BrokerAddr
     assert fleet.errors == {}
     assert len(out.survivors) == 100 and out.dropped == ()
     assert len(rnd.reveals) == 70
-    assert np.array_equal(out.total.view(np.int32).astype(np.int64), _plain_sum(xs, out.survivors, spec))
+    assert np.array_equal(
+        out.total.view(np.int32).astype(np.int64), _plain_sum(xs, out.survivors, spec)
+    )
     # The coordinator never held an unmasked input: each masked input it received differs from
     # its device's encoded input in (almost) every word, and looks uniform.
     masked = [m for m in rnd.received if m.phase == "masked"]
@@ -221,11 +230,17 @@ def test_100_devices_secagg_plus_30pct_vanish_before_masked_input(mosquitto: Bro
     assert out is not None and out.aborted == "", out
     assert fleet.errors == {}
     assert set(out.dropped) == set(vanish) and len(out.survivors) == 70
-    assert np.array_equal(out.total.view(np.int32).astype(np.int64), _plain_sum(xs, out.survivors, spec))
+    assert np.array_equal(
+        out.total.view(np.int32).astype(np.int64), _plain_sum(xs, out.survivors, spec)
+    )
 
 
-@pytest.mark.parametrize("phase,reason", [("masked", "too_few_reveals"), ("share", "too_few_survivors")])
-def test_100_devices_40pct_gone_aborts_with_reason(mosquitto: BrokerAddress, phase: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    "phase,reason", [("masked", "too_few_reveals"), ("share", "too_few_survivors")]
+)
+def test_100_devices_40pct_gone_aborts_with_reason(
+    mosquitto: BrokerAddress, phase: str, reason: str
+) -> None:
     """With t = 65 of 99, 40 gone leaves 59 or 60 < 65 holders of a secret: the round aborts."""
     spec = sa.SecAggSpec(k=0, t=0.65, clip=1.0, bits=16)
     rnd, _, _ = _over_mqtt(mosquitto, 100, spec, _vanishing(100, 0.4, phase))
@@ -250,5 +265,6 @@ def test_next_round_goes_on_after_an_abort(mosquitto: BrokerAddress) -> None:
     assert first.outcome is not None and first.outcome.aborted == "too_few_survivors"
     assert second.outcome is not None and second.outcome.aborted == ""
     assert np.array_equal(
-        second.outcome.total.view(np.int32).astype(np.int64), _plain_sum(xs, tuple(sorted(xs)), spec)
+        second.outcome.total.view(np.int32).astype(np.int64),
+        _plain_sum(xs, tuple(sorted(xs)), spec),
     )
