@@ -460,6 +460,7 @@ class Coordinator:
                 decoys=self.plan.decoys,
                 end=self.end_commitment,
                 protect=self.plan.protect,
+                secagg=self.plan.secagg,
             )
             self._register_slots(device)
             payload = wire.encode_task(
