@@ -46,7 +46,9 @@ MIN_DEVICES = 3  # a device needs two neighbours, or the sum would expose the ot
 
 def kind(phase: str) -> str:
     """The ledger kind of a secure-aggregation message."""
-    return f"secagg_{phase}"
+    name = f"secagg_{phase}"
+    assert name in sa.LEDGER_KINDS, name
+    return name
 
 
 @dataclass

@@ -51,6 +51,8 @@ VERSION = "1"
 # with "keys" (roster), "shares" (ciphertexts addressed to the device), "unmask" (who survived).
 UP_PHASES = ("advertise", "share", "masked", "unmask")
 DOWN_PHASES = ("begin", "keys", "shares", "unmask")
+# Byte-ledger kinds of these messages (``secagg_<phase>``), both directions.
+LEDGER_KINDS = tuple(f"secagg_{p}" for p in dict.fromkeys(UP_PHASES + DOWN_PHASES))
 
 Params = dict[str, np.ndarray]
 
@@ -271,6 +273,15 @@ def failure_bound(n: int, degree: int, t: int, dropout: float) -> float:
         math.comb(degree, j) * (1 - dropout) ** j * dropout ** (degree - j) for j in range(t)
     )
     return min(1.0, n * p_one)
+
+
+def choose_k(n: int, *, t: float, dropout: float, target: float = 1e-6) -> int:
+    """The smallest even k whose ``failure_bound`` at ``dropout`` is at most ``target``; 0 (the
+    complete graph) when no k below n-1 reaches it."""
+    for k in range(2, n - 1, 2):
+        if failure_bound(n, k, max(1, math.ceil(t * k)), dropout) <= target:
+            return k
+    return 0
 
 
 # -- messages -----------------------------------------------------------------------------------
