@@ -564,3 +564,51 @@ def secure_round(
         bytes_down=counted["down"],
         rejections=rejections,
     )
+
+
+def local_round(
+    run: str,
+    round_: int,
+    inputs: dict[str, np.ndarray],
+    spec: sa.SecAggSpec,
+    *,
+    vanish: dict[str, str] | None = None,
+    graph_seed: bytes | None = None,
+) -> tuple[SecAggRound, list[tuple[str, bytes]]]:
+    """One round with the devices' state machines called in this process, no broker (checks and
+    attack benches): every message as it would cross the wire, in order. ``vanish``: device ->
+    the last phase it sends ("advertise", "share", "masked")."""
+    vanish = vanish or {}
+    length = len(next(iter(inputs.values())))
+    clients = {d: sa.SecAggClient(run, round_, d, x, spec) for d, x in inputs.items()}
+    wire_log: list[tuple[str, bytes]] = []
+    out: list[tuple[str, bytes]] = []
+
+    def send(topic: str, payload: bytes) -> int:
+        out.append((topic, payload))
+        return len(payload)
+
+    rnd = SecAggRound(
+        run, round_, inputs, spec, length, send=send, ledger=lambda *a: None, deadline_s=0.0,
+        graph_seed=graph_seed,
+    )  # fmt: skip
+    last = {"keys": "advertise", "shares": "share", "unmask": "masked"}
+    for d, c in clients.items():
+        topic, payload = sa.up_topic(run, "advertise", d), c.advertise()
+        wire_log.append((topic, payload))
+        rnd.on_message(topic, payload, len(payload))
+    while not rnd.done:
+        rnd.step()
+        batch, out[:] = list(out), []
+        wire_log += batch
+        for topic, payload in batch:
+            parsed = sa.parse_secagg_topic(topic)
+            assert parsed is not None
+            _, _, phase, d = parsed
+            if vanish.get(d) == last[phase]:
+                continue
+            up, reply = clients[d].handle(sa.decode_message(payload, phase, run, round_, d))
+            topic = sa.up_topic(run, up, d)
+            wire_log.append((topic, reply))
+            rnd.on_message(topic, reply, len(reply))
+    return rnd, wire_log

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.secagg import SecAggRound, SecAggService
+from coordinator.secagg import SecAggRound, SecAggService, local_round
 from coordinator.store import RunStore
 from devices.secagg_fleet import LightDevice, LightSecAggFleet
 from edge import secagg as sa
@@ -114,24 +114,7 @@ def _in_memory(
     """Run one round with the device state machines called directly (no broker)."""
     rng = np.random.default_rng(1)
     xs = {f"d{i:03d}": rng.normal(0, 0.3, m) for i in range(n)}
-    clients = {d: sa.SecAggClient("r", 3, d, x, spec) for d, x in xs.items()}
-    out: list[tuple[str, bytes]] = []
-    rnd = SecAggRound(
-        "r", 3, xs, spec, m, send=lambda t, p: out.append((t, p)) or len(p),
-        ledger=lambda *a: None, deadline_s=0.0, graph_seed=bytes(32),
-    )  # fmt: skip
-    for d, c in clients.items():
-        rnd.on_message(sa.up_topic("r", "advertise", d), c.advertise(), 0)
-    while not rnd.done:
-        rnd.step()
-        batch, out[:] = list(out), []
-        for topic, payload in batch:
-            _, _, phase, d = sa.parse_secagg_topic(topic)  # type: ignore[misc]
-            sent = {"keys": "advertise", "shares": "share", "unmask": "masked"}[phase]
-            if vanish.get(d) == sent:
-                continue
-            up, reply = clients[d].handle(sa.decode_message(payload, phase, "r", 3, d))
-            rnd.on_message(sa.up_topic("r", up, d), reply, 0)
+    rnd, _ = local_round("r", 3, xs, spec, vanish=vanish, graph_seed=bytes(32))
     return rnd, xs
 
 
