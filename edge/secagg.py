@@ -171,13 +171,13 @@ def shamir_split(secret: int, xs: Sequence[int], t: int) -> dict[int, int]:
         raise ValueError("secret out of the field")
     if not 1 <= t <= len(xs) or len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
         raise ValueError(f"need 1 <= t={t} <= {len(xs)} distinct non-zero points")
-    coeffs = [secret, *(secrets.randbelow(PRIME) for _ in range(t - 1))]
+    top_first = [*(secrets.randbelow(PRIME) for _ in range(t - 1)), secret]
     shares = {}
     for x in xs:
         y = 0
-        for c in reversed(coeffs):
-            y = (y * x + c) % PRIME
-        shares[x] = y
+        for c in top_first:  # Horner; one reduction at the end is faster for small x
+            y = y * x + c
+        shares[x] = y % PRIME
     return shares
 
 
@@ -406,6 +406,7 @@ class SecAggClient:
         self.peers: dict[str, tuple[int, bytes, bytes]] = {}  # neighbour -> (x, c_pk, s_pk)
         self.threshold = 0
         self.held: dict[str, tuple[int, int]] = {}  # neighbour -> its (b, s_sk) shares for us
+        self._channel: dict[str, bytes] = {}  # neighbour -> AES key of our share transport
         self.masked_with: list[str] = []
         self.phase = "advertise"
 
@@ -456,7 +457,9 @@ class SecAggClient:
         cts = np.zeros((n, CIPHER_BYTES), np.uint8)
         for i, d in enumerate(ids):
             x, pk, _ = self.peers[d]
-            key = agree(self._c_sk, pk, context(self.run, self.round, "share-key"))
+            key = self._channel[d] = agree(
+                self._c_sk, pk, context(self.run, self.round, "share-key")
+            )
             plain = int_bytes(b_sh[x]) + int_bytes(s_sh[x])
             cts[i] = np.frombuffer(seal(key, plain, self._aad(self.device, d)), np.uint8)
         self.phase = "shares"
@@ -473,9 +476,7 @@ class SecAggClient:
             raise SecAggError("bad_roster", "shares from devices that are not our neighbours")
         cts = msg.tensor("ct", "uint8", (len(senders), CIPHER_BYTES))
         for i, d in enumerate(senders):
-            _, pk, _ = self.peers[d]
-            key = agree(self._c_sk, pk, context(self.run, self.round, "share-key"))
-            plain = open_sealed(key, cts[i].tobytes(), self._aad(d, self.device))
+            plain = open_sealed(self._channel[d], cts[i].tobytes(), self._aad(d, self.device))
             b = int.from_bytes(plain[:SHARE_BYTES], "big")
             s = int.from_bytes(plain[SHARE_BYTES:], "big")
             self.held[d] = (b, s)
