@@ -20,6 +20,7 @@ from edge import wire
 from edge.mqtt import QOS, BrokerAddress, Received, connect, make_client
 
 log = logging.getLogger(__name__)
+KEEPALIVE_S = 3600
 
 
 @dataclass
@@ -60,7 +61,9 @@ class LightSecAggFleet:
                 subscriptions=(sa.down_filter(self.run, d),), on_ready=self.ready,
             )  # fmt: skip
             self.loop.add(c)
-            connect(c, self.broker)
+            # One thread computes for every device in turn: a phase of 1,000 devices can outlast
+            # a 60 s keepalive on a busy host, so the emulated devices ask for a long one.
+            connect(c, self.broker, keepalive=KEEPALIVE_S)
             self.clients[d] = c
         self._thread.start()
         end = time.monotonic() + 120
@@ -86,6 +89,10 @@ class LightSecAggFleet:
                 except queue.Empty:
                     break
                 self._handle(msg)
+                if time.monotonic() - last_misc > 5.0:
+                    self.loop.poll(0)  # send what is queued, keep the connections alive
+                    self.loop.misc()
+                    last_misc = time.monotonic()
             if time.monotonic() - last_misc > 1.0:
                 self.loop.misc()
                 last_misc = time.monotonic()

@@ -473,7 +473,7 @@ class SecAggClient:
         self._expect("shares")
         senders = msg.names("from")
         if len(set(senders)) != len(senders) or not set(senders) <= set(self.peers):
-            raise SecAggError("bad_roster", "shares from devices that are not our neighbours")
+            raise SecAggError("bad_roster", "shares from senders that are not our neighbours")
         cts = msg.tensor("ct", "uint8", (len(senders), CIPHER_BYTES))
         for i, d in enumerate(senders):
             plain = open_sealed(self._channel[d], cts[i].tobytes(), self._aad(d, self.device))
