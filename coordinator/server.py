@@ -17,6 +17,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from coordinator import policy, robust
+from coordinator import secagg as secure
 from coordinator.aggregate import apply_update, central_dp_mean
 from coordinator.store import AnomalyRow, MessageRow, PrivacyRow, RoundResult, RunStore
 from edge import decoy, protect, wire
@@ -31,6 +32,7 @@ from edge.mqtt import (
     publish_packet_bytes,
     wait_until,
 )
+from edge.secagg import up_filter as secagg_filter
 
 if TYPE_CHECKING:
     from coordinator.accounting import PrivacyLedger
@@ -82,6 +84,7 @@ class RoundPlan:
     protect: str = ""  # client-side protections (edge.protect spec), sent in every task
     dp_delta: float = 1e-5  # δ at which ε is accounted (with a DP protection)
     decoys: int = 0  # decoy updates per device and round (needs every device's key)
+    secagg: str = ""  # secure aggregation (edge.secagg spec, e.g. "k=0,t=0.5,clip=1,bits=16")
 
     @property
     def task_codec(self) -> str:
@@ -153,6 +156,9 @@ class Coordinator:
         if credentials is not None and plan.decoys:
             raise ValueError("decoys publish under pseudonyms, which secure mode's ACL refuses")
         self.credentials = credentials
+        self.secagg = secure.check_plan(plan.secagg, decoys=plan.decoys, codec=plan.codec,
+                                        aggregator=plan.aggregator, protect=plan.protect) if plan.secagg else None  # fmt: skip
+        self.secagg_round: secure.SecAggRound | None = None
         self._slots: dict[str, _Slot] = {}  # pseudonym -> owner, this round and the last
         self.run = run
         self.artifact = artifact
@@ -201,6 +207,7 @@ class Coordinator:
                 f"{prefix}/update/+",
                 f"{prefix}/status/+",
                 f"{wire.TOPIC_PREFIX}/{wire.ANY_RUN}/status/+",
+                *([secagg_filter(run)] if plan.secagg else []),
             ),
             on_ready=self._ready,
         )
@@ -284,6 +291,11 @@ class Coordinator:
         return size
 
     def _handle(self, msg: Received) -> None:
+        if self.secagg is not None and secure.upload(self.secagg_round, msg):
+            if self.secagg_round is None:  # between rounds: too late
+                self._ledger(msg, "?", "rejected")
+                self._reject(msg.topic, "?", wire.WireError("wrong_phase", "no secure round runs"))
+            return
         try:
             _run, channel, device = wire.parse_topic(msg.topic)
         except wire.WireError as e:
@@ -360,6 +372,8 @@ class Coordinator:
             self.online.pop(device, None)
             if self._state is not None and device in self._state.selected:
                 self._state.lost.add(device)
+            if self.secagg_round is not None:
+                self.secagg_round.device_gone(device)
         new = policy.on_status(self.standing.get(device), online=online, retained=msg.retain)
         if new is None:
             self.standing.pop(device, None)
@@ -446,6 +460,7 @@ class Coordinator:
                 decoys=self.plan.decoys,
                 end=self.end_commitment,
                 protect=self.plan.protect,
+                secagg=self.plan.secagg,
             )
             self._register_slots(device)
             payload = wire.encode_task(
@@ -534,6 +549,8 @@ class Coordinator:
         self._slots = {p: s for p, s in self._slots.items() if s.round >= round_ - 1}
         sent = self.tamper(round_, self.weights) if self.tamper else self.weights
         bytes_down = self.broadcast(selected, sent)
+        if self.secagg is not None:
+            return self._secure_round(st, sent, bytes_down, t0)
         limit = self.collect_timeout_s if self.clock is not None else self.plan.deadline_s
         while not self._round_over(st, t0, limit):
             self.poll(0.05)
@@ -569,6 +586,34 @@ class Coordinator:
         )
         self.store.add_round(self.run, result)
         self._account(st)
+        return result
+
+    def _secure_round(
+        self, st: _RoundState, sent: Params, bytes_down: int, t0: float
+    ) -> RoundResult:
+        """The round's updates through secure aggregation (``coordinator.secagg``): only the
+        survivors' mean is ever known here."""
+        assert self.secagg is not None
+        shapes = {p.name: p.shape for p in self.manifest.params}
+        sr = secure.secure_round(
+            self, st.round, sorted(st.selected), self.secagg, shapes, self.plan.deadline_s
+        )
+        self._state = None
+        self.proven |= set(sr.survivors)
+        self.standing = policy.after_round(self.standing, sorted(st.selected), sr.heard)
+        if sr.mean is not None:
+            kind = UPDATE_KIND[self.plan.algorithm]
+            lr = self.plan.server_lr * (self.plan.lr if kind == "gradient" else 1.0)
+            self.weights = apply_update(sent, sr.mean, kind=kind, server_lr=lr)
+        acc, loss = self.evaluator(self.weights) if self.evaluator else (float("nan"), float("nan"))
+        result = RoundResult(
+            round=st.round, selected=len(st.selected), accepted=len(sr.survivors) if sr.mean is not None else 0,
+            rejected=sum(sr.rejections.values()), bytes_up=sr.bytes_up, bytes_down=bytes_down + sr.bytes_down,
+            accuracy=acc, loss=loss, train_loss=float(np.mean(sr.losses)) if sr.losses else float("nan"),
+            seconds=time.monotonic() - t0, rejections=sr.rejections, bytes_rejected=st.bytes_rejected,
+            model_sha256=params_sha256({k: self.weights[k] for k in self.manifest.param_names}),
+        )  # fmt: skip
+        self.store.add_round(self.run, result)
         return result
 
     def _aggregate(self, st: _RoundState, selected: int) -> Params:

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.secagg import LEDGER_KINDS as SECAGG_KINDS
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run TEXT PRIMARY KEY, created REAL, config TEXT, broker TEXT, runtime TEXT,
@@ -237,7 +239,7 @@ class RunStore:
         run: str,
         *,
         direction: str,
-        kinds: tuple[str, ...] = ("task", "update", "decoy"),
+        kinds: tuple[str, ...] = ("task", "update", "decoy", *SECAGG_KINDS),
         round_: int | None = None,
     ) -> int:
         """Sum of packet bytes for a run (optionally one round), one direction, the given kinds."""

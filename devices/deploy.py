@@ -6,7 +6,7 @@ A bundle is a folder that runs on any device with Python 3.11+::
     model/             the exported artifact: manifest.json and every file it names
     data.npz           the device's shard (optional: else pass --data to start.sh)
     config.json        settings for ``python -m edge --config`` (broker, run, id, runtime, profile)
-    requirements.txt   what edge imports: numpy, paho-mqtt, onnxruntime (pins from pyproject.toml)
+    requirements.txt   what edge imports: numpy, paho-mqtt, onnxruntime, cryptography (pins from pyproject.toml)
     start.sh           creates .venv on first start, then runs ``python -m edge --config config.json``
                        (``./start.sh calibrate`` measures the device's ``train_gflops`` instead)
     wheels/            (optional) wheels for an offline install
@@ -40,7 +40,12 @@ from edge.manifest import MANIFEST_FILE, ModelArtifact
 # What ``edge`` imports on a device, pinned as in pyproject.toml's base install. The safetensors
 # package is not among them (edge.codec reads the layout with numpy): leaving it out spares
 # Termux a Rust build.
-BASE_REQUIREMENTS = ("numpy>=1.26", "paho-mqtt>=2.1,<3", "onnxruntime>=1.20")
+BASE_REQUIREMENTS = (
+    "numpy>=1.26",
+    "paho-mqtt>=2.1,<3",
+    "onnxruntime>=1.20",
+    "cryptography>=42",  # edge.secagg; aarch64 wheels exist
+)
 EXTRA_REQUIREMENTS = {
     "onnx": (),
     "torch": ("torch==2.13.0",),

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge import decoy, protect, wire
+from edge import decoy, protect, secagg, wire
 from edge.backends.base import Backend
 from edge.manifest import ModelArtifact
 from edge.mqtt import (
@@ -182,6 +182,7 @@ class Device:
         # Error feedback: what earlier updates did not carry, per run and codec; slot -1 is the
         # real update, slots 0.. the decoys (so decoys carry residuals like the real one).
         self.residuals: dict[tuple[str, str, int], wire.Params] = {}
+        self.secagg: dict[str, secagg.SecAggClient] = {}  # run -> this round's secure aggregation
 
     def _poisoned_data(self, p: Poison, seed: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([seed, zlib.crc32(self.device_id.encode()), 0xBAD])
@@ -198,7 +199,11 @@ class Device:
     def subscriptions(self) -> tuple[str, ...]:
         """Task and control topics of its run (any run when not pinned), and its own status
         topic: a forged ``offline`` there is answered with ``online`` again."""
-        return (*wire.device_filters(self.device_id, self.run), self.status_topic)
+        return (
+            *wire.device_filters(self.device_id, self.run),
+            self.status_topic,
+            secagg.down_filter(self.run or "+", self.device_id),
+        )
 
     def client(self, inbox: queue.Queue[Received], protocol: int) -> mqtt.Client:
         """This device's MQTT client: its id, its subscriptions, "online" once subscribed,
@@ -351,6 +356,9 @@ class Device:
         pseudonyms); ``hello`` on a control topic, or any status of its own that is not its
         ``online`` (a forged ``offline``), in: its ``online`` status out. Anything else is
         dropped; a bad task is counted."""
+        sa_topic = secagg.parse_secagg_topic(msg.topic)
+        if sa_topic is not None:
+            return self._secagg_step(msg, *sa_topic)
         where = self._mine(msg)
         if where is None:
             return []
@@ -365,6 +373,7 @@ class Device:
             task = self.accept(msg.payload, run)
             self.ends.add(task.run, task.end)
             steps = protect.parse(task.protect)
+            sa_spec = secagg.task_spec(task.secagg) if task.secagg else None
             result = self.train(task, steps)
             if self.poison is not None:
                 result = dataclasses.replace(
@@ -378,6 +387,8 @@ class Device:
             return []
         if self.on_trained is not None:
             self.on_trained(TrainingRecord(task.run, task.round, self.device_id, result.used))
+        if sa_spec is not None:
+            return [self._secagg_start(task, sa_spec, result, t0)]
         defence = protect.defence_json(steps)
         real = 0
         if not task.decoys:
@@ -421,6 +432,42 @@ class Device:
             )  # fmt: skip
             for i, ((topic, payload), size) in enumerate(zip(sent, sizes, strict=True))
         ]
+
+    def _secagg_start(
+        self, task: wire.Task, spec: secagg.SecAggSpec, result: LocalResult, t0: float
+    ) -> Outgoing:
+        """Secure aggregation: the update stays on the device; its keys go out (``edge.secagg``)."""
+        x = secagg.flatten(result.params, self.artifact.manifest.param_names)
+        client = secagg.SecAggClient(task.run, task.round, self.device_id, x, spec)
+        self.secagg[task.run] = client
+        payload = client.advertise(examples=result.num_examples, loss=result.train_loss)
+        topic = secagg.up_topic(task.run, "advertise", self.device_id)
+        self.rounds_done += 1
+        self.last_round[task.run] = task.round
+        self.updates[task.run] = self.updates.get(task.run, 0) + 1
+        return Outgoing(
+            topic, payload, run=task.run, round=task.round, examples=result.num_examples,
+            loss=result.train_loss, packet_bytes=publish_packet_bytes(topic, len(payload), QOS),
+            seconds=time.monotonic() - t0,
+        )  # fmt: skip
+
+    def _secagg_step(
+        self, msg: Received, run: str, direction: str, phase: str, device: str
+    ) -> list[Outgoing]:
+        """The coordinator's next secure-aggregation message in, this device's answer out."""
+        client = self.secagg.get(run)
+        if direction != "down" or device != self.device_id or client is None:
+            return []
+        try:
+            m = secagg.decode_message(msg.payload, phase, run, client.round, device)
+            up, payload = client.handle(m)
+        except secagg.SecAggError as e:
+            self.refuse(e)
+            return []
+        if client.phase == "done":
+            del self.secagg[run]
+        topic = secagg.up_topic(run, up, device)
+        return [Outgoing(topic, payload, kind="secagg", run=run, round=client.round)]
 
     def handle_safely(self, msg: Received) -> list[Outgoing]:
         """``handle``, but an unexpected error is logged and counted (``internal_error``) and the

@@ -310,6 +310,7 @@ class Task:
     # SHA-256 hex of the run's end token; by default one nobody holds the token of.
     end: str = field(default_factory=lambda: end_commitment(new_end_token()))
     protect: str = ""  # the run's client-side protections (edge.protect spec); "" for none
+    secagg: str = ""  # secure aggregation (edge.secagg spec): answer with its phases, no update
 
 
 @dataclass(frozen=True)
@@ -350,6 +351,8 @@ def encode_task(task: Task, *, signer: Signer | None = None) -> bytes:
     }
     if task.protect:  # optional: tasks without protections keep their old bytes
         meta["protect"] = task.protect
+    if task.secagg:
+        meta["secagg"] = task.secagg
     tensors = get_codec(task.codec).encode(task.weights)
     return signer.write(tensors, meta) if signer else write_tensors(tensors, meta)
 
@@ -518,13 +521,14 @@ def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_
         nonce=_nonce(meta),
         end=_commitment(meta, "end"),
         protect=_protect(meta),
+        secagg=_protect(meta, "secagg"),
     )
 
 
-def _protect(meta: Mapping[str, str]) -> str:
-    v = meta.get("protect", "")
+def _protect(meta: Mapping[str, str], key: str = "protect") -> str:
+    v = meta.get(key, "")
     if len(v) > MAX_PROTECT_CHARS:
-        raise WireError("bad_field", f"protect: {len(v)} characters > {MAX_PROTECT_CHARS}")
+        raise WireError("bad_field", f"{key}: {len(v)} characters > {MAX_PROTECT_CHARS}")
     return v
 
 

@@ -87,6 +87,8 @@ FIELD_HELP: dict[str, str] = {
     "| central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
     "dp_epsilon": "> 0: calibrate the DP protection's sigma to this epsilon for the whole run",
     "dp_delta": "delta of the privacy accounting and of the calibration",
+    "secagg": "secure aggregation (SecAgg+): k=NEIGHBOURS (0: all),t=FRACTION,clip=C,bits=B; "
+    "empty: off",
 }
 
 
@@ -142,6 +144,7 @@ class ExperimentConfig:
     protect: str = ""
     dp_epsilon: float = 0.0  # > 0: calibrate the DP protection's sigma to this ε for the run
     dp_delta: float = 1e-5  # δ of the accounting (and of the calibration)
+    secagg: str = ""  # secure aggregation, edge.secagg spec (e.g. "k=0,t=0.5,clip=1,bits=16")
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
@@ -203,6 +206,14 @@ class ExperimentConfig:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction={self.fraction!r}: expected a number in (0, 1]")
         self._check_protect()
+        if self.secagg:
+            from coordinator.secagg import check_plan
+
+            try:
+                check_plan(self.secagg, decoys=self.decoys, codec=self.codec,
+                           aggregator=self.aggregator, protect=self.protect)  # fmt: skip
+            except ValueError as e:
+                raise ConfigError(f"secagg={self.secagg!r}: {e}") from None
 
     def _check_poison(self) -> None:
         m = self.malicious_devices

@@ -229,6 +229,7 @@ def round_plan(cfg: ExperimentConfig, *, max_unproven: int = 0, quiet_s: float =
         protect=cfg.protect,
         dp_delta=cfg.dp_delta,
         decoys=cfg.decoys,
+        secagg=cfg.secagg,
     )
 
 

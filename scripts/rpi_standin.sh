@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT=${1:-${EDGELEAK_ARM64_ROOT:-/var/cache/edgeleak/arm64-root}}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$([ -x "$HERE/.venv/bin/python" ] && echo "$HERE/.venv/bin/python" || echo python3)}
-PACKAGES=(numpy paho-mqtt onnxruntime)  # what the bundled edge package imports
+PACKAGES=(numpy paho-mqtt onnxruntime cryptography)  # what the bundled edge package imports
 
 [ "$(id -u)" = 0 ] || { echo "rpi_standin.sh: run as root (debootstrap, binfmt_misc)" >&2; exit 2; }
 
@@ -64,7 +64,7 @@ chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root /bin
   set -e
   [ -x /opt/edgeleak-check/bin/python ] || python3 -m venv /opt/edgeleak-check
   /opt/edgeleak-check/bin/pip install -q --no-index --find-links /wheels '"${PACKAGES[*]}"'
-  /opt/edgeleak-check/bin/python -c "import platform, numpy, onnxruntime, paho.mqtt
+  /opt/edgeleak-check/bin/python -c "import platform, numpy, onnxruntime, paho.mqtt, cryptography
 print(platform.machine(), \"python\", platform.python_version(), \"numpy\", numpy.__version__,
       \"onnxruntime\", onnxruntime.__version__)"' | tee "$ROOT/.edgeleak-standin.tmp"
 grep -q '^aarch64 ' "$ROOT/.edgeleak-standin.tmp"

@@ -94,6 +94,7 @@ def test_bundle_is_self_contained(lenet_artifact: ModelArtifact, tmp_path: Path)
         "numpy",
         "paho",
         "onnxruntime",
+        "cryptography",  # edge.secagg
     }
     # Secure mode's module only (imported with --pki; a bundle built with --pki requires it).
     assert {t for t, f in imported if f == "sign.py"} == {"numpy", "cryptography"}

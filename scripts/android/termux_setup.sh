@@ -11,8 +11,8 @@ set -eu
 
 DL=${EDGELEAK_DL:-$HOME/storage/downloads/edgeleak}
 
-pkg install -y python python-numpy python-onnxruntime openssh
-if ! python -c "import numpy, onnxruntime" 2>/dev/null; then
+pkg install -y python python-numpy python-onnxruntime python-cryptography openssh
+if ! python -c "import numpy, onnxruntime, cryptography" 2>/dev/null; then
   echo "termux_setup: numpy or onnxruntime from Termux's packages does not import." >&2
   echo "  Use the proot-distro Debian route in docs/ANDROID.md (pip's aarch64 wheels work there)." >&2
   exit 1
