@@ -223,6 +223,8 @@ pattern write edgeleak/+/status/%u
 pattern read edgeleak/+/status/%u
 pattern read edgeleak/+/task/%u
 pattern read edgeleak/+/control
+pattern write edgeleak/+/secagg/+/%u
+pattern read edgeleak/+/secagg-to/%u/+
 
 user {sign.COORDINATOR}
 topic readwrite edgeleak/#
@@ -231,8 +233,9 @@ topic readwrite edgeleak/#
 
 def acl_text() -> str:
     """mosquitto's acl_file: devices write only their own update and status topics and read
-    their own task and status topics and the control topic; only the coordinator reads updates
-    and writes tasks and control."""
+    their own task and status topics and the control topic, and their own secure-aggregation
+    topics (``secagg/<phase>/<id>`` out, ``secagg-to/<id>/<phase>`` in); only the coordinator
+    reads updates and writes tasks and control."""
     return ACL
 
 
