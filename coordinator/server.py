@@ -20,6 +20,7 @@ from coordinator import policy
 from coordinator.aggregate import apply_update, central_dp_mean, get_aggregator
 from coordinator.store import MessageRow, PrivacyRow, RoundResult, RunStore
 from edge import decoy, protect, wire
+from edge.aggregator import GroupInfo, parse_group
 from edge.codec import params_sha256
 from edge.manifest import ModelArtifact
 from edge.mqtt import (
@@ -309,12 +310,25 @@ class Coordinator:
                 self._reject(msg.topic, owner, e)
                 return
             assert st is not None
-            size = self._ledger(msg, owner, "update")
+            group = parse_group(update.group)  # an edge aggregator's update: its own kinds
+            size = self._ledger(msg, owner, "update" if group is None else "aggregate")
+            if group is not None:
+                self._ledger_group(owner, msg.topic, group)
             st.bytes_up += size
             st.accepted[owner] = dataclasses.replace(update, device=owner)
             st.up[owner] = size
             st.last_answer = time.monotonic()
             self.nonces.setdefault(st.round, set()).add(update.nonce)
+
+    def _ledger_group(self, agg: str, topic: str, group: GroupInfo) -> None:
+        """The group's traffic as its aggregator reported it: ``group_up`` (device -> aggregator)
+        and ``group_down`` (aggregator -> device), apart from ``aggregate`` (aggregator -> here);
+        ``topic`` is the aggregator's upstream topic."""
+        rows = [
+            MessageRow(self.run, self.round, agg, topic, d, kind, b, 0, time.time())
+            for d, kind, b in (("up", "group_up", group.up), ("down", "group_down", group.down))
+        ]
+        self.store.add_messages(rows)
 
     def _on_status(self, msg: Received, device: str) -> None:
         try:
@@ -366,6 +380,7 @@ class Coordinator:
             raise wire.WireError("future_round", f"round {update.round}, current {st.round}")
         if device not in st.selected:
             raise wire.WireError("not_selected", f"{device} was not selected in round {st.round}")
+        parse_group(update.group)
         if any(update.nonce in seen for seen in self.nonces.values()):
             raise wire.WireError("replayed_nonce", update.nonce)
         if device in st.accepted:

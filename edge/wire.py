@@ -321,6 +321,7 @@ class Update:
     codec: str = "f32"
     defence: str = "{}"
     nonce: str = field(default_factory=new_nonce)
+    group: str = ""  # an edge aggregator's group (edge.aggregator.GroupInfo JSON); "" for a device
 
 
 def encode_task(task: Task) -> bytes:
@@ -371,6 +372,8 @@ def encode_update(update: Update, *, tensors: dict[str, np.ndarray] | None = Non
         "defence": update.defence,
         "nonce": update.nonce,
     }
+    if update.group:  # optional: device updates keep their old bytes
+        meta["group"] = update.group
     if tensors is None:
         tensors = get_codec(update.codec).encode(update.params)
     return write_tensors(tensors, meta)
@@ -540,4 +543,13 @@ def decode_update(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAG
         codec=codec.name,
         defence=_field(meta, "defence"),
         nonce=_nonce(meta),
+        group=_bounded_str(meta, "group", MAX_PROTECT_CHARS),
     )
+
+
+def _bounded_str(meta: Mapping[str, str], key: str, limit: int) -> str:
+    """An optional field of at most ``limit`` characters ("" when absent)."""
+    v = meta.get(key, "")
+    if len(v) > limit:
+        raise WireError("bad_field", f"{key}: {len(v)} characters > {limit}")
+    return v
