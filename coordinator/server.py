@@ -35,6 +35,7 @@ from edge.mqtt import (
 
 if TYPE_CHECKING:
     from coordinator.accounting import PrivacyLedger
+    from coordinator.he import HECoordinator
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class RoundPlan:
     protect: str = ""  # client-side protections (edge.protect spec), sent in every task
     dp_delta: float = 1e-5  # δ at which ε is accounted (with a DP protection)
     decoys: int = 0  # decoy updates per device and round (needs every device's key)
+    he: bool = False  # CKKS updates added here, decrypted by the key holder (coordinator.he)
 
     @property
     def task_codec(self) -> str:
@@ -167,6 +169,13 @@ class Coordinator:
 
             sigma = protect.require_sigma(self.dp)
             self.privacy = PrivacyLedger(self.dp, sigma, plan.dp_delta)
+        self.he: HECoordinator | None = None
+        if plan.he:
+            from coordinator.he import HECoordinator
+
+            if plan.aggregator != "mean" or self.dp is not None or plan.decoys:
+                raise ValueError("he adds ciphertexts: use aggregator 'mean', no DP, no decoys")
+            self.he = HECoordinator(run, artifact.manifest)
         self.evaluator = evaluator
         self.seed = seed
         self.clock = clock
@@ -195,6 +204,7 @@ class Coordinator:
                 f"{prefix}/update/+",
                 f"{prefix}/status/+",
                 f"{wire.TOPIC_PREFIX}/{wire.ANY_RUN}/status/+",
+                *(self.he.topics if self.he else ()),
             ),
             on_ready=self._ready,
         )
@@ -277,6 +287,12 @@ class Coordinator:
         return size
 
     def _handle(self, msg: Received) -> None:
+        if self.he is not None and self.he.owns(msg.topic):
+            try:
+                self.he.on_message(msg)
+            except (wire.WireError, ValueError, RuntimeError) as e:
+                self._reject(msg.topic, "keyholder", wire.WireError("bad_he", str(e)[:200]))
+            return
         try:
             _run, channel, device = wire.parse_topic(msg.topic)
         except wire.WireError as e:
@@ -366,7 +382,10 @@ class Coordinator:
 
     def _validate(self, msg: Received, topic_device: str, device: str) -> wire.Update:
         """The update of ``device``, sent on ``topic_device`` (its pseudonym when decoys are on)."""
-        update = wire.decode_update(msg.payload, self.manifest)
+        if self.he is not None:
+            update = self.he.validate(msg.payload)
+        else:
+            update = wire.decode_update(msg.payload, self.manifest)
         st = self._state
         if update.run != self.run:
             raise wire.WireError("wrong_run", f"run {update.run!r}")
@@ -443,6 +462,7 @@ class Coordinator:
                 decoys=self.plan.decoys,
                 end=self.end_commitment,
                 protect=self.plan.protect,
+                he=self.he.key if self.he else "",
             )
             self._register_slots(device)
             payload = wire.encode_task(task)
@@ -528,6 +548,8 @@ class Coordinator:
         # Pseudonyms of the last round stay known for its late decoys; older ones are dropped.
         self._slots = {p: s for p, s in self._slots.items() if s.round >= round_ - 1}
         sent = self.tamper(round_, self.weights) if self.tamper else self.weights
+        if self.he is not None:
+            self.he.wait_for_key(self.poll, self.plan.deadline_s)
         bytes_down = self.broadcast(selected, sent)
         limit = self.collect_timeout_s if self.clock is not None else self.plan.deadline_s
         while not self._round_over(st, t0, limit):
@@ -567,7 +589,11 @@ class Coordinator:
         return result
 
     def _aggregate(self, st: _RoundState, selected: int) -> Params:
-        """The plan's aggregator, or DP-FedAvg's noised mean under ``central_dp``."""
+        """The plan's aggregator, or DP-FedAvg's noised mean under ``central_dp``, or (HE) the
+        key holder's decryption of the ciphertexts' sum."""
+        if self.he is not None:
+            ups = [st.accepted[d] for d in sorted(st.accepted)]
+            return self.he.aggregate(self.client, st.round, ups, self.poll, self.plan.deadline_s)
         if isinstance(self.dp, protect.CentralDP):
             ordered = [st.accepted[d].params for d in sorted(st.accepted)]
             noise = protect.gaussian_like(

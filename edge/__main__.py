@@ -9,7 +9,8 @@ safetensors), as a deployment bundle's ``start.sh`` runs it on a Raspberry Pi or
 
 ``python -m edge calibrate --model model/`` measures this device's training throughput instead
 (``edge.calibrate``); ``python -m edge aggregate ...`` runs an edge aggregator for a group of
-devices instead (``edge.aggregator``).
+devices instead (``edge.aggregator``), and ``python -m edge keyholder ...`` a run's CKKS key
+holder (``edge.he``, extra ``he``).
 Without ``--run`` the device takes part in any run that sends it a task and stays up between
 runs; with ``--run`` it is pinned to that run (and exits at its end with ``--exit-on-end``).
 It waits for the broker with capped exponential backoff, reconnects when it goes away, prints
@@ -204,6 +205,10 @@ def main(
         from edge.aggregator import main as aggregate
 
         return aggregate(argv[1:])
+    if argv and argv[0] == "keyholder":
+        from edge.he import main as keyholder
+
+        return keyholder(argv[1:])
     import edge
     from edge.device import run_device
 

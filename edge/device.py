@@ -166,6 +166,7 @@ class Device:
         # Error feedback: what earlier updates did not carry, per run and codec; slot -1 is the
         # real update, slots 0.. the decoys (so decoys carry residuals like the real one).
         self.residuals: dict[tuple[str, str, int], wire.Params] = {}
+        self.he_keys: dict[str, tuple[str, object]] = {}  # run -> (key id, public CKKS context)
 
     @property
     def status_topic(self) -> str:
@@ -177,7 +178,8 @@ class Device:
     def subscriptions(self) -> tuple[str, ...]:
         """Task and control topics of its run (any run when not pinned), and its own status
         topic: a forged ``offline`` there is answered with ``online`` again."""
-        return (*wire.device_filters(self.device_id, self.run), self.status_topic)
+        he_public = f"{wire.TOPIC_PREFIX}/{self.run or '+'}/he/public"  # edge.he
+        return (*wire.device_filters(self.device_id, self.run), self.status_topic, he_public)
 
     def client(self, inbox: queue.Queue[Received], protocol: int) -> mqtt.Client:
         """This device's MQTT client: its id, its subscriptions, "online" once subscribed,
@@ -252,6 +254,10 @@ class Device:
             raise wire.WireError("no_key", "decoys need this device's key (--key)")
         if task.decoys and self.decoy_data is None:
             raise wire.WireError("no_decoy_data", "decoys need public examples (--decoy-data)")
+        if task.he:
+            from edge.he import check_key
+
+            check_key(self.he_keys, task)
         return task
 
     def noise_rng(self, round_: int) -> np.random.Generator:
@@ -317,7 +323,13 @@ class Device:
             codec=codec.name,
             defence=defence,
         )
-        payload = wire.encode_update(update, tensors=tensors)
+        if task.he:
+            from edge.he import encrypt_update
+
+            _, ctx = self.he_keys[task.run]
+            payload = encrypt_update(update, ctx, task.he, self.artifact.manifest)
+        else:
+            payload = wire.encode_update(update, tensors=tensors)
         return wire.update_topic(task.run, device_field), payload
 
     def handle(self, msg: Received) -> list[Outgoing]:
@@ -325,6 +337,11 @@ class Device:
         pseudonyms); ``hello`` on a control topic, or any status of its own that is not its
         ``online`` (a forged ``offline``), in: its ``online`` status out. Anything else is
         dropped; a bad task is counted."""
+        if msg.topic.endswith("/he/public"):
+            from edge.he import on_public
+
+            on_public(self.he_keys, msg, self.run)
+            return []
         where = self._mine(msg)
         if where is None:
             return []

@@ -304,6 +304,7 @@ class Task:
     # SHA-256 hex of the run's end token; by default one nobody holds the token of.
     end: str = field(default_factory=lambda: end_commitment(new_end_token()))
     protect: str = ""  # the run's client-side protections (edge.protect spec); "" for none
+    he: str = ""  # encrypt the update under this CKKS key (SHA-256 hex; edge.he); "" for none
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,8 @@ def encode_task(task: Task) -> bytes:
     }
     if task.protect:  # optional: tasks without protections keep their old bytes
         meta["protect"] = task.protect
+    if task.he:
+        meta["he"] = task.he
     return write_tensors(get_codec(task.codec).encode(task.weights), meta)
 
 
@@ -511,6 +514,7 @@ def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_
         nonce=_nonce(meta),
         end=_commitment(meta, "end"),
         protect=_protect(meta),
+        he=_commitment(meta, "he") if "he" in meta else "",
     )
 
 
