@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument(
         "--parts", nargs="+", choices=("aggregation", "he"), default=["aggregation", "he"]
     )
-    ap.add_argument("--budget-s", type=float, default=20.0, help="IG budget per aggregate")
+    ap.add_argument("--iterations", type=int, default=2000, help="IG iterations per aggregate")
+    ap.add_argument("--budget-s", type=float, default=900.0, help="IG time cap per aggregate")
     ap.add_argument("--ks", type=int, nargs="+", default=list(server_side.KS))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -44,7 +45,7 @@ def main() -> None:
         path.write_text(json.dumps(out, indent=2))
     if "aggregation" in args.parts:
         out["aggregation"] = server_side.measure_aggregation(
-            args.ks, budget_s=args.budget_s, seed=args.seed
+            args.ks, iterations=args.iterations, budget_s=args.budget_s, seed=args.seed
         )
     path.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))

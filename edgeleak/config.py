@@ -78,6 +78,9 @@ FIELD_HELP: dict[str, str] = {
     "| central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
     "dp_epsilon": "> 0: calibrate the DP protection's sigma to this epsilon for the whole run",
     "dp_delta": "delta of the privacy accounting and of the calibration",
+    "aggregators": "K > 0: groups of K devices answer through an edge aggregator each (0: flat)",
+    "he": "CKKS: devices encrypt updates, the coordinator adds ciphertexts, a key holder "
+    "process decrypts the aggregate (extra 'he')",
 }
 
 
@@ -129,6 +132,8 @@ class ExperimentConfig:
     protect: str = ""
     dp_epsilon: float = 0.0  # > 0: calibrate the DP protection's sigma to this ε for the run
     dp_delta: float = 1e-5  # δ of the accounting (and of the calibration)
+    aggregators: int = 0  # K > 0: groups of K devices behind one edge aggregator each
+    he: bool = False  # CKKS updates, added without the secret key (edge.he, coordinator.he)
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
@@ -186,6 +191,19 @@ class ExperimentConfig:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction={self.fraction!r}: expected a number in (0, 1]")
         self._check_protect()
+        self._check_server_side()
+
+    def _check_server_side(self) -> None:
+        _at_least("aggregators", self.aggregators, 0)
+        if not isinstance(self.he, bool):
+            raise ConfigError(f"he={self.he!r}: expected true or false")
+        if self.aggregators and (self.decoys or self.clock != "none" or self.he):
+            raise ConfigError(
+                "aggregators: groups answer as one client; not with decoys, a clock or he"
+            )
+        if self.he and (self.aggregator != "mean" or self.decoys or protect.dp_step(
+            protect.parse(self.protect)) is not None):  # fmt: skip
+            raise ConfigError("he adds ciphertexts: aggregator 'mean', no decoys, no DP")
 
     def _check_protect(self) -> None:
         try:
@@ -248,7 +266,7 @@ class ExperimentConfig:
             want = type(getattr(defaults, k))
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
-            if not isinstance(v, want) or isinstance(v, bool):
+            if not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
                 raise ConfigError(f"{k}={v!r}: expected type {want.__name__}")
             typed[k] = v
         return cls(**typed)

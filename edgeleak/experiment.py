@@ -32,6 +32,7 @@ from edgeleak import checks
 from edgeleak.broker import local_broker
 from edgeleak.config import ConfigError, ExperimentConfig
 from edgeleak.errors import UsageError
+from edgeleak.hierarchy import GroupedFleet, groups, keyholder
 from edgeleak.leak import attack_captures, fleet_truth
 from edgeleak.report import SUMMARY_UNITS, software_versions
 
@@ -207,6 +208,7 @@ def round_plan(cfg: ExperimentConfig, *, max_unproven: int = 0, quiet_s: float =
         protect=cfg.protect,
         dp_delta=cfg.dp_delta,
         decoys=cfg.decoys,
+        he=cfg.he,
     )
 
 
@@ -296,10 +298,16 @@ def run_rounds(
 
 @contextmanager
 def _spy_and_fleet(
-    broker: BrokerAddress, run: str, capture: CaptureStore | None, fleet: Fleet
+    broker: BrokerAddress,
+    run: str,
+    capture: CaptureStore | None,
+    fleet: Fleet | GroupedFleet,
+    he: ModelArtifact | None = None,
 ) -> Iterator[None]:
-    with Eavesdropper(broker, run, capture) if capture else contextlib.nullcontext(), fleet:
-        yield
+    """With ``he`` (the model), the run's key holder process comes first."""
+    with keyholder(broker, run, he) if he else contextlib.nullcontext():
+        with Eavesdropper(broker, run, capture) if capture else contextlib.nullcontext(), fleet:
+            yield
 
 
 def round_line(res: RoundResult) -> str:
@@ -412,14 +420,17 @@ def run_experiment(
     )
     with broker_for(broker_url) as (broker, broker_kind):
         spec = fleet_spec(cfg, run, broker, artifact, data.y_train, out / "truth", keys)
+        clients = len(groups(cfg.devices, cfg.aggregators)) if cfg.aggregators else cfg.devices
         setup = RoundsSetup(
             run, out, broker, broker_kind, artifact, data,
-            round_plan(cfg, max_unproven=cfg.devices), cfg.devices, 60 + cfg.devices * 0.1,
+            round_plan(cfg, max_unproven=cfg.devices), clients, 60 + cfg.devices * 0.1,
             clock=virtual_clock(cfg, spec, artifact), tamper=tamper(cfg, artifact, data.x_train),
-            fleet_size=cfg.devices, keys=keys,
+            fleet_size=clients, keys=keys,
         )  # fmt: skip
         capture = CaptureStore(out / "capture") if cfg.attacks else None
-        fleet = Fleet(spec)
+        fleet: Fleet | GroupedFleet = Fleet(spec)
+        if cfg.aggregators:
+            fleet = GroupedFleet(spec, cfg.aggregators, artifact, broker)
         with Progress(*cols, disable=not progress) as bar:
             job = bar.add_task(
                 f"{cfg.algorithm} {cfg.devices} devices", total=cfg.rounds, status=""
@@ -436,7 +447,8 @@ def run_experiment(
                 )
 
             summary = run_rounds(
-                cfg, setup, store, alongside=_spy_and_fleet(broker, run, capture, fleet),
+                cfg, setup, store,
+                alongside=_spy_and_fleet(broker, run, capture, fleet, artifact if cfg.he else None),
                 restarts=lambda: fleet.restarts, on_round=advance,
             )  # fmt: skip
     if asked.dp_epsilon > 0:

@@ -171,3 +171,21 @@ def test_aggregator_cli_bad_input(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "manifest.json does not exist" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_config_fields_for_server_side_protections() -> None:
+    from edgeleak.config import ConfigError, ExperimentConfig
+    from edgeleak.hierarchy import groups
+
+    assert ExperimentConfig.from_dict({"aggregators": 4, "he": False}).aggregators == 4
+    assert ExperimentConfig.from_dict({"he": True}).he is True
+    for bad, match in (
+        ({"he": 1}, "expected type bool"),
+        ({"aggregators": -1}, "aggregators=-1"),
+        ({"aggregators": 2, "he": True}, "not with decoys, a clock or he"),
+        ({"aggregators": 2, "decoys": 1}, "not with decoys, a clock or he"),
+        ({"he": True, "aggregator": "median"}, "aggregator 'mean'"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            ExperimentConfig.from_dict(bad)
+    assert [list(g) for g in groups(5, 2)] == [[0, 1], [2, 3], [4]]
