@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from devices.fleet import Fleet, FleetSpec
 from edge.aggregator import EdgeAggregator, group_run, run_aggregator
@@ -37,8 +38,10 @@ class GroupedFleet:
                 f"agg-g{i}", spec.run, f"g{i}", [d.device_id for d in devs], artifact
             )
             sub = dataclasses.replace(
-                spec, run=group_run(spec.run, f"g{i}"), devices=devs, workers=1
-            )
+                spec, run=group_run(spec.run, f"g{i}"), devices=devs, workers=1,
+                # each group's fleet numbers its workers from 0: one truth folder per group
+                truth_dir=str(Path(spec.truth_dir) / f"g{i}") if spec.truth_dir else None,
+            )  # fmt: skip
             self.parts.append((agg, sub))
         self.fleets = [Fleet(sub) for _, sub in self.parts]
         self._stop = threading.Event()
