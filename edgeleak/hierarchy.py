@@ -12,6 +12,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from devices.fleet import Fleet, FleetSpec
+from devices.orphans import parent_death_hook
 from edge.aggregator import EdgeAggregator, group_run, run_aggregator
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress
@@ -77,7 +78,7 @@ def keyholder(broker: BrokerAddress, run: str, artifact: ModelArtifact) -> Itera
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge", "keyholder", "--broker", broker.secret_url, "--run", run,
          "--model", str(artifact.folder)],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, preexec_fn=parent_death_hook(),  # dies with the demo
     )  # fmt: skip
     try:
         yield
