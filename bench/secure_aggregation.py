@@ -1,7 +1,9 @@
-"""Server-side protections over the real broker: secure aggregation (SecAgg / SecAgg+), and
-(filled by their own functions) homomorphic encryption and hierarchical aggregation.
+"""Server-side protections over the real broker: secure aggregation (SecAgg / SecAgg+),
+homomorphic encryption and hierarchical aggregation (the last two: ``bench/server_side.py``).
 
-    python bench/secure_aggregation.py --json secure_aggregation.json
+    python bench/secure_aggregation.py --json secure_aggregation.json [--parts secagg he aggregation]
+
+Writes ``{"secagg": [...], "he": [...], "aggregation": [...]}`` (a part not run stays empty).
 
 ``secagg`` rows: light devices (``devices.secagg_fleet``: one MQTT connection each, a fixed
 random update of ``--length`` words, no training) run one round with the coordinator
@@ -24,6 +26,7 @@ from pathlib import Path
 # package; the repository root goes there instead.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # bench/server_side.py
 
 import argparse
 import dataclasses
@@ -115,11 +118,11 @@ def measure_secagg_ig(images: int = 4, budget_s: float = 15.0, seed: int = 0) ->
     public fixed point and inverts it. The same attack on the plaintext update, and the
     mean-image baseline, for comparison."""
     import torch
+    from attacks.leakage import evaluate
+    from attacks.metrics import mean_image_psnr
 
     from attacks import get_attack
     from attacks.base import AttackMetadata
-    from attacks.leakage import evaluate
-    from attacks.metrics import mean_image_psnr
     from attacks.model import FunctionalModel, InputMap, manifest_for, simulate_update
     from devices.datasets import load_dataset
     from export import zoo
@@ -178,17 +181,36 @@ def main(argv: list[str] | None = None) -> int:
         "--ig", type=int, default=0, metavar="N",
         help="also invert N masked updates (key secagg_ig; needs the lab extra)",
     )  # fmt: skip
+    p.add_argument(
+        "--parts", nargs="+", choices=("secagg", "he", "aggregation"),
+        default=["secagg", "he", "aggregation"], help="which tables to measure (default: all)",
+    )  # fmt: skip
+    p.add_argument("--iterations", type=int, default=2000, help="aggregation: IG iterations")
+    p.add_argument("--budget-s", type=float, default=900.0, help="aggregation: IG time cap")
+    p.add_argument("--ks", default="1,2,4,8,16,32", help="aggregation: comma-separated group sizes")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rows: list[dict[str, Any]] = []
-    with local_broker("mosquitto") as (broker, _):
-        for n in (int(v) for v in args.devices.split(",")):
-            for d in (float(v) for v in args.dropout.split(",")):
-                row = measure_secagg(broker, n, d, length=args.length)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    # "he" and "aggregation" are measured by their own functions (homomorphic encryption,
-    # hierarchical aggregation); they stay empty until those are added.
+    if "secagg" in args.parts:
+        with local_broker("mosquitto") as (broker, _):
+            for n in (int(v) for v in args.devices.split(",")):
+                for d in (float(v) for v in args.dropout.split(",")):
+                    row = measure_secagg(broker, n, d, length=args.length)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     result: dict[str, Any] = {"secagg": rows, "he": [], "aggregation": []}
+    if "he" in args.parts or "aggregation" in args.parts:
+        import server_side
+
+        if "he" in args.parts:
+            result["he"] = server_side.measure_he(seed=args.seed)
+            print(json.dumps(result["he"]), flush=True)
+        if "aggregation" in args.parts:
+            ks = [int(k) for k in args.ks.split(",")]
+            result["aggregation"] = server_side.measure_aggregation(
+                ks, iterations=args.iterations, budget_s=args.budget_s, seed=args.seed
+            )
+            print(json.dumps(result["aggregation"]), flush=True)
     if args.ig:
         result["secagg_ig"] = measure_secagg_ig(args.ig)
         print(json.dumps(result["secagg_ig"]), flush=True)

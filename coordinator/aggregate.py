@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from edge.aggregator import weighted_mean
 from edge.protect import clip_l2
 
 Params = dict[str, np.ndarray]
@@ -20,19 +21,6 @@ def _names(updates: Sequence[Weighted]) -> list[str]:
     if not updates:
         raise ValueError("no updates to aggregate")
     return list(updates[0][0])
-
-
-def weighted_mean(updates: Sequence[Weighted]) -> Params:
-    """Mean of the updates weighted by their example counts (FedAvg, McMahan et al. 2017)."""
-    names = _names(updates)
-    total = float(sum(n for _, n in updates))
-    out: Params = {}
-    for k in names:
-        acc = np.zeros_like(updates[0][0][k], dtype=np.float64)
-        for p, n in updates:
-            acc += p[k].astype(np.float64) * (n / total)
-        out[k] = acc.astype(np.float32)
-    return out
 
 
 def coordinate_median(updates: Sequence[Weighted]) -> Params:

@@ -21,6 +21,7 @@ from coordinator import secagg as secure
 from coordinator.aggregate import apply_update, central_dp_mean
 from coordinator.store import AnomalyRow, MessageRow, PrivacyRow, RoundResult, RunStore
 from edge import decoy, protect, wire
+from edge.aggregator import GroupInfo, parse_group
 from edge.codec import params_sha256
 from edge.manifest import ModelArtifact
 from edge.mqtt import (
@@ -36,6 +37,7 @@ from edge.secagg import up_filter as secagg_filter
 
 if TYPE_CHECKING:
     from coordinator.accounting import PrivacyLedger
+    from coordinator.he import HECoordinator
     from edge.sign import Credentials
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class RoundPlan:
     dp_delta: float = 1e-5  # δ at which ε is accounted (with a DP protection)
     decoys: int = 0  # decoy updates per device and round (needs every device's key)
     secagg: str = ""  # secure aggregation (edge.secagg spec, e.g. "k=0,t=0.5,clip=1,bits=16")
+    he: bool = False  # CKKS updates added here, decrypted by the key holder (coordinator.he)
 
     @property
     def task_codec(self) -> str:
@@ -179,6 +182,13 @@ class Coordinator:
 
             sigma = protect.require_sigma(self.dp)
             self.privacy = PrivacyLedger(self.dp, sigma, plan.dp_delta)
+        self.he: HECoordinator | None = None
+        if plan.he:
+            from coordinator.he import HECoordinator
+
+            if plan.aggregator != "mean" or self.dp is not None or plan.decoys:
+                raise ValueError("he adds ciphertexts: use aggregator 'mean', no DP, no decoys")
+            self.he = HECoordinator(run, artifact.manifest)
         self.evaluator = evaluator
         self.seed = seed
         self.clock = clock
@@ -208,6 +218,7 @@ class Coordinator:
                 f"{prefix}/status/+",
                 f"{wire.TOPIC_PREFIX}/{wire.ANY_RUN}/status/+",
                 *([secagg_filter(run)] if plan.secagg else []),
+                *(self.he.topics if self.he else ()),
             ),
             on_ready=self._ready,
         )
@@ -296,6 +307,12 @@ class Coordinator:
                 self._ledger(msg, "?", "rejected")
                 self._reject(msg.topic, "?", wire.WireError("wrong_phase", "no secure round runs"))
             return
+        if self.he is not None and self.he.owns(msg.topic):
+            try:
+                self.he.on_message(msg)
+            except (wire.WireError, ValueError, RuntimeError) as e:
+                self._reject(msg.topic, "keyholder", wire.WireError("bad_he", str(e)[:200]))
+            return
         try:
             _run, channel, device = wire.parse_topic(msg.topic)
         except wire.WireError as e:
@@ -329,12 +346,25 @@ class Coordinator:
                 self._reject(msg.topic, owner, e)
                 return
             assert st is not None
-            size = self._ledger(msg, owner, "update")
+            group = parse_group(update.group)  # an edge aggregator's update: its own kinds
+            size = self._ledger(msg, owner, "update" if group is None else "aggregate")
+            if group is not None:
+                self._ledger_group(owner, msg.topic, group)
             st.bytes_up += size
             st.accepted[owner] = dataclasses.replace(update, device=owner)
             st.up[owner] = size
             st.last_answer = time.monotonic()
             self.nonces.setdefault(st.round, set()).add(update.nonce)
+
+    def _ledger_group(self, agg: str, topic: str, group: GroupInfo) -> None:
+        """The group's traffic as its aggregator reported it: ``group_up`` (device -> aggregator)
+        and ``group_down`` (aggregator -> device), apart from ``aggregate`` (aggregator -> here);
+        ``topic`` is the aggregator's upstream topic."""
+        rows = [
+            MessageRow(self.run, self.round, agg, topic, d, kind, b, 0, time.time())
+            for d, kind, b in (("up", "group_up", group.up), ("down", "group_down", group.down))
+        ]
+        self.store.add_messages(rows)
 
     def _on_status(self, msg: Received, device: str) -> None:
         if self.credentials is not None:
@@ -384,7 +414,10 @@ class Coordinator:
         """The update of ``device``, sent on ``topic_device`` (its pseudonym when decoys are on)."""
         if self.credentials is not None:
             self.credentials.verifier.check(msg.payload, topic_device)
-        update = wire.decode_update(msg.payload, self.manifest)
+        if self.he is not None:
+            update = self.he.validate(msg.payload)
+        else:
+            update = wire.decode_update(msg.payload, self.manifest)
         st = self._state
         if update.run != self.run:
             raise wire.WireError("wrong_run", f"run {update.run!r}")
@@ -398,6 +431,7 @@ class Coordinator:
             raise wire.WireError("future_round", f"round {update.round}, current {st.round}")
         if device not in st.selected:
             raise wire.WireError("not_selected", f"{device} was not selected in round {st.round}")
+        parse_group(update.group)
         if any(update.nonce in seen for seen in self.nonces.values()):
             raise wire.WireError("replayed_nonce", update.nonce)
         if device in st.accepted:
@@ -461,6 +495,7 @@ class Coordinator:
                 end=self.end_commitment,
                 protect=self.plan.protect,
                 secagg=self.plan.secagg,
+                he=self.he.key if self.he else "",
             )
             self._register_slots(device)
             payload = wire.encode_task(
@@ -548,6 +583,8 @@ class Coordinator:
         # Pseudonyms of the last round stay known for its late decoys; older ones are dropped.
         self._slots = {p: s for p, s in self._slots.items() if s.round >= round_ - 1}
         sent = self.tamper(round_, self.weights) if self.tamper else self.weights
+        if self.he is not None:
+            self.he.wait_for_key(self.poll, self.plan.deadline_s)
         bytes_down = self.broadcast(selected, sent)
         if self.secagg is not None:
             return self._secure_round(st, sent, bytes_down, t0)
@@ -617,7 +654,11 @@ class Coordinator:
         return result
 
     def _aggregate(self, st: _RoundState, selected: int) -> Params:
-        """The plan's aggregator, or DP-FedAvg's noised mean under ``central_dp``."""
+        """The plan's aggregator, or DP-FedAvg's noised mean under ``central_dp``, or (HE) the
+        key holder's decryption of the ciphertexts' sum."""
+        if self.he is not None:
+            ups = [st.accepted[d] for d in sorted(st.accepted)]
+            return self.he.aggregate(self.client, st.round, ups, self.poll, self.plan.deadline_s)
         if isinstance(self.dp, protect.CentralDP):
             ordered = [st.accepted[d].params for d in sorted(st.accepted)]
             noise = protect.gaussian_like(

@@ -8,7 +8,9 @@ safetensors), as a deployment bundle's ``start.sh`` runs it on a Raspberry Pi or
                    [--key device.key --decoy-data public.npz]
 
 ``python -m edge calibrate --model model/`` measures this device's training throughput instead
-(``edge.calibrate``).
+(``edge.calibrate``); ``python -m edge aggregate ...`` runs an edge aggregator for a group of
+devices instead (``edge.aggregator``), and ``python -m edge keyholder ...`` a run's CKKS key
+holder (``edge.he``, extra ``he``).
 Without ``--run`` the device takes part in any run that sends it a task and stays up between
 runs; with ``--run`` it is pinned to that run (and exits at its end with ``--exit-on-end``).
 It waits for the broker with capped exponential backoff, reconnects when it goes away, prints
@@ -210,6 +212,14 @@ def main(
         from edge.calibrate import main as calibrate
 
         return calibrate(argv[1:])
+    if argv and argv[0] == "aggregate":
+        from edge.aggregator import main as aggregate
+
+        return aggregate(argv[1:])
+    if argv and argv[0] == "keyholder":
+        from edge.he import main as keyholder
+
+        return keyholder(argv[1:])
     import edge
     from edge.device import run_device
 

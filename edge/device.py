@@ -183,6 +183,7 @@ class Device:
         # real update, slots 0.. the decoys (so decoys carry residuals like the real one).
         self.residuals: dict[tuple[str, str, int], wire.Params] = {}
         self.secagg: dict[str, secagg.SecAggClient] = {}  # run -> this round's secure aggregation
+        self.he_keys: dict[str, tuple[str, object]] = {}  # run -> (key id, public CKKS context)
 
     def _poisoned_data(self, p: Poison, seed: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([seed, zlib.crc32(self.device_id.encode()), 0xBAD])
@@ -199,10 +200,12 @@ class Device:
     def subscriptions(self) -> tuple[str, ...]:
         """Task and control topics of its run (any run when not pinned), and its own status
         topic: a forged ``offline`` there is answered with ``online`` again."""
+        he_public = f"{wire.TOPIC_PREFIX}/{self.run or '+'}/he/public"  # edge.he
         return (
             *wire.device_filters(self.device_id, self.run),
             self.status_topic,
             secagg.down_filter(self.run or "+", self.device_id),
+            he_public,
         )
 
     def client(self, inbox: queue.Queue[Received], protocol: int) -> mqtt.Client:
@@ -282,6 +285,10 @@ class Device:
             raise wire.WireError("no_key", "decoys need this device's key (--key)")
         if task.decoys and self.decoy_data is None:
             raise wire.WireError("no_decoy_data", "decoys need public examples (--decoy-data)")
+        if task.he:
+            from edge.he import check_key
+
+            check_key(self.he_keys, task)
         return task
 
     def noise_rng(self, round_: int) -> np.random.Generator:
@@ -347,8 +354,14 @@ class Device:
             codec=codec.name,
             defence=defence,
         )
-        signer = self.credentials.signer if self.credentials is not None else None
-        payload = wire.encode_update(update, tensors=tensors, signer=signer)
+        if task.he:
+            from edge.he import encrypt_update
+
+            _, ctx = self.he_keys[task.run]
+            payload = encrypt_update(update, ctx, task.he, self.artifact.manifest)
+        else:
+            signer = self.credentials.signer if self.credentials is not None else None
+            payload = wire.encode_update(update, tensors=tensors, signer=signer)
         return wire.update_topic(task.run, device_field), payload
 
     def handle(self, msg: Received) -> list[Outgoing]:
@@ -359,6 +372,11 @@ class Device:
         sa_topic = secagg.parse_secagg_topic(msg.topic)
         if sa_topic is not None:
             return self._secagg_step(msg, *sa_topic)
+        if msg.topic.endswith("/he/public"):
+            from edge.he import on_public
+
+            on_public(self.he_keys, msg, self.run)
+            return []
         where = self._mine(msg)
         if where is None:
             return []

@@ -311,6 +311,7 @@ class Task:
     end: str = field(default_factory=lambda: end_commitment(new_end_token()))
     protect: str = ""  # the run's client-side protections (edge.protect spec); "" for none
     secagg: str = ""  # secure aggregation (edge.secagg spec): answer with its phases, no update
+    he: str = ""  # encrypt the update under this CKKS key (SHA-256 hex; edge.he); "" for none
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,7 @@ class Update:
     codec: str = "f32"
     defence: str = "{}"
     nonce: str = field(default_factory=new_nonce)
+    group: str = ""  # an edge aggregator's group (edge.aggregator.GroupInfo JSON); "" for a device
 
 
 def encode_task(task: Task, *, signer: Signer | None = None) -> bytes:
@@ -353,6 +355,8 @@ def encode_task(task: Task, *, signer: Signer | None = None) -> bytes:
         meta["protect"] = task.protect
     if task.secagg:
         meta["secagg"] = task.secagg
+    if task.he:
+        meta["he"] = task.he
     tensors = get_codec(task.codec).encode(task.weights)
     return signer.write(tensors, meta) if signer else write_tensors(tensors, meta)
 
@@ -383,6 +387,8 @@ def encode_update(
         "defence": update.defence,
         "nonce": update.nonce,
     }
+    if update.group:  # optional: device updates keep their old bytes
+        meta["group"] = update.group
     if tensors is None:
         tensors = get_codec(update.codec).encode(update.params)
     return signer.write(tensors, meta) if signer else write_tensors(tensors, meta)
@@ -522,6 +528,7 @@ def decode_task(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_
         end=_commitment(meta, "end"),
         protect=_protect(meta),
         secagg=_protect(meta, "secagg"),
+        he=_commitment(meta, "he") if "he" in meta else "",
     )
 
 
@@ -554,4 +561,13 @@ def decode_update(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAG
         codec=codec.name,
         defence=_field(meta, "defence"),
         nonce=_nonce(meta),
+        group=_bounded_str(meta, "group", MAX_PROTECT_CHARS),
     )
+
+
+def _bounded_str(meta: Mapping[str, str], key: str, limit: int) -> str:
+    """An optional field of at most ``limit`` characters ("" when absent)."""
+    v = meta.get(key, "")
+    if len(v) > limit:
+        raise WireError("bad_field", f"{key}: {len(v)} characters > {limit}")
+    return v

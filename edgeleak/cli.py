@@ -520,6 +520,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 "dpsgd:clip=C,sigma=S | central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
             )  # fmt: skip
             continue
+        if f.name == "he":
+            parser.add_argument("--he", action="store_const", const=True, help=FIELD_HELP["he"])
+            continue
         allowed = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f.name, type=type(value),

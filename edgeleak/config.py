@@ -89,6 +89,9 @@ FIELD_HELP: dict[str, str] = {
     "dp_delta": "delta of the privacy accounting and of the calibration",
     "secagg": "secure aggregation (SecAgg+): k=NEIGHBOURS (0: all),t=FRACTION,clip=C,bits=B; "
     "empty: off",
+    "aggregators": "K > 0: groups of K devices answer through an edge aggregator each (0: flat)",
+    "he": "CKKS: devices encrypt updates, the coordinator adds ciphertexts, a key holder "
+    "process decrypts the aggregate (extra 'he')",
 }
 
 
@@ -145,6 +148,8 @@ class ExperimentConfig:
     dp_epsilon: float = 0.0  # > 0: calibrate the DP protection's sigma to this ε for the run
     dp_delta: float = 1e-5  # δ of the accounting (and of the calibration)
     secagg: str = ""  # secure aggregation, edge.secagg spec (e.g. "k=0,t=0.5,clip=1,bits=16")
+    aggregators: int = 0  # K > 0: groups of K devices behind one edge aggregator each
+    he: bool = False  # CKKS updates, added without the secret key (edge.he, coordinator.he)
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
@@ -214,6 +219,7 @@ class ExperimentConfig:
                            aggregator=self.aggregator, protect=self.protect)  # fmt: skip
             except ValueError as e:
                 raise ConfigError(f"secagg={self.secagg!r}: {e}") from None
+        self._check_server_side()
 
     def _check_poison(self) -> None:
         m = self.malicious_devices
@@ -226,6 +232,22 @@ class ExperimentConfig:
         b = self.poison_boost
         if not isinstance(b, int | float) or isinstance(b, bool) or not b >= 0:
             raise ConfigError(f"poison_boost={self.poison_boost!r}: expected a number >= 0")
+
+    def _check_server_side(self) -> None:
+        _at_least("aggregators", self.aggregators, 0)
+        if not isinstance(self.he, bool):
+            raise ConfigError(f"he={self.he!r}: expected true or false")
+        if self.aggregators and (self.decoys or self.clock != "none" or self.he):
+            raise ConfigError(
+                "aggregators: groups answer as one client; not with decoys, a clock or he"
+            )
+        if self.he and (self.aggregator != "mean" or self.decoys or protect.dp_step(
+            protect.parse(self.protect)) is not None):  # fmt: skip
+            raise ConfigError("he adds ciphertexts: aggregator 'mean', no decoys, no DP")
+        if self.secagg and (self.he or self.aggregators):
+            raise ConfigError(
+                "secagg: one server-side protection at a time, not with he or aggregators"
+            )
 
     def _check_protect(self) -> None:
         try:
@@ -288,7 +310,7 @@ class ExperimentConfig:
             want = type(getattr(defaults, k))
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
-            if not isinstance(v, want) or isinstance(v, bool):
+            if not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
                 raise ConfigError(f"{k}={v!r}: expected type {want.__name__}")
             typed[k] = v
         return cls(**typed)

@@ -33,6 +33,7 @@ from edgeleak import checks
 from edgeleak.broker import local_broker
 from edgeleak.config import ConfigError, ExperimentConfig
 from edgeleak.errors import UsageError
+from edgeleak.hierarchy import GroupedFleet, groups, keyholder
 from edgeleak.leak import attack_captures, fleet_truth
 from edgeleak.report import SUMMARY_UNITS, software_versions
 
@@ -230,6 +231,7 @@ def round_plan(cfg: ExperimentConfig, *, max_unproven: int = 0, quiet_s: float =
         dp_delta=cfg.dp_delta,
         decoys=cfg.decoys,
         secagg=cfg.secagg,
+        he=cfg.he,
     )
 
 
@@ -347,10 +349,16 @@ def backdoor_summary(
 
 @contextmanager
 def _spy_and_fleet(
-    broker: BrokerAddress, run: str, capture: CaptureStore | None, fleet: Fleet
+    broker: BrokerAddress,
+    run: str,
+    capture: CaptureStore | None,
+    fleet: Fleet | GroupedFleet,
+    he: ModelArtifact | None = None,
 ) -> Iterator[None]:
-    with Eavesdropper(broker, run, capture) if capture else contextlib.nullcontext(), fleet:
-        yield
+    """With ``he`` (the model), the run's key holder process comes first."""
+    with keyholder(broker, run, he) if he else contextlib.nullcontext():
+        with Eavesdropper(broker, run, capture) if capture else contextlib.nullcontext(), fleet:
+            yield
 
 
 def round_line(res: RoundResult) -> str:
@@ -481,14 +489,17 @@ def run_experiment(
         spec = fleet_spec(
             cfg, run, broker, artifact, data.y_train, out / "truth", keys, data.groups
         )
+        clients = len(groups(cfg.devices, cfg.aggregators)) if cfg.aggregators else cfg.devices
         setup = RoundsSetup(
             run, out, broker, broker_kind, artifact, data,
-            round_plan(cfg, max_unproven=cfg.devices), cfg.devices, 60 + cfg.devices * 0.1,
+            round_plan(cfg, max_unproven=cfg.devices), clients, 60 + cfg.devices * 0.1,
             clock=virtual_clock(cfg, spec, artifact), tamper=tamper(cfg, artifact, data.x_train),
-            fleet_size=cfg.devices, keys=keys,
+            fleet_size=clients, keys=keys,
         )  # fmt: skip
         capture = CaptureStore(out / "capture") if cfg.attacks else None
-        fleet = Fleet(spec)
+        fleet: Fleet | GroupedFleet = Fleet(spec)
+        if cfg.aggregators:
+            fleet = GroupedFleet(spec, cfg.aggregators, artifact, broker)
         with Progress(*cols, disable=not progress) as bar:
             job = bar.add_task(
                 f"{cfg.algorithm} {cfg.devices} devices", total=cfg.rounds, status=""
@@ -505,7 +516,8 @@ def run_experiment(
                 )
 
             summary = run_rounds(
-                cfg, setup, store, alongside=_spy_and_fleet(broker, run, capture, fleet),
+                cfg, setup, store,
+                alongside=_spy_and_fleet(broker, run, capture, fleet, artifact if cfg.he else None),
                 restarts=lambda: fleet.restarts, on_round=advance,
             )  # fmt: skip
     if asked.dp_epsilon > 0:
@@ -536,6 +548,11 @@ def _check_secure(cfg: ExperimentConfig) -> None:
         )
     if cfg.decoys:
         raise UsageError("decoys publish under pseudonyms, which secure mode's ACL refuses")
+    if cfg.he or cfg.aggregators:
+        raise UsageError(
+            "he and aggregators use topics (he/*, <run>.<group>/*) and unsigned updates that "
+            "secure mode's ACL and signature checks refuse: leave out --secure/--pki"
+        )
 
 
 def build_summary(
