@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from coordinator import policy
+from coordinator import dropout, policy
 from coordinator.aggregate import apply_update, central_dp_mean, get_aggregator
 from coordinator.store import MessageRow, PrivacyRow, RoundResult, RunStore
 from edge import decoy, protect, wire
-from edge.codec import params_sha256
+from edge.codec import MAX_HEADER_BYTES, params_sha256
 from edge.manifest import ModelArtifact
 from edge.mqtt import (
     QOS,
@@ -81,6 +81,11 @@ class RoundPlan:
     protect: str = ""  # client-side protections (edge.protect spec), sent in every task
     dp_delta: float = 1e-5  # δ at which ε is accounted (with a DP protection)
     decoys: int = 0  # decoy updates per device and round (needs every device's key)
+    # Size limits (README "Reliability"): an update message, its container header, and how many
+    # devices may be online at once (more online statuses are refused: too_many_devices).
+    max_payload_bytes: int = wire.MAX_MESSAGE_BYTES
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_devices_online: int = 20_000
 
     @property
     def task_codec(self) -> str:
@@ -107,6 +112,7 @@ class _RoundState:
     bytes_up: int = 0  # accepted updates and this round's decoys
     bytes_rejected: int = 0  # rejected messages on the update and status topics
     lost: set[str] = field(default_factory=set)  # selected devices that went offline
+    late: set[str] = field(default_factory=set)  # updates dropped as stragglers
     decoy_up: dict[str, int] = field(default_factory=dict)  # packet bytes of each one's decoys
     down: dict[str, int] = field(default_factory=dict)  # packet bytes of each device's task
     up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
@@ -324,6 +330,17 @@ class Coordinator:
             if not isinstance(status, dict):
                 raise TypeError("not a JSON object")
             state = status["state"]
+            if (
+                state == "online"
+                and device not in self.online
+                and len(self.online) >= self.plan.max_devices_online
+            ):
+                raise OverflowError(f"{len(self.online)} devices online already")
+        except OverflowError as e:
+            if not msg.retain:
+                self._ledger(msg, device, "rejected")
+            self._reject(msg.topic, device, wire.WireError("too_many_devices", str(e)))
+            return
         except (ValueError, KeyError, TypeError, RecursionError):
             if not msg.retain:
                 self._ledger(msg, device, "rejected")
@@ -352,7 +369,12 @@ class Coordinator:
 
     def _validate(self, msg: Received, topic_device: str, device: str) -> wire.Update:
         """The update of ``device``, sent on ``topic_device`` (its pseudonym when decoys are on)."""
-        update = wire.decode_update(msg.payload, self.manifest)
+        update = wire.decode_update(
+            msg.payload,
+            self.manifest,
+            max_bytes=self.plan.max_payload_bytes,
+            max_header_bytes=self.plan.max_header_bytes,
+        )
         st = self._state
         if update.run != self.run:
             raise wire.WireError("wrong_run", f"run {update.run!r}")
@@ -480,6 +502,7 @@ class Coordinator:
             slowest = max(slowest, t)
             if t > self.plan.deadline_s:
                 del st.accepted[device]
+                st.late.add(device)
                 self._reject(
                     wire.update_topic(self.run, device),
                     device,
@@ -548,6 +571,11 @@ class Coordinator:
             model_sha256=params_sha256({k: self.weights[k] for k in self.manifest.param_names}),
         )
         self.store.add_round(self.run, result)
+        self.store.add_dropouts(
+            self.run,
+            round_,
+            dropout.dropouts(selected, st.accepted, heard=st.heard, lost=st.lost, late=st.late),
+        )
         self._account(st)
         return result
 

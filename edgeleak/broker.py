@@ -30,7 +30,7 @@ MOSQUITTO_CONF = """\
 listener {port} {bind}
 user {user}
 {auth}
-persistence false
+{persistence}
 max_queued_messages 0
 max_inflight_messages 0
 message_size_limit 0
@@ -45,9 +45,12 @@ def mosquitto_conf(
     bind: str = "127.0.0.1",
     password_file: Path | None = None,
     log_file: Path | None = None,
+    persistence_dir: Path | None = None,
 ) -> str:
     """The one mosquitto config of the project (demo, tests and ``edgeleak broker``): no silent
-    drops, no size limit; anonymous unless ``password_file`` (made with ``mosquitto_passwd``)."""
+    drops, no size limit; anonymous unless ``password_file`` (made with ``mosquitto_passwd``).
+    ``persistence_dir``: sessions, subscriptions, retained and queued messages are saved there
+    on every change (mosquitto's default is every 30 minutes) and survive a ``kill -9``."""
     auth = (
         "allow_anonymous true"
         if password_file is None
@@ -57,7 +60,15 @@ def mosquitto_conf(
     # Started as root, mosquitto would switch to the user "mosquitto", who cannot read our files
     # and whose switch clears the parent-death signal (the broker must die with us).
     user = pwd.getpwuid(os.getuid()).pw_name
-    return MOSQUITTO_CONF.format(port=port, bind=bind, user=user, auth=auth, log=log)
+    persistence = (
+        "persistence false"
+        if persistence_dir is None
+        else f"persistence true\npersistence_location {persistence_dir.absolute()}/\n"
+        "autosave_on_changes true\nautosave_interval 1"
+    )
+    return MOSQUITTO_CONF.format(
+        port=port, bind=bind, user=user, auth=auth, log=log, persistence=persistence
+    )
 
 
 AMQTT_CONF = """\

@@ -14,7 +14,15 @@ from devices.partition import SCHEMES as PARTITIONS
 from devices.profiles import PROFILES
 from edge import protect
 from edge.backends import RUNTIMES
-from edge.wire import ALGORITHMS, CODEC_HELP, MAX_DECOYS, WireError, check_codec
+from edge.codec import MAX_HEADER_BYTES
+from edge.wire import (
+    ALGORITHMS,
+    CODEC_HELP,
+    MAX_DECOYS,
+    MAX_MESSAGE_BYTES,
+    WireError,
+    check_codec,
+)
 from export.names import MODELS
 
 AGGREGATORS = tuple(_AGGREGATORS)
@@ -78,6 +86,10 @@ FIELD_HELP: dict[str, str] = {
     "| central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
     "dp_epsilon": "> 0: calibrate the DP protection's sigma to this epsilon for the whole run",
     "dp_delta": "delta of the privacy accounting and of the calibration",
+    "max_payload_bytes": "the coordinator refuses a larger update message (oversize)",
+    "max_header_bytes": "the coordinator refuses an update whose container header is larger",
+    "max_devices_online": "the coordinator ignores online statuses of more devices than this "
+    "(too_many_devices)",
 }
 
 
@@ -129,6 +141,11 @@ class ExperimentConfig:
     protect: str = ""
     dp_epsilon: float = 0.0  # > 0: calibrate the DP protection's sigma to this ε for the run
     dp_delta: float = 1e-5  # δ of the accounting (and of the calibration)
+    # Size limits of the coordinator (README "Reliability"): message and header bytes, and how
+    # many devices may be online in a run (floods of phantom statuses stop there).
+    max_payload_bytes: int = MAX_MESSAGE_BYTES
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_devices_online: int = 20_000
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
@@ -173,6 +190,9 @@ class ExperimentConfig:
         _at_least("max_epochs", self.max_epochs, 1)
         _at_least("max_batch_size", self.max_batch_size, 1)
         _at_least("max_steps", self.max_steps, 1)
+        _at_least("max_payload_bytes", self.max_payload_bytes, 64)
+        _at_least("max_header_bytes", self.max_header_bytes, 8)
+        _at_least("max_devices_online", self.max_devices_online, 1)
         if self.epochs > self.max_epochs:
             raise ConfigError(f"epochs={self.epochs} is above max_epochs={self.max_epochs}")
         if self.batch_size > self.max_batch_size:
