@@ -12,12 +12,10 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from coordinator.resume import model_path, resume_point
 from coordinator.server import Coordinator, RoundPlan
@@ -29,7 +27,7 @@ from edge.codec import params_sha256
 from edge.data import save_shard
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, publish_packet_bytes, varint_len, wait_until
-from edgeleak.broker import _stop, _wait_listening, free_port, mosquitto_conf, mosquitto_path
+from tests.faultlab import broker_crash_run
 from tests.fedutil import contiguous_shards, device_argv, expected_round, fleet
 from tests.test_hostile import Outsider, in_thread
 
@@ -92,39 +90,6 @@ class RawPublisher:
     def close(self) -> None:
         self.sock.sendall(b"\xe0\x00")  # DISCONNECT
         self.sock.close()
-
-
-class Mosquitto:
-    """A mosquitto of the test's own, with persistence saving on every change, that can be
-    killed with SIGKILL and started again on the same port."""
-
-    def __init__(self, folder: Path) -> None:
-        exe = mosquitto_path()
-        if exe is None:
-            pytest.fail("mosquitto is not installed: apt-get install -y mosquitto")
-        self.port = free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(mosquitto_conf(self.port, persistence_dir=folder))
-        self.cmd = [exe, "-c", str(self.conf)]
-        self.address = BrokerAddress("127.0.0.1", self.port)
-        self.proc = self.start()
-
-    def start(self) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _wait_listening(self.port, proc, 30, "mosquitto")
-        return proc
-
-    def kill_and_restart(self) -> float:
-        """``kill -9``, then start on the same port; returns the seconds it was away."""
-        t0 = time.monotonic()
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self.proc = self.start()
-        return time.monotonic() - t0
-
-    def close(self) -> None:
-        _stop(self.proc)
 
 
 def _shard_processes(
@@ -309,46 +274,17 @@ def test_broker_kill_9_mid_round_loses_and_doubles_nothing(
     """mosquitto with persistence on every change, persistent MQTT 5 sessions: kill -9 the
     broker as the first update of round 2 arrives, restart it on the same port. Every alive
     selected device's update is accepted once, and the model is the one the updates give."""
-    broker = Mosquitto(tmp_path / "broker")
-    run = "f" + uuid.uuid4().hex[:8]
-    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=180)
-    store = RunStore(tmp_path / "run.db")
-    truth = tmp_path / "truth"
-    spec = fleet(run, broker.address, lenet_artifact, contiguous_shards([8] * 4), truth)
-    away: list[float] = []
-    w2: Params = {}
-    try:
-        watcher = Outsider(broker.address, (f"edgeleak/{run}/update/+",))
-        with (
-            Coordinator(run, lenet_artifact, broker.address, store, plan) as coord,
-            Fleet(spec) as f,
-        ):
-            coord.wait_for_devices(4, 120)
-            res1 = coord.run_round(1)
-            w1 = dict(coord.weights)
-            watcher.seen.clear()
-            while not watcher.inbox.empty():
-                watcher.inbox.get_nowait()
-            t, result = in_thread(lambda: (coord.run_round(2), w2.update(coord.weights))[0])
-            watcher.wait(lambda m: True, 1, 60)  # the first update of round 2 is on the wire
-            away.append(broker.kill_and_restart())
-            t.join(300)
-            res2 = result[0]
-            res3 = coord.run_round(3)
-            coord.end()
-            assert f.restarts == 0
-        watcher.close()
-    finally:
-        broker.close()
-    assert [(r.selected, r.accepted) for r in (res1, res2, res3)] == [(4, 4)] * 3
+    res, models, truth, run = broker_crash_run(lenet_artifact, tmp_path)
+    assert res.rounds_completed == 3
+    assert (res.updates_sent, res.updates_accepted, res.lost) == (12, 12, 0)
+    assert res.duplicates_aggregated == 0
     # Redeliveries (QoS 1 after the restart) are refused as such, never aggregated.
-    assert set(store.rejection_counts(run)) <= {"replayed_nonce", "duplicate", "stale_round"}
-    assert away[0] < 30
-    # Round 2's model is w1 moved by exactly the four updates (none twice, none lost).
-    want2 = expected_round(lenet_artifact, w1, truth, run, 2, algorithm="fedsgd", lr=0.1,
+    assert set(res.rejected_by_reason) <= {"replayed_nonce", "duplicate", "stale_round"}
+    # Round 2's model is round 1's moved by exactly the four updates (none twice, none lost).
+    want2 = expected_round(lenet_artifact, models[1], truth, run, 2, algorithm="fedsgd", lr=0.1,
                            batch_size=8)  # fmt: skip
-    for k in w1:
-        np.testing.assert_allclose(w2[k], want2[k], rtol=0, atol=1e-6)
+    for k in want2:
+        np.testing.assert_allclose(models[2][k], want2[k], rtol=0, atol=1e-6)
 
 
 # -- coordinator crash ------------------------------------------------------------------------------
@@ -381,7 +317,9 @@ def test_coordinator_kill_9_then_resume_ends_with_the_uninterrupted_model(
                 )
                 if kill_after is not None and "--resume" not in argv:
                     wait_until(
-                        lambda: model_path(out, kill_after).is_file() or proc.poll() is not None,
+                        lambda p=proc: (
+                            model_path(out, kill_after).is_file() or p.poll() is not None
+                        ),
                         300,
                         f"round {kill_after} of {run}",
                         poll=0.05,
@@ -412,3 +350,28 @@ def test_coordinator_kill_9_then_resume_ends_with_the_uninterrupted_model(
     assert [r["model_sha256"] for r in resumed] == [r["model_sha256"] for r in uninterrupted]
     summary = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == list(range(1, rounds + 1))
+
+
+# -- hostile input at volume ---------------------------------------------------------------------
+
+
+def test_10000_hostile_messages_change_nothing(
+    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    """10,000 hostile messages through the real broker during a real 3-round run: no crash,
+    every round complete, each message on the coordinator's topics rejected with a contract
+    reason (forged ``end`` messages are ignored by the devices, which keep answering), and the
+    final model bit-identical to the clean run with the same seed."""
+    from tests.faultlab import KINDS, REASONS, clean_and_flooded
+
+    clean, hostile = clean_and_flooded(mosquitto, lenet_artifact, tmp_path, total=10_000)
+    assert clean.rounds == [(4, 4, 0)] * 3
+    assert [(s, a) for s, a, _ in hostile.rounds] == [(4, 4)] * 3
+    assert hostile.sent == 10_000 and hostile.restarts == 0
+    forged_ends = sum(1 for i in range(10_000) if KINDS[i % len(KINDS)] == "forged_end")
+    assert hostile.to_coordinator == 10_000 - forged_ends
+    assert sum(hostile.rejected_by_reason.values()) == hostile.to_coordinator
+    assert set(hostile.rejected_by_reason) <= REASONS, hostile.rejected_by_reason
+    assert hostile.rejected_by_reason["too_many_devices"] == 10_000 // len(KINDS)
+    assert hostile.rejected_by_reason["oversize"] >= 10_000 // len(KINDS)
+    assert hostile.final_sha256 == clean.final_sha256

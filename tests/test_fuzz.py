@@ -68,7 +68,9 @@ json_scalar = st.one_of(
 )
 json_value = st.recursive(
     json_scalar,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -149,7 +151,9 @@ def test_control_end_accepts_only_the_committed_token(payload: bytes) -> None:
 
 
 @SETTINGS
-@given(st.text(max_size=120) | st.sampled_from(["dp:clip=1,sigma=nan", "dp:clip=inf", "dummy:m=-1"]))
+@given(
+    st.text(max_size=120) | st.sampled_from(["dp:clip=1,sigma=nan", "dp:clip=inf", "dummy:m=-1"])
+)
 def test_protect_spec_parses_or_says_why(spec: str) -> None:
     try:
         steps = protect.parse(spec)
@@ -194,7 +198,9 @@ def test_coordinator_handles_any_message_with_a_counted_reason(
     coordinator._handle(Received(topic, payload, retain, 0.0))
     after = coordinator.store.rejection_counts(RUN)
     assert "internal_error" not in after
-    new = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+    new = {
+        k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)
+    }
     if "/update/" in topic:
         assert sum(new.values()) == 1  # no round open: every update is refused, with a reason
     assert all(isinstance(v, dict) for v in coordinator.online.values())
