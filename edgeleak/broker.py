@@ -179,6 +179,7 @@ def serve_broker(
     data: Path | None = None,
     password_file: Path | None = None,
     say: Callable[[str], None] = print,
+    persist: bool = False,
 ) -> int:
     """``edgeleak broker``: mosquitto with the project's config, in the foreground, until
     Ctrl-C or SIGTERM; config and log go to ``data`` (default: a temporary folder)."""
@@ -199,7 +200,13 @@ def serve_broker(
         conf = folder / "mosquitto.conf"
         log_file = folder / "mosquitto.log"
         conf.write_text(
-            mosquitto_conf(port, bind=bind, password_file=password_file, log_file=log_file)
+            mosquitto_conf(
+                port,
+                bind=bind,
+                password_file=password_file,
+                log_file=log_file,
+                persistence_dir=folder if persist else None,
+            )  # fmt: skip
         )
         if bind not in ("127.0.0.1", "localhost", "::1") and password_file is None:
             say(

@@ -109,11 +109,14 @@ def _broker(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: expected 1..65535")
+    if args.persist and not args.data:
+        raise UsageError("--persist saves into --data: give --data FOLDER (kept after a crash)")
     return serve_broker(
         port=args.port,
         bind=args.bind,
         data=Path(args.data) if args.data else None,
         password_file=Path(args.password_file) if args.password_file else None,
+        persist=args.persist,
     )
 
 
@@ -541,6 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--password-file", help="mosquitto_passwd file: clients must log in (mqtt://USER:PW@...)"
     )
+    b.add_argument(
+        "--persist", action="store_true",
+        help="save sessions and queued messages to --data on every change: they survive a "
+        "broker crash (README: Reliability)",
+    )  # fmt: skip
     b.set_defaults(func=_broker)
 
     c = sub.add_parser(

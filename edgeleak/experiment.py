@@ -439,7 +439,9 @@ def run_experiment(
         fleet = Fleet(spec)
         with Progress(*cols, disable=not progress) as bar:
             job = bar.add_task(
-                f"{cfg.algorithm} {cfg.devices} devices", total=cfg.rounds, status="",
+                f"{cfg.algorithm} {cfg.devices} devices",
+                total=cfg.rounds,
+                status="",
                 completed=resume.round if resume else 0,
             )
 
