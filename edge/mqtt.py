@@ -25,9 +25,6 @@ QOS = 1
 # and the broker keeps its subscriptions and queued QoS 1 messages this long while it is away
 # (a broker restart with persistence included). 0: the session ends with the connection.
 SESSION_EXPIRY_S = 600
-# MQTT 5 will delay: a last will ("offline") goes out this long after the connection is lost,
-# and not at all when the client is back sooner (a broker restart, a short network blip).
-WILL_DELAY_S = 5
 log = logging.getLogger(__name__)
 
 
@@ -215,11 +212,7 @@ def make_client(
         protocol=mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311,
     )
     if will is not None:
-        will_props = None
-        if protocol == 5:
-            will_props = Properties(PacketTypes.WILLMESSAGE)
-            will_props.WillDelayInterval = WILL_DELAY_S
-        client.will_set(will[0], will[1], qos=QOS, retain=True, properties=will_props)
+        client.will_set(will[0], will[1], qos=QOS, retain=True)
     pending: set[int] = set()
 
     def ready(c: mqtt.Client) -> None:
