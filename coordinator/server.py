@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from coordinator import policy, robust
+from coordinator import dropout, policy, robust
 from coordinator import secagg as secure
 from coordinator.aggregate import apply_update, central_dp_mean
 from coordinator.store import AnomalyRow, MessageRow, PrivacyRow, RoundResult, RunStore
 from edge import decoy, protect, wire
 from edge.aggregator import GroupInfo, parse_group
-from edge.codec import params_sha256
+from edge.codec import MAX_HEADER_BYTES, params_sha256
 from edge.manifest import ModelArtifact
 from edge.mqtt import (
     QOS,
@@ -88,6 +88,11 @@ class RoundPlan:
     decoys: int = 0  # decoy updates per device and round (needs every device's key)
     secagg: str = ""  # secure aggregation (edge.secagg spec, e.g. "k=0,t=0.5,clip=1,bits=16")
     he: bool = False  # CKKS updates added here, decrypted by the key holder (coordinator.he)
+    # Size limits (README "Reliability"): an update message, its container header, and how many
+    # devices may be online at once (more online statuses are refused: too_many_devices).
+    max_payload_bytes: int = wire.MAX_MESSAGE_BYTES
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_devices_online: int = 20_000
 
     @property
     def task_codec(self) -> str:
@@ -114,6 +119,7 @@ class _RoundState:
     bytes_up: int = 0  # accepted updates and this round's decoys
     bytes_rejected: int = 0  # rejected messages on the update and status topics
     lost: set[str] = field(default_factory=set)  # selected devices that went offline
+    late: set[str] = field(default_factory=set)  # updates dropped as stragglers
     decoy_up: dict[str, int] = field(default_factory=dict)  # packet bytes of each one's decoys
     down: dict[str, int] = field(default_factory=dict)  # packet bytes of each device's task
     up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
@@ -382,6 +388,17 @@ class Coordinator:
             if not isinstance(status, dict):
                 raise TypeError("not a JSON object")
             state = status["state"]
+            if (
+                state == "online"
+                and device not in self.online
+                and len(self.online) >= self.plan.max_devices_online
+            ):
+                raise OverflowError(f"{len(self.online)} devices online already")
+        except OverflowError as e:
+            if not msg.retain:
+                self._ledger(msg, device, "rejected")
+            self._reject(msg.topic, device, wire.WireError("too_many_devices", str(e)))
+            return
         except (ValueError, KeyError, TypeError, RecursionError):
             if not msg.retain:
                 self._ledger(msg, device, "rejected")
@@ -417,7 +434,12 @@ class Coordinator:
         if self.he is not None:
             update = self.he.validate(msg.payload)
         else:
-            update = wire.decode_update(msg.payload, self.manifest)
+            update = wire.decode_update(
+                msg.payload,
+                self.manifest,
+                max_bytes=self.plan.max_payload_bytes,
+                max_header_bytes=self.plan.max_header_bytes,
+            )
         st = self._state
         if update.run != self.run:
             raise wire.WireError("wrong_run", f"run {update.run!r}")
@@ -550,6 +572,7 @@ class Coordinator:
             slowest = max(slowest, t)
             if t > self.plan.deadline_s:
                 del st.accepted[device]
+                st.late.add(device)
                 self._reject(
                     wire.update_topic(self.run, device),
                     device,
@@ -622,6 +645,11 @@ class Coordinator:
             model_sha256=params_sha256({k: self.weights[k] for k in self.manifest.param_names}),
         )
         self.store.add_round(self.run, result)
+        self.store.add_dropouts(
+            self.run,
+            round_,
+            dropout.dropouts(selected, st.accepted, heard=st.heard, lost=st.lost, late=st.late),
+        )
         self._account(st)
         return result
 

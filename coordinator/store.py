@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS anomaly (
     clip REAL,
     PRIMARY KEY (run, round, device)
 );
+CREATE TABLE IF NOT EXISTS dropouts (
+    run TEXT, round INTEGER, device TEXT, reason TEXT,
+    PRIMARY KEY (run, round, device)
+);
 CREATE INDEX IF NOT EXISTS messages_run_round ON messages (run, round);
 """
 
@@ -199,6 +203,22 @@ class RunStore:
              r.model_sha256),
         )  # fmt: skip
         self.db.commit()
+
+    def add_dropouts(self, run: str, round_: int, rows: list[tuple[str, str]]) -> None:
+        """Selected devices of ``round_`` without an accepted update: (device, reason), the
+        reasons of ``coordinator.dropout``."""
+        self.db.executemany(
+            "INSERT OR REPLACE INTO dropouts VALUES (?,?,?,?)",
+            [(run, round_, device, reason) for device, reason in rows],
+        )
+        self.db.commit()
+
+    def dropouts(self, run: str) -> list[tuple[int, str, str]]:
+        """(round, device, reason) of every dropout of ``run``, in round and device order."""
+        rows = self.db.execute(
+            "SELECT round, device, reason FROM dropouts WHERE run=? ORDER BY round, device", (run,)
+        ).fetchall()
+        return [(int(r), str(d), str(why)) for r, d, why in rows]
 
     def add_privacy(self, run: str, round_: int, rows: list[PrivacyRow]) -> None:
         """Each device's cumulative ε after ``round_`` (``epsilon`` may be ``inf`` for σ = 0)."""

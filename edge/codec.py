@@ -199,9 +199,11 @@ def read_tensors(buf: bytes | memoryview) -> dict[str, np.ndarray]:
     return read_container(buf)[0]
 
 
-def read_container(buf: bytes | memoryview) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_container(
+    buf: bytes | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, metadata) of a container."""
-    entries, meta, start = read_header(buf)
+    entries, meta, start = read_header(buf, max_header_bytes=max_header_bytes)
     out: dict[str, np.ndarray] = {}
     for name, e in entries.items():
         count = (e.end - e.begin) // e.dtype.itemsize

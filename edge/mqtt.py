@@ -18,9 +18,15 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 QOS = 1
+# MQTT 5 persistent sessions: a client's first connection starts clean, its reconnections do not,
+# and the broker keeps its subscriptions and queued QoS 1 messages this long while it is away
+# (a broker restart with persistence included). 0: the session ends with the connection.
+SESSION_EXPIRY_S = 600
 log = logging.getLogger(__name__)
 
 
@@ -112,10 +118,16 @@ _TLS_READY: weakref.WeakSet[mqtt.Client] = weakref.WeakSet()
 
 
 def connect(
-    client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 60, identity: str | None = None
+    client: mqtt.Client,
+    broker: BrokerAddress,
+    *,
+    keepalive: int = 60,
+    identity: str | None = None,
+    session_expiry_s: int = SESSION_EXPIRY_S,
 ) -> None:
     """Connect ``client`` to ``broker`` with the broker address's credentials, if any; over TLS
-    (mqtts) with ``identity``'s certificate from ``broker.pki``."""
+    (mqtts) with ``identity``'s certificate from ``broker.pki``; over MQTT 5 with a persistent
+    session (clean start on the first connection only, then resumed)."""
     if broker.tls and client not in _TLS_READY:
         if broker.pki is None or identity is None:
             raise ValueError(f"broker {broker.url}: TLS needs --pki and an enrolled identity")
@@ -125,7 +137,11 @@ def connect(
         _TLS_READY.add(client)
     if broker.username is not None:
         client.username_pw_set(broker.username, broker.password)
-    client.connect(broker.host, broker.port, keepalive=keepalive)
+    props = None
+    if broker.protocol == 5:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = session_expiry_s
+    client.connect(broker.host, broker.port, keepalive=keepalive, properties=props)
 
 
 def backoff_delays(initial: float = 1.0, cap: float = 30.0) -> Iterator[float]:

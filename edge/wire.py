@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge import compress
-from edge.codec import CodecError, read_container, write_tensors
+from edge.codec import MAX_HEADER_BYTES, CodecError, read_container, write_tensors
 from edge.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -450,12 +450,12 @@ def _choice(meta: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str:
 
 
 def _open(
-    buf: bytes, expected_type: str, max_bytes: int
+    buf: bytes, expected_type: str, max_bytes: int, max_header_bytes: int = MAX_HEADER_BYTES
 ) -> tuple[Mapping[str, np.ndarray], dict[str, str]]:
     if len(buf) > max_bytes:
         raise WireError("oversize", f"{len(buf)} bytes > limit {max_bytes}")
     try:
-        tensors, meta = read_container(buf)
+        tensors, meta = read_container(buf, max_header_bytes=max_header_bytes)
     except CodecError as e:
         raise WireError(
             "not_schema" if e.reason == "not_container" else e.reason, e.detail
@@ -494,11 +494,15 @@ def _finite(params: Params) -> None:
 
 
 def _open_params(
-    buf: bytes, expected_type: str, manifest: Manifest, max_bytes: int
+    buf: bytes,
+    expected_type: str,
+    manifest: Manifest,
+    max_bytes: int,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> tuple[Params, dict[str, str], Codec]:
     """Open a message and decode its finite parameters with the codec it names (a task's is
     dense)."""
-    tensors, meta = _open(buf, expected_type, max_bytes)
+    tensors, meta = _open(buf, expected_type, max_bytes, max_header_bytes)
     name = _field(meta, "codec")
     codec = get_codec(_dense(name) if expected_type == "task" else name)
     _bounded(tensors, manifest)
@@ -546,9 +550,15 @@ def _commitment(meta: Mapping[str, str], key: str) -> str:
     return v
 
 
-def decode_update(buf: bytes, manifest: Manifest, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Update:
+def decode_update(
+    buf: bytes,
+    manifest: Manifest,
+    *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+) -> Update:
     """Validate and decode an update for a model with ``manifest``."""
-    params, meta, codec = _open_params(buf, "update", manifest, max_bytes)
+    params, meta, codec = _open_params(buf, "update", manifest, max_bytes, max_header_bytes)
     return Update(
         run=_field(meta, "run"),
         round=_int(meta, "round"),

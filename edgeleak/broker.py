@@ -30,7 +30,7 @@ MOSQUITTO_CONF = """\
 listener {port} {bind}
 user {user}
 {auth}
-persistence false
+{persistence}
 max_queued_messages 0
 max_inflight_messages 0
 message_size_limit 0
@@ -46,10 +46,13 @@ def mosquitto_conf(
     password_file: Path | None = None,
     log_file: Path | None = None,
     tls: str | None = None,
+    persistence_dir: Path | None = None,
 ) -> str:
     """The one mosquitto config of the project (demo, tests and ``edgeleak broker``): no silent
     drops, no size limit; anonymous unless ``password_file`` (made with ``mosquitto_passwd``);
-    ``tls``: the secure mode's TLS, certificate and ACL lines (``edgeleak.pki.mosquitto_tls``)."""
+    ``tls``: the secure mode's TLS, certificate and ACL lines (``edgeleak.pki.mosquitto_tls``).
+    ``persistence_dir``: sessions, subscriptions, retained and queued messages are saved there
+    on every change (mosquitto's default is every 30 minutes) and survive a ``kill -9``."""
     auth = (
         "allow_anonymous true"
         if password_file is None
@@ -61,7 +64,15 @@ def mosquitto_conf(
     # Started as root, mosquitto would switch to the user "mosquitto", who cannot read our files
     # and whose switch clears the parent-death signal (the broker must die with us).
     user = pwd.getpwuid(os.getuid()).pw_name
-    return MOSQUITTO_CONF.format(port=port, bind=bind, user=user, auth=auth, log=log)
+    persistence = (
+        "persistence false"
+        if persistence_dir is None
+        else f"persistence true\npersistence_location {persistence_dir.absolute()}/\n"
+        "autosave_on_changes true\nautosave_interval 1"
+    )
+    return MOSQUITTO_CONF.format(
+        port=port, bind=bind, user=user, auth=auth, log=log, persistence=persistence
+    )
 
 
 AMQTT_CONF = """\
@@ -195,6 +206,7 @@ def serve_broker(
     password_file: Path | None = None,
     say: Callable[[str], None] = print,
     pki: Path | None = None,
+    persist: bool = False,
 ) -> int:
     """``edgeleak broker``: mosquitto with the project's config, in the foreground, until
     Ctrl-C or SIGTERM; config and log go to ``data`` (default: a temporary folder)."""
@@ -216,7 +228,14 @@ def serve_broker(
         log_file = folder / "mosquitto.log"
         tls = _tls(pki, folder)
         conf.write_text(
-            mosquitto_conf(port, bind=bind, password_file=password_file, log_file=log_file, tls=tls)
+            mosquitto_conf(
+                port,
+                bind=bind,
+                password_file=password_file,
+                log_file=log_file,
+                tls=tls,
+                persistence_dir=folder if persist else None,
+            )  # fmt: skip
         )
         if bind not in ("127.0.0.1", "localhost", "::1") and password_file is None and not tls:
             say(

@@ -30,18 +30,28 @@ def _demo(args: argparse.Namespace) -> int:
     from edgeleak.config import ExperimentConfig
 
     base = ExperimentConfig.from_file(args.config).to_dict() if args.config else {}
+    given = {}
     for f in dataclasses.fields(ExperimentConfig):
         if getattr(args, f.name) is not None:
-            base[f.name] = getattr(args, f.name)
-    if isinstance(base.get("protect"), list):  # --protect is repeatable
-        base["protect"] = ";".join(base["protect"])
-    cfg = ExperimentConfig.from_dict(base)
+            given[f.name] = getattr(args, f.name)
+    if isinstance(given.get("protect"), list):  # --protect is repeatable
+        given["protect"] = ";".join(given["protect"])
+    point = None
+    if args.resume:
+        from edgeleak.experiment import load_resume
+
+        if args.config or args.out:
+            raise UsageError("--resume RUN_DIR continues in RUN_DIR with its stored config: "
+                             "leave --config and --out out")  # fmt: skip
+        cfg, point = load_resume(Path(args.resume), given)
+    else:
+        cfg = ExperimentConfig.from_dict({**base, **given})
     if args.broker:
         checks.broker(args.broker, or_else=" or leave --broker out to start one here")
     from coordinator.server import new_run_id
 
-    run = new_run_id("demo")
-    out = Path(args.out or Path("runs") / run)
+    run = point.run if point else new_run_id("demo")
+    out = Path(args.resume or args.out or Path("runs") / run)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; expected a folder")
     created = not out.exists()
@@ -54,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
     from edgeleak.report import print_leak_table
 
     try:
-        res = run_experiment(cfg, out, broker_url=args.broker, run=run, pki=pki)
+        res = run_experiment(cfg, out, broker_url=args.broker, run=run, pki=pki, resume=point)
     except BaseException as e:
         done = rounds_recorded(out / "run.db")
         if created and done == 0:
@@ -108,12 +118,15 @@ def _broker(args: argparse.Namespace) -> int:
         raise UsageError(f"--port {args.port}: expected 1..65535")
     if args.secure != bool(args.pki):
         raise UsageError("--secure needs --pki DIR (`edgeleak pki init DIR`), and --pki --secure")
+    if args.persist and not args.data:
+        raise UsageError("--persist saves into --data: give --data FOLDER (kept after a crash)")
     return serve_broker(
         port=args.port,
         bind=args.bind,
         data=Path(args.data) if args.data else None,
         password_file=Path(args.password_file) if args.password_file else None,
         pki=Path(args.pki) if args.pki else None,
+        persist=args.persist,
     )
 
 
@@ -139,10 +152,17 @@ def _coordinator(args: argparse.Namespace) -> int:
     from edgeleak.experiment import run_coordinator
 
     base = ExperimentConfig.from_file(args.config).to_dict() if args.config else {}
-    for key in ("rounds", "dataset"):
-        if getattr(args, key) is not None:
-            base[key] = getattr(args, key)
-    cfg = ExperimentConfig.from_dict(base)
+    given = {k: getattr(args, k) for k in ("rounds", "dataset") if getattr(args, k) is not None}
+    point = None
+    if args.resume:
+        from edgeleak.experiment import load_resume
+
+        if args.config or args.out or args.run:
+            raise UsageError("--resume RUN_DIR continues run and folder with the stored config: "
+                             "leave --config, --out and --run out")  # fmt: skip
+        cfg, point = load_resume(Path(args.resume), given)
+    else:
+        cfg = ExperimentConfig.from_dict({**base, **given})
     if args.run is not None:
         checks.run_id(args.run)
     checks.model(args.model)
@@ -154,8 +174,9 @@ def _coordinator(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} {value}: expected a number of seconds > 0")
     res = run_coordinator(
         cfg, broker_url=args.broker, model_dir=Path(args.model),
-        out=Path(args.out) if args.out else None, run=args.run, min_devices=args.min_devices,
-        wait_s=args.wait_s, quiet_s=args.unproven_wait_s, pki=Path(args.pki) if args.pki else None,
+        out=Path(args.resume or args.out) if args.resume or args.out else None, run=args.run,
+        min_devices=args.min_devices, wait_s=args.wait_s, quiet_s=args.unproven_wait_s,
+        resume=point, pki=Path(args.pki) if args.pki else None,
     )  # fmt: skip
     s = res.summary
     print(
@@ -551,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the fleet is enrolled in --pki (default OUT/pki)",
     )  # fmt: skip
     d.add_argument("--pki", help="PKI folder (created if absent) for secure mode (mqtts:// broker)")
+    d.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue a crashed demo from its last completed round (stored config and model)",
+    )  # fmt: skip
     _add_config_flags(d)
     d.set_defaults(func=_demo)
 
@@ -572,6 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="TLS with client certificates of --pki (identity = certificate CN) and the ACL",
     )  # fmt: skip
     b.add_argument("--pki", help="PKI folder (`edgeleak pki init`) for --secure")
+    b.add_argument(
+        "--persist", action="store_true",
+        help="save sessions and queued messages to --data on every change: they survive a "
+        "broker crash (README: Reliability)",
+    )  # fmt: skip
     b.set_defaults(func=_broker)
 
     k = sub.add_parser("pki", help="secure mode: a CA, enrolment of identities, revocation")
@@ -622,6 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="JSON file of ExperimentConfig fields (algorithm, lr, ...)")
     c.add_argument("--dataset", help="evaluation split (default from --config: fashion-mnist)")
     c.add_argument("--out", help="output folder (default runs/<run id>)")
+    c.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue a crashed run from its last completed round (stored config and model)",
+    )  # fmt: skip
     c.set_defaults(func=_coordinator)
 
     v = sub.add_parser(

@@ -14,8 +14,16 @@ from devices.partition import SCHEMES as PARTITIONS
 from devices.profiles import PROFILES
 from edge import protect
 from edge.backends import RUNTIMES
+from edge.codec import MAX_HEADER_BYTES
 from edge.poison import POISONS
-from edge.wire import ALGORITHMS, CODEC_HELP, MAX_DECOYS, WireError, check_codec
+from edge.wire import (
+    ALGORITHMS,
+    CODEC_HELP,
+    MAX_DECOYS,
+    MAX_MESSAGE_BYTES,
+    WireError,
+    check_codec,
+)
 from export.names import MODELS
 
 AGGREGATORS = DEFENCES
@@ -92,6 +100,10 @@ FIELD_HELP: dict[str, str] = {
     "aggregators": "K > 0: groups of K devices answer through an edge aggregator each (0: flat)",
     "he": "CKKS: devices encrypt updates, the coordinator adds ciphertexts, a key holder "
     "process decrypts the aggregate (extra 'he')",
+    "max_payload_bytes": "the coordinator refuses a larger update message (oversize)",
+    "max_header_bytes": "the coordinator refuses an update whose container header is larger",
+    "max_devices_online": "the coordinator ignores online statuses of more devices than this "
+    "(too_many_devices)",
 }
 
 
@@ -150,6 +162,11 @@ class ExperimentConfig:
     secagg: str = ""  # secure aggregation, edge.secagg spec (e.g. "k=0,t=0.5,clip=1,bits=16")
     aggregators: int = 0  # K > 0: groups of K devices behind one edge aggregator each
     he: bool = False  # CKKS updates, added without the secret key (edge.he, coordinator.he)
+    # Size limits of the coordinator (README "Reliability"): message and header bytes, and how
+    # many devices may be online in a run (floods of phantom statuses stop there).
+    max_payload_bytes: int = MAX_MESSAGE_BYTES
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_devices_online: int = 20_000
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
@@ -198,6 +215,9 @@ class ExperimentConfig:
         _at_least("max_epochs", self.max_epochs, 1)
         _at_least("max_batch_size", self.max_batch_size, 1)
         _at_least("max_steps", self.max_steps, 1)
+        _at_least("max_payload_bytes", self.max_payload_bytes, 64)
+        _at_least("max_header_bytes", self.max_header_bytes, 8)
+        _at_least("max_devices_online", self.max_devices_online, 1)
         if self.epochs > self.max_epochs:
             raise ConfigError(f"epochs={self.epochs} is above max_epochs={self.max_epochs}")
         if self.batch_size > self.max_batch_size:

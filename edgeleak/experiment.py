@@ -16,6 +16,7 @@ import numpy as np
 
 from attacks.intercept import CaptureStore, Eavesdropper
 from coordinator.evaluate import backdoor_success, evaluate, predict, top_k_accuracy
+from coordinator.resume import ResumeError, ResumePoint, resume_point, save_model
 from coordinator.server import Coordinator, RoundClock, RoundPlan, Tamper, new_run_id
 from coordinator.store import RoundResult, RunStore
 from devices.clock import VirtualClock, assign_profiles, host_speed_scale
@@ -232,6 +233,9 @@ def round_plan(cfg: ExperimentConfig, *, max_unproven: int = 0, quiet_s: float =
         decoys=cfg.decoys,
         secagg=cfg.secagg,
         he=cfg.he,
+        max_payload_bytes=cfg.max_payload_bytes,
+        max_header_bytes=cfg.max_header_bytes,
+        max_devices_online=cfg.max_devices_online,
     )
 
 
@@ -252,6 +256,7 @@ class RoundsSetup:
     tamper: Tamper | None = None
     fleet_size: int | None = None  # the demo's emulated fleet; None: whoever shows up
     keys: dict[str, bytes] | None = None  # every device's secret key (decoys, ``enrol``)
+    resume: ResumePoint | None = None  # continue a crashed run (``coordinator.resume``)
 
 
 def run_rounds(
@@ -279,15 +284,17 @@ def run_rounds(
         final[:] = [w]
         return evaluate(evaluator_backend, w, data.x_test, data.y_test)
 
-    store.add_run(
-        setup.run,
-        config=cfg.to_dict(),
-        broker=f"{setup.broker_kind} {setup.broker.url}",
-        runtime=cfg.runtime,
-        devices=setup.fleet_size or setup.min_devices,
-        model=artifact.manifest.model,
-        model_hash=artifact.manifest.sha256,
-    )
+    resume = setup.resume
+    if resume is None:
+        store.add_run(
+            setup.run,
+            config=cfg.to_dict(),
+            broker=f"{setup.broker_kind} {setup.broker.url}",
+            runtime=cfg.runtime,
+            devices=setup.fleet_size or setup.min_devices,
+            model=artifact.manifest.model,
+            model_hash=artifact.manifest.sha256,
+        )
     credentials = None
     if setup.broker.pki:  # secure mode: the coordinator's own identity signs its tasks
         from edge.sign import COORDINATOR, Credentials
@@ -296,19 +303,23 @@ def run_rounds(
     coord = Coordinator(
         setup.run, artifact, setup.broker, store, setup.plan, evaluator=evaluator, seed=cfg.seed,
         clock=setup.clock, tamper=setup.tamper, keys=setup.keys, credentials=credentials,
+        weights=resume.weights if resume else None,
     )  # fmt: skip
-    results: list[RoundResult] = []
+    if resume is not None:
+        coord.proven |= resume.proven
+    results: list[RoundResult] = list(resume.results) if resume else []
+    first = resume.round + 1 if resume else 1
     t_start = time.monotonic()
     with coord, alongside or contextlib.nullcontext():
         try:
             restarted = 0
-            for r in range(1, cfg.rounds + 1):
+            for r in range(first, cfg.rounds + 1):
                 if restarts() != restarted:  # a fleet worker died: let its devices come back
                     restarted = restarts()
                     with contextlib.suppress(TimeoutError):
                         coord.wait_for_devices(setup.min_devices, timeout=setup.wait_s)
                 try:
-                    if r == 1 or setup.fleet_size is None:  # an emulated fleet is there already
+                    if r == first or setup.fleet_size is None:  # an emulated fleet is there already
                         coord.wait_for_devices(setup.min_devices, timeout=setup.wait_s)
                 except TimeoutError as e:
                     raise UsageError(
@@ -316,6 +327,7 @@ def run_rounds(
                         f"{setup.broker.url} ...` or lower --min-devices"
                     ) from None
                 res = coord.run_round(r)
+                save_model(setup.out, setup.run, r, coord.weights, artifact.manifest.param_names)
                 results.append(res)
                 on_round(res)
         finally:
@@ -390,6 +402,7 @@ def run_coordinator(
     quiet_s: float = 60.0,
     say: Callable[[str], None] = print,
     pki: Path | None = None,
+    resume: ResumePoint | None = None,
 ) -> ExperimentResult:
     """``edgeleak coordinator``: rounds for the devices on an external broker; writes run.db,
     summary.json and rounds.png into ``out`` (default ``runs/<run id>``); ``pki``: secure mode
@@ -408,11 +421,12 @@ def run_coordinator(
             "decoys need every device's key, which `edgeleak coordinator` does not hold (there "
             "is no enrolment service yet): run decoys with `edgeleak demo`"
         )
-    run = checks.run_id(run or new_run_id("run"))
+    run = checks.run_id(resume.run if resume else run or new_run_id("run"))
     try:
         artifact = ModelArtifact.load(model_dir)
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {model_dir}: {e}") from None
+    check_resume_model(resume, artifact)
     data = load_dataset(cfg.dataset)
     if artifact.manifest.input_shape != data.input_shape:
         raise UsageError(
@@ -425,6 +439,7 @@ def run_coordinator(
     setup = RoundsSetup(
         run, out, broker, "external", artifact, data,
         round_plan(cfg, max_unproven=min_devices, quiet_s=quiet_s), min_devices, wait_s,
+        resume=resume,
     )  # fmt: skip
     say(f"run {run}: coordinator on {broker.url}, waiting for {min_devices} device(s)")
     try:
@@ -444,6 +459,7 @@ def run_experiment(
     progress: bool = True,
     run: str | None = None,
     pki: Path | None = None,
+    resume: ResumePoint | None = None,
 ) -> ExperimentResult:
     """The demo: a broker (unless ``broker_url``), an emulated fleet and ``run_rounds``; writes
     run.db, summary.json and rounds.png into ``out``. ``pki``: secure mode, with the coordinator
@@ -463,7 +479,7 @@ def run_experiment(
     shard_sizes = [len(s) for s in device_shards(cfg, data.y_train, data.groups)]
     cfg = calibrate_protect(cfg, shard_sizes)
     out.mkdir(parents=True, exist_ok=True)
-    run = run or new_run_id("demo")
+    run = resume.run if resume else run or new_run_id("demo")
     artifact = export_model(
         cfg.model,
         out / "model",
@@ -472,6 +488,7 @@ def run_experiment(
         seed=cfg.seed,
         vocab=data.vocab,
     )
+    check_resume_model(resume, artifact)
     keys = enrol(cfg, out / "keys")
     if pki is not None:
         from edgeleak.pki import ensure_fleet
@@ -494,7 +511,7 @@ def run_experiment(
             run, out, broker, broker_kind, artifact, data,
             round_plan(cfg, max_unproven=cfg.devices), clients, 60 + cfg.devices * 0.1,
             clock=virtual_clock(cfg, spec, artifact), tamper=tamper(cfg, artifact, data.x_train),
-            fleet_size=clients, keys=keys,
+            fleet_size=clients, keys=keys, resume=resume,
         )  # fmt: skip
         capture = CaptureStore(out / "capture") if cfg.attacks else None
         fleet: Fleet | GroupedFleet = Fleet(spec)
@@ -502,7 +519,10 @@ def run_experiment(
             fleet = GroupedFleet(spec, cfg.aggregators, artifact, broker)
         with Progress(*cols, disable=not progress) as bar:
             job = bar.add_task(
-                f"{cfg.algorithm} {cfg.devices} devices", total=cfg.rounds, status=""
+                f"{cfg.algorithm} {cfg.devices} devices",
+                total=cfg.rounds,
+                status="",
+                completed=resume.round if resume else 0,
             )
 
             def advance(res: RoundResult) -> None:
@@ -609,3 +629,28 @@ def build_summary(
         "units": SUMMARY_UNITS,
         "versions": software_versions(),
     }
+
+
+def load_resume(run_dir: Path, overrides: dict[str, Any]) -> tuple[ExperimentConfig, ResumePoint]:
+    """``--resume RUN_DIR``: the run's stored config (``overrides``, e.g. more rounds, on top)
+    and where it continues; ``UsageError`` when it cannot be resumed."""
+    try:
+        point = resume_point(run_dir)
+        cfg = ExperimentConfig.from_dict({**point.config, **overrides})
+    except (ResumeError, ConfigError) as e:
+        raise UsageError(f"--resume {run_dir}: {e}") from None
+    if protect.dp_step(protect.parse(cfg.protect)) is not None:
+        raise UsageError(
+            f"--resume {run_dir}: the run has a DP protection ({cfg.protect}) and a resumed "
+            "coordinator would restart its privacy accountant; start a new run instead"
+        )
+    return cfg, point
+
+
+def check_resume_model(resume: ResumePoint | None, artifact: ModelArtifact) -> None:
+    """A resumed run must train the model it started with (manifest hash)."""
+    if resume is not None and artifact.manifest.sha256 != resume.model_hash:
+        raise UsageError(
+            f"the model {artifact.folder} (manifest {artifact.manifest.sha256[:16]}…) is not the "
+            f"one run {resume.run} started with ({resume.model_hash[:16]}…)"
+        )
