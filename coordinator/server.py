@@ -141,6 +141,11 @@ class Coordinator:
                 f"algorithm {plan.algorithm!r}; expected one of {', '.join(UPDATE_KIND)}"
             )
         wire.check_codec(plan.codec)
+        # decoys: one protection step (decoys:k=K); plan.decoys is its alias (folded in here)
+        spec = protect.with_decoys(plan.protect, plan.decoys)
+        plan = dataclasses.replace(
+            plan, protect=spec, decoys=protect.decoy_count(protect.parse(spec))
+        )
         if not 0 <= plan.decoys <= wire.MAX_DECOYS:
             raise ValueError(f"decoys={plan.decoys}: expected 0..{wire.MAX_DECOYS}")
         if plan.decoys and not keys:

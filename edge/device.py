@@ -105,6 +105,8 @@ class TrainingRecord:
     round: int
     device: str
     used: np.ndarray
+    # seconds the device spent on the task: training with its protections, decoys, encoding
+    seconds: float = 0.0
 
 
 class Device:
@@ -338,7 +340,8 @@ class Device:
         try:
             task = self.accept(msg.payload, run)
             self.ends.add(task.run, task.end)
-            steps = protect.parse(task.protect)
+            # the task's decoys field and a decoys step must agree (a task may carry only the field)
+            steps = protect.parse(protect.with_decoys(task.protect, task.decoys))
             result = self.train(task, steps)
         except protect.ProtectError as e:
             self.refuse(wire.WireError("bad_protect", str(e)))
@@ -346,8 +349,6 @@ class Device:
         except wire.WireError as e:
             self.refuse(e)
             return []
-        if self.on_trained is not None:
-            self.on_trained(TrainingRecord(task.run, task.round, self.device_id, result.used))
         defence = protect.defence_json(steps)
         real = 0
         if not task.decoys:
@@ -377,6 +378,9 @@ class Device:
         self.last_round[task.run] = task.round
         self.updates[task.run] = self.updates.get(task.run, 0) + 1
         seconds = time.monotonic() - t0
+        if self.on_trained is not None:
+            rec = TrainingRecord(task.run, task.round, self.device_id, result.used, seconds)
+            self.on_trained(rec)
         return [
             Outgoing(
                 topic,

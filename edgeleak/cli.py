@@ -62,6 +62,15 @@ def _demo(args: argparse.Namespace) -> int:
     s = res.summary
     if s.get("attack"):
         print_leak_table(s["attack"])
+    for d in s.get("decoy_leakage", []):
+        best, base = (
+            "n/a" if d[k] is None else f"{d[k]:.1f} dB" for k in ("best_psnr_real", "baseline_psnr")
+        )
+        print(
+            f"decoys, {d['attack']}: {100 * d['real_fraction']:.0f}% of the reconstructions are "
+            f"real ({d['real_updates']}/{d['updates']} updates); best PSNR on the "
+            f"{d['targets']} real images {best} (mean image {base})"
+        )
     print(
         f"run {res.run}: accuracy {100 * s['final_accuracy']:.2f}% after {cfg.rounds} rounds, "
         f"{s['bytes_up'] / 1e6:.2f} MB up, {s['bytes_down'] / 1e6:.2f} MB down, "
@@ -478,7 +487,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 "--protect", dest="protect", action="append",
                 help="a client-side protection, repeatable: dp:clip=C,sigma=S | "
-                "dpsgd:clip=C,sigma=S | central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
+                "dpsgd:clip=C,sigma=S | central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public | "
+                "decoys:k=K",
             )  # fmt: skip
             continue
         allowed = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""

@@ -54,7 +54,8 @@ FIELD_HELP: dict[str, str] = {
     "server_lr": "server learning rate applied to the aggregate",
     "aggregator": "how the coordinator combines updates",
     "codec": "uplink encoding of updates: f32, f16, int8, int8c, topk:F, topk:F+int8 (F in (0, 1])",
-    "decoys": "decoy updates per device and round, under keyed pseudonyms (0: none)",
+    "decoys": "decoy updates per device and round, under keyed pseudonyms (0: none); an alias "
+    "of --protect decoys:k=K",
     "runtime": "device runtime, or a comma-separated mix assigned round-robin",
     "clock": "none; virtual (profiles set round times, no waiting); real (devices wait)",
     "clock_base": "flops: compute = model FLOPs / profile throughput (any host alike); host: "
@@ -75,7 +76,7 @@ FIELD_HELP: dict[str, str] = {
     "max_batch_size": "a device refuses a task with a larger batch",
     "max_steps": "a device refuses a task costing more SGD steps (epochs x batches)",
     "protect": "client-side protections, ';'-separated: dp:clip=C,sigma=S | dpsgd:clip=C,sigma=S "
-    "| central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
+    "| central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public | decoys:k=K",
     "dp_epsilon": "> 0: calibrate the DP protection's sigma to this epsilon for the whole run",
     "dp_delta": "delta of the privacy accounting and of the calibration",
 }
@@ -189,9 +190,13 @@ class ExperimentConfig:
 
     def _check_protect(self) -> None:
         try:
-            steps = protect.parse(self.protect)
+            # decoys=K is an alias of the protection decoys:k=K: fold it in, keep both in step
+            spec = protect.with_decoys(self.protect, self.decoys)
+            steps = protect.parse(spec)
         except protect.ProtectError as e:
             raise ConfigError(f"protect={self.protect!r}: {e}") from None
+        object.__setattr__(self, "protect", spec)
+        object.__setattr__(self, "decoys", protect.decoy_count(steps))
         dp = protect.dp_step(steps)
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"dp_delta={self.dp_delta!r}: expected a number in (0, 1)")

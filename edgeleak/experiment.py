@@ -32,7 +32,7 @@ from edgeleak import checks
 from edgeleak.broker import local_broker
 from edgeleak.config import ConfigError, ExperimentConfig
 from edgeleak.errors import UsageError
-from edgeleak.leak import attack_captures, fleet_truth
+from edgeleak.leak import attack_captures, decoy_leaks, fleet_truth
 from edgeleak.report import SUMMARY_UNITS, software_versions
 
 
@@ -446,10 +446,13 @@ def run_experiment(
     if capture is not None:
         rows = attack_captures(
             capture, artifact, out / "attack", attacks=cfg.attacks, budget_s=cfg.attack_budget_s,
-            max_updates=cfg.attack_max, truth=fleet_truth(out / "truth", cfg.dataset), run=run,
-            db=store.db, progress=progress, from_round=cfg.attack_round,
+            max_updates=cfg.attack_max, run=run, db=store.db, progress=progress,
+            from_round=cfg.attack_round,
+            truth=fleet_truth(out / "truth", cfg.dataset, keys_dir=out / "keys", decoys=cfg.decoys),
         )  # fmt: skip
         summary["attack"] = [asdict(r) for r in rows]
+        if cfg.decoys:
+            summary["decoy_leakage"] = decoy_leaks(store.db, run)
         capture.close()
     write_outputs(
         out, summary, f"{cfg.model} · {cfg.algorithm} · {cfg.devices} devices · {cfg.dataset}"
