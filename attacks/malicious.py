@@ -17,8 +17,7 @@ import numpy as np
 from attacks.analytic import first_linear
 from attacks.imprint import quantile_thresholds
 from edge.manifest import Manifest
-
-Params = dict[str, np.ndarray]
+from edge.wire import Params
 
 
 def second_linear(manifest: Manifest) -> str:

@@ -9,13 +9,22 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import MAX_THREADS, Algorithm, AttackMetadata, AttackUpdate, Device
+from attacks.base import (
+    MAX_THREADS,
+    Algorithm,
+    AttackMetadata,
+    AttackUpdate,
+    Device,
+    UpdateKind,
+)
+from edge import wire
 from edge.manifest import Manifest, ParamSpec
 
 Weights = dict[str, torch.Tensor]
@@ -195,7 +204,7 @@ def simulate_update(
     device = model.input_map.scale.device
     update = AttackUpdate(
         params={},
-        kind="gradient" if algorithm == "fedsgd" else "delta",
+        kind=cast(UpdateKind, wire.UPDATE_KIND[algorithm]),
         num_examples=len(images),
         lr=lr,
         epochs=epochs,

@@ -4,7 +4,6 @@ evaluates and records every message in the byte ledger."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import queue
 import secrets
@@ -17,7 +16,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from coordinator import policy
-from coordinator.aggregate import apply_update, central_dp_mean, get_aggregator
+from coordinator.aggregate import get_aggregator
 from coordinator.store import MessageRow, PrivacyRow, RoundResult, RunStore
 from edge import decoy, protect, wire
 from edge.codec import params_sha256
@@ -31,17 +30,17 @@ from edge.mqtt import (
     publish_packet_bytes,
     wait_until,
 )
+from edge.train import examples_processed
+from edge.wire import UPDATE_KIND, Params
 
 if TYPE_CHECKING:
     from coordinator.accounting import PrivacyLedger
 
 log = logging.getLogger(__name__)
 
-Params = dict[str, np.ndarray]
 Evaluator = Callable[[Params], tuple[float, float]]
 # A dishonest coordinator: (round, global weights) -> the weights it actually ships.
 Tamper = Callable[[int, Params], Params]
-UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
 # Nonces of accepted updates are kept for the current round and this many before it; an older
 # update is a stale_round whatever its nonce.
 NONCE_ROUNDS = 2
@@ -323,21 +322,13 @@ class Coordinator:
 
     def _on_status(self, msg: Received, device: str) -> None:
         try:
-            if len(msg.payload) > wire.MAX_STATUS_BYTES:
-                raise ValueError(f"{len(msg.payload)} bytes > {wire.MAX_STATUS_BYTES}")
-            status = json.loads(msg.payload)
-            if not isinstance(status, dict):
-                raise TypeError("not a JSON object")
-            state = status["state"]
-        except (ValueError, KeyError, TypeError, RecursionError):
+            status = wire.decode_status(msg.payload)
+        except wire.WireError as e:
             if not msg.retain:
                 self._ledger(msg, device, "rejected")
-            self._reject(
-                msg.topic,
-                device,
-                wire.WireError("bad_status", msg.payload[:60].decode(errors="replace")),
-            )
+            self._reject(msg.topic, device, e)
             return
+        state = status["state"]
         if not msg.retain:
             self._ledger(msg, device, "status")
         online = state == "online"
@@ -359,31 +350,15 @@ class Coordinator:
         """The update of ``device``, sent on ``topic_device`` (its pseudonym when decoys are on)."""
         update = wire.decode_update(msg.payload, self.manifest)
         st = self._state
-        if update.run != self.run:
-            raise wire.WireError("wrong_run", f"run {update.run!r}")
-        if update.device != topic_device:
-            raise wire.WireError(
-                "device_mismatch", f"metadata says {update.device!r}, topic {topic_device!r}"
-            )
-        if st is None or update.round < st.round:
-            raise wire.WireError("stale_round", f"round {update.round}, current {self.round}")
-        if update.round > st.round:
-            raise wire.WireError("future_round", f"round {update.round}, current {st.round}")
-        if device not in st.selected:
-            raise wire.WireError("not_selected", f"{device} was not selected in round {st.round}")
-        if any(update.nonce in seen for seen in self.nonces.values()):
-            raise wire.WireError("replayed_nonce", update.nonce)
-        if device in st.accepted:
-            raise wire.WireError("duplicate", f"{device} already answered round {st.round}")
-        if update.kind != UPDATE_KIND[self.plan.algorithm]:
-            raise wire.WireError("bad_kind", f"{update.kind!r} in a {self.plan.algorithm} round")
-        limit = min(self.announced.get(device, 0), self.plan.max_examples)
-        if update.num_examples > limit:
-            raise wire.WireError(
-                "bad_examples",
-                f"n={update.num_examples} > {limit} (the device announced "
-                f"{self.announced.get(device, 0)}, max_examples {self.plan.max_examples})",
-            )
+        refused = policy.admit(
+            update, run=self.run, topic_device=topic_device, device=device,
+            round_=None if st is None else st.round,
+            selected=st.selected if st else (), accepted=st.accepted if st else (),
+            nonces=self.nonces.values(), kind=UPDATE_KIND[self.plan.algorithm],
+            announced=self.announced.get(device, 0), max_examples=self.plan.max_examples,
+        )  # fmt: skip
+        if refused is not None:
+            raise refused
         return update
 
     def _reject(self, topic: str, device: str, err: wire.WireError) -> None:
@@ -473,16 +448,19 @@ class Coordinator:
         """Reject the updates that arrive after the deadline in virtual time; returns the round's
         virtual length: the slowest arrival, or the deadline when any selected device missed it."""
         assert self.clock is not None
-        slowest = 0.0
+        arrivals: list[float] = []
+        missing = len(st.selected) - len(st.accepted)
         for device in sorted(st.accepted):
             n = st.accepted[device].num_examples
             t = self.clock.arrival(
                 device,
-                examples=n * self.plan.epochs if self.plan.algorithm == "fedavg" else n,
+                examples=examples_processed(
+                    self.plan.algorithm, epochs=self.plan.epochs, reported=n
+                ),
                 bytes_down=st.down[device],
                 bytes_up=st.up[device] + st.decoy_up.get(device, 0),
             )
-            slowest = max(slowest, t)
+            arrivals.append(t)
             if t > self.plan.deadline_s:
                 del st.accepted[device]
                 self._reject(
@@ -493,7 +471,7 @@ class Coordinator:
                         f"arrives at {t:.3f} s virtual, after the {self.plan.deadline_s} s deadline",
                     ),
                 )
-        return self.plan.deadline_s if len(st.accepted) < len(st.selected) else slowest
+        return policy.round_length(arrivals, deadline_s=self.plan.deadline_s, missing=missing)
 
     def _round_over(self, st: _RoundState, t0: float, limit: float) -> bool:
         now = time.monotonic()
@@ -527,10 +505,10 @@ class Coordinator:
         self.proven |= set(st.accepted)
         self.standing = policy.after_round(self.standing, selected, st.heard)
         if st.accepted:
-            agg = self._aggregate(st, len(selected))
-            kind = UPDATE_KIND[self.plan.algorithm]
-            lr = self.plan.server_lr * (self.plan.lr if kind == "gradient" else 1.0)
-            self.weights = apply_update(sent, agg, kind=kind, server_lr=lr)
+            self.weights = policy.next_weights(
+                sent, st.accepted, self.plan, selected=len(selected),
+                noise_seed=central_noise_seed(self.seed, st.round),
+            )  # fmt: skip
         else:
             log.warning("round %d: no update arrived before the deadline; model unchanged", round_)
         acc, loss = self.evaluator(self.weights) if self.evaluator else (float("nan"), float("nan"))
@@ -555,21 +533,6 @@ class Coordinator:
         self.store.add_round(self.run, result)
         self._account(st)
         return result
-
-    def _aggregate(self, st: _RoundState, selected: int) -> Params:
-        """The plan's aggregator, or DP-FedAvg's noised mean under ``central_dp``."""
-        if isinstance(self.dp, protect.CentralDP):
-            ordered = [st.accepted[d].params for d in sorted(st.accepted)]
-            noise = protect.gaussian_like(
-                ordered[0],
-                protect.require_sigma(self.dp) * self.dp.clip,
-                np.random.default_rng(central_noise_seed(self.seed, st.round)),
-            )
-            return central_dp_mean(ordered, clip=self.dp.clip, noise=noise, denominator=selected)
-        # Canonical order (device id): the aggregate does not depend on arrival order.
-        return self.aggregate(
-            [(st.accepted[d].params, st.accepted[d].num_examples) for d in sorted(st.accepted)]
-        )
 
     def _account(self, st: _RoundState) -> None:
         """Add this round to every accepted device's privacy ledger; store each ε so far."""

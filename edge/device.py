@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import logging
 import math
 import queue
@@ -192,14 +191,10 @@ class Device:
 
     def status(self, state: str) -> bytes:
         """The retained status message: state, runtime, examples and (if any) device profile."""
-        info: dict[str, object] = {
-            "state": state,
-            "runtime": self.backend.name,
-            "examples": len(self.x),
-        }
+        info: dict[str, object] = {"runtime": self.backend.name, "examples": len(self.x)}
         if self.profile:
             info["profile"] = self.profile
-        return json.dumps(info, sort_keys=True).encode()
+        return wire.encode_status(state, **info)
 
     def train(
         self,

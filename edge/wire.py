@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import os
 import re
@@ -43,7 +44,9 @@ from edge.manifest import Manifest
 SCHEMA_VERSION = 1
 TOPIC_PREFIX = "edgeleak"
 ALGORITHMS = ("fedsgd", "fedavg")
-UPDATE_KINDS = ("gradient", "delta")
+# The update kind each algorithm sends: FedSGD a gradient, FedAvg a weight delta.
+UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
+UPDATE_KINDS = tuple(UPDATE_KIND.values())
 # The run segment of the status topic of devices not pinned to a run; never a run id.
 ANY_RUN = "any"
 HELLO = b"hello"  # control: every device of the run (and every unpinned one) re-announces
@@ -236,6 +239,26 @@ def new_end_token() -> bytes:
 def end_commitment(token: bytes) -> str:
     """What every task carries: the SHA-256 (hex) of the end token."""
     return hashlib.sha256(token).hexdigest()
+
+
+def encode_status(state: str, **info: object) -> bytes:
+    """A status message: JSON ``{"state": "online"|"offline", ...info}`` (keys sorted)."""
+    return json.dumps({"state": state, **info}, sort_keys=True).encode()
+
+
+def decode_status(payload: bytes) -> dict[str, object]:
+    """A status message's JSON object; ``WireError("bad_status")`` for one over
+    ``MAX_STATUS_BYTES``, not a JSON object, or without ``state``."""
+    try:
+        if len(payload) > MAX_STATUS_BYTES:
+            raise ValueError(f"{len(payload)} bytes > {MAX_STATUS_BYTES}")
+        status = json.loads(payload)
+        if not isinstance(status, dict):
+            raise TypeError("not a JSON object")
+        status["state"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise WireError("bad_status", payload[:60].decode(errors="replace")) from None
+    return status
 
 
 def end_payload(token: bytes) -> bytes:

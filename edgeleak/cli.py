@@ -62,14 +62,12 @@ def _demo(args: argparse.Namespace) -> int:
     s = res.summary
     if s.get("attack"):
         print_leak_table(s["attack"])
-    for d in s.get("decoy_leakage", []):
-        best, base = (
-            "n/a" if d[k] is None else f"{d[k]:.1f} dB" for k in ("best_psnr_real", "baseline_psnr")
-        )
+    for leak in s.get("decoy_leakage", []):
+        best, mean = _db(leak["best_psnr_real"]), _db(leak["baseline_psnr"])
         print(
-            f"decoys, {d['attack']}: {100 * d['real_fraction']:.0f}% of the reconstructions are "
-            f"real ({d['real_updates']}/{d['updates']} updates); best PSNR on the "
-            f"{d['targets']} real images {best} (mean image {base})"
+            f"decoys, {leak['attack']}: {100 * leak['real_fraction']:.0f}% of the reconstructions "
+            f"are real ({leak['real_updates']}/{leak['updates']} updates); best PSNR on the "
+            f"{leak['targets']} real images {best} (mean image {mean})"
         )
     print(
         f"run {res.run}: accuracy {100 * s['final_accuracy']:.2f}% after {cfg.rounds} rounds, "
@@ -694,3 +692,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _db(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} dB"

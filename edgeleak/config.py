@@ -66,6 +66,7 @@ FIELD_HELP: dict[str, str] = {
     "attack_max": "number of intercepted updates attacked",
     "attack_round": "attack updates from this round on (1: from the first; e.g. the last round "
     "to attack a trained model)",
+    "attack_iterations": "> 0: iterations of optimisation attacks (0: each attack's default)",
     "malicious": "imprint: a dishonest coordinator plants an imprint in the shipped weights",
     "imprint_bins": "imprint bins (malicious imprint)",
     "workers": "fleet worker processes",
@@ -113,6 +114,7 @@ class ExperimentConfig:
     attack_budget_s: float = 30.0  # seconds per attack and update
     attack_max: int = 4  # intercepted updates attacked
     attack_round: int = 1  # attack updates from this round on
+    attack_iterations: int = 0  # > 0: iterations of optimisation attacks (0: their default)
     malicious: str = (
         "none"  # none | imprint: a dishonest coordinator plants an imprint in the weights
     )
@@ -158,6 +160,7 @@ class ExperimentConfig:
             raise ConfigError(
                 f"attack_round={self.attack_round} is after the last round (rounds={self.rounds})"
             )
+        _at_least("attack_iterations", self.attack_iterations, 0)
         _choice("malicious", self.malicious, MALICIOUS)
         _at_least("imprint_bins", self.imprint_bins, 1)
         if self.malicious == "imprint" and (self.model, self.algorithm) != ("mlp", "fedsgd"):

@@ -14,6 +14,7 @@ PSNR among all its reconstructions.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import sqlite3
@@ -23,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from attacks.base import AttackMetadata, Reconstruction
+from attacks.base import Attack, AttackMetadata, Reconstruction
 from attacks.intercept import CaptureStore, Intercepted
 from attacks.leakage import LeakageReport, evaluate, matched_images, matched_labels
 from attacks.metrics import mean_image_psnr, psnr_matrix
-from attacks.registry import get_attack
+from attacks.registry import config_class, get_attack
 from attacks.report import save_grid, save_reconstructions
 from devices.datasets import load_dataset
 from devices.fleet import read_truth
@@ -209,9 +210,11 @@ def attack_captures(
     db: sqlite3.Connection | None = None,
     progress: bool = True,
     from_round: int = 1,
+    iterations: int = 0,
 ) -> list[LeakRow]:
     """Run every named attack on up to ``max_updates`` intercepted updates of rounds
-    ``from_round`` on; score, plot, store."""
+    ``from_round`` on; score, plot, store. ``iterations`` > 0 sets ``max_iterations`` of the
+    attacks that have one."""
     from rich.progress import Progress
 
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +230,9 @@ def attack_captures(
         for item in items:
             for name in attacks:
                 try:
-                    rec = get_attack(name).reconstruct(item.update, item.global_model, meta)
+                    rec = _attack(name, iterations).reconstruct(
+                        item.update, item.global_model, meta
+                    )
                 except ValueError as e:  # the attack does not apply to this update (kind, size)
                     log.warning("%s on round %d %s: %s", name, item.round, item.device, e)
                     bar.advance(job)
@@ -281,6 +286,14 @@ def attack_captures(
             ]
             record_decoy_leaks(db, leaks)
     return rows
+
+
+def _attack(name: str, iterations: int) -> Attack:
+    """Attack ``name``, with ``max_iterations=iterations`` when > 0 and it has that setting."""
+    fields = {f.name for f in dataclasses.fields(config_class(name))}
+    if iterations > 0 and "max_iterations" in fields:
+        return get_attack(name, max_iterations=iterations)
+    return get_attack(name)
 
 
 def _images(batches: Mapping[tuple[str, int, str], np.ndarray], run: str) -> np.ndarray:
