@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -72,22 +73,23 @@ class Case:
 
 
 def cases(sigmas: list[float]) -> list[Case]:
-    """The rows, the unprotected baseline first."""
+    """The rows, the unprotected baseline first, then the issue's headline rows (ε = 8,
+    top-k + int8, decoys), then the rest."""
     dp = [
         Case("dp", {"clip": 1.0, "sigma": s}, f"dp:clip=1,sigma={s!r}") for s in sigmas
     ]  # fmt: skip
     return [
         Case("none"),
-        *dp,
         Case("dp", {"clip": 1.0, "epsilon": EPSILON_TARGET, "delta": DELTA}, "dp:clip=1",
              epsilon_target=EPSILON_TARGET),
-        Case("dpsgd", {"clip": 1.0, "sigma": 1.0}, "dpsgd:clip=1,sigma=1"),
+        Case("topk+int8", {"codec": "topk:0.01+int8"}, codec="topk:0.01+int8"),
+        Case("decoys", {"k": 3}, "decoys:k=3"),
+        *dp,
         Case("central_dp", {"clip": 1.0, "sigma": 1.0}, "central_dp:clip=1,sigma=1"),
         Case("dummy", {"m": 4, "source": "noise"}, "dummy:m=4"),
-        Case("decoys", {"k": 3}, "decoys:k=3"),
         Case("int8", {"codec": "int8"}, codec="int8"),
         Case("topk", {"codec": "topk:0.01"}, codec="topk:0.01"),
-        Case("topk+int8", {"codec": "topk:0.01+int8"}, codec="topk:0.01+int8"),
+        Case("dpsgd", {"clip": 1.0, "sigma": 1.0}, "dpsgd:clip=1,sigma=1"),
     ]  # fmt: skip
 
 
@@ -131,9 +133,8 @@ def measure(
         s = r.summary
         res[f"{kind}_seconds"] = round(time.monotonic() - t0, 1)
         if kind == "accuracy":
-            accepted = sum(x["accepted"] for x in s["rounds"])
             res["accuracy"] = s["final_accuracy"]
-            res["bytes_per_update"] = s["bytes_up"] / max(accepted, 1)
+            res["bytes_per_update"] = update_bytes(out / kind / "run.db", r.run) * (1 + cfg.decoys)
             res["device_seconds"] = statistics.median(device_seconds(out / kind / "truth", r.run))
             eps = [p["epsilon"] for p in s["privacy"].values()] if s["privacy"] else []
             res["epsilon"] = max(eps) if eps else None
@@ -151,6 +152,17 @@ def measure(
             if s.get("decoy_leakage"):
                 res["decoys_analytic"] = s["decoy_leakage"]
     return res
+
+
+def update_bytes(db_path: Path, run: str) -> float:
+    """Mean MQTT packet bytes of the run's accepted updates (a device's decoys have the same
+    size, so a device sends (1 + decoys) times this per round)."""
+    db = sqlite3.connect(db_path)
+    (mean,) = db.execute(
+        "SELECT AVG(bytes) FROM messages WHERE run=? AND kind='update'", (run,)
+    ).fetchone()
+    db.close()
+    return float(mean)
 
 
 def row(case: Case, m: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -172,6 +184,38 @@ def row(case: Case, m: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def exported(model: str, folder: Path, data: Any) -> ModelArtifact:
+    """``model`` exported into ``folder`` for the dataset, or the export already there."""
+    if (folder / "manifest.json").exists():
+        return ModelArtifact.load(folder)
+    return export_model(
+        model, folder, input_shape=data.input_shape, num_classes=data.num_classes, seed=0
+    )
+
+
+def report(
+    measured: list[tuple[Case, dict[str, Any]]],
+    setup: dict[str, Any],
+    *,
+    quick: bool,
+    complete: bool,
+) -> dict[str, Any]:
+    """The JSON: the rows (against the first, unprotected, one), the decoy row's real fraction
+    and best PSNR on the real images, and every run's raw figures."""
+    base = measured[0][1]
+    decoys = {
+        k: v for c, m in measured for k, v in m.items() if c.protection == "decoys" and "decoys_" in k
+    }  # fmt: skip
+    return {
+        "mode": "quick" if quick else "full",
+        "complete": complete,
+        "setup": setup,
+        "rows": [row(c, m, base) for c, m in measured],
+        "decoys": decoys,
+        "runs": [{"protection": c.protection, "params": c.params, **m} for c, m in measured],
+    }
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -181,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", required=True, help="where to write the rows")
     p.add_argument(
         "--quick", action="store_true",
-        help="1 round with a quarter of the devices, 3-point σ sweep, 200 IG iterations",
+        help="1 round with a quarter of the devices, 3-point σ sweep, 100 IG iterations",
     )  # fmt: skip
     p.add_argument("--rounds", type=int, help="rounds of the accuracy runs (default 10; quick 1)")
     p.add_argument(
@@ -198,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if quick else 10)
     fraction = args.fraction or (0.25 if quick else 1.0)
     attack_devices = args.attack_devices or (2 if quick else 4)
-    iterations = args.ig_iterations or (200 if quick else 2000)
-    default_sigmas = "0.001,0.01,0.1" if quick else "0.0001,0.001,0.01,0.1,1"
+    iterations = args.ig_iterations or (100 if quick else 2000)
+    default_sigmas = "0.01,0.001,0.1" if quick else "0.0001,0.001,0.01,0.1,1"
     sigmas = [float(s) for s in (args.sigmas or default_sigmas).split(",")]
     todo = cases(sigmas)
     if args.only:
@@ -221,20 +265,26 @@ def main(argv: list[str] | None = None) -> int:
     shard_sizes = [len(s) for s in device_shards(acc_cfg, data.y_train)]
     t0 = time.monotonic()
     load0 = os.getloadavg()
+    setup = {
+        "accuracy": {
+            "model": "lenet", "algorithm": "fedavg", "devices": args.devices, "rounds": rounds,
+            "fraction": fraction, "dataset": acc_cfg.dataset,
+        },
+        "attacks": {
+            "devices": attack_devices, "updates_attacked": attack_devices,
+            "ig_iterations": iterations, "inversion_model": "lenet_zhu", "analytic_model": "mlp",
+            "batch_size": 1, "algorithm": "fedsgd",
+        },
+        "delta": DELTA,
+    }  # fmt: skip
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        artifacts = {
-            m: export_model(
-                m,
-                out / "models" / m,
-                input_shape=data.input_shape,
-                num_classes=data.num_classes,
-                seed=0,
-            )  # fmt: skip
-            for m in sorted({c.model for c in configs.values()})
-        }
+        models = sorted({c.model for c in configs.values()})
+        artifacts = {m: exported(m, out / "models" / m, data) for m in models}
         measured: list[tuple[Case, dict[str, Any]]] = []
         with local_broker("auto") as (broker, kind):
+            setup["broker"] = kind
             for i, case in enumerate(todo):
                 case = calibrated(case, acc_cfg, shard_sizes)
                 name = f"{i:02d}-{case.protection}"
@@ -242,41 +292,12 @@ def main(argv: list[str] | None = None) -> int:
                 m = measure(case, configs, out / name, broker.url, artifacts)
                 print(f"{name}: {json.dumps(m)}", flush=True)
                 measured.append((case, m))
-    base = measured[0][1]
-    rows = [row(c, m, base) for c, m in measured]
-    decoys = {
-        k: v for c, m in measured for k, v in m.items() if c.protection == "decoys" and "decoys_" in k
-    }  # fmt: skip
-    result = {
-        "mode": "quick" if quick else "full",
-        "setup": {
-            "accuracy": {
-                "model": "lenet",
-                "algorithm": "fedavg",
-                "devices": args.devices,
-                "rounds": rounds,
-                "fraction": fraction,
-                "dataset": acc_cfg.dataset,
-            },
-            "attacks": {
-                "devices": attack_devices,
-                "updates_attacked": attack_devices,
-                "ig_iterations": iterations,
-                "inversion_model": "lenet_zhu",
-                "analytic_model": "mlp",
-                "batch_size": 1,
-                "algorithm": "fedsgd",
-            },
-            "delta": DELTA,
-            "broker": kind,
-        },  # fmt: skip
-        "seconds": round(time.monotonic() - t0, 1),
-        "load_average": {"start": load0[0], "end": os.getloadavg()[0]},
-        "rows": rows,
-        "decoys": decoys,
-        "runs": [{"protection": c.protection, "params": c.params, **m} for c, m in measured],
-    }
-    Path(args.json).write_text(json.dumps(result, indent=2))
+                # written after every row, so a long run can be read while it goes on
+                result = report(measured, setup, quick=quick, complete=i == len(todo) - 1)
+                result["seconds"] = round(time.monotonic() - t0, 1)
+                result["load_average"] = {"start": load0[0], "end": os.getloadavg()[0]}
+                Path(args.json).write_text(json.dumps(result, indent=2))
+    rows = result["rows"]
     print(
         f"{'protection':12} {'params':38} {'bytes×':>7} {'time×':>6} {'Δacc':>6} {'ε':>9} "
         f"{'IG dB':>6} {'base':>5} {'label':>5} {'exact':>5}"

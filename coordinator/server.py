@@ -107,6 +107,7 @@ class _RoundState:
     bytes_rejected: int = 0  # rejected messages on the update and status topics
     lost: set[str] = field(default_factory=set)  # selected devices that went offline
     decoy_up: dict[str, int] = field(default_factory=dict)  # packet bytes of each one's decoys
+    decoy_n: dict[str, int] = field(default_factory=dict)  # decoys of each device so far
     down: dict[str, int] = field(default_factory=dict)  # packet bytes of each device's task
     up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
 
@@ -303,6 +304,7 @@ class Coordinator:
                 if st is not None and slot.round == st.round:
                     st.bytes_up += size
                     st.decoy_up[owner] = st.decoy_up.get(owner, 0) + size
+                    st.decoy_n[owner] = st.decoy_n.get(owner, 0) + 1
                 return
             try:
                 if self.plan.decoys and slot is None:
@@ -484,6 +486,10 @@ class Coordinator:
             quiet_s=self.plan.unproven_quiet_s,
         )
 
+    def _decoys_in(self, st: _RoundState) -> bool:
+        """Every accepted device's decoys of the round have arrived (true without decoys)."""
+        return all(st.decoy_n.get(d, 0) >= self.plan.decoys for d in st.accepted)
+
     def run_round(self, round_: int) -> RoundResult:
         """One full round: select, broadcast, collect until all answered or the deadline, aggregate."""
         t0 = time.monotonic()
@@ -499,6 +505,9 @@ class Coordinator:
         bytes_down = self.broadcast(selected, sent)
         limit = self.collect_timeout_s if self.clock is not None else self.plan.deadline_s
         while not self._round_over(st, t0, limit):
+            self.poll(0.05)
+        # Decoys sent after a real update would otherwise miss the ledger (and the round's bytes).
+        while not self._decoys_in(st) and time.monotonic() - t0 < limit:
             self.poll(0.05)
         virtual = self._drop_stragglers(st) if self.clock is not None else None
         self._state = None
