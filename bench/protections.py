@@ -6,8 +6,8 @@ devices, the real wire, the real eavesdropper):
 
 - accuracy: the default demo experiment (LeNet, FedAvg, Fashion-MNIST, ``--devices`` devices,
   ``--rounds`` rounds) with the protection: ``accuracy_delta`` (final accuracy − unprotected,
-  points), ``bytes_per_update_ratio`` (MQTT bytes up per accepted update, decoys included, ÷ the
-  unprotected dense f32 run's), ``device_seconds_ratio`` (median seconds a device spent on a
+  points), ``bytes_per_update_ratio`` (MQTT packet bytes of an accepted update, times K + 1
+  with K decoys of the same size, ÷ the unprotected dense f32 run's), ``device_seconds_ratio`` (median seconds a device spent on a
   task, protection, decoys and encoding included, as the devices recorded them ÷ unprotected),
   ``epsilon`` (the largest ε per device over that run at δ=1e-5, or null);
 - inversion: FedSGD, LeNetZhu, batch size 1, ``--attack-devices`` devices, one round, the
