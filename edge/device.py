@@ -337,6 +337,10 @@ class Device:
             self.ends.add(task.run, task.end)
             # the task's decoys field and a decoys step must agree (a task may carry only the field)
             steps = protect.parse(protect.with_decoys(task.protect, task.decoys))
+            if protect.decoy_count(steps) != task.decoys:
+                raise protect.ProtectError(
+                    f"{task.protect!r} asks for decoys, the task's decoys field is {task.decoys}"
+                )
             result = self.train(task, steps)
         except protect.ProtectError as e:
             self.refuse(wire.WireError("bad_protect", str(e)))
