@@ -506,7 +506,8 @@ def _open_params(
     name = _field(meta, "codec")
     codec = get_codec(_dense(name) if expected_type == "task" else name)
     _bounded(tensors, manifest)
-    params = codec.decode(tensors, manifest)
+    decoded = codec.decode(tensors, manifest)
+    params = {n: decoded[n] for n in manifest.param_names}  # the manifest's order, any codec
     _finite(params)
     return params, meta, codec
 

@@ -328,3 +328,18 @@ def test_central_dp_mean_is_clipped_sum_plus_noise_over_selected() -> None:
     }
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("codec", ["f32", "int8", "int8c", "topk:0.01", "topk:0.01+int8"])
+def test_updates_decode_in_manifest_order_whatever_the_codec(
+    lenet_artifact: ModelArtifact, codec: str
+) -> None:
+    """Compressed codecs pack parameters in sorted-name order; the decoder hands them back in
+    the manifest's order, which the eavesdropper's attacks rely on."""
+    w = lenet_artifact.initial_params()
+    tensors, corrected, _ = wire.get_codec(codec).compress(w, None, lenet_artifact.manifest)
+    u = wire.Update(run="r", round=1, device="d", kind="gradient", num_examples=1,
+                    params=corrected, codec=codec)  # fmt: skip
+    back = wire.decode_update(wire.encode_update(u, tensors=tensors), lenet_artifact.manifest)
+    assert list(back.params) == list(lenet_artifact.manifest.param_names)
+    assert list(back.params) != sorted(back.params)
