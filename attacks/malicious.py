@@ -17,8 +17,7 @@ from scipy.special import ndtri
 
 from attacks.base import NotApplicable, first_linear
 from edge.manifest import Manifest
-
-Params = dict[str, np.ndarray]
+from edge.wire import Params
 
 
 def quantile_thresholds(mean: float, std: float, bins: int) -> np.ndarray:

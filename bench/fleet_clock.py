@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.policy import round_length
 from coordinator.server import Coordinator, RoundPlan, RoundResult
 from coordinator.store import RunStore
 from devices.clock import (
     VirtualClock,
     assign_profiles,
     examples_processed,
-    predicted_round,
 )
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.profiles import PROFILES, load_profile, round_time
@@ -144,7 +144,7 @@ def run_bench(
                 "stragglers": res.rejections.get("straggler", 0),
                 "predicted_stragglers": sum(t > deadline for t in predicted),
                 "virtual_s": res.virtual_seconds,
-                "predicted_virtual_s": predicted_round(predicted, deadline_s=deadline),
+                "predicted_virtual_s": round_length(predicted, deadline_s=deadline),
                 "real_s": res.seconds,
             })  # fmt: skip
         per_profile = []

@@ -12,8 +12,8 @@ import numpy as np
 
 from edge.aggregator import weighted_mean
 from edge.protect import clip_l2
+from edge.wire import UPDATE_KINDS, Params
 
-Params = dict[str, np.ndarray]
 Weighted = tuple[Params, int]
 
 
@@ -95,7 +95,7 @@ def get_aggregator(name: str) -> Callable[[Sequence[Weighted]], Params]:
 
 def apply_update(weights: Params, aggregate: Params, *, kind: str, server_lr: float) -> Params:
     """Next global model: ``w - server_lr * g`` for gradients (FedSGD), ``w + server_lr * d`` for deltas."""
-    if kind not in ("gradient", "delta"):
+    if kind not in UPDATE_KINDS:
         raise ValueError(f"kind must be 'gradient' or 'delta', got {kind!r}")
     sign = -1.0 if kind == "gradient" else 1.0
     step = np.float32(sign * server_lr)

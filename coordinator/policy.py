@@ -1,4 +1,7 @@
-"""Round policy: which devices a round may select, and when a round stops waiting.
+"""Round policy as pure functions (the MQTT plumbing is ``coordinator.server``): which devices a
+round may select (``eligible``, ``choose``), which updates it admits (``admit``), when it stops
+waiting (``round_over``), how long it lasted in virtual time (``round_length``) and the next
+global weights (``next_weights``).
 
 Status messages are not authenticated, so the policy trusts only what costs an impostor a live
 connection, and bounds what it can cost when it has one:
@@ -23,8 +26,14 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+
+from coordinator import robust
+from coordinator.aggregate import apply_update, central_dp_mean
+from edge import protect, wire
+from edge.wire import Params
 
 
 @dataclass(frozen=True)
@@ -103,3 +112,128 @@ def round_over(
     if quiet_s <= 0 or since_last_answer is None or any(d in proven for d in waiting):
         return False
     return since_last_answer >= quiet_s
+
+
+def admit(
+    update: wire.Update,
+    *,
+    run: str,
+    topic_device: str,
+    device: str,
+    round_: int | None,
+    selected: Collection[str],
+    accepted: Collection[str],
+    nonces: Iterable[Collection[str]],
+    kind: str,
+    announced: int,
+    max_examples: int,
+) -> wire.WireError | None:
+    """Why a decoded ``update`` of ``device`` (sent on ``topic_device``: its pseudonym with
+    decoys) is refused in round ``round_`` (None: no round open), or None to admit it.
+    ``nonces``: those of the updates accepted in the recent rounds; ``kind``: the update kind the
+    run's algorithm expects; ``announced``: the examples the device said it holds."""
+    current = "none" if round_ is None else str(round_)
+    if update.run != run:
+        return wire.WireError("wrong_run", f"run {update.run!r}")
+    if update.device != topic_device:
+        return wire.WireError(
+            "device_mismatch", f"metadata says {update.device!r}, topic {topic_device!r}"
+        )
+    if round_ is None or update.round < round_:
+        return wire.WireError("stale_round", f"round {update.round}, current {current}")
+    if update.round > round_:
+        return wire.WireError("future_round", f"round {update.round}, current {round_}")
+    if device not in selected:
+        return wire.WireError("not_selected", f"{device} was not selected in round {round_}")
+    if any(update.nonce in seen for seen in nonces):
+        return wire.WireError("replayed_nonce", update.nonce)
+    if device in accepted:
+        return wire.WireError("duplicate", f"{device} already answered round {round_}")
+    if update.kind != kind:
+        return wire.WireError("bad_kind", f"{update.kind!r} in a {_algorithm(kind)} round")
+    limit = min(announced, max_examples)
+    if update.num_examples > limit:
+        return wire.WireError(
+            "bad_examples",
+            f"n={update.num_examples} > {limit} (the device announced {announced}, "
+            f"max_examples {max_examples})",
+        )
+    return None
+
+
+def _algorithm(kind: str) -> str:
+    return next(a for a, k in wire.UPDATE_KIND.items() if k == kind)
+
+
+def round_length(arrivals: Iterable[float], *, deadline_s: float, missing: int = 0) -> float:
+    """Virtual length of a round: the slowest arrival, capped at the deadline (also when any
+    selected device never answered: ``missing`` > 0)."""
+    slowest = max(arrivals, default=0.0)
+    return deadline_s if missing or slowest > deadline_s else slowest
+
+
+class WeightsPlan(Protocol):
+    """What ``next_weights`` reads of a round plan (``coordinator.server.RoundPlan``)."""
+
+    @property
+    def algorithm(self) -> str: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def server_lr(self) -> float: ...
+    @property
+    def aggregator(self) -> str: ...
+    @property
+    def protect(self) -> str: ...
+
+
+def aggregate(
+    accepted: Mapping[str, wire.Update],
+    plan: WeightsPlan,
+    *,
+    selected: int,
+    noise_seed: list[int],
+    defence_seed: list[int],
+) -> tuple[Params, robust.Defended | None]:
+    """The plan's aggregate of the ``accepted`` updates, taken in device-id order (it does not
+    depend on arrival order): under ``central_dp`` DP-FedAvg's noised mean over the ``selected``
+    devices (noise from ``noise_seed``; no defence result), else the plan's aggregator (a
+    ``coordinator.robust`` defence, its randomness from ``defence_seed``) and what it kept."""
+    ordered = [accepted[d] for d in sorted(accepted)]
+    dp = protect.dp_step(protect.parse(plan.protect))
+    if isinstance(dp, protect.CentralDP):
+        sigma = protect.require_sigma(dp)
+        params = [u.params for u in ordered]
+        noise = protect.gaussian_like(params[0], sigma * dp.clip, np.random.default_rng(noise_seed))
+        return central_dp_mean(params, clip=dp.clip, noise=noise, denominator=selected), None
+    out = robust.get_defence(plan.aggregator)(
+        [(u.params, u.num_examples) for u in ordered], np.random.default_rng(defence_seed)
+    )
+    return out.params, out
+
+
+def server_step(weights: Params, agg: Params, plan: WeightsPlan) -> Params:
+    """``weights`` (what the devices were sent) moved by the aggregate: FedSGD
+    ``w - server_lr·lr·g``, FedAvg ``w + server_lr·Δ``."""
+    kind = wire.UPDATE_KIND[plan.algorithm]
+    lr = plan.server_lr * (plan.lr if kind == "gradient" else 1.0)
+    return apply_update(weights, agg, kind=kind, server_lr=lr)
+
+
+def next_weights(
+    weights: Params,
+    accepted: Mapping[str, wire.Update],
+    plan: WeightsPlan,
+    *,
+    selected: int,
+    noise_seed: list[int],
+    defence_seed: list[int] | None = None,
+) -> Params:
+    """The global weights after a round: ``server_step`` by ``aggregate`` of the accepted
+    updates; no update: ``weights`` unchanged."""
+    if not accepted:
+        return weights
+    agg, _ = aggregate(
+        accepted, plan, selected=selected, noise_seed=noise_seed, defence_seed=defence_seed or [0]
+    )
+    return server_step(weights, agg, plan)

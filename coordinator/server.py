@@ -4,7 +4,6 @@ evaluates and records every message in the byte ledger."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import queue
 import secrets
@@ -18,7 +17,6 @@ import paho.mqtt.client as mqtt
 
 from coordinator import dropout, policy, robust
 from coordinator import secagg as secure
-from coordinator.aggregate import apply_update, central_dp_mean
 from coordinator.store import AnomalyRow, MessageRow, PrivacyRow, RoundResult, RunStore
 from edge import decoy, protect, wire
 from edge.aggregator import GroupInfo, parse_group
@@ -34,6 +32,8 @@ from edge.mqtt import (
     wait_until,
 )
 from edge.secagg import up_filter as secagg_filter
+from edge.train import examples_processed
+from edge.wire import UPDATE_KIND, Params
 
 if TYPE_CHECKING:
     from coordinator.accounting import PrivacyLedger
@@ -42,11 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Params = dict[str, np.ndarray]
 Evaluator = Callable[[Params], tuple[float, float]]
 # A dishonest coordinator: (round, global weights) -> the weights it actually ships.
 Tamper = Callable[[int, Params], Params]
-UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
 # Nonces of accepted updates are kept for the current round and this many before it; an older
 # update is a stale_round whatever its nonce.
 NONCE_ROUNDS = 2
@@ -121,6 +119,7 @@ class _RoundState:
     lost: set[str] = field(default_factory=set)  # selected devices that went offline
     late: set[str] = field(default_factory=set)  # updates dropped as stragglers
     decoy_up: dict[str, int] = field(default_factory=dict)  # packet bytes of each one's decoys
+    decoy_n: dict[str, int] = field(default_factory=dict)  # decoys of each device so far
     down: dict[str, int] = field(default_factory=dict)  # packet bytes of each device's task
     up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
 
@@ -157,6 +156,11 @@ class Coordinator:
                 f"algorithm {plan.algorithm!r}; expected one of {', '.join(UPDATE_KIND)}"
             )
         wire.check_codec(plan.codec)
+        # decoys: one protection step (decoys:k=K); plan.decoys is its alias (folded in here)
+        spec = protect.with_decoys(plan.protect, plan.decoys)
+        plan = dataclasses.replace(
+            plan, protect=spec, decoys=protect.decoy_count(protect.parse(spec))
+        )
         if not 0 <= plan.decoys <= wire.MAX_DECOYS:
             raise ValueError(f"decoys={plan.decoys}: expected 0..{wire.MAX_DECOYS}")
         if plan.decoys and not keys:
@@ -342,6 +346,7 @@ class Coordinator:
                 if st is not None and slot.round == st.round:
                     st.bytes_up += size
                     st.decoy_up[owner] = st.decoy_up.get(owner, 0) + size
+                    st.decoy_n[owner] = st.decoy_n.get(owner, 0) + 1
                 return
             try:
                 if self.plan.decoys and slot is None:
@@ -382,32 +387,21 @@ class Coordinator:
                 self._reject(msg.topic, device, e)
                 return
         try:
-            if len(msg.payload) > wire.MAX_STATUS_BYTES:
-                raise ValueError(f"{len(msg.payload)} bytes > {wire.MAX_STATUS_BYTES}")
-            status = json.loads(msg.payload)
-            if not isinstance(status, dict):
-                raise TypeError("not a JSON object")
-            state = status["state"]
+            status = wire.decode_status(msg.payload)
             if (
-                state == "online"
+                status["state"] == "online"
                 and device not in self.online
                 and len(self.online) >= self.plan.max_devices_online
             ):
-                raise OverflowError(f"{len(self.online)} devices online already")
-        except OverflowError as e:
+                raise wire.WireError(
+                    "too_many_devices", f"{len(self.online)} devices online already"
+                )
+        except wire.WireError as e:
             if not msg.retain:
                 self._ledger(msg, device, "rejected")
-            self._reject(msg.topic, device, wire.WireError("too_many_devices", str(e)))
+            self._reject(msg.topic, device, e)
             return
-        except (ValueError, KeyError, TypeError, RecursionError):
-            if not msg.retain:
-                self._ledger(msg, device, "rejected")
-            self._reject(
-                msg.topic,
-                device,
-                wire.WireError("bad_status", msg.payload[:60].decode(errors="replace")),
-            )
-            return
+        state = status["state"]
         if not msg.retain:
             self._ledger(msg, device, "status")
         online = state == "online"
@@ -441,32 +435,16 @@ class Coordinator:
                 max_header_bytes=self.plan.max_header_bytes,
             )
         st = self._state
-        if update.run != self.run:
-            raise wire.WireError("wrong_run", f"run {update.run!r}")
-        if update.device != topic_device:
-            raise wire.WireError(
-                "device_mismatch", f"metadata says {update.device!r}, topic {topic_device!r}"
-            )
-        if st is None or update.round < st.round:
-            raise wire.WireError("stale_round", f"round {update.round}, current {self.round}")
-        if update.round > st.round:
-            raise wire.WireError("future_round", f"round {update.round}, current {st.round}")
-        if device not in st.selected:
-            raise wire.WireError("not_selected", f"{device} was not selected in round {st.round}")
+        refused = policy.admit(
+            update, run=self.run, topic_device=topic_device, device=device,
+            round_=None if st is None else st.round,
+            selected=st.selected if st else (), accepted=st.accepted if st else (),
+            nonces=self.nonces.values(), kind=UPDATE_KIND[self.plan.algorithm],
+            announced=self.announced.get(device, 0), max_examples=self.plan.max_examples,
+        )  # fmt: skip
+        if refused is not None:
+            raise refused
         parse_group(update.group)
-        if any(update.nonce in seen for seen in self.nonces.values()):
-            raise wire.WireError("replayed_nonce", update.nonce)
-        if device in st.accepted:
-            raise wire.WireError("duplicate", f"{device} already answered round {st.round}")
-        if update.kind != UPDATE_KIND[self.plan.algorithm]:
-            raise wire.WireError("bad_kind", f"{update.kind!r} in a {self.plan.algorithm} round")
-        limit = min(self.announced.get(device, 0), self.plan.max_examples)
-        if update.num_examples > limit:
-            raise wire.WireError(
-                "bad_examples",
-                f"n={update.num_examples} > {limit} (the device announced "
-                f"{self.announced.get(device, 0)}, max_examples {self.plan.max_examples})",
-            )
         return update
 
     def _reject(self, topic: str, device: str, err: wire.WireError) -> None:
@@ -560,16 +538,19 @@ class Coordinator:
         """Reject the updates that arrive after the deadline in virtual time; returns the round's
         virtual length: the slowest arrival, or the deadline when any selected device missed it."""
         assert self.clock is not None
-        slowest = 0.0
+        arrivals: list[float] = []
+        missing = len(st.selected) - len(st.accepted)
         for device in sorted(st.accepted):
             n = st.accepted[device].num_examples
             t = self.clock.arrival(
                 device,
-                examples=n * self.plan.epochs if self.plan.algorithm == "fedavg" else n,
+                examples=examples_processed(
+                    self.plan.algorithm, epochs=self.plan.epochs, reported=n
+                ),
                 bytes_down=st.down[device],
                 bytes_up=st.up[device] + st.decoy_up.get(device, 0),
             )
-            slowest = max(slowest, t)
+            arrivals.append(t)
             if t > self.plan.deadline_s:
                 del st.accepted[device]
                 st.late.add(device)
@@ -581,7 +562,7 @@ class Coordinator:
                         f"arrives at {t:.3f} s virtual, after the {self.plan.deadline_s} s deadline",
                     ),
                 )
-        return self.plan.deadline_s if len(st.accepted) < len(st.selected) else slowest
+        return policy.round_length(arrivals, deadline_s=self.plan.deadline_s, missing=missing)
 
     def _round_over(self, st: _RoundState, t0: float, limit: float) -> bool:
         now = time.monotonic()
@@ -593,6 +574,10 @@ class Coordinator:
             since_last_answer=now - (t0 if st.last_answer is None else st.last_answer),
             quiet_s=self.plan.unproven_quiet_s,
         )
+
+    def _decoys_in(self, st: _RoundState) -> bool:
+        """Every accepted device's decoys of the round have arrived (true without decoys)."""
+        return all(st.decoy_n.get(d, 0) >= self.plan.decoys for d in st.accepted)
 
     def run_round(self, round_: int) -> RoundResult:
         """One full round: select, broadcast, collect until all answered or the deadline, aggregate."""
@@ -614,15 +599,15 @@ class Coordinator:
         limit = self.collect_timeout_s if self.clock is not None else self.plan.deadline_s
         while not self._round_over(st, t0, limit):
             self.poll(0.05)
+        # Decoys sent after a real update would otherwise miss the ledger (and the round's bytes).
+        while not self._decoys_in(st) and time.monotonic() - t0 < limit:
+            self.poll(0.05)
         virtual = self._drop_stragglers(st) if self.clock is not None else None
         self._state = None
         self.proven |= set(st.accepted)
         self.standing = policy.after_round(self.standing, selected, st.heard)
         if st.accepted:
-            agg = self._aggregate(st, len(selected))
-            kind = UPDATE_KIND[self.plan.algorithm]
-            lr = self.plan.server_lr * (self.plan.lr if kind == "gradient" else 1.0)
-            self.weights = apply_update(sent, agg, kind=kind, server_lr=lr)
+            self.weights = policy.server_step(sent, self._aggregate(st, len(selected)), self.plan)
         else:
             log.warning("round %d: no update arrived before the deadline; model unchanged", round_)
         acc, loss = self.evaluator(self.weights) if self.evaluator else (float("nan"), float("nan"))
@@ -667,9 +652,7 @@ class Coordinator:
         self.proven |= set(sr.survivors)
         self.standing = policy.after_round(self.standing, sorted(st.selected), sr.heard)
         if sr.mean is not None:
-            kind = UPDATE_KIND[self.plan.algorithm]
-            lr = self.plan.server_lr * (self.plan.lr if kind == "gradient" else 1.0)
-            self.weights = apply_update(sent, sr.mean, kind=kind, server_lr=lr)
+            self.weights = policy.server_step(sent, sr.mean, self.plan)
         acc, loss = self.evaluator(self.weights) if self.evaluator else (float("nan"), float("nan"))
         result = RoundResult(
             round=st.round, selected=len(st.selected), accepted=len(sr.survivors) if sr.mean is not None else 0,
@@ -682,27 +665,23 @@ class Coordinator:
         return result
 
     def _aggregate(self, st: _RoundState, selected: int) -> Params:
-        """The plan's aggregator, or DP-FedAvg's noised mean under ``central_dp``, or (HE) the
-        key holder's decryption of the ciphertexts' sum."""
-        if self.he is not None:
-            ups = [st.accepted[d] for d in sorted(st.accepted)]
-            return self.he.aggregate(self.client, st.round, ups, self.poll, self.plan.deadline_s)
-        if isinstance(self.dp, protect.CentralDP):
-            ordered = [st.accepted[d].params for d in sorted(st.accepted)]
-            noise = protect.gaussian_like(
-                ordered[0],
-                protect.require_sigma(self.dp) * self.dp.clip,
-                np.random.default_rng(central_noise_seed(self.seed, st.round)),
-            )
-            return central_dp_mean(ordered, clip=self.dp.clip, noise=noise, denominator=selected)
-        # Canonical order (device id): the aggregate does not depend on arrival order.
+        """The round's aggregate (``policy.aggregate``: the plan's defence, or DP-FedAvg's noised
+        mean under ``central_dp``; anomaly rows recorded), or (HE) the key holder's decryption of
+        the ciphertexts' sum."""
         order = sorted(st.accepted)
-        updates = [(st.accepted[d].params, st.accepted[d].num_examples) for d in order]
-        out = self.defence(updates, np.random.default_rng(robust.defence_seed(self.seed, st.round)))
-        self.store.add_anomaly(
-            self.run, st.round, anomaly_rows(self.plan.aggregator, order, updates, out)
-        )
-        return out.params
+        if self.he is not None:
+            ups = [st.accepted[d] for d in order]
+            return self.he.aggregate(self.client, st.round, ups, self.poll, self.plan.deadline_s)
+        agg, out = policy.aggregate(
+            st.accepted, self.plan, selected=selected,
+            noise_seed=central_noise_seed(self.seed, st.round),
+            defence_seed=robust.defence_seed(self.seed, st.round),
+        )  # fmt: skip
+        if out is not None:
+            updates = [(st.accepted[d].params, st.accepted[d].num_examples) for d in order]
+            rows = anomaly_rows(self.plan.aggregator, order, updates, out)
+            self.store.add_anomaly(self.run, st.round, rows)
+        return agg
 
     def _account(self, st: _RoundState) -> None:
         """Add this round to every accepted device's privacy ledger; store each ε so far."""

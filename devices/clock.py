@@ -9,14 +9,15 @@ Compute time is ``examples * flops_per_example / profile.train_gflops``, where `
 the number of examples a device pushed through forward + backward in the round (FedAvg: epochs
 times its data) and ``flops_per_example`` comes from the model's manifest (counted from the
 exported graph): nothing is measured on this host, so the same virtual experiment gives the same
-stragglers and round times on any machine. ``speed_scale = host_speed_scale(artifact)`` (config
+stragglers and round times on any machine. How long a round lasts from these arrivals is the
+coordinator's rule (``coordinator.policy.round_length``). ``speed_scale = host_speed_scale(artifact)`` (config
 ``clock_base="host"``) instead scales every profile by this host's measured speed relative to
 the reference core the profiles were quoted against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,12 +27,7 @@ from edge.calibrate import measure_gflops
 from edge.codec import read_header
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, Received, publish_packet_bytes
-from edge.train import device_rng
-
-
-def examples_processed(algorithm: str, *, epochs: int, reported: int) -> int:
-    """Examples a device ran forward + backward: FedAvg ``epochs * n``, FedSGD ``n`` (one batch)."""
-    return reported * epochs if algorithm == "fedavg" else reported
+from edge.train import device_rng, examples_processed
 
 
 def hour_of_round(round_: int, *, start_hour: float, hours_per_round: float) -> int:
@@ -181,10 +177,3 @@ def host_speed_scale(artifact: ModelArtifact, *, runtime: str = "onnx") -> float
     """This host's measured training throughput for ``artifact`` over ``REFERENCE_GFLOPS``: the
     ``speed_scale`` that makes profiles relative to this host (``clock_base="host"``)."""
     return measure_gflops(artifact, runtime=runtime) / REFERENCE_GFLOPS
-
-
-def predicted_round(arrivals: Iterable[float], *, deadline_s: float, missing: int = 0) -> float:
-    """Virtual length of a round: the slowest arrival, capped at the deadline (also when any
-    selected device never answered)."""
-    slowest = max(arrivals, default=0.0)
-    return deadline_s if missing or slowest > deadline_s else slowest

@@ -325,6 +325,7 @@ def _truth_writer(f: Any, indices: np.ndarray) -> Any:
                     "round": rec.round,
                     "device": rec.device,
                     "examples": indices[rec.used].tolist(),
+                    "seconds": rec.seconds,
                 }
             )
             + "\n"

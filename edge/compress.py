@@ -29,10 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-Params = dict[str, np.ndarray]
+if TYPE_CHECKING:  # edge.wire imports this module
+    from edge.wire import Params
 Shapes = Mapping[str, tuple[int, ...]]
 
 QMAX = 127

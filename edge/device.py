@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import queue
@@ -112,6 +111,8 @@ class TrainingRecord:
     round: int
     device: str
     used: np.ndarray
+    # seconds the device spent on the task: training with its protections, decoys, encoding
+    seconds: float = 0.0
 
 
 class Device:
@@ -219,14 +220,10 @@ class Device:
 
     def status(self, state: str) -> bytes:
         """The retained status message: state, runtime, examples and (if any) device profile."""
-        info: dict[str, object] = {
-            "state": state,
-            "runtime": self.backend.name,
-            "examples": len(self.x),
-        }
+        info: dict[str, object] = {"runtime": self.backend.name, "examples": len(self.x)}
         if self.profile:
             info["profile"] = self.profile
-        return json.dumps(info, sort_keys=True).encode()
+        return wire.encode_status(state, **info)
 
     def train(
         self,
@@ -390,7 +387,12 @@ class Device:
         try:
             task = self.accept(msg.payload, run)
             self.ends.add(task.run, task.end)
-            steps = protect.parse(task.protect)
+            # the task's decoys field and a decoys step must agree (a task may carry only the field)
+            steps = protect.parse(protect.with_decoys(task.protect, task.decoys))
+            if protect.decoy_count(steps) != task.decoys:
+                raise protect.ProtectError(
+                    f"{task.protect!r} asks for decoys, the task's decoys field is {task.decoys}"
+                )
             sa_spec = secagg.task_spec(task.secagg) if task.secagg else None
             result = self.train(task, steps)
             if self.poison is not None:
@@ -403,9 +405,11 @@ class Device:
         except wire.WireError as e:
             self.refuse(e)
             return []
-        if self.on_trained is not None:
-            self.on_trained(TrainingRecord(task.run, task.round, self.device_id, result.used))
         if sa_spec is not None:
+            if self.on_trained is not None:
+                seconds = time.monotonic() - t0
+                rec = TrainingRecord(task.run, task.round, self.device_id, result.used, seconds)
+                self.on_trained(rec)
             return [self._secagg_start(task, sa_spec, result, t0)]
         defence = protect.defence_json(steps)
         real = 0
@@ -436,6 +440,9 @@ class Device:
         self.last_round[task.run] = task.round
         self.updates[task.run] = self.updates.get(task.run, 0) + 1
         seconds = time.monotonic() - t0
+        if self.on_trained is not None:
+            rec = TrainingRecord(task.run, task.round, self.device_id, result.used, seconds)
+            self.on_trained(rec)
         return [
             Outgoing(
                 topic,

@@ -7,9 +7,11 @@ A run's protections are one spec string, steps separated by ``;``, each ``name:k
     dpsgd:clip=1,sigma=1.1           DP-SGD: per-example clipping + noise in every local step
     central_dp:clip=1,sigma=1        DP-FedAvg: the device clips, the coordinator adds the noise
     dummy:m=4,source=noise           m synthetic examples mixed into every local batch
+    decoys:k=3                       k decoy updates published beside the real one (edge.decoy)
 
 The coordinator sends the spec in every task; the device parses it, applies the steps in the
-fixed stage order (batch → step → result: ``dummy``, then ``dpsgd``, then ``dp``/``central_dp``)
+fixed stage order (batch → step → result → publish: ``dummy``, then ``dpsgd``, then
+``dp``/``central_dp``, then ``decoys``)
 and writes what it applied into the update's ``defence`` field (``defence_json``). At most one
 differential-privacy step (``dp``, ``dpsgd``, ``central_dp``) per run: ε is accounted for one.
 
@@ -30,9 +32,11 @@ import numpy as np
 
 from edge.backends.base import Backend, Params, StepResult
 from edge.train import LocalResult, Sampler, StepFn, fedavg, fedsgd
+from edge.wire import MAX_DECOYS
 
-# Stages in the order they apply: to the batch, to the gradient step, to the finished update.
-STAGES = ("batch", "step", "result")
+# Stages in the order they apply: to the batch, to the gradient step, to the finished update, to
+# what is published.
+STAGES = ("batch", "step", "result", "publish")
 DP_NAMES = ("dp", "dpsgd", "central_dp")
 
 
@@ -84,8 +88,19 @@ class Dummy:
     source: str = "noise"
 
 
-Protection = DP | DPSGD | CentralDP | Dummy
-REGISTRY: dict[str, type[Any]] = {c.name: c for c in (DP, DPSGD, CentralDP, Dummy)}
+@dataclass(frozen=True)
+class Decoys:
+    """``k`` decoy updates published beside the real one under keyed pseudonyms (``edge.decoy``):
+    the same training on public examples; the coordinator keeps only the real one. The task's
+    ``decoys`` field carries ``k``; the device refuses a task whose two disagree."""
+
+    name: ClassVar[str] = "decoys"
+    stage: ClassVar[str] = "publish"
+    k: int
+
+
+Protection = DP | DPSGD | CentralDP | Dummy | Decoys
+REGISTRY: dict[str, type[Any]] = {c.name: c for c in (DP, DPSGD, CentralDP, Dummy, Decoys)}
 SOURCES = ("noise", "public")
 
 
@@ -101,6 +116,8 @@ def _check(p: Protection) -> Protection:
             raise ProtectError(f"dummy: m={p.m!r}; expected an integer >= 1")
         if p.source not in SOURCES:
             raise ProtectError(f"dummy: source={p.source!r}; expected one of {', '.join(SOURCES)}")
+    elif isinstance(p, Decoys) and not 1 <= p.k <= MAX_DECOYS:
+        raise ProtectError(f"decoys: k={p.k!r}; expected an integer in 1..{MAX_DECOYS}")
     return p
 
 
@@ -182,6 +199,23 @@ def defence_json(steps: Sequence[Protection]) -> str:
 def dp_step(steps: Sequence[Protection]) -> DP | DPSGD | CentralDP | None:
     """The run's DP protection, if any."""
     return next((s for s in steps if isinstance(s, DP | DPSGD | CentralDP)), None)
+
+
+def decoy_count(steps: Sequence[Protection]) -> int:
+    """Decoy updates per device and round (0 without a ``decoys`` step)."""
+    return next((s.k for s in steps if isinstance(s, Decoys)), 0)
+
+
+def with_decoys(spec: str, k: int) -> str:
+    """``spec`` with ``decoys:k=K`` folded in (the ``decoys`` alias of config, plan and CLI);
+    unchanged for ``k`` 0 or when it already says ``k``; ``ProtectError`` when it says another."""
+    steps = parse(spec)
+    have = decoy_count(steps)
+    if k == 0 or have == k:
+        return spec
+    if have:
+        raise ProtectError(f"decoys={k} and protect decoys:k={have} disagree; give one of them")
+    return format_spec(parse(f"{spec};decoys:k={k}"))
 
 
 def require_sigma(s: DP | DPSGD | CentralDP) -> float:

@@ -94,3 +94,8 @@ def fedavg(
     finite = [v for v in losses if np.isfinite(v)]  # an empty Poisson batch has no loss
     loss = float(np.mean(finite)) if finite else float("nan")
     return LocalResult(delta, "delta", len(x), loss, np.concatenate(used))
+
+
+def examples_processed(algorithm: str, *, epochs: int, reported: int) -> int:
+    """Examples a device ran forward + backward: FedAvg ``epochs * n``, FedSGD ``n`` (one batch)."""
+    return reported * epochs if algorithm == "fedavg" else reported

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import os
 import re
@@ -47,7 +48,9 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 TOPIC_PREFIX = "edgeleak"
 ALGORITHMS = ("fedsgd", "fedavg")
-UPDATE_KINDS = ("gradient", "delta")
+# The update kind each algorithm sends: FedSGD a gradient, FedAvg a weight delta.
+UPDATE_KIND = {"fedsgd": "gradient", "fedavg": "delta"}
+UPDATE_KINDS = tuple(UPDATE_KIND.values())
 # The run segment of the status topic of devices not pinned to a run; never a run id.
 ANY_RUN = "any"
 HELLO = b"hello"  # control: every device of the run (and every unpinned one) re-announces
@@ -242,6 +245,26 @@ def new_end_token() -> bytes:
 def end_commitment(token: bytes) -> str:
     """What every task carries: the SHA-256 (hex) of the end token."""
     return hashlib.sha256(token).hexdigest()
+
+
+def encode_status(state: str, **info: object) -> bytes:
+    """A status message: JSON ``{"state": "online"|"offline", ...info}`` (keys sorted)."""
+    return json.dumps({"state": state, **info}, sort_keys=True).encode()
+
+
+def decode_status(payload: bytes) -> dict[str, object]:
+    """A status message's JSON object; ``WireError("bad_status")`` for one over
+    ``MAX_STATUS_BYTES``, not a JSON object, or without ``state``."""
+    try:
+        if len(payload) > MAX_STATUS_BYTES:
+            raise ValueError(f"{len(payload)} bytes > {MAX_STATUS_BYTES}")
+        status = json.loads(payload)
+        if not isinstance(status, dict):
+            raise TypeError("not a JSON object")
+        status["state"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise WireError("bad_status", payload[:60].decode(errors="replace")) from None
+    return status
 
 
 def end_payload(token: bytes) -> bytes:
@@ -506,7 +529,8 @@ def _open_params(
     name = _field(meta, "codec")
     codec = get_codec(_dense(name) if expected_type == "task" else name)
     _bounded(tensors, manifest)
-    params = codec.decode(tensors, manifest)
+    decoded = codec.decode(tensors, manifest)
+    params = {n: decoded[n] for n in manifest.param_names}  # the manifest's order, any codec
     _finite(params)
     return params, meta, codec
 

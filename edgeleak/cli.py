@@ -76,6 +76,13 @@ def _demo(args: argparse.Namespace) -> int:
     s = res.summary
     if s.get("attack"):
         print_leak_table(s["attack"])
+    for leak in s.get("decoy_leakage", []):
+        best, mean = _db(leak["best_psnr_real"]), _db(leak["baseline_psnr"])
+        print(
+            f"decoys, {leak['attack']}: {100 * leak['real_fraction']:.0f}% of the reconstructions "
+            f"are real ({leak['real_updates']}/{leak['updates']} updates); best PSNR on the "
+            f"{leak['targets']} real images {best} (mean image {mean})"
+        )
     print(
         f"run {res.run}: accuracy {100 * s['final_accuracy']:.2f}% after {cfg.rounds} rounds, "
         f"{s['bytes_up'] / 1e6:.2f} MB up, {s['bytes_down'] / 1e6:.2f} MB down, "
@@ -538,7 +545,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 "--protect", dest="protect", action="append",
                 help="a client-side protection, repeatable: dp:clip=C,sigma=S | "
-                "dpsgd:clip=C,sigma=S | central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
+                "dpsgd:clip=C,sigma=S | central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public | "
+                "decoys:k=K",
             )  # fmt: skip
             continue
         if f.name == "he":
@@ -795,3 +803,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _db(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} dB"

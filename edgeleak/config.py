@@ -66,7 +66,8 @@ FIELD_HELP: dict[str, str] = {
     "trimmed_mean:beta=B, krum:f=F, multikrum:f=F,m=M, norm_bound:bound=C (0: median norm), "
     "flame:noise=L",
     "codec": "uplink encoding of updates: f32, f16, int8, int8c, topk:F, topk:F+int8 (F in (0, 1])",
-    "decoys": "decoy updates per device and round, under keyed pseudonyms (0: none)",
+    "decoys": "decoy updates per device and round, under keyed pseudonyms (0: none); an alias "
+    "of --protect decoys:k=K",
     "runtime": "device runtime, or a comma-separated mix assigned round-robin",
     "clock": "none; virtual (profiles set round times, no waiting); real (devices wait)",
     "clock_base": "flops: compute = model FLOPs / profile throughput (any host alike); host: "
@@ -77,6 +78,7 @@ FIELD_HELP: dict[str, str] = {
     "attack_max": "number of intercepted updates attacked",
     "attack_round": "attack updates from this round on (1: from the first; e.g. the last round "
     "to attack a trained model)",
+    "attack_iterations": "> 0: iterations of optimisation attacks (0: each attack's default)",
     "malicious": "imprint: a dishonest coordinator plants an imprint in the shipped weights",
     "imprint_bins": "imprint bins (malicious imprint)",
     "malicious_devices": "fraction of devices that poison (chosen from the seed; 0: none)",
@@ -92,7 +94,7 @@ FIELD_HELP: dict[str, str] = {
     "max_batch_size": "a device refuses a task with a larger batch",
     "max_steps": "a device refuses a task costing more SGD steps (epochs x batches)",
     "protect": "client-side protections, ';'-separated: dp:clip=C,sigma=S | dpsgd:clip=C,sigma=S "
-    "| central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public",
+    "| central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public | decoys:k=K",
     "dp_epsilon": "> 0: calibrate the DP protection's sigma to this epsilon for the whole run",
     "dp_delta": "delta of the privacy accounting and of the calibration",
     "secagg": "secure aggregation (SecAgg+): k=NEIGHBOURS (0: all),t=FRACTION,clip=C,bits=B; "
@@ -138,6 +140,7 @@ class ExperimentConfig:
     attack_budget_s: float = 30.0  # seconds per attack and update
     attack_max: int = 4  # intercepted updates attacked
     attack_round: int = 1  # attack updates from this round on
+    attack_iterations: int = 0  # > 0: iterations of optimisation attacks (0: their default)
     malicious: str = (
         "none"  # none | imprint: a dishonest coordinator plants an imprint in the weights
     )
@@ -198,6 +201,7 @@ class ExperimentConfig:
             raise ConfigError(
                 f"attack_round={self.attack_round} is after the last round (rounds={self.rounds})"
             )
+        _at_least("attack_iterations", self.attack_iterations, 0)
         _choice("malicious", self.malicious, MALICIOUS)
         _at_least("imprint_bins", self.imprint_bins, 1)
         self._check_poison()
@@ -271,9 +275,13 @@ class ExperimentConfig:
 
     def _check_protect(self) -> None:
         try:
-            steps = protect.parse(self.protect)
+            # decoys=K is an alias of the protection decoys:k=K: fold it in, keep both in step
+            spec = protect.with_decoys(self.protect, self.decoys)
+            steps = protect.parse(spec)
         except protect.ProtectError as e:
             raise ConfigError(f"protect={self.protect!r}: {e}") from None
+        object.__setattr__(self, "protect", spec)
+        object.__setattr__(self, "decoys", protect.decoy_count(steps))
         dp = protect.dp_step(steps)
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"dp_delta={self.dp_delta!r}: expected a number in (0, 1)")

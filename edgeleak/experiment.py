@@ -35,7 +35,7 @@ from edgeleak.broker import local_broker
 from edgeleak.config import ConfigError, ExperimentConfig
 from edgeleak.errors import UsageError
 from edgeleak.hierarchy import GroupedFleet, groups, keyholder
-from edgeleak.leak import attack_captures, fleet_truth
+from edgeleak.leak import attack_captures, decoy_leaks, fleet_truth
 from edgeleak.report import SUMMARY_UNITS, software_versions
 
 
@@ -460,10 +460,13 @@ def run_experiment(
     run: str | None = None,
     pki: Path | None = None,
     resume: ResumePoint | None = None,
+    artifact: ModelArtifact | None = None,
 ) -> ExperimentResult:
     """The demo: a broker (unless ``broker_url``), an emulated fleet and ``run_rounds``; writes
     run.db, summary.json and rounds.png into ``out``. ``pki``: secure mode, with the coordinator
-    and every device enrolled there first (the CA is created if the folder has none)."""
+    and every device enrolled there first (the CA is created if the folder has none).
+    ``artifact``: ``cfg.model`` exported before for the dataset and seed (benchmarks reuse one
+    export over many runs)."""
     if pki is not None:
         _check_secure(cfg)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -480,14 +483,15 @@ def run_experiment(
     cfg = calibrate_protect(cfg, shard_sizes)
     out.mkdir(parents=True, exist_ok=True)
     run = resume.run if resume else run or new_run_id("demo")
-    artifact = export_model(
-        cfg.model,
-        out / "model",
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
-        seed=cfg.seed,
-        vocab=data.vocab,
-    )
+    if artifact is None or artifact.manifest.model != cfg.model:
+        artifact = export_model(
+            cfg.model,
+            out / "model",
+            input_shape=data.input_shape,
+            num_classes=data.num_classes,
+            seed=cfg.seed,
+            vocab=data.vocab,
+        )
     check_resume_model(resume, artifact)
     keys = enrol(cfg, out / "keys")
     if pki is not None:
@@ -547,10 +551,14 @@ def run_experiment(
     if capture is not None:
         rows = attack_captures(
             capture, artifact, out / "attack", attacks=cfg.attacks, budget_s=cfg.attack_budget_s,
-            max_updates=cfg.attack_max, truth=fleet_truth(out / "truth", cfg.dataset), run=run,
-            db=store.db, progress=progress, from_round=cfg.attack_round,
+            max_updates=cfg.attack_max, run=run, db=store.db, progress=progress,
+            from_round=cfg.attack_round,
+            iterations=cfg.attack_iterations,
+            truth=fleet_truth(out / "truth", cfg.dataset, keys_dir=out / "keys", decoys=cfg.decoys),
         )  # fmt: skip
         summary["attack"] = [asdict(r) for r in rows]
+        if cfg.decoys:
+            summary["decoy_leakage"] = decoy_leaks(store.db, run)
         capture.close()
     write_outputs(
         out, summary, f"{cfg.model} · {cfg.algorithm} · {cfg.devices} devices · {cfg.dataset}"

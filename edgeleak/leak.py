@@ -3,26 +3,36 @@
 The attacks see only what the eavesdropper captured (``attacks.intercept``). Ground truth (which
 examples each update used, written by the fleet) enters here, in ``attacks.truth.leakage.evaluate``
 only, and only after the attack has returned.
+
+With decoys (``edge.decoy``) the eavesdropper sees pseudonyms only. The scoring side holds the
+devices' keys (the demo's ``OUT/keys``) and maps each pseudonym to its owner and slot: a real
+slot is scored against its owner's batch, a decoy against the same batch (what an attacker that
+takes it for real would claim), and per attack the run gets ``DecoyLeak``: the fraction of its
+reconstructions that are real and, per image of the attacked devices' real batches, the best
+PSNR among all its reconstructions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import sqlite3
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from attacks.base import AttackMetadata, NotApplicable, Reconstruction
+from attacks.base import Attack, AttackMetadata, NotApplicable, Reconstruction
 from attacks.intercept import CaptureStore, Intercepted
-from attacks.registry import get_attack
+from attacks.registry import config_class, get_attack
 from attacks.truth.leakage import LeakageReport, evaluate, matched_images, matched_labels
+from attacks.truth.metrics import mean_image_psnr, psnr_matrix
 from attacks.truth.report import save_grid, save_reconstructions
 from devices.datasets import load_dataset
 from devices.fleet import read_truth
+from edge import decoy
 from edge.manifest import ModelArtifact
 
 log = logging.getLogger(__name__)
@@ -32,9 +42,15 @@ CREATE TABLE IF NOT EXISTS leakage (
     run TEXT, round INTEGER, device TEXT, attack TEXT, capture_id INTEGER, kind TEXT,
     examples INTEGER, psnr_mean REAL, ssim_mean REAL, baseline_psnr REAL, label_accuracy REAL,
     label_count_accuracy REAL, recovered_fraction REAL, exact_fraction REAL, seconds REAL,
-    budget_hit INTEGER, grid TEXT
+    budget_hit INTEGER, grid TEXT, owner TEXT, real INTEGER
+);
+CREATE TABLE IF NOT EXISTS decoy_leakage (
+    run TEXT, attack TEXT, updates INTEGER, real_updates INTEGER, real_fraction REAL,
+    targets INTEGER, best_psnr_real REAL, baseline_psnr REAL
 );
 """
+# Columns added to ``leakage`` after its first release (older capture stores get them on write).
+LEAKAGE_ADDED = {"owner": "TEXT", "real": "INTEGER"}
 
 
 @dataclass(frozen=True)
@@ -58,19 +74,66 @@ class LeakRow:
     seconds: float
     budget_hit: bool  # the time cap stopped the attack before its iterations ended
     grid: str
+    owner: str | None = None  # decoys: the device behind the pseudonym (scoring side only)
+    real: bool | None = None  # decoys: whether the update was the real one; None: no decoys
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Who published under a pseudonym (decoys), known to the scoring side only."""
+
+    owner: str
+    real: bool
+
+
+@dataclass(frozen=True)
+class DecoyLeak:
+    """One attack over a decoy run: the fraction of its reconstructions that are real, and per
+    image of the attacked devices' real batches the best PSNR among all its reconstructions."""
+
+    run: str
+    attack: str
+    updates: int  # intercepted updates attacked
+    real_updates: int  # ... of which were real
+    real_fraction: float
+    targets: int  # real images of the attacked devices
+    best_psnr_real: float | None  # mean over targets
+    baseline_psnr: float | None  # the mean training image against the same targets
+
+
+def decoy_slots(
+    keys: Mapping[str, bytes], run: str, rounds: Iterable[int], decoys: int
+) -> dict[tuple[int, str], Slot]:
+    """(round, pseudonym) -> its owner and slot kind, recomputed from every device's key."""
+    out: dict[tuple[int, str], Slot] = {}
+    for r in rounds:
+        for device, key in keys.items():
+            real = decoy.real_slot(key, run, r, decoys)
+            for i in range(decoys + 1):
+                out[(r, decoy.pseudonym(key, run, r, i))] = Slot(device, i == real)
+    return out
 
 
 @dataclass(frozen=True)
 class GroundTruth:
-    """The fleet's records of which training examples each update used, and the data itself."""
+    """The fleet's records of which training examples each update used, and the data itself;
+    with decoys, who is behind each pseudonym."""
 
     records: dict[tuple[str, int, str], list[int]]
     x: np.ndarray
     y: np.ndarray
+    slots: dict[tuple[int, str], Slot] = field(default_factory=dict)
+
+    def slot(self, item: Intercepted) -> Slot | None:
+        """The owner and kind of a pseudonymous update (None: not a decoy run's pseudonym)."""
+        return self.slots.get((item.round, item.device))
 
     def batch(self, item: Intercepted) -> tuple[np.ndarray, np.ndarray] | None:
-        """The images and labels ``item`` was computed on (None if the fleet has no record)."""
-        used = self.records.get((item.run, item.round, item.device))
+        """The images and labels ``item`` was computed on, for a decoy its owner's real batch
+        (None if the fleet has no record)."""
+        slot = self.slot(item)
+        device = slot.owner if slot is not None else item.device
+        used = self.records.get((item.run, item.round, device))
         if used is None:
             return None
         # FedAvg walks its examples once per epoch: the batch is the first epoch's examples.
@@ -83,11 +146,55 @@ class GroundTruth:
         return np.asarray(self.x.mean(axis=0))
 
 
-def fleet_truth(truth_dir: str | Path, dataset: str) -> GroundTruth:
-    """Ground truth from the fleet's truth folder and the dataset it trained on."""
+def fleet_truth(
+    truth_dir: str | Path,
+    dataset: str,
+    *,
+    keys_dir: str | Path | None = None,
+    decoys: int = 0,
+) -> GroundTruth:
+    """Ground truth from the fleet's truth folder and the dataset it trained on; with ``decoys``,
+    the pseudonyms of every recorded run and round from the key files ``keys_dir/<device>.key``."""
     data = load_dataset(dataset)
-    records = {(r["run"], r["round"], r["device"]): r["examples"] for r in read_truth(truth_dir)}
-    return GroundTruth(records, data.x_train, data.y_train)
+    found = read_truth(truth_dir)
+    records = {(r["run"], r["round"], r["device"]): r["examples"] for r in found}
+    slots: dict[tuple[int, str], Slot] = {}
+    if decoys and keys_dir is not None:
+        keys = {p.stem: decoy.load_key(p) for p in sorted(Path(keys_dir).glob("*.key"))}
+        for run in sorted({r["run"] for r in found}):
+            rounds = sorted({r["round"] for r in found if r["run"] == run})
+            slots.update(decoy_slots(keys, run, rounds, decoys))
+    return GroundTruth(records, data.x_train, data.y_train, slots)
+
+
+def device_seconds(truth_dir: str | Path, run: str) -> list[float]:
+    """Seconds each device spent on each task of ``run`` (protections, decoys and encoding
+    included), as the fleet recorded them."""
+    return [float(r["seconds"]) for r in read_truth(truth_dir) if r["run"] == run]
+
+
+def decoy_leak(
+    run: str,
+    attack: str,
+    found: Sequence[tuple[Slot, np.ndarray]],
+    targets: np.ndarray,
+    mean_image: np.ndarray,
+) -> DecoyLeak:
+    """``DecoyLeak`` of one attack from its (slot, reconstructed images) and the real images of
+    the attacked devices."""
+    images = [imgs for _, imgs in found]
+    counts = [len(imgs) for imgs in images]
+    real = sum(c for (slot, _), c in zip(found, counts, strict=True) if slot.real)
+    best = None
+    if len(targets) and sum(counts):
+        best = float(psnr_matrix(np.concatenate(images), targets).max(axis=0).mean())
+    return DecoyLeak(
+        run=run, attack=attack, updates=len(found),
+        real_updates=sum(slot.real for slot, _ in found),
+        real_fraction=real / sum(counts) if sum(counts) else 0.0, targets=len(targets),
+        best_psnr_real=best,
+        baseline_psnr=mean_image_psnr(targets, mean_image) if len(targets) else None,
+    )  # fmt: skip
 
 
 def attack_captures(
@@ -103,9 +210,11 @@ def attack_captures(
     db: sqlite3.Connection | None = None,
     progress: bool = True,
     from_round: int = 1,
+    iterations: int = 0,
 ) -> list[LeakRow]:
     """Run every named attack on up to ``max_updates`` intercepted updates of rounds
-    ``from_round`` on; score, plot, store."""
+    ``from_round`` on; score, plot, store. ``iterations`` > 0 sets ``max_iterations`` of the
+    attacks that have one."""
     from rich.progress import Progress
 
     out.mkdir(parents=True, exist_ok=True)
@@ -113,12 +222,17 @@ def attack_captures(
     items = list(itertools.islice(paired, max_updates))
     meta = AttackMetadata(artifact.manifest, budget_s=budget_s)
     rows: list[LeakRow] = []
+    # decoys: per attack, (slot, images) of each reconstruction; the attacked devices' batches
+    found: dict[tuple[str, str], list[tuple[Slot, np.ndarray]]] = {}
+    targets: dict[tuple[str, int, str], np.ndarray] = {}
     with Progress(disable=not progress) as bar:
         job = bar.add_task("attacking intercepted updates", total=len(items) * len(attacks))
         for item in items:
             for name in attacks:
                 try:
-                    rec = get_attack(name).reconstruct(item.update, item.global_model, meta)
+                    rec = _attack(name, iterations).reconstruct(
+                        item.update, item.global_model, meta
+                    )
                 except NotApplicable as e:  # the attack does not apply to this update (kind, size)
                     log.warning("%s on round %d %s: %s", name, item.round, item.device, e)
                     bar.advance(job)
@@ -131,6 +245,10 @@ def attack_captures(
                         labels=rec.labels if rec.labels is not None else np.zeros(0, np.int64),
                     )
                 batch = truth.batch(item) if truth is not None else None
+                slot = truth.slot(item) if truth is not None else None
+                if slot is not None and batch is not None and rec.images is not None:
+                    found.setdefault((item.run, name), []).append((slot, rec.images))
+                    targets[(item.run, item.round, slot.owner)] = batch[0]
                 report = None
                 if truth is not None and batch is not None:
                     report = evaluate(rec, batch[0], batch[1], mean_image=truth.mean_image)
@@ -155,15 +273,62 @@ def attack_captures(
                             out / f"{stem}.png", rec.images, labels, title=f"{title} (no truth)"
                         )
                     )
-                rows.append(_row(item, name, rec, report, grid))
+                rows.append(_row(item, name, rec, report, grid, slot))
                 bar.advance(job)
     if db is not None:
         record(db, rows)
+        if truth is not None and found:
+            leaks = [
+                decoy_leak(
+                    run_, name, found[(run_, name)], _images(targets, run_), truth.mean_image
+                )
+                for run_, name in sorted(found)
+            ]
+            record_decoy_leaks(db, leaks)
     return rows
 
 
+def _attack(name: str, iterations: int) -> Attack:
+    """Attack ``name``, with ``max_iterations=iterations`` when > 0 and it has that setting."""
+    fields = {f.name for f in dataclasses.fields(config_class(name))}
+    if iterations > 0 and "max_iterations" in fields:
+        return get_attack(name, max_iterations=iterations)
+    return get_attack(name)
+
+
+def _images(batches: Mapping[tuple[str, int, str], np.ndarray], run: str) -> np.ndarray:
+    return np.concatenate([batches[k] for k in sorted(batches) if k[0] == run])
+
+
+def record_decoy_leaks(db: sqlite3.Connection, leaks: Sequence[DecoyLeak]) -> None:
+    """Write ``leaks`` into the ``decoy_leakage`` table (replacing the same run and attack)."""
+    db.executescript(LEAKAGE_SCHEMA)
+    cols = list(DecoyLeak.__dataclass_fields__)
+    db.executemany(
+        "DELETE FROM decoy_leakage WHERE run = ? AND attack = ?", [(x.run, x.attack) for x in leaks]
+    )
+    db.executemany(
+        f"INSERT INTO decoy_leakage ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+        [tuple(asdict(x)[c] for c in cols) for x in leaks],
+    )
+    db.commit()
+
+
+def decoy_leaks(db: sqlite3.Connection, run: str) -> list[dict[str, object]]:
+    """The ``decoy_leakage`` rows of ``run`` (none without decoys)."""
+    db.executescript(LEAKAGE_SCHEMA)
+    cur = db.execute("SELECT * FROM decoy_leakage WHERE run = ? ORDER BY attack", (run,))
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
 def _row(
-    item: Intercepted, name: str, rec: Reconstruction, r: LeakageReport | None, grid: str
+    item: Intercepted,
+    name: str,
+    rec: Reconstruction,
+    r: LeakageReport | None,
+    grid: str,
+    slot: Slot | None = None,
 ) -> LeakRow:
     def score(field: str) -> float | None:
         return None if r is None else getattr(r, field)
@@ -176,6 +341,7 @@ def _row(
         label_count_accuracy=score("label_count_accuracy"),
         recovered_fraction=score("recovered_fraction"), exact_fraction=score("exact_fraction"),
         seconds=rec.seconds, budget_hit=rec.budget_hit, grid=grid,
+        owner=None if slot is None else slot.owner, real=None if slot is None else slot.real,
     )  # fmt: skip
 
 
@@ -183,6 +349,10 @@ def record(db: sqlite3.Connection, rows: Sequence[LeakRow]) -> None:
     """Write ``rows`` into the ``leakage`` table of a run store or capture store; a row replaces
     any earlier one of the same run, round, device and attack (rerunning an attack)."""
     db.executescript(LEAKAGE_SCHEMA)
+    have = {row[1] for row in db.execute("PRAGMA table_info(leakage)")}
+    for col, kind in LEAKAGE_ADDED.items():
+        if col not in have:
+            db.execute(f"ALTER TABLE leakage ADD COLUMN {col} {kind}")
     cols = list(LeakRow.__dataclass_fields__)
     db.executemany(
         "DELETE FROM leakage WHERE run = ? AND round = ? AND device = ? AND attack = ?",

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coordinator.policy import round_length
 from coordinator.server import Coordinator, RoundPlan
 from coordinator.store import RunStore
 from devices.clock import (
@@ -21,7 +22,6 @@ from devices.clock import (
     examples_processed,
     hold_seconds,
     hour_of_round,
-    predicted_round,
 )
 from devices.fleet import DeviceSpec, Fleet
 from devices.profiles import HOURS, REFERENCE_GFLOPS, DeviceProfile, load_profile, round_time
@@ -101,9 +101,9 @@ def test_examples_and_profile_assignment() -> None:
     assert Counter(assign_profiles(7, ["a", "b"], [1, 1])) == {"a": 4, "b": 3}
     with pytest.raises(ValueError, match="share"):
         assign_profiles(3, ["a", "b"], [1.0])
-    assert predicted_round([0.5, 2.0], deadline_s=3.0) == 2.0
-    assert predicted_round([0.5, 4.0], deadline_s=3.0) == 3.0
-    assert predicted_round([0.5], deadline_s=3.0, missing=1) == 3.0
+    assert round_length([0.5, 2.0], deadline_s=3.0) == 2.0
+    assert round_length([0.5, 4.0], deadline_s=3.0) == 3.0
+    assert round_length([0.5], deadline_s=3.0, missing=1) == 3.0
 
 
 def test_hold_seconds_reads_sizes_and_examples_from_the_messages(
@@ -247,7 +247,7 @@ def test_a_thousand_device_mixed_fleet_stays_fast(
     late = sum(t > plan.deadline_s for t in arrivals)
     assert late > 0 and res.rejections == {"straggler": late}
     assert res.accepted == len(available) - late
-    assert res.virtual_seconds == predicted_round(arrivals, deadline_s=plan.deadline_s) == 600.0
+    assert res.virtual_seconds == round_length(arrivals, deadline_s=plan.deadline_s) == 600.0
     print(
         f"\n{n} devices: {res.selected} available, {late} stragglers, virtual "
         f"{res.virtual_seconds:.1f} s, real {res.seconds:.2f} s"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devices.clock import predicted_round
+from coordinator.policy import round_length
 from devices.datasets import load_dataset
 from devices.partition import partition
 from devices.profiles import load_profile, round_time
@@ -140,7 +140,7 @@ def test_demo_virtual_clock_drops_slow_profiles(tmp_path: Path) -> None:
                        bytes_up=ledger[d, "update"], flops_per_example=2_499_120)
             for d in {d for d, _ in ledger}
         ]  # fmt: skip
-        assert r["virtual_seconds"] == predicted_round(arrivals, deadline_s=2.2)
+        assert r["virtual_seconds"] == round_length(arrivals, deadline_s=2.2)
     # The same virtual config again, with one fleet worker: the same stragglers, virtual round
     # times and global models, to the bit.
     s2, db2 = _virtual_demo(tmp_path / "b", workers=1)

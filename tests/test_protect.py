@@ -252,16 +252,21 @@ def test_device_update_under_dp_is_clipped_plus_noise(
 def test_device_refuses_a_task_it_cannot_follow(
     lenet_artifact: ModelArtifact, batch: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    dev = Device("d1", "r", lenet_artifact, load_backend("onnx", lenet_artifact), *batch)
-    for spec in ("dp:clip=1", "dummy:m=2,source=public", "laplace:1"):
+    dev = Device(
+        "d1", "r", lenet_artifact, load_backend("onnx", lenet_artifact), *batch,
+        key=bytes(32), decoy_data=batch,
+    )  # fmt: skip
+    cases = [("dp:clip=1", 0), ("dummy:m=2,source=public", 0), ("laplace:1", 0),
+             ("decoys:k=2", 0), ("decoys:k=2", 1)]  # fmt: skip
+    for i, (spec, decoys) in enumerate(cases):
         task = wire.Task(
-            run="r", round=1, device="d1", algorithm="fedsgd", lr=0.1, epochs=1, batch_size=8,
-            model_hash=lenet_artifact.manifest.sha256, weights=lenet_artifact.initial_params(),
-            protect=spec,
+            run="r", round=1 + i, device="d1", algorithm="fedsgd", lr=0.1, epochs=1,
+            batch_size=8, model_hash=lenet_artifact.manifest.sha256,
+            weights=lenet_artifact.initial_params(), protect=spec, decoys=decoys,
         )  # fmt: skip
         msg = Received(wire.task_topic("r", "d1"), wire.encode_task(task), False, time.time())
         assert dev.handle(msg) == []
-    assert dev.rejected == {"bad_protect": 3}
+    assert dev.rejected == {"bad_protect": 5}
 
 
 def test_dummy_examples_join_every_batch(lenet_artifact: ModelArtifact) -> None:
@@ -323,3 +328,18 @@ def test_central_dp_mean_is_clipped_sum_plus_noise_over_selected() -> None:
     }
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("codec", ["f32", "int8", "int8c", "topk:0.01", "topk:0.01+int8"])
+def test_updates_decode_in_manifest_order_whatever_the_codec(
+    lenet_artifact: ModelArtifact, codec: str
+) -> None:
+    """Compressed codecs pack parameters in sorted-name order; the decoder hands them back in
+    the manifest's order, which the eavesdropper's attacks rely on."""
+    w = lenet_artifact.initial_params()
+    tensors, corrected, _ = wire.get_codec(codec).compress(w, None, lenet_artifact.manifest)
+    u = wire.Update(run="r", round=1, device="d", kind="gradient", num_examples=1,
+                    params=corrected, codec=codec)  # fmt: skip
+    back = wire.decode_update(wire.encode_update(u, tensors=tensors), lenet_artifact.manifest)
+    assert list(back.params) == list(lenet_artifact.manifest.param_names)
+    assert list(back.params) != sorted(back.params)

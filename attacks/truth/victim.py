@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import numpy as np
 import torch
 
-from attacks.base import Algorithm, AttackUpdate
+from attacks.base import Algorithm, AttackUpdate, UpdateKind
 from attacks.model import FunctionalModel, to_arrays, to_weights
+from edge import wire
 
 
 def simulate_update(
@@ -33,7 +35,7 @@ def simulate_update(
     device = model.input_map.scale.device
     update = AttackUpdate(
         params={},
-        kind="gradient" if algorithm == "fedsgd" else "delta",
+        kind=cast(UpdateKind, wire.UPDATE_KIND[algorithm]),
         num_examples=len(images),
         lr=lr,
         epochs=epochs,

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-Params = dict[str, np.ndarray]
+from edge.wire import Params
 
 
 @dataclass(frozen=True)
