@@ -118,12 +118,13 @@ def measure_secagg_ig(images: int = 4, budget_s: float = 15.0, seed: int = 0) ->
     public fixed point and inverts it. The same attack on the plaintext update, and the
     mean-image baseline, for comparison."""
     import torch
-    from attacks.leakage import evaluate
-    from attacks.metrics import mean_image_psnr
 
     from attacks import get_attack
     from attacks.base import AttackMetadata
-    from attacks.model import FunctionalModel, InputMap, manifest_for, simulate_update
+    from attacks.model import FunctionalModel, InputMap, manifest_for
+    from attacks.truth.leakage import evaluate
+    from attacks.truth.metrics import mean_image_psnr
+    from attacks.truth.victim import simulate_update
     from devices.datasets import load_dataset
     from export import zoo
 

@@ -106,10 +106,10 @@ def measure_aggregation(
     IG runs ``iterations`` steps of its schedule (machine-independent; 2,000 recover one image
     of the untrained sigmoid LeNet at ~70 dB), ``budget_s`` is only a safety cap."""
     import torch
-    from attacks.leakage import evaluate
 
     from attacks import get_attack
     from attacks.base import AttackMetadata
+    from attacks.truth.leakage import evaluate
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-agg-") as tmp:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from attacks.metrics import mean_image_psnr, psnr_matrix
 
 from attacks.intercept import CaptureStore
+from attacks.truth.metrics import mean_image_psnr, psnr_matrix
 from devices.datasets import load_dataset
 from devices.fleet import read_truth
 from edge import decoy, protect
