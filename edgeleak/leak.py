@@ -19,11 +19,15 @@ import numpy as np
 from attacks.base import AttackMetadata, NotApplicable, Reconstruction
 from attacks.intercept import CaptureStore, Intercepted
 from attacks.registry import get_attack
+from attacks.text import TextReconstruction
 from attacks.truth.leakage import LeakageReport, evaluate, matched_images, matched_labels
 from attacks.truth.report import save_grid, save_reconstructions
+from attacks.truth.text import TextLeakage, text_table
+from attacks.truth.text import score as score_text
 from devices.datasets import load_dataset
 from devices.fleet import read_truth
 from edge.manifest import ModelArtifact
+from edge.text import BOS, SPECIALS, load_vocab
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,8 @@ CREATE TABLE IF NOT EXISTS leakage (
     run TEXT, round INTEGER, device TEXT, attack TEXT, capture_id INTEGER, kind TEXT,
     examples INTEGER, psnr_mean REAL, ssim_mean REAL, baseline_psnr REAL, label_accuracy REAL,
     label_count_accuracy REAL, recovered_fraction REAL, exact_fraction REAL, seconds REAL,
-    budget_hit INTEGER, grid TEXT
+    budget_hit INTEGER, grid TEXT, word_precision REAL, word_recall REAL, rouge1 REAL,
+    rouge2 REAL, text TEXT
 );
 """
 
@@ -58,6 +63,13 @@ class LeakRow:
     seconds: float
     budget_hit: bool  # the time cap stopped the attack before its iterations ended
     grid: str
+    # The text attack (``words``): word-set scores, ROUGE F1 of the examples (exact_fraction:
+    # examples recovered with window and next word), and the typed-vs-recovered table (.txt).
+    word_precision: float | None = None
+    word_recall: float | None = None
+    rouge1: float | None = None
+    rouge2: float | None = None
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,15 @@ class GroundTruth:
     def mean_image(self) -> np.ndarray:
         """The "no leakage" guess: the mean training image."""
         return np.asarray(self.x.mean(axis=0))
+
+    def text(self, item: Intercepted) -> tuple[np.ndarray, np.ndarray] | None:
+        """The windows and next words ``item`` was computed on: FedAvg's local epochs cover
+        all the update's examples, whose words all reach the delta."""
+        used = self.records.get((item.run, item.round, item.device))
+        if used is None:
+            return None
+        idx = np.unique(np.asarray(used, dtype=np.int64))
+        return self.x[idx], self.y[idx]
 
 
 def fleet_truth(truth_dir: str | Path, dataset: str) -> GroundTruth:
@@ -124,6 +145,16 @@ def attack_captures(
                     bar.advance(job)
                     continue
                 stem = f"r{item.round:03d}-{item.device}-{name}"
+                if isinstance(rec, TextReconstruction):
+                    title = f"{name} on round {item.round}, device {item.device}"
+                    text_batch = truth.text(item) if truth is not None else None
+                    scored = None
+                    if text_batch is not None:
+                        scored = score_text(rec, text_batch[0], text_batch[1], vocab(artifact))
+                    path = save_text(out / f"{stem}.txt", rec, scored, vocab(artifact), title)
+                    rows.append(_text_row(item, rec, scored, str(path)))
+                    bar.advance(job)
+                    continue
                 if rec.images is not None:
                     np.savez(
                         out / f"{stem}.npz",
@@ -179,11 +210,71 @@ def _row(
     )  # fmt: skip
 
 
+def vocab(artifact: ModelArtifact) -> tuple[str, ...]:
+    """The vocabulary shipped in a text model's folder."""
+    return load_vocab(artifact.path("vocab"))
+
+
+def recovered_text(rec: TextReconstruction, words: Sequence[str]) -> list[str]:
+    """The recovered examples as text (window without ``<s>`` padding, then the next word)."""
+    return [
+        " ".join(words[int(i)] for i in (*w, lab) if int(i) != SPECIALS.index(BOS))
+        for w, lab in zip(rec.windows, rec.labels, strict=True)
+    ]
+
+
+def save_text(
+    path: Path,
+    rec: TextReconstruction,
+    scored: TextLeakage | None,
+    words: Sequence[str],
+    title: str,
+) -> Path:
+    """Write the text leakage of one update: the recovered word set, then the typed and
+    recovered examples side by side (with truth) or the recovered examples alone."""
+    found = [words[int(i)] for i in rec.words if int(i) >= len(SPECIALS)]
+    lines = [title, "", f"recovered words ({len(found)}): {' '.join(found)}", ""]
+    if scored is not None:
+        lines += [
+            f"word precision {scored.word_precision:.3f}, recall {scored.word_recall:.3f}, "
+            f"exact examples {scored.exact_fraction:.3f}, ROUGE-1 {scored.rouge1:.3f}, "
+            f"ROUGE-2 {scored.rouge2:.3f} (unigram baseline: precision "
+            f"{scored.baseline_precision:.3f}, recall {scored.baseline_recall:.3f}, ROUGE-1 "
+            f"{scored.baseline_rouge1:.3f})",
+            "",
+            text_table(scored.pairs),
+        ]
+    else:
+        lines += ["recovered examples (no truth):", *recovered_text(rec, words)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _text_row(
+    item: Intercepted, rec: TextReconstruction, s: TextLeakage | None, path: str
+) -> LeakRow:
+    def score(field: str) -> float | None:
+        return None if s is None else float(getattr(s, field))
+
+    return LeakRow(
+        run=item.run, round=item.round, device=item.device, attack=rec.attack,
+        capture_id=item.capture_id, kind=item.update.kind, examples=item.update.num_examples,
+        psnr_mean=None, ssim_mean=None, baseline_psnr=None, label_accuracy=None,
+        label_count_accuracy=None, recovered_fraction=None,
+        exact_fraction=score("exact_fraction"), seconds=rec.seconds, budget_hit=rec.budget_hit,
+        grid="", word_precision=score("word_precision"), word_recall=score("word_recall"),
+        rouge1=score("rouge1"), rouge2=score("rouge2"), text=path,
+    )  # fmt: skip
+
+
 def record(db: sqlite3.Connection, rows: Sequence[LeakRow]) -> None:
     """Write ``rows`` into the ``leakage`` table of a run store or capture store; a row replaces
     any earlier one of the same run, round, device and attack (rerunning an attack)."""
     db.executescript(LEAKAGE_SCHEMA)
     cols = list(LeakRow.__dataclass_fields__)
+    have = {r[1] for r in db.execute("PRAGMA table_info(leakage)")}
+    for c in (c for c in cols if c not in have):  # a store written before the text columns
+        db.execute(f"ALTER TABLE leakage ADD COLUMN {c}")
     db.executemany(
         "DELETE FROM leakage WHERE run = ? AND round = ? AND device = ? AND attack = ?",
         [(r.run, r.round, r.device, r.attack) for r in rows],

@@ -11,9 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacks.base import AttackUpdate
+from attacks.base import AttackMetadata, AttackUpdate, NotApplicable
 from attacks.model import FunctionalModel, InputMap, manifest_for
-from attacks.text import KeyboardLeak, rouge_n, score, sentence, text_table
+from attacks.registry import get_attack
+from attacks.text import TextReconstruction
+from attacks.truth.text import rouge_n, score, sentence, text_table
 from attacks.truth.victim import simulate_update
 from coordinator.evaluate import top_k_accuracy
 from devices.datasets import CONTEXT, FORTUNES_DIR, VOCAB_SIZE, load_dataset
@@ -139,6 +141,14 @@ def test_keyboard_takes_a_window_of_words() -> None:
 # -- the leak -------------------------------------------------------------------------------------
 
 
+def _leak(
+    update: AttackUpdate, weights: dict[str, np.ndarray], artifact: ModelArtifact
+) -> TextReconstruction:
+    rec = get_attack("words").reconstruct(update, weights, AttackMetadata(artifact.manifest))
+    assert isinstance(rec, TextReconstruction)
+    return rec
+
+
 def _victim(artifact: ModelArtifact) -> FunctionalModel:
     return FunctionalModel(_eager(artifact), InputMap(torch.ones(()), torch.zeros(())))
 
@@ -155,7 +165,8 @@ def test_fedsgd_b1_device_gradient_leaks_the_exact_window(artifact: ModelArtifac
     x, y = _batch(1, 0)
     step = load_backend("onnx", artifact).loss_and_grad(artifact.initial_params(), x, y)
     update = AttackUpdate(step.grads, "gradient", 1, 0.1, 1, 1, "fedsgd")
-    rec = KeyboardLeak().reconstruct(update, artifact.initial_params(), artifact.manifest)
+    rec = _leak(update, artifact.initial_params(), artifact)
+    assert rec.attack == "words" and rec.images is None
     assert rec.windows.tolist() == x.astype(int).tolist()
     assert rec.labels.tolist() == y.tolist()
     assert set(rec.words.tolist()) == {*x.astype(int).ravel().tolist(), int(y[0])}
@@ -172,7 +183,7 @@ def test_fedsgd_batch_leaks_every_window(artifact: ModelArtifact, batch: int) ->
     x, y = _batch(batch, batch)
     weights = artifact.initial_params()
     update = simulate_update(_victim(artifact), weights, x, y)
-    rec = KeyboardLeak().reconstruct(update, weights, artifact.manifest)
+    rec = _leak(update, weights, artifact)
     got = sorted(map(tuple, np.c_[rec.windows, rec.labels].tolist()))
     assert got == sorted(map(tuple, np.c_[x.astype(int), y].tolist()))
 
@@ -183,17 +194,19 @@ def test_fedavg_delta_leaks_the_words_not_the_order(artifact: ModelArtifact) -> 
     update = simulate_update(
         _victim(artifact), weights, x, y, algorithm="fedavg", lr=0.1, epochs=3, batch_size=4
     )
-    rec = KeyboardLeak().reconstruct(update, weights, artifact.manifest)
+    rec = _leak(update, weights, artifact)
     s = score(rec, x, y, text.load_vocab(artifact.path("vocab")))
     assert (s.word_precision, s.word_recall) == (1.0, 1.0)
     assert rec.windows.shape == (0, CONTEXT) and s.exact_fraction == 0.0
 
 
-def test_text_attack_refuses_other_models(artifact: ModelArtifact) -> None:
+def test_text_attack_refuses_other_models() -> None:
     mlp = zoo.build("mlp")
-    update = AttackUpdate({}, "gradient", 1, 0.1, 1, 1, "fedsgd")
-    with pytest.raises(ValueError, match="keyboard model"):
-        KeyboardLeak().reconstruct(update, {}, manifest_for("mlp", mlp, (1, 28, 28), 10))
+    weights = {k: v.detach().numpy() for k, v in mlp.named_parameters()}
+    update = AttackUpdate(weights, "gradient", 1, 0.1, 1, 1, "fedsgd")
+    meta = AttackMetadata(manifest_for("mlp", mlp, (1, 28, 28), 10))
+    with pytest.raises(NotApplicable, match="keyboard model"):
+        get_attack("words").reconstruct(update, weights, meta)
 
 
 def test_rouge_and_topk_exact_values() -> None:
