@@ -30,6 +30,7 @@ from edge.manifest import ModelArtifact
 from edge.text import BOS, SPECIALS, load_vocab
 
 log = logging.getLogger(__name__)
+TEXT_WIDTH = 56  # characters per side of the typed | recovered table (fits 120 columns)
 
 LEAKAGE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS leakage (
@@ -242,7 +243,7 @@ def save_text(
             f"{scored.baseline_precision:.3f}, recall {scored.baseline_recall:.3f}, ROUGE-1 "
             f"{scored.baseline_rouge1:.3f})",
             "",
-            text_table(scored.pairs),
+            text_table(scored.pairs, width=TEXT_WIDTH),
         ]
     else:
         lines += ["recovered examples (no truth):", *recovered_text(rec, words)]

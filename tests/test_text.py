@@ -3,6 +3,10 @@ words and windows its updates leak, and the next-word metrics."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +250,60 @@ def test_fortunes_corpus_is_next_word_windows_per_source() -> None:
     starts = (x[1:] == 1).all(axis=1)
     assert (follows | starts).all()
     assert x.min() >= 0 and x.max() < VOCAB_SIZE
+
+
+# -- the eavesdropper over the real broker ------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeleak.cli", *args], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _demo(out: Path, *extra: str) -> list[dict[str, object]]:
+    _cli(
+        "demo", "--model", "keyboard", "--dataset", "fortunes", "--partition", "source",
+        "--attack", "words", "--rounds", "1", "--seed", "0", "--out", str(out),
+        "--deadline-s", "3600", *extra,  # the deadline is a safety net: rounds end on answers
+    )  # fmt: skip
+    attacked: list[dict[str, object]] = json.loads((out / "summary.json").read_text())["attack"]
+    return attacked
+
+
+@needs_fortunes
+def test_eavesdropper_reads_the_typed_words_off_the_broker(tmp_path: Path) -> None:
+    out = tmp_path / "sgd"
+    rows = _demo(out, "--algorithm", "fedsgd", "--devices", "2", "--fraction", "1",
+                 "--batch-size", "4")  # fmt: skip
+    assert sorted(str(r["device"]) for r in rows) == ["d0000", "d0001"]
+    for r in rows:
+        assert (r["kind"], r["examples"], r["attack"]) == ("gradient", 4, "words")
+        assert (r["word_precision"], r["word_recall"]) == (1.0, 1.0)
+        assert (r["exact_fraction"], r["rouge1"], r["rouge2"]) == (1.0, 1.0, 1.0)
+        table = Path(str(r["text"])).read_text().splitlines()
+        pairs = [line.split(" | ") for line in table if " | " in line][1:]
+        assert len(pairs) == 4 and all(t.strip() == g.strip() for t, g in pairs)
+    # The same capture attacked offline by `edgeleak attack`, scored by the fleet's truth.
+    proc = _cli(
+        "attack", "--capture", str(out / "capture"), "--model", str(out / "model"),
+        "--attack", "words", "--truth", str(out / "truth"), "--dataset", "fortunes",
+        "--out", str(tmp_path / "offline"),
+    )  # fmt: skip
+    assert "word precision 1.000, recall 1.000, exact examples 1.000" in proc.stdout
+    with sqlite3.connect(out / "capture" / "capture.db") as con:
+        got = con.execute("SELECT word_precision, word_recall, exact_fraction FROM leakage")
+        assert got.fetchall() == [(1.0, 1.0, 1.0)] * 2
+
+
+@needs_fortunes
+def test_eavesdropper_reads_the_fedavg_word_set_exactly(tmp_path: Path) -> None:
+    # 200 devices of about 380 windows each, 2 selected: 24 local steps of 16.
+    rows = _demo(tmp_path / "avg", "--algorithm", "fedavg", "--devices", "200",
+                 "--fraction", "0.01", "--batch-size", "16", "--epochs", "1")  # fmt: skip
+    assert len(rows) == 2
+    for r in rows:
+        assert r["kind"] == "delta" and int(str(r["examples"])) > 100
+        assert (r["word_precision"], r["word_recall"], r["exact_fraction"]) == (1.0, 1.0, 0.0)
