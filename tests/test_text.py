@@ -27,6 +27,7 @@ from devices.partition import partition
 from edge import text
 from edge.backends import load_backend
 from edge.manifest import ModelArtifact
+from edgeleak.claims import NOT_TESTED, claims, preset
 from export import export_model, zoo
 
 TOL = 1e-5
@@ -307,3 +308,16 @@ def test_eavesdropper_reads_the_fedavg_word_set_exactly(tmp_path: Path) -> None:
     for r in rows:
         assert r["kind"] == "delta" and int(str(r["examples"])) > 100
         assert (r["word_precision"], r["word_recall"], r["exact_fraction"]) == (1.0, 1.0, 0.0)
+
+
+def test_claim_7_runs_the_keyboard_demo_and_judges_recall() -> None:
+    (c,) = [c for c in claims() if c.id == "7"]
+    assert "7" not in {cid for cid, _, _ in NOT_TESTED}
+    assert c.points["keyboard"]["attack"] == "words" and c.points["keyboard"]["batch_size"] == 8
+    assert preset("claims").points  # every point, claim 7's included, is a valid config
+    row = {"word_precision": 1.0, "word_recall": 0.9, "exact_fraction": 0.25}
+    measured, verdict = c.judge({"keyboard": row})
+    assert verdict == "holds"
+    assert measured == "word precision 1.00, recall 0.90; windows with their next word exact 0.25"
+    assert c.judge({"keyboard": {**row, "word_recall": 0.89}})[1] == "partly"
+    assert c.judge({"keyboard": {**row, "word_recall": 0.0}})[1] == "does not hold"
