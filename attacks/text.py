@@ -59,6 +59,11 @@ class TextReconstruction(Reconstruction):
     words: np.ndarray = field(default_factory=_no_ids, repr=False)
     windows: np.ndarray = field(default_factory=_no_ids, repr=False)
 
+    @property
+    def next_words(self) -> np.ndarray:
+        """The next word of each recovered window, int64 [n]."""
+        return self.labels if self.labels is not None else _no_ids()
+
 
 @dataclass(frozen=True)
 class TextRecovered(Recovered):

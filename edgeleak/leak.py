@@ -220,7 +220,7 @@ def recovered_text(rec: TextReconstruction, words: Sequence[str]) -> list[str]:
     """The recovered examples as text (window without ``<s>`` padding, then the next word)."""
     return [
         " ".join(words[int(i)] for i in (*w, lab) if int(i) != SPECIALS.index(BOS))
-        for w, lab in zip(rec.windows, rec.labels, strict=True)
+        for w, lab in zip(rec.windows, rec.next_words, strict=True)
     ]
 
 

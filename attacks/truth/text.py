@@ -84,7 +84,7 @@ def score(
     b_precision, b_recall = _precision_recall(top, truth_words)
 
     typed = [sentence(w.astype(np.int64), int(lab)) for w, lab in zip(x, y, strict=True)]
-    got = [sentence(w, int(lab)) for w, lab in zip(rec.windows, rec.labels, strict=True)]
+    got = [sentence(w, int(lab)) for w, lab in zip(rec.windows, rec.next_words, strict=True)]
     r1 = np.zeros(len(typed))
     r2 = np.zeros(len(typed))
     exact = np.zeros(len(typed), dtype=bool)
