@@ -195,11 +195,15 @@ class BaseAttack:
         # BLAS threads as torch's: on busy cores an oversubscribed SVD ran 50x slower.
         with threadpool_limits(limits=metadata.threads):
             found = self.run(update, global_model, metadata, deadline)
+        return self.result(found, deadline.elapsed())
+
+    def result(self, found: Recovered, seconds: float) -> Reconstruction:
+        """The ``Reconstruction`` of what ``run`` found (an attack with more to say overrides)."""
         return Reconstruction(
             found.images,
             found.labels,
             found.confidence,
-            deadline.elapsed(),
+            seconds,
             self.name,
             budget_hit=found.budget_hit,
         )

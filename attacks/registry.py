@@ -19,6 +19,7 @@ _ATTACKS: dict[str, tuple[str, str, str]] = {
     "imprint": ("attacks.imprint", "ImprintAttack", "ImprintConfig"),
     "spear": ("attacks.spear", "Spear", "SpearConfig"),
     "ilrg": ("attacks.ilrg", "ILRG", "ILRGConfig"),
+    "words": ("attacks.text", "KeyboardLeak", "WordsConfig"),
 }
 ATTACK_NAMES: tuple[str, ...] = tuple(_ATTACKS)
 

@@ -319,7 +319,9 @@ def run_text_case(case: TextCase, *, batches: int, seed: int, out_txt: Path) -> 
     """Attack the untrained keyboard model's FedSGD gradients of fortunes test windows (each
     batch drawn at random, as a device's shuffled batch); the side-by-side text table goes to
     ``out_txt``."""
-    from attacks.text import KeyboardLeak, score, text_table
+    from attacks.base import AttackMetadata
+    from attacks.text import KeyboardLeak
+    from attacks.truth.text import score, text_table
 
     ds = load_dataset("fortunes")
     torch.manual_seed(seed)
@@ -332,7 +334,9 @@ def run_text_case(case: TextCase, *, batches: int, seed: int, out_txt: Path) -> 
     for _ in range(batches):
         idx = rng.choice(len(ds.x_test), size=case.batch, replace=False)
         x, y = ds.x_test[idx], ds.y_test[idx]
-        rec = KeyboardLeak().reconstruct(simulate_update(victim, weights, x, y), weights, manifest)
+        rec = KeyboardLeak().reconstruct(
+            simulate_update(victim, weights, x, y), weights, AttackMetadata(manifest)
+        )
         s = score(rec, x, y, ds.vocab)
         scores.append(s)
         seconds += rec.seconds

@@ -91,6 +91,16 @@ def _judge_batches(rows: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
     return measured, "partly" if any(f > 0 for f in fracs[1:]) else "does not hold"
 
 
+def _judge_words(rows: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
+    r = rows["keyboard"]
+    measured = (
+        f"word precision {r['word_precision']:.2f}, recall {r['word_recall']:.2f}; "
+        f"windows with their next word exact {r['exact_fraction']:.2f}"
+    )
+    recall = r["word_recall"]
+    return measured, "holds" if recall >= 0.9 else "partly" if recall > 0 else "does not hold"
+
+
 def _judge_protection(name: str) -> Callable[[Mapping[str, Mapping[str, Any]]], tuple[str, str]]:
     def judge(rows: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
         b, p = rows["none"], rows[name]
@@ -153,6 +163,12 @@ def claims() -> list[Claim]:
               "lenet_zhu on mnist-digits (shards of 100), FedSGD, inverting gradients at "
               f"B = {', '.join(map(str, BATCHES))}; fraction of images ≥ 30 dB",
               {f"b{b}": {**small, "batch_size": b} for b in BATCHES}, _judge_batches),
+        Claim("7", "the words a user typed leak from a simple NLP model's gradients",
+              "zoo keyboard next-word model on the fortunes corpus (one device per source), "
+              "FedSGD, B=8, words attack on the intercepted gradients; holds when word "
+              "recall ≥ 0.9",
+              {"keyboard": {"model": "keyboard", "dataset": "fortunes", "partition": "source",
+                            "batch_size": 8, "attack": "words"}}, _judge_words),
     ]  # fmt: skip
     for i, (name, over) in enumerate(PROTECTIONS.items()):
         out.append(
@@ -172,8 +188,6 @@ def claims() -> list[Claim]:
 NOT_TESTED = (
     ("4b", "dishonesties can be as subtle as permuting some network parameters",
      "no permutation-only malicious model in the testbed yet"),
-    ("7", "the words a user typed leak from a simple NLP model's gradients",
-     "no text model in the zoo yet"),
 )  # fmt: skip
 
 

@@ -27,32 +27,37 @@ import numpy as np
 from attacks.base import Attack, AttackMetadata, NotApplicable, Reconstruction
 from attacks.intercept import CaptureStore, Intercepted
 from attacks.registry import config_class, get_attack
+from attacks.text import TextReconstruction
 from attacks.truth.leakage import LeakageReport, evaluate, matched_images, matched_labels
 from attacks.truth.metrics import mean_image_psnr, psnr_matrix
 from attacks.truth.report import save_grid, save_reconstructions
+from attacks.truth.text import TextLeakage, text_table
+from attacks.truth.text import score as score_text
 from devices.datasets import load_dataset
 from devices.fleet import read_truth
 from edge import decoy
 from edge.manifest import ModelArtifact
+from edge.text import BOS, SPECIALS, load_vocab
 
 log = logging.getLogger(__name__)
+TEXT_WIDTH = 56  # characters per side of the typed | recovered table (fits 120 columns)
 
 LEAKAGE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS leakage (
     run TEXT, round INTEGER, device TEXT, attack TEXT, capture_id INTEGER, kind TEXT,
     examples INTEGER, psnr_mean REAL, ssim_mean REAL, baseline_psnr REAL, label_accuracy REAL,
     label_count_accuracy REAL, recovered_fraction REAL, exact_fraction REAL, seconds REAL,
-    budget_hit INTEGER, grid TEXT, owner TEXT, real INTEGER
+    budget_hit INTEGER, grid TEXT, owner TEXT, real INTEGER, word_precision REAL,
+    word_recall REAL, rouge1 REAL, rouge2 REAL, text TEXT
 );
 CREATE TABLE IF NOT EXISTS decoy_leakage (
     run TEXT, attack TEXT, updates INTEGER, real_updates INTEGER, real_fraction REAL,
     targets INTEGER, best_psnr_real REAL, baseline_psnr REAL
 );
 """
+
+
 # Columns added to ``leakage`` after its first release (older capture stores get them on write).
-LEAKAGE_ADDED = {"owner": "TEXT", "real": "INTEGER"}
-
-
 @dataclass(frozen=True)
 class LeakRow:
     """One attack on one intercepted update, scored (score fields are None without truth)."""
@@ -76,6 +81,14 @@ class LeakRow:
     grid: str
     owner: str | None = None  # decoys: the device behind the pseudonym (scoring side only)
     real: bool | None = None  # decoys: whether the update was the real one; None: no decoys
+
+    # The text attack (``words``): word-set scores, ROUGE F1 of the examples (exact_fraction:
+    # examples recovered with window and next word), and the typed-vs-recovered table (.txt).
+    word_precision: float | None = None
+    word_recall: float | None = None
+    rouge1: float | None = None
+    rouge2: float | None = None
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,15 @@ class GroundTruth:
     def mean_image(self) -> np.ndarray:
         """The "no leakage" guess: the mean training image."""
         return np.asarray(self.x.mean(axis=0))
+
+    def text(self, item: Intercepted) -> tuple[np.ndarray, np.ndarray] | None:
+        """The windows and next words ``item`` was computed on: FedAvg's local epochs cover
+        all the update's examples, whose words all reach the delta."""
+        used = self.records.get((item.run, item.round, item.device))
+        if used is None:
+            return None
+        idx = np.unique(np.asarray(used, dtype=np.int64))
+        return self.x[idx], self.y[idx]
 
 
 def fleet_truth(
@@ -238,6 +260,16 @@ def attack_captures(
                     bar.advance(job)
                     continue
                 stem = f"r{item.round:03d}-{item.device}-{name}"
+                if isinstance(rec, TextReconstruction):
+                    title = f"{name} on round {item.round}, device {item.device}"
+                    text_batch = truth.text(item) if truth is not None else None
+                    scored = None
+                    if text_batch is not None:
+                        scored = score_text(rec, text_batch[0], text_batch[1], vocab(artifact))
+                    path = save_text(out / f"{stem}.txt", rec, scored, vocab(artifact), title)
+                    rows.append(_text_row(item, rec, scored, str(path)))
+                    bar.advance(job)
+                    continue
                 if rec.images is not None:
                     np.savez(
                         out / f"{stem}.npz",
@@ -345,15 +377,71 @@ def _row(
     )  # fmt: skip
 
 
+def vocab(artifact: ModelArtifact) -> tuple[str, ...]:
+    """The vocabulary shipped in a text model's folder."""
+    return load_vocab(artifact.path("vocab"))
+
+
+def recovered_text(rec: TextReconstruction, words: Sequence[str]) -> list[str]:
+    """The recovered examples as text (window without ``<s>`` padding, then the next word)."""
+    return [
+        " ".join(words[int(i)] for i in (*w, lab) if int(i) != SPECIALS.index(BOS))
+        for w, lab in zip(rec.windows, rec.next_words, strict=True)
+    ]
+
+
+def save_text(
+    path: Path,
+    rec: TextReconstruction,
+    scored: TextLeakage | None,
+    words: Sequence[str],
+    title: str,
+) -> Path:
+    """Write the text leakage of one update: the recovered word set, then the typed and
+    recovered examples side by side (with truth) or the recovered examples alone."""
+    found = [words[int(i)] for i in rec.words if int(i) >= len(SPECIALS)]
+    lines = [title, "", f"recovered words ({len(found)}): {' '.join(found)}", ""]
+    if scored is not None:
+        lines += [
+            f"word precision {scored.word_precision:.3f}, recall {scored.word_recall:.3f}, "
+            f"exact examples {scored.exact_fraction:.3f}, ROUGE-1 {scored.rouge1:.3f}, "
+            f"ROUGE-2 {scored.rouge2:.3f} (unigram baseline: precision "
+            f"{scored.baseline_precision:.3f}, recall {scored.baseline_recall:.3f}, ROUGE-1 "
+            f"{scored.baseline_rouge1:.3f})",
+            "",
+            text_table(scored.pairs, width=TEXT_WIDTH),
+        ]
+    else:
+        lines += ["recovered examples (no truth):", *recovered_text(rec, words)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _text_row(
+    item: Intercepted, rec: TextReconstruction, s: TextLeakage | None, path: str
+) -> LeakRow:
+    def score(field: str) -> float | None:
+        return None if s is None else float(getattr(s, field))
+
+    return LeakRow(
+        run=item.run, round=item.round, device=item.device, attack=rec.attack,
+        capture_id=item.capture_id, kind=item.update.kind, examples=item.update.num_examples,
+        psnr_mean=None, ssim_mean=None, baseline_psnr=None, label_accuracy=None,
+        label_count_accuracy=None, recovered_fraction=None,
+        exact_fraction=score("exact_fraction"), seconds=rec.seconds, budget_hit=rec.budget_hit,
+        grid="", word_precision=score("word_precision"), word_recall=score("word_recall"),
+        rouge1=score("rouge1"), rouge2=score("rouge2"), text=path,
+    )  # fmt: skip
+
+
 def record(db: sqlite3.Connection, rows: Sequence[LeakRow]) -> None:
     """Write ``rows`` into the ``leakage`` table of a run store or capture store; a row replaces
     any earlier one of the same run, round, device and attack (rerunning an attack)."""
     db.executescript(LEAKAGE_SCHEMA)
-    have = {row[1] for row in db.execute("PRAGMA table_info(leakage)")}
-    for col, kind in LEAKAGE_ADDED.items():
-        if col not in have:
-            db.execute(f"ALTER TABLE leakage ADD COLUMN {col} {kind}")
     cols = list(LeakRow.__dataclass_fields__)
+    have = {r[1] for r in db.execute("PRAGMA table_info(leakage)")}
+    for c in (c for c in cols if c not in have):  # a store written before decoy or text columns
+        db.execute(f"ALTER TABLE leakage ADD COLUMN {c}")
     db.executemany(
         "DELETE FROM leakage WHERE run = ? AND round = ? AND device = ? AND attack = ?",
         [(r.run, r.round, r.device, r.attack) for r in rows],

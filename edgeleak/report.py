@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 LEAK_COLUMNS = ("round", "device", "attack", "images", "PSNR dB", "SSIM", "labels", "time s")
+TEXT_KEYS = ("word_precision", "word_recall", "exact_fraction", "rouge1", "rouge2")
+TEXT_COLUMNS = ("word P", "word R", "exact", "ROUGE-1", "ROUGE-2")
 
 
 def cumulative_mb(rounds: Sequence[Mapping[str, Any]]) -> list[float]:
@@ -68,7 +70,8 @@ def leak_table(rows: Sequence[Mapping[str, Any]]) -> Any:
     table = Table(
         title="leakage of intercepted updates", box=box.MINIMAL_HEAVY_HEAD, show_edge=False
     )
-    for c in LEAK_COLUMNS:
+    words = any(r.get("word_recall") is not None for r in rows)  # the text attack's scores
+    for c in LEAK_COLUMNS + (TEXT_COLUMNS if words else ()):
         text = c in ("device", "attack")
         table.add_column(c, justify="left" if text else "right", no_wrap=True)
     for r in rows:
@@ -77,6 +80,7 @@ def leak_table(rows: Sequence[Mapping[str, Any]]) -> Any:
             str(r["round"]), str(r["device"]), str(r["attack"]), str(r["examples"]),
             _fmt(r.get("psnr_mean"), ".1f"), _fmt(r.get("ssim_mean"), ".3f"),
             "—" if labels is None else f"{100 * labels:.0f}%", f"{r['seconds']:.1f}",
+            *(_fmt(r.get(k), ".3f") for k in TEXT_KEYS if words),
         )  # fmt: skip
     return table
 
@@ -90,7 +94,11 @@ def _console() -> Any:
 
 
 def print_leak_table(rows: Sequence[Mapping[str, Any]]) -> None:
-    _console().print(leak_table(rows))
+    con = _console()
+    con.print(leak_table(rows))
+    for r in rows:  # the text attack: typed and recovered side by side
+        if r.get("text") and Path(r["text"]).is_file():
+            con.print(Path(r["text"]).read_text(), markup=False, highlight=False)
 
 
 def _query(db: sqlite3.Connection, sql: str, *params: object) -> list[sqlite3.Row]:

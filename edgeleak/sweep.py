@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS results (
     point TEXT PRIMARY KEY, rounds_done INTEGER, final_accuracy REAL, bytes_up INTEGER,
     bytes_down INTEGER, bytes_per_round REAL, bytes_rejected INTEGER, epsilon REAL,
     psnr_mean REAL, ssim_mean REAL, baseline_psnr REAL, label_accuracy REAL,
-    exact_fraction REAL, recovered_fraction REAL, attacked INTEGER
+    exact_fraction REAL, recovered_fraction REAL, attacked INTEGER, word_precision REAL,
+    word_recall REAL
 );
 CREATE TABLE IF NOT EXISTS rounds (
     point TEXT, round INTEGER, accuracy REAL, loss REAL, bytes_up INTEGER, bytes_down INTEGER,
@@ -187,6 +188,10 @@ class SweepStore:
     def __init__(self, path: Path) -> None:
         self.db = sqlite3.connect(path, check_same_thread=False)
         self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(results)")}
+        for c in ("word_precision", "word_recall"):  # a store from before the text attack
+            if c not in have:
+                self.db.execute(f"ALTER TABLE results ADD COLUMN {c} REAL")
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -288,7 +293,7 @@ def ingest(db: sqlite3.Connection, point: str, summary: Mapping[str, Any], run_d
         ]
     attack = summary.get("attack") or []
     db.execute(
-        "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             point, len(rounds), summary["final_accuracy"], summary["bytes_up"],
             summary["bytes_down"],
@@ -299,6 +304,8 @@ def ingest(db: sqlite3.Connection, point: str, summary: Mapping[str, Any], run_d
                 "recovered_fraction",
             )),
             len(attack),
+            _mean([a.get("word_precision") for a in attack]),
+            _mean([a.get("word_recall") for a in attack]),
         ),
     )  # fmt: skip
     db.executemany(

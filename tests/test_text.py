@@ -3,6 +3,10 @@ words and windows its updates leak, and the next-word metrics."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacks.base import AttackUpdate
+from attacks.base import AttackMetadata, AttackUpdate, NotApplicable
 from attacks.model import FunctionalModel, InputMap, manifest_for
-from attacks.text import KeyboardLeak, rouge_n, score, sentence, text_table
+from attacks.registry import get_attack
+from attacks.text import TextReconstruction
+from attacks.truth.text import rouge_n, score, sentence, text_table
 from attacks.truth.victim import simulate_update
 from coordinator.evaluate import top_k_accuracy
 from devices.datasets import CONTEXT, FORTUNES_DIR, VOCAB_SIZE, load_dataset
@@ -21,6 +27,7 @@ from devices.partition import partition
 from edge import text
 from edge.backends import load_backend
 from edge.manifest import ModelArtifact
+from edgeleak.claims import NOT_TESTED, claims, preset
 from export import export_model, zoo
 
 TOL = 1e-5
@@ -139,6 +146,14 @@ def test_keyboard_takes_a_window_of_words() -> None:
 # -- the leak -------------------------------------------------------------------------------------
 
 
+def _leak(
+    update: AttackUpdate, weights: dict[str, np.ndarray], artifact: ModelArtifact
+) -> TextReconstruction:
+    rec = get_attack("words").reconstruct(update, weights, AttackMetadata(artifact.manifest))
+    assert isinstance(rec, TextReconstruction)
+    return rec
+
+
 def _victim(artifact: ModelArtifact) -> FunctionalModel:
     return FunctionalModel(_eager(artifact), InputMap(torch.ones(()), torch.zeros(())))
 
@@ -155,7 +170,8 @@ def test_fedsgd_b1_device_gradient_leaks_the_exact_window(artifact: ModelArtifac
     x, y = _batch(1, 0)
     step = load_backend("onnx", artifact).loss_and_grad(artifact.initial_params(), x, y)
     update = AttackUpdate(step.grads, "gradient", 1, 0.1, 1, 1, "fedsgd")
-    rec = KeyboardLeak().reconstruct(update, artifact.initial_params(), artifact.manifest)
+    rec = _leak(update, artifact.initial_params(), artifact)
+    assert rec.attack == "words" and rec.images is None
     assert rec.windows.tolist() == x.astype(int).tolist()
     assert rec.labels.tolist() == y.tolist()
     assert set(rec.words.tolist()) == {*x.astype(int).ravel().tolist(), int(y[0])}
@@ -172,7 +188,7 @@ def test_fedsgd_batch_leaks_every_window(artifact: ModelArtifact, batch: int) ->
     x, y = _batch(batch, batch)
     weights = artifact.initial_params()
     update = simulate_update(_victim(artifact), weights, x, y)
-    rec = KeyboardLeak().reconstruct(update, weights, artifact.manifest)
+    rec = _leak(update, weights, artifact)
     got = sorted(map(tuple, np.c_[rec.windows, rec.labels].tolist()))
     assert got == sorted(map(tuple, np.c_[x.astype(int), y].tolist()))
 
@@ -183,17 +199,19 @@ def test_fedavg_delta_leaks_the_words_not_the_order(artifact: ModelArtifact) -> 
     update = simulate_update(
         _victim(artifact), weights, x, y, algorithm="fedavg", lr=0.1, epochs=3, batch_size=4
     )
-    rec = KeyboardLeak().reconstruct(update, weights, artifact.manifest)
+    rec = _leak(update, weights, artifact)
     s = score(rec, x, y, text.load_vocab(artifact.path("vocab")))
     assert (s.word_precision, s.word_recall) == (1.0, 1.0)
     assert rec.windows.shape == (0, CONTEXT) and s.exact_fraction == 0.0
 
 
-def test_text_attack_refuses_other_models(artifact: ModelArtifact) -> None:
+def test_text_attack_refuses_other_models() -> None:
     mlp = zoo.build("mlp")
-    update = AttackUpdate({}, "gradient", 1, 0.1, 1, 1, "fedsgd")
-    with pytest.raises(ValueError, match="keyboard model"):
-        KeyboardLeak().reconstruct(update, {}, manifest_for("mlp", mlp, (1, 28, 28), 10))
+    weights = {k: v.detach().numpy() for k, v in mlp.named_parameters()}
+    update = AttackUpdate(weights, "gradient", 1, 0.1, 1, 1, "fedsgd")
+    meta = AttackMetadata(manifest_for("mlp", mlp, (1, 28, 28), 10))
+    with pytest.raises(NotApplicable, match="keyboard model"):
+        get_attack("words").reconstruct(update, weights, meta)
 
 
 def test_rouge_and_topk_exact_values() -> None:
@@ -233,3 +251,73 @@ def test_fortunes_corpus_is_next_word_windows_per_source() -> None:
     starts = (x[1:] == 1).all(axis=1)
     assert (follows | starts).all()
     assert x.min() >= 0 and x.max() < VOCAB_SIZE
+
+
+# -- the eavesdropper over the real broker ------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeleak.cli", *args], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _demo(out: Path, *extra: str) -> list[dict[str, object]]:
+    _cli(
+        "demo", "--model", "keyboard", "--dataset", "fortunes", "--partition", "source",
+        "--attack", "words", "--rounds", "1", "--seed", "0", "--out", str(out),
+        "--deadline-s", "3600", *extra,  # the deadline is a safety net: rounds end on answers
+    )  # fmt: skip
+    attacked: list[dict[str, object]] = json.loads((out / "summary.json").read_text())["attack"]
+    return attacked
+
+
+@needs_fortunes
+def test_eavesdropper_reads_the_typed_words_off_the_broker(tmp_path: Path) -> None:
+    out = tmp_path / "sgd"
+    rows = _demo(out, "--algorithm", "fedsgd", "--devices", "2", "--fraction", "1",
+                 "--batch-size", "4")  # fmt: skip
+    assert sorted(str(r["device"]) for r in rows) == ["d0000", "d0001"]
+    for r in rows:
+        assert (r["kind"], r["examples"], r["attack"]) == ("gradient", 4, "words")
+        assert (r["word_precision"], r["word_recall"]) == (1.0, 1.0)
+        assert (r["exact_fraction"], r["rouge1"], r["rouge2"]) == (1.0, 1.0, 1.0)
+        table = Path(str(r["text"])).read_text().splitlines()
+        pairs = [line.split(" | ") for line in table if " | " in line][1:]
+        assert len(pairs) == 4 and all(t.strip() == g.strip() for t, g in pairs)
+    # The same capture attacked offline by `edgeleak attack`, scored by the fleet's truth.
+    proc = _cli(
+        "attack", "--capture", str(out / "capture"), "--model", str(out / "model"),
+        "--attack", "words", "--truth", str(out / "truth"), "--dataset", "fortunes",
+        "--out", str(tmp_path / "offline"),
+    )  # fmt: skip
+    assert "word precision 1.000, recall 1.000, exact examples 1.000" in proc.stdout
+    with sqlite3.connect(out / "capture" / "capture.db") as con:
+        got = con.execute("SELECT word_precision, word_recall, exact_fraction FROM leakage")
+        assert got.fetchall() == [(1.0, 1.0, 1.0)] * 2
+
+
+@needs_fortunes
+def test_eavesdropper_reads_the_fedavg_word_set_exactly(tmp_path: Path) -> None:
+    # 200 devices of about 380 windows each, 2 selected: 24 local steps of 16.
+    rows = _demo(tmp_path / "avg", "--algorithm", "fedavg", "--devices", "200",
+                 "--fraction", "0.01", "--batch-size", "16", "--epochs", "1")  # fmt: skip
+    assert len(rows) == 2
+    for r in rows:
+        assert r["kind"] == "delta" and int(str(r["examples"])) > 100
+        assert (r["word_precision"], r["word_recall"], r["exact_fraction"]) == (1.0, 1.0, 0.0)
+
+
+def test_claim_7_runs_the_keyboard_demo_and_judges_recall() -> None:
+    (c,) = [c for c in claims() if c.id == "7"]
+    assert "7" not in {cid for cid, _, _ in NOT_TESTED}
+    assert c.points["keyboard"]["attack"] == "words" and c.points["keyboard"]["batch_size"] == 8
+    assert preset("claims").points  # every point, claim 7's included, is a valid config
+    row = {"word_precision": 1.0, "word_recall": 0.9, "exact_fraction": 0.25}
+    measured, verdict = c.judge({"keyboard": row})
+    assert verdict == "holds"
+    assert measured == "word precision 1.00, recall 0.90; windows with their next word exact 0.25"
+    assert c.judge({"keyboard": {**row, "word_recall": 0.89}})[1] == "partly"
+    assert c.judge({"keyboard": {**row, "word_recall": 0.0}})[1] == "does not hold"
