@@ -34,6 +34,7 @@ from attacks.labels import recover_labels
 from attacks.model import FunctionalModel, select_device, to_weights
 
 Init = Literal["uniform", "gray", "randn"]
+LabelSource = Literal["recover", "given"]
 Objective = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 """(images, progress in [0, 1]) -> (loss to minimise, update distance alone)."""
 
@@ -145,12 +146,19 @@ def lbfgs(
 
 @dataclass(frozen=True)
 class DLGConfig:
-    """DLG: ``max_iterations`` L-BFGS steps (up to 20 evaluations each) per restart."""
+    """DLG: ``max_iterations`` L-BFGS steps (up to 20 evaluations each) per restart.
+
+    ``labels``: ``"recover"`` takes them from the update (``attacks.labels``); ``"given"`` uses
+    ``given_labels`` (one per example, update order): the attacker is told them, which benchmarks
+    the optimisation alone.
+    """
 
     max_iterations: int = 300
     restarts: int = 1
     init: Init = "uniform"
     seed: int = 0
+    labels: LabelSource = "recover"
+    given_labels: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,8 @@ class IGConfig:
     signed: bool = True
     init: Init = "randn"
     seed: int = 0
+    labels: LabelSource = "recover"
+    given_labels: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,7 +211,7 @@ class _UpdateMatching(BaseAttack):
         device = select_device(metadata.device, metadata.threads)
         model = FunctionalModel.from_metadata(metadata, device)
         weights = {k: v.requires_grad_(True) for k, v in to_weights(global_model, device).items()}
-        labels, _ = recover_labels(update, global_model, metadata)
+        labels = self.labels(update, global_model, metadata)
         targets = torch.tensor(labels, device=device)
         observed = list(to_weights(update.params, device).values())
         shape = (update.num_examples, *metadata.manifest.input_shape)
@@ -229,6 +239,27 @@ class _UpdateMatching(BaseAttack):
         images = x.clamp(0, 1).cpu().numpy().astype(np.float32)
         conf = np.full(len(images), self.confidence(score), dtype=np.float32)
         return Recovered(images, labels, conf, budget_hit=hit)
+
+    def labels(
+        self,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+    ) -> np.ndarray:
+        """The labels to optimise with: recovered from the update, or the given ones."""
+        cfg = self.config
+        if cfg.labels == "recover":
+            return recover_labels(update, global_model, metadata)[0]
+        if cfg.labels != "given":
+            raise ValueError(f"labels={cfg.labels!r}; expected 'recover' or 'given'")
+        given = np.asarray(cfg.given_labels, dtype=np.int64)
+        classes = metadata.manifest.num_classes
+        if given.shape != (update.num_examples,) or not ((given >= 0) & (given < classes)).all():
+            raise ValueError(
+                f"given_labels={cfg.given_labels}; expected {update.num_examples} class indices "
+                f"in 0..{classes - 1} (one per example, in update order)"
+            )
+        return given
 
     def distance(
         self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], batch: int
