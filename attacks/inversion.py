@@ -9,9 +9,12 @@
   the learning rate.
 - ``fedavg`` (Geiping et al. 2020 §6, Dimitrov et al. 2022): the same objective on a FedAvg weight
   delta, with the client's local SGD steps simulated differentiably on the dummy images. The
-  attacker is assumed to know the local data order (``FedAvgConfig.epoch_orders``; default:
-  the same consecutive minibatches every epoch, no shuffle). The order matters only when an
-  epoch has several minibatches and it changes between epochs: the dummies are interchangeable.
+  local data order is an assumption (``FedAvgConfig.epoch_orders``; default: the same
+  consecutive minibatches every epoch, no shuffle), or, with ``FedAvgConfig.shuffled``, unknown:
+  every objective evaluation simulates a fresh random order per epoch (seeded), so the
+  optimisation minimises the distance averaged over the device's possible shuffles instead of
+  fitting one order. The order matters only when an epoch has several minibatches and it changes
+  between epochs: the dummies are interchangeable.
 
 Schedules run on iterations only (progress = iteration / ``max_iterations``), so the same update
 gives the same reconstruction on any machine. ``metadata.budget_s`` is a wall-clock cap over all
@@ -190,9 +193,11 @@ class IGConfig:
 class FedAvgConfig(IGConfig):
     """Inverting Gradients settings for FedAvg deltas, plus the assumed local data order:
     ``epoch_orders[e % len]`` is the permutation of the batch that epoch e visits (empty: the
-    given order every epoch)."""
+    given order every epoch); ``shuffled``: the order is unknown, a new random permutation per
+    epoch at every evaluation (excludes ``epoch_orders``)."""
 
     epoch_orders: tuple[tuple[int, ...], ...] = ()
+    shuffled: bool = False
 
 
 class _UpdateMatching(BaseAttack):
@@ -353,9 +358,31 @@ class FedAvgInversion(InvertingGradients):
     def __init__(self, config: FedAvgConfig | None = None) -> None:
         self.config = config or FedAvgConfig()
 
+        self._rng = np.random.default_rng(self.config.seed)
+
     def orders(self, update: AttackUpdate) -> tuple[tuple[int, ...], ...]:
         n = update.num_examples
-        for order in self.config.epoch_orders:
+        cfg = self.config
+        if cfg.shuffled:
+            if cfg.epoch_orders:
+                raise ValueError("shuffled=True means the order is unknown; drop epoch_orders")
+            return random_orders(self._rng, n, update.epochs)
+        for order in cfg.epoch_orders:
             if sorted(order) != list(range(n)):
                 raise ValueError(f"epoch order {order} is not a permutation of 0..{n - 1}")
-        return self.config.epoch_orders
+        return cfg.epoch_orders
+
+    def run(
+        self,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+        deadline: Deadline,
+    ) -> Recovered:
+        self._rng = np.random.default_rng(self.config.seed)  # same update, same result
+        return super().run(update, global_model, metadata, deadline)
+
+
+def random_orders(rng: np.random.Generator, n: int, epochs: int) -> tuple[tuple[int, ...], ...]:
+    """One uniformly random permutation of ``0..n-1`` per epoch."""
+    return tuple(tuple(int(i) for i in rng.permutation(n)) for _ in range(epochs))

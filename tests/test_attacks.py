@@ -345,6 +345,25 @@ def test_fedavg_local_order_is_an_explicit_assumption(
         get_attack("fedavg", epoch_orders=((0, 0),)).reconstruct(swapped, weights, meta)
 
 
+def test_fedavg_with_the_order_unknown_repeats_and_refuses_an_order(
+    digits: tuple[np.ndarray, np.ndarray],
+) -> None:
+    client, weights, meta = victim("lenet_zhu", budget_s=600.0)
+    x, y = digits
+    hp = {"algorithm": "fedavg", "lr": 0.05, "epochs": 2, "batch_size": 1}
+    update = simulate_update(client, weights, x[:2], y[:2], orders=[[1, 0], [0, 1]], **hp)  # type: ignore[arg-type]
+    attack = get_attack("fedavg", shuffled=True, max_iterations=20)
+    first, again = (attack.reconstruct(update, weights, meta) for _ in range(2))
+    assert first.images is not None and again.images is not None
+    np.testing.assert_array_equal(first.images, again.images)  # seeded shuffles, run on run
+    fixed = get_attack("fedavg", max_iterations=20).reconstruct(update, weights, meta)
+    assert fixed.images is not None and not np.array_equal(first.images, fixed.images)
+    with pytest.raises(ValueError, match="unknown; drop epoch_orders"):
+        get_attack("fedavg", shuffled=True, epoch_orders=((0, 1),)).reconstruct(
+            update, weights, meta
+        )
+
+
 def test_attacks_refuse_updates_of_the_wrong_kind(digits: tuple[np.ndarray, np.ndarray]) -> None:
     client, weights, meta = victim("lenet_zhu")
     x, y = digits
