@@ -97,12 +97,18 @@ def photo_crops(n: int, seed: int) -> Images:
     """``n`` random 32x32 RGB crops of scikit-image's bundled photos, each scaled to a 96-pixel
     short side first (CIFAR-like: whole objects at low resolution); label = photo index."""
     from skimage import data
-    from skimage.transform import resize
 
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.camera()]
+    return _crops(photos, n, seed)
+
+
+def _crops(photos: list[np.ndarray], n: int, seed: int) -> Images:
+    """``n`` random 32x32 RGB crops cycling over ``photos`` (96-pixel short side first)."""
+    from skimage.transform import resize
+
     small = []
     for p in photos:
-        rgb = np.repeat(p[..., None], 3, axis=2) if p.ndim == 2 else p
+        rgb = np.repeat(p[..., None], 3, axis=2) if p.ndim == 2 else p[..., :3]
         s = 96 / min(rgb.shape[:2])
         shape = (round(rgb.shape[0] * s), round(rgb.shape[1] * s))
         small.append(resize(rgb, shape, anti_aliasing=True).astype(np.float32))
@@ -115,7 +121,59 @@ def photo_crops(n: int, seed: int) -> Images:
     return np.stack(out), (np.arange(n) % len(photos)).astype(np.int64)
 
 
+# -- tuning / held-out split (IG defaults are chosen on "tune" only; bench/tune_ig.py) ---------
+# Photos: tune = astronaut, coffee, camera, coins; held out = chelsea, rocket, the left image of
+# stereo_motorcycle (all bundled with scikit-image; no photo is in both). Digits and
+# Fashion-MNIST: tune = test indices 0-499, held out = 500-999. The older cases (ig_b1_rgb ...)
+# draw from all of them, so they are not held out; chelsea and rocket were among the photos the
+# defaults before this split were picked on, stereo_motorcycle never was.
+
+SPLIT_PHOTOS = {
+    "tune": ("astronaut", "coffee", "camera", "coins"),
+    "heldout": ("chelsea", "rocket", "stereo_motorcycle"),
+}
+SPLIT_HALF = 500  # test indices [0, 500) tune, [500, 1000) held out
+
+
+def split_photos(split: str, n: int, seed: int) -> Images:
+    """``n`` 32x32 crops of the ``split`` photos (label = photo index within the split)."""
+    from skimage import data
+
+    raw = [getattr(data, name)() for name in SPLIT_PHOTOS[split]]
+    return _crops([r[0] if isinstance(r, tuple) else r for r in raw], n, seed)
+
+
+def split_test(dataset: str, split: str, n: int, seed: int) -> Images:
+    """``n`` test images of ``dataset`` from the ``split`` half of the first 1,000."""
+    ds = load_dataset(dataset)
+    lo = 0 if split == "tune" else SPLIT_HALF
+    return _pick(ds.x_test[lo : lo + SPLIT_HALF], ds.y_test[lo : lo + SPLIT_HALF], n, seed)
+
+
+def heldout_photos(n: int, seed: int) -> Images:
+    """Held-out photo crops (see ``SPLIT_PHOTOS``)."""
+    return split_photos("heldout", n, seed)
+
+
+def heldout_digits(n: int, seed: int) -> Images:
+    """Held-out MNIST digits (test indices 500-999)."""
+    return split_test("mnist-digits", "heldout", n, seed)
+
+
+def heldout_fashion(n: int, seed: int) -> Images:
+    """Held-out Fashion-MNIST (test indices 500-999)."""
+    return split_test("fashion-mnist", "heldout", n, seed)
+
+
 # -- cases ---------------------------------------------------------------------------------------
+
+IG_HELDOUT: dict[str, Any] = {"max_iterations": 1000}
+"""The held-out cases run IG's defaults (chosen on the tuning split) at 1,000 iterations."""
+IG_RELU: dict[str, Any] = {"cosine": "global", "tv_weight": 0.1, "tv_decay": False}
+"""ReLU LeNet, B=1: the best of bench/tune_ig.py's grid on the tuning digits (15.2 dB, vs 10.6 dB
+for the defaults); it is plain IG's recipe, with the labels recovered (iDLG) instead of given."""
+PLAIN_IG: dict[str, Any] = {"cosine": "global", "tv_weight": 0.1, "tv_decay": False}
+"""Geiping et al.'s recipe as inversefed ships it: one cosine, TV 0.1 throughout (labels given)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +195,9 @@ class Case:
     epochs: int = 1
     imprint_bins: int = 0
     trained_rounds: int = 0  # > 0: attack the model after this many FedAvg rounds (_trained)
+    plain: bool = False  # also run plain IG (PLAIN_IG, labels given) on the same updates
+    local_batch: int = 0  # the device's local minibatch size (0: the whole batch)
+    shuffle: bool = False  # the device reshuffles its data every local epoch (order unknown)
 
 
 CASES: dict[str, Case] = {
@@ -181,6 +242,23 @@ CASES: dict[str, Case] = {
              "classes 100%, label-count accuracy >= 99%"),
         Case("labels_b24_ilrg_mlp", fashion, "mlp", (1, 28, 28), 24, 240, "ilrg", 30.0,
              "classes 100%, label-count accuracy >= 99%"),
+        # Held-out images (none used to choose IG's defaults, see SPLIT_PHOTOS), each against
+        # plain IG on the same gradients. Iteration-bound (same result on any machine).
+        Case("ig_b1_heldout_photos", heldout_photos, "lenet_zhu", (3, 32, 32), 1, 6,
+             "inverting_gradients", 600.0, "psnr >= 22 dB, >= plain IG, <= 25 s/image",
+             config=IG_HELDOUT, plain=True),
+        Case("ig_b1_relu_heldout", heldout_digits, "lenet", (1, 28, 28), 1, 6,
+             "inverting_gradients", 600.0, "psnr >= 25 dB, >= plain IG, <= 20 s/image",
+             config={**IG_HELDOUT, **IG_RELU}, plain=True),
+        Case("ig_b4_heldout", heldout_digits, "lenet_zhu", (1, 28, 28), 4, 8,
+             "inverting_gradients", 600.0, "psnr >= 20 dB (matched), >= plain IG",
+             config=IG_HELDOUT, plain=True),
+        # 4 images, local minibatches of 2, 5 epochs reshuffled each (10 SGD steps); the attack
+        # is not told the order.
+        Case("fedavg_b4_5steps_shuffled", heldout_fashion, "lenet_zhu", (1, 28, 28), 4, 8,
+             "fedavg", 600.0, "psnr >= 18 dB (matched), order unknown", algorithm="fedavg",
+             lr=0.01, epochs=5, local_batch=2, shuffle=True,
+             config={"shuffled": True, "max_iterations": 500}),
         Case("batch100_best", fashion, "mlp,lenet_zhu", (1, 28, 28), 100, 100,
              "inverting_gradients|imprint", 30.0,
              "recovered fraction (>= 30 dB) of B=100, honest vs dishonest, per model"),
@@ -261,15 +339,21 @@ def run_case(
     x, y = case.data(images, seed)
     attack = get_attack(case.attack, **case.config)
     result = CaseResult()
+    plain: list[float] = []
+    rng = np.random.default_rng(seed)
     for start in range(0, len(x) - case.batch + 1, case.batch):
         xb, yb = x[start : start + case.batch], y[start : start + case.batch]
+        orders = [list(map(int, rng.permutation(case.batch))) for _ in range(case.epochs)]
+        orders = orders if case.shuffle else []
         update: AttackUpdate = simulate_update(
             victim, global_model, xb, yb, algorithm=case.algorithm, lr=case.lr,
-            epochs=case.epochs, batch_size=case.batch,
+            epochs=case.epochs, batch_size=case.local_batch or case.batch, orders=orders,
         )  # fmt: skip
         rec = attack.reconstruct(update, global_model, meta)
         report = evaluate(rec, xb, yb, mean_image=x.mean(axis=0))
         result.add(report, xb, matched_images(rec, report))
+        if case.plain:
+            plain += plain_ig_psnr(case, update, global_model, meta, xb, yb)
     n = len(result.truths)
     has_images = any(m is not None for m in result.matched)
     psnr = np.array(result.psnr)
@@ -288,6 +372,32 @@ def run_case(
         "recovered_fraction": float(np.mean(psnr >= 30)) if has_images else None,
         "exact_fraction": float(np.mean(psnr >= 60)) if has_images else None,
         "images": n,
+        **(plain_fields(psnr, plain) if case.plain else {}),
+    }
+
+
+def plain_ig_psnr(
+    case: Case,
+    update: AttackUpdate,
+    global_model: dict[str, np.ndarray],
+    meta: AttackMetadata,
+    xb: np.ndarray,
+    yb: np.ndarray,
+) -> list[float]:
+    """Per-image PSNR (truth order) of plain IG, labels given, on the same update."""
+    its = {k: v for k, v in case.config.items() if k == "max_iterations"}
+    told = tuple(int(v) for v in yb)
+    attack = get_attack(case.attack, **PLAIN_IG, **its, labels="given", given_labels=told)
+    return [float(p) for p in evaluate(attack.reconstruct(update, global_model, meta), xb, yb).psnr]
+
+
+def plain_fields(psnr: np.ndarray, plain: list[float]) -> dict[str, Any]:
+    """Plain IG's mean and how often the case's attack fell below it (same images, same order)."""
+    ref = np.array(plain)
+    return {
+        "plain_psnr_mean": float(ref.mean()),
+        "below_plain": int(np.sum(psnr < ref)),
+        "never_below_plain": bool(np.all(psnr >= ref)),
     }
 
 

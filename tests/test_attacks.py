@@ -81,7 +81,14 @@ def test_attack_inputs_have_no_field_for_ground_truth(cls: type) -> None:
             assert "ndarray" not in hint and "Tensor" not in hint, f"{cls.__name__}.{name}: {hint}"
     for cfg in map(config_class, ATTACK_NAMES):
         for name, hint in _fields(cfg).items():
+            if name in TOLD:
+                continue
             assert "ndarray" not in hint and not any(w in name for w in FORBIDDEN), cfg
+
+
+# The one deliberate exception: an optimisation attack may be *told* the labels (off by default)
+# to benchmark the optimisation alone; the setting says so in its name.
+TOLD = {"labels", "given_labels"}
 
 
 def test_every_attack_has_one_verb_over_public_inputs() -> None:
@@ -260,6 +267,27 @@ def test_inverting_gradients_beats_the_mean_image(digits: tuple[np.ndarray, np.n
     assert min(gains) >= GAIN_DB, gains
 
 
+def test_given_labels_replace_the_recovered_ones(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    client, weights, meta = victim("lenet_zhu", budget_s=600.0)
+    x, y = digits
+    update = simulate_update(client, weights, x[:2], y[:2])
+    recovered = get_attack("inverting_gradients", max_iterations=2).reconstruct(
+        update, weights, meta
+    )
+    assert recovered.labels is not None and sorted(recovered.labels) == sorted(y[:2])
+    told = tuple(int(v) for v in (y[:2] + 1) % 10)  # deliberately wrong: must be used as given
+    for name in ("dlg", "inverting_gradients"):
+        rec = get_attack(name, max_iterations=2, labels="given", given_labels=told).reconstruct(
+            update, weights, meta
+        )
+        assert rec.labels is not None and tuple(rec.labels) == told, name
+    for bad in ((1,), (1, 10)):
+        with pytest.raises(ValueError, match="expected 2 class indices in 0..9"):
+            get_attack("inverting_gradients", labels="given", given_labels=bad).reconstruct(
+                update, weights, meta
+            )
+
+
 GAIN_DB = 25.0  # measured 59.5 and 56.6 dB at 1,500 iterations (2026-11, any load)
 
 
@@ -315,6 +343,25 @@ def test_fedavg_local_order_is_an_explicit_assumption(
         )
     with pytest.raises(ValueError, match="permutation"):
         get_attack("fedavg", epoch_orders=((0, 0),)).reconstruct(swapped, weights, meta)
+
+
+def test_fedavg_with_the_order_unknown_repeats_and_refuses_an_order(
+    digits: tuple[np.ndarray, np.ndarray],
+) -> None:
+    client, weights, meta = victim("lenet_zhu", budget_s=600.0)
+    x, y = digits
+    hp = {"algorithm": "fedavg", "lr": 0.05, "epochs": 2, "batch_size": 1}
+    update = simulate_update(client, weights, x[:2], y[:2], orders=[[1, 0], [0, 1]], **hp)  # type: ignore[arg-type]
+    attack = get_attack("fedavg", shuffled=True, max_iterations=20)
+    first, again = (attack.reconstruct(update, weights, meta) for _ in range(2))
+    assert first.images is not None and again.images is not None
+    np.testing.assert_array_equal(first.images, again.images)  # seeded shuffles, run on run
+    fixed = get_attack("fedavg", max_iterations=20).reconstruct(update, weights, meta)
+    assert fixed.images is not None and not np.array_equal(first.images, fixed.images)
+    with pytest.raises(ValueError, match="unknown; drop epoch_orders"):
+        get_attack("fedavg", shuffled=True, epoch_orders=((0, 1),)).reconstruct(
+            update, weights, meta
+        )
 
 
 def test_attacks_refuse_updates_of_the_wrong_kind(digits: tuple[np.ndarray, np.ndarray]) -> None:
