@@ -90,7 +90,8 @@ def test_bundle_is_self_contained(lenet_artifact: ModelArtifact, tmp_path: Path)
                 top = str(name).split(".")[0]
                 if top not in sys.stdlib_module_names and top not in ("edge", "__future__"):
                     imported.add((top, path.name))
-    assert {t for t, f in imported if f not in ("torch_ref.py", "executorch.py", "sign.py")} == {
+    optional = ("torch_ref.py", "executorch.py", "sign.py", "he.py")
+    assert {t for t, f in imported if f not in optional} == {
         "numpy",
         "paho",
         "onnxruntime",
@@ -98,6 +99,8 @@ def test_bundle_is_self_contained(lenet_artifact: ModelArtifact, tmp_path: Path)
     }
     # Secure mode's module only (imported with --pki; a bundle built with --pki requires it).
     assert {t for t, f in imported if f == "sign.py"} == {"numpy", "cryptography"}
+    # Homomorphic encryption's module only (extra 'he'; laptop-emulated devices: no aarch64 wheel).
+    assert {t for t, f in imported if f == "he.py"} == {"numpy", "tenseal"}
     assert os.access(b / "start.sh", os.X_OK)
     assert not list(b.rglob("__pycache__"))
     sources = [p.read_text() for p in (b / "edge").rglob("*.py")]
