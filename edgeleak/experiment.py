@@ -214,28 +214,13 @@ def tamper(cfg: ExperimentConfig, artifact: ModelArtifact, x: np.ndarray) -> Tam
 
 
 def round_plan(cfg: ExperimentConfig, *, max_unproven: int = 0, quiet_s: float = 0.0) -> RoundPlan:
-    """The coordinator's round plan from the config (and the admission policy's knobs)."""
+    """The coordinator's round plan from the config (every plan field the config also has,
+    by name) and the admission policy's knobs."""
+    shared = {f.name for f in dataclasses.fields(ExperimentConfig)}
     return RoundPlan(
-        algorithm=cfg.algorithm,
-        lr=cfg.lr,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        fraction=cfg.fraction,
-        deadline_s=cfg.deadline_s,
-        server_lr=cfg.server_lr,
-        aggregator=cfg.aggregator,
-        codec=cfg.codec,
-        max_examples=cfg.max_examples,
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RoundPlan) if f.name in shared},
         max_unproven=max_unproven,
         unproven_quiet_s=quiet_s,
-        protect=cfg.protect,
-        dp_delta=cfg.dp_delta,
-        decoys=cfg.decoys,
-        secagg=cfg.secagg,
-        he=cfg.he,
-        max_payload_bytes=cfg.max_payload_bytes,
-        max_header_bytes=cfg.max_header_bytes,
-        max_devices_online=cfg.max_devices_online,
     )
 
 
