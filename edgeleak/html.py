@@ -77,10 +77,14 @@ def page(title: str, sections: Sequence[str]) -> str:
     )
 
 
-def _config_section(config: Mapping[str, Any], versions: Mapping[str, str]) -> str:
+def _config_section(config: Mapping[str, Any] | None, versions: Mapping[str, str]) -> str:
+    """The exact configuration (none for a sweep: its file is shown instead) and versions."""
+    pre = (
+        "" if config is None else f"<pre>{_esc(json.dumps(config, indent=1, sort_keys=True))}</pre>"
+    )
     return (
         "<h2>Configuration and software</h2>"
-        f"<pre>{_esc(json.dumps(config, indent=1, sort_keys=True))}</pre>"
+        + pre
         + table(["software", "version"], [[k, str(v)] for k, v in versions.items()], text_cols=2)
     )
 
@@ -235,7 +239,7 @@ def sweep_report(sweep_dir: Path) -> str:
                 )
             )
     sections.append(f"<h2>Sweep file</h2><pre>{_esc(meta.get('source', ''))}</pre>")
-    sections.append(_config_section({}, software_versions()).replace("<pre>{}</pre>", ""))
+    sections.append(_config_section(None, software_versions()))
     return page(f"edgeleak sweep {name}", sections)
 
 

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -460,11 +460,3 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def rows(db: sqlite3.Connection, sql: str, args: Sequence[Any] = ()) -> Iterator[dict[str, Any]]:
-    """Rows of a query as dicts keyed by column name."""
-    cur = db.execute(sql, tuple(args))
-    cols = [c[0] for c in cur.description]
-    for r in cur:
-        yield dict(zip(cols, r, strict=True))
