@@ -3,8 +3,14 @@
 For one example, a linear layer ``z = W x + b`` has ``dL/dW_i = (dL/dz_i) x`` and
 ``dL/db_i = dL/dz_i``, so every row with a non-zero bias gradient gives ``x = dL/dW_i / dL/db_i``
 exactly up to float32 rounding. When the layer is the model's first (the zoo's ``mlp``), ``x``
-is the model input, and undoing the input normalisation gives the image. For a batch the same
-ratio is a ``dL/dz_i``-weighted mix of the examples: returned as one image, low confidence.
+is the model input, and undoing the input normalisation gives the image.
+
+For a batch, row i's ratio is the ``dL/dz_i``-weighted mix of the examples that activated unit
+i. A unit that only one example activated gives that example exactly, and so does every other
+unit that only it activated: their ratios agree to float rounding, while mixes of two or more
+examples differ from row to row (Boenisch et al. 2023, "When the Curious Abandon Honesty"). The
+attack returns up to B inputs: the ratios on which most rows agree first; a ratio no other row
+repeats (a single-example row or a mix) comes last, with low confidence.
 """
 
 from __future__ import annotations
@@ -46,15 +52,52 @@ def linear_input(
     return (db[keep] @ dw) / (db[keep] @ db[keep])
 
 
+def row_inputs(
+    weight_grad: np.ndarray, bias_grad: np.ndarray, *, rel_tol: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray]:
+    """(``dW_i / db_i`` [k, D] of the rows with ``|db_i|`` above ``rel_tol`` of the largest, and
+    their ``|db_i|`` [k]), the rows ordered by ``|db_i|``, largest first."""
+    db = bias_grad.astype(np.float64)
+    scale = np.abs(db).max()
+    if not scale > 0:
+        raise NotApplicable("all bias gradients are zero: the layer saw no signal")
+    rows = np.flatnonzero(np.abs(db) >= rel_tol * scale)
+    rows = rows[np.argsort(-np.abs(db[rows]), kind="stable")]
+    return weight_grad[rows].astype(np.float64) / db[rows, None], np.abs(db[rows])
+
+
+def agreeing_inputs(candidates: np.ndarray, *, agree: float) -> tuple[list[np.ndarray], list[int]]:
+    """Greedy grouping of row inputs [k, D]: a row joins the first group whose first row is
+    within ``agree`` relative L2 distance. (One input per group, rows per group), largest
+    groups first (ties: the order of first appearance)."""
+    heads: list[np.ndarray] = []
+    sizes: list[int] = []
+    for c in candidates:
+        norm = float(np.linalg.norm(c)) or 1.0
+        for g, h in enumerate(heads):
+            if float(np.linalg.norm(c - h)) <= agree * norm:
+                sizes[g] += 1
+                break
+        else:
+            heads.append(c)
+            sizes.append(1)
+    order = sorted(range(len(heads)), key=lambda g: -sizes[g])
+    return [heads[g] for g in order], [sizes[g] for g in order]
+
+
 @dataclass(frozen=True)
 class AnalyticConfig:
-    """``rel_tol``: rows with a bias gradient below this fraction of the largest are ignored."""
+    """``rel_tol``: rows with a bias gradient below this fraction of the largest are ignored.
+    ``agree``: the relative L2 distance within which two rows' inputs count as one example's
+    (float32 rounding gives about 1e-6; two different examples differ by far more)."""
 
     rel_tol: float = 1e-3
+    agree: float = 1e-4
 
 
 class AnalyticAttack(BaseAttack):
-    """Recover the input of a first linear layer exactly from one example's gradient."""
+    """Recover the input of a first linear layer exactly: one example's from its gradient, or
+    from a batch's gradient the examples some unit saw alone."""
 
     name: ClassVar[str] = "analytic"
     kinds: ClassVar[tuple[UpdateKind, ...]] = ("gradient",)
@@ -73,9 +116,18 @@ class AnalyticAttack(BaseAttack):
         deadline: Deadline,
     ) -> Recovered:
         w_name, b_name = first_linear(metadata.manifest)
-        x = linear_input(update.params[w_name], update.params[b_name], rel_tol=self.config.rel_tol)
-        image = inputs_to_images(x.reshape(metadata.manifest.input_shape), metadata)
-        one = update.num_examples == 1
-        labels = recover_labels(update, global_model, metadata)[0][:1] if one else None
-        conf = 1.0 if one else 1.0 / update.num_examples
-        return Recovered(image[None], labels, np.array([conf], dtype=np.float32))
+        dw, db = update.params[w_name], update.params[b_name]
+        shape = metadata.manifest.input_shape
+        batch = update.num_examples
+        if batch == 1:
+            x = linear_input(dw, db, rel_tol=self.config.rel_tol)
+            image = inputs_to_images(x.reshape(shape), metadata)
+            labels = recover_labels(update, global_model, metadata)[0][:1]
+            return Recovered(image[None], labels, np.array([1.0], dtype=np.float32))
+        candidates, _ = row_inputs(dw, db, rel_tol=self.config.rel_tol)
+        inputs, rows = agreeing_inputs(candidates, agree=self.config.agree)
+        inputs, rows = inputs[:batch], rows[:batch]
+        images = inputs_to_images(np.stack(inputs).reshape(len(inputs), *shape), metadata)
+        # a group of agreeing rows is one example exactly; a lone row may be a mix
+        conf = np.array([1.0 if n > 1 else 1.0 / batch for n in rows], dtype=np.float32)
+        return Recovered(images, None, conf)

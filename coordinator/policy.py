@@ -13,6 +13,8 @@ connection, and bounds what it can cost when it has one:
   announces anew with a live status (or its late update shows it is there after all).
 - *proven*: a device whose update was accepted in this run. At most
   ``max(max_unproven, number of proven devices)`` unproven devices are selected per round.
+- a selected device whose update is rejected as ``FINAL_REJECTIONS`` (NaN or Inf: its local
+  training diverged) is not waited for any longer in that round.
 - once every proven device of a round has answered, the round waits for unproven ones only
   while answers keep coming: it ends after ``quiet_s`` without one (counted from the broadcast
   while none came).
@@ -94,6 +96,13 @@ def after_round(
         if d not in heard and d in out:
             out[d] = Standing(live=out[d].live, silent=True)
     return out
+
+
+# Rejections that say the device's own result is unusable (its training diverged): it will not
+# send another this round, so the round stops waiting for it. A forger gains no more than with a
+# forged ``offline`` status: one device left out of one round; a valid update that still comes
+# while the round collects is admitted.
+FINAL_REJECTIONS = frozenset({"non_finite"})
 
 
 def round_over(

@@ -355,6 +355,8 @@ class Coordinator:
             except wire.WireError as e:
                 self._ledger(msg, owner, "rejected")
                 self._reject(msg.topic, owner, e)
+                if st is not None and owner in st.selected and e.reason in policy.FINAL_REJECTIONS:
+                    st.lost.add(owner)
                 return
             assert st is not None
             group = parse_group(update.group)  # an edge aggregator's update: its own kinds

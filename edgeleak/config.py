@@ -29,7 +29,7 @@ from export.names import MODELS
 AGGREGATORS = DEFENCES
 CLOCKS = ("none", "virtual", "real")
 CLOCK_BASES = ("flops", "host")
-MALICIOUS = ("none", "imprint")
+MALICIOUS = ("none", "imprint", "permute")
 
 
 # Fields whose values come from a registry (comma-separated lists for runtime, profiles, attack).
@@ -79,7 +79,8 @@ FIELD_HELP: dict[str, str] = {
     "attack_round": "attack updates from this round on (1: from the first; e.g. the last round "
     "to attack a trained model)",
     "attack_iterations": "> 0: iterations of optimisation attacks (0: each attack's default)",
-    "malicious": "imprint: a dishonest coordinator plants an imprint in the shipped weights",
+    "malicious": "a dishonest coordinator changes the weights it ships: imprint (plants a "
+    "Robbing-the-Fed imprint) or permute (only permutes each first-layer row)",
     "imprint_bins": "imprint bins (malicious imprint)",
     "malicious_devices": "fraction of devices that poison (chosen from the seed; 0: none)",
     "poison": "what malicious devices do: backdoor (trigger patch), replace (backdoor boosted by "
@@ -142,7 +143,7 @@ class ExperimentConfig:
     attack_round: int = 1  # attack updates from this round on
     attack_iterations: int = 0  # > 0: iterations of optimisation attacks (0: their default)
     malicious: str = (
-        "none"  # none | imprint: a dishonest coordinator plants an imprint in the weights
+        "none"  # none | imprint | permute: what a dishonest coordinator does to the weights
     )
     imprint_bins: int = 128
     malicious_devices: float = 0.0  # fraction of poisoning devices (edge.poison), from the seed
@@ -205,10 +206,10 @@ class ExperimentConfig:
         _choice("malicious", self.malicious, MALICIOUS)
         _at_least("imprint_bins", self.imprint_bins, 1)
         self._check_poison()
-        if self.malicious == "imprint" and (self.model, self.algorithm) != ("mlp", "fedsgd"):
+        if self.malicious != "none" and (self.model, self.algorithm) != ("mlp", "fedsgd"):
             raise ConfigError(
-                "malicious='imprint' rewrites a first linear layer and reads one batch gradient: "
-                "it needs model='mlp' and algorithm='fedsgd'"
+                f"malicious={self.malicious!r} rewrites a first linear layer and reads one batch "
+                "gradient: it needs model='mlp' and algorithm='fedsgd'"
             )
         _at_least("devices", self.devices, 1)
         _at_least("rounds", self.rounds, 1)

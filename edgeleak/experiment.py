@@ -38,6 +38,8 @@ from edgeleak.hierarchy import GroupedFleet, groups, keyholder
 from edgeleak.leak import attack_captures, decoy_leaks, fleet_truth
 from edgeleak.report import SUMMARY_UNITS, software_versions
 
+PUBLIC_IMAGES = 2000  # test-split images a dishonest coordinator calibrates on (malicious=permute)
+
 
 @dataclass(frozen=True)
 class ExperimentResult:
@@ -197,13 +199,26 @@ def virtual_clock(
     )
 
 
-def tamper(cfg: ExperimentConfig, artifact: ModelArtifact, x: np.ndarray) -> Tamper | None:
-    """With ``malicious=imprint``: the weights a dishonest coordinator ships instead."""
-    if cfg.malicious != "imprint":
+def tamper(cfg: ExperimentConfig, artifact: ModelArtifact, data: Dataset) -> Tamper | None:
+    """With ``malicious`` set: the weights a dishonest coordinator ships instead."""
+    if cfg.malicious == "none":
         return None
-    from attacks.malicious import plant_imprint
+    from attacks.malicious import plant_imprint, plant_permutation
 
+    if cfg.malicious == "permute":
+        # Calibrated on public images (the test split, which no device trains on): a unit
+        # fires for about one example of a batch.
+        public = data.x_test[:PUBLIC_IMAGES]
+        fire = 1.0 / max(2, cfg.batch_size)
+
+        def permute(_round: int, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return plant_permutation(
+                weights, artifact.manifest, public=public, fire=fire, seed=cfg.seed
+            )
+
+        return permute
     # The server knows the data distribution's brightness statistics (public data suffices).
+    x = data.x_train
     brightness = x.reshape(len(x), -1).mean(axis=1)
     mean, std = float(brightness.mean()), float(brightness.std())
 
@@ -499,7 +514,7 @@ def run_experiment(
         setup = RoundsSetup(
             run, out, broker, broker_kind, artifact, data,
             round_plan(cfg, max_unproven=cfg.devices), clients, 60 + cfg.devices * 0.1,
-            clock=virtual_clock(cfg, spec, artifact), tamper=tamper(cfg, artifact, data.x_train),
+            clock=virtual_clock(cfg, spec, artifact), tamper=tamper(cfg, artifact, data),
             fleet_size=clients, keys=keys, resume=resume,
         )  # fmt: skip
         capture = CaptureStore(out / "capture") if cfg.attacks else None

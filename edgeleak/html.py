@@ -69,6 +69,23 @@ def image(path: Path, caption: str) -> str:
     )
 
 
+def text_block(path: Path, caption: str) -> str:
+    """A text attack's .txt table, verbatim, with its caption; nothing if the file is missing."""
+    if not path.is_file():
+        return ""
+    body = _esc(path.read_text(errors="replace"))
+    return f"<figure><pre>{body}</pre><figcaption>{_esc(caption)}</figcaption></figure>"
+
+
+def evidence(a: Mapping[str, Any], caption: str) -> str:
+    """What one attack recovered: its reconstruction grid (PNG) or its text table (.txt)."""
+    if a.get("grid"):
+        return image(Path(a["grid"]), f"{caption}: true (top) and recovered")
+    if a.get("text"):
+        return text_block(Path(a["text"]), f"{caption}: typed and recovered")
+    return ""
+
+
 def page(title: str, sections: Sequence[str]) -> str:
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -89,20 +106,30 @@ def _config_section(config: Mapping[str, Any] | None, versions: Mapping[str, str
     )
 
 
+LEAK_HEADERS = ["attack", "device", "round", "examples", "PSNR dB", "baseline PSNR dB", "SSIM",
+                "label accuracy", "exact fraction", "seconds"]  # fmt: skip
+WORD_HEADERS = ["word precision", "word recall"]
+
+
+def has_words(attack: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any row is the text attack's (it has word scores)."""
+    return any(a.get("word_recall") is not None for a in attack)
+
+
 def leak_rows(attack: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """Rows under ``LEAK_HEADERS`` (plus ``WORD_HEADERS`` when ``has_words``)."""
+    words = has_words(attack)
     return [
         [
             str(a["attack"]), str(a["device"]), fmt(a["round"]), fmt(a["examples"]),
             fmt(a.get("psnr_mean"), ".2f"), fmt(a.get("baseline_psnr"), ".2f"),
             fmt(a.get("ssim_mean"), ".3f"), fmt(a.get("label_accuracy"), ".3f"),
             fmt(a.get("exact_fraction"), ".3f"), fmt(a.get("seconds"), ".1f"),
+            *([fmt(a.get("word_precision"), ".3f"), fmt(a.get("word_recall"), ".3f")]
+              if words else []),
         ]
         for a in attack
     ]  # fmt: skip
-
-
-LEAK_HEADERS = ["attack", "device", "round", "images", "PSNR dB", "baseline PSNR dB", "SSIM",
-                "label accuracy", "exact fraction", "seconds"]  # fmt: skip
 
 
 def run_report(run_dir: Path) -> str:
@@ -153,11 +180,10 @@ def run_report(run_dir: Path) -> str:
         )
     if s.get("attack"):
         sections.append("<h2>Leakage of intercepted updates</h2>")
-        sections.append(table(LEAK_HEADERS, leak_rows(s["attack"]), text_cols=2))
+        headers = LEAK_HEADERS + (WORD_HEADERS if has_words(s["attack"]) else [])
+        sections.append(table(headers, leak_rows(s["attack"]), text_cols=2))
         for a in s["attack"]:
-            if a.get("grid"):
-                sections.append(image(Path(a["grid"]), f"{a['attack']}, round {a['round']}, "
-                                      f"device {a['device']}: true (top) and recovered"))  # fmt: skip
+            sections.append(evidence(a, f"{a['attack']}, round {a['round']}, device {a['device']}"))
     sections.append(_config_section(s["config"], s.get("versions", {})))
     return page(f"edgeleak run {s['run']}", sections)
 
@@ -224,16 +250,19 @@ def sweep_report(sweep_dir: Path) -> str:
                 text_cols=5,
             )  # fmt: skip
         )
-    grids = res.leakage[res.leakage["grid"].astype(bool)] if len(res.leakage) else res.leakage
-    if len(grids):
+    leak = res.leakage
+    if len(leak):
+        shown = leak["grid"].fillna("").astype(bool) | leak["text"].fillna("").astype(bool)
+        leak = leak[shown]
+    if len(leak):
         sections.append("<h2>Reconstructions (first attacked update of each point)</h2>")
         labels = dict(zip(p["point"], p["label"], strict=True))
         seeds = dict(zip(p["point"], p["seed"], strict=True))
-        for point, g in grids.groupby("point", sort=False):
-            a = g.iloc[0]
+        for point, g in leak.groupby("point", sort=False):
+            a = g.iloc[0].where(g.iloc[0].notna(), None).to_dict()
             sections.append(
-                image(
-                    Path(a["grid"]),
+                evidence(
+                    a,
                     f"{labels[point]} (seed {seeds[point]}): "
                     f"{a['attack']} on round {a['round']}, device {a['device']}",
                 )

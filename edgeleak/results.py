@@ -8,13 +8,14 @@ Tables (one row per ...), all keyed by ``point`` (12 hex digits, see ``edgeleak.
   ``bytes_up``/``bytes_down`` (MQTT packet bytes over the run), ``bytes_per_round`` (up + down),
   ``bytes_rejected``, ``epsilon`` (largest per-device ε at the end; NaN without DP), and the mean
   over the attacked updates of ``psnr_mean`` (dB), ``ssim_mean``, ``baseline_psnr`` (dB, the mean
-  training image), ``label_accuracy``, ``exact_fraction``, ``recovered_fraction``; ``attacked``
-  (number of attacked updates).
+  training image), ``label_accuracy``, ``exact_fraction``, ``recovered_fraction``, and of the
+  text attack's ``word_precision`` and ``word_recall``; ``attacked`` (number of attacked updates).
 - ``rounds`` (point, round): ``accuracy``, ``loss``, ``bytes_up``, ``bytes_down``, ``selected``,
   ``accepted``, ``rejected``, ``epsilon`` (largest per-device ε after the round).
 - ``leakage`` (point, attacked update and attack): ``round``, ``device``, ``attack``,
   ``examples``, ``psnr_mean``, ``ssim_mean``, ``baseline_psnr``, ``label_accuracy``,
-  ``exact_fraction``, ``recovered_fraction``, ``seconds``, ``grid`` (path of the PNG).
+  ``exact_fraction``, ``recovered_fraction``, ``seconds``, ``grid`` (path of the PNG), and for
+  the text attack ``word_precision``, ``word_recall`` and ``text`` (path of its .txt table).
 - ``messages`` (point, direction and kind): ``count``, ``bytes``.
 """
 

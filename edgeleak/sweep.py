@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS leakage (
     point TEXT, round INTEGER, device TEXT, attack TEXT, examples INTEGER, psnr_mean REAL,
     ssim_mean REAL, baseline_psnr REAL, label_accuracy REAL, exact_fraction REAL,
-    recovered_fraction REAL, seconds REAL, grid TEXT
+    recovered_fraction REAL, seconds REAL, grid TEXT, word_precision REAL, word_recall REAL,
+    text TEXT
 );
 CREATE TABLE IF NOT EXISTS messages (
     point TEXT, direction TEXT, kind TEXT, count INTEGER, bytes INTEGER
@@ -62,7 +63,14 @@ LEAK_METRICS = {
     "psnr_mean": "attacker PSNR (dB, higher = more leakage)",
     "label_accuracy": "labels recovered (fraction)",
     "exact_fraction": "images recovered exactly (fraction)",
+    "word_recall": "typed words recovered (fraction)",
 }
+
+# Columns added after a store's first release: (table, column and type), for older stores.
+ADDED_COLUMNS = (
+    ("results", "word_precision REAL"), ("results", "word_recall REAL"),
+    ("leakage", "word_precision REAL"), ("leakage", "word_recall REAL"), ("leakage", "text TEXT"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -188,10 +196,10 @@ class SweepStore:
     def __init__(self, path: Path) -> None:
         self.db = sqlite3.connect(path, check_same_thread=False)
         self.db.executescript(SCHEMA)
-        have = {r[1] for r in self.db.execute("PRAGMA table_info(results)")}
-        for c in ("word_precision", "word_recall"):  # a store from before the text attack
-            if c not in have:
-                self.db.execute(f"ALTER TABLE results ADD COLUMN {c} REAL")
+        for table, column in ADDED_COLUMNS:  # a store from before the text attack
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column.split()[0] not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -318,17 +326,14 @@ def ingest(db: sqlite3.Connection, point: str, summary: Mapping[str, Any], run_d
             for r in rounds
         ],
     )  # fmt: skip
+    leak_cols = ("round", "device", "attack", "examples", "psnr_mean", "ssim_mean",
+                 "baseline_psnr", "label_accuracy", "exact_fraction", "recovered_fraction",
+                 "seconds", "grid", "word_precision", "word_recall", "text")  # fmt: skip
     db.executemany(
-        "INSERT INTO leakage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (
-                point, a["round"], a["device"], a["attack"], a["examples"], a.get("psnr_mean"),
-                a.get("ssim_mean"), a.get("baseline_psnr"), a.get("label_accuracy"),
-                a.get("exact_fraction"), a.get("recovered_fraction"), a["seconds"], a["grid"],
-            )
-            for a in attack
-        ],
-    )  # fmt: skip
+        f"INSERT INTO leakage (point, {', '.join(leak_cols)}) "
+        f"VALUES ({', '.join('?' * (1 + len(leak_cols)))})",
+        [(point, *(a.get(c) for c in leak_cols)) for a in attack],
+    )
     db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", [(point, *m) for m in messages])
 
 

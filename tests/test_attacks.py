@@ -23,7 +23,7 @@ from attacks.base import AttackMetadata, AttackUpdate, NotApplicable, Reconstruc
 from attacks.imprint import brightness
 from attacks.imprint_model import build_imprint_model
 from attacks.labels import round_counts
-from attacks.malicious import quantile_thresholds
+from attacks.malicious import plant_permutation, quantile_thresholds
 from attacks.model import FunctionalModel, InputMap, manifest_for
 from attacks.registry import config_class
 from attacks.truth import metrics
@@ -219,6 +219,51 @@ def test_analytic_undoes_the_input_normalisation(digits: tuple[np.ndarray, np.nd
         simulate_update(client, weights, x[:1], y[:1]), weights, meta
     )
     assert rec.images is not None and metrics.psnr(rec.images[0], x[0]) >= 100
+
+
+def _exact(rec: Reconstruction, x: np.ndarray) -> np.ndarray:
+    """Per true image: whether some reconstruction matches it exactly (≥ 60 dB)."""
+    assert rec.images is not None
+    psnr = np.array([[metrics.psnr(r, t) for t in x] for r in rec.images])
+    return np.asarray(psnr.max(axis=0) >= metrics.EXACT_DB)
+
+
+def test_analytic_reads_off_the_examples_a_unit_saw_alone(
+    digits: tuple[np.ndarray, np.ndarray],
+) -> None:
+    client, weights, meta = victim("mlp")
+    x, y = digits[0][:8], digits[1][:8]
+    rec = get_attack("analytic").reconstruct(simulate_update(client, weights, x, y), weights, meta)
+    assert rec.images is not None and rec.images.shape == (8, 1, 28, 28)
+    sure = rec.confidence == 1.0  # several rows agree: one example's input, exactly
+    assert sure.sum() >= 2
+    psnr = np.array([[metrics.psnr(r, t) for t in x] for r in rec.images[sure]])
+    assert (psnr.max(axis=1) >= 100).all()
+    assert len(set(psnr.argmax(axis=1).tolist())) == int(sure.sum())  # distinct examples
+
+
+def test_a_permuted_first_layer_keeps_every_value_and_leaks_a_batch_of_32(
+    digits: tuple[np.ndarray, np.ndarray],
+) -> None:
+    client, weights, meta = victim("mlp")
+    public = digits[0][:500]  # the server calibrates on public images ...
+    train = load_dataset("mnist-digits")  # ... and the devices train on others
+    w0, b0 = meta.manifest.params[0].name, meta.manifest.params[1].name
+    bad = plant_permutation(weights, meta.manifest, public=public, fire=1 / 32, seed=0)
+    assert np.array_equal(np.sort(bad[w0], axis=1), np.sort(weights[w0], axis=1))
+    assert not np.array_equal(bad[w0], weights[w0])
+    assert all(np.array_equal(bad[k], weights[k]) for k in weights if k != w0)
+    flat = train.x_train[:1000].reshape(1000, -1)
+    assert ((flat @ weights[w0].T + weights[b0]) > 0).mean() > 0.3  # honest: half the inputs
+    assert 0.5 / 32 <= ((flat @ bad[w0].T + bad[b0]) > 0).mean() <= 2 / 32
+    exact = {"honest": [], "permuted": []}
+    for i in range(3):
+        x, y = train.x_train[32 * i : 32 * (i + 1)], train.y_train[32 * i : 32 * (i + 1)]
+        for name, w in (("honest", weights), ("permuted", bad)):
+            rec = get_attack("analytic").reconstruct(simulate_update(client, w, x, y), w, meta)
+            exact[name].extend(_exact(rec, x).tolist())
+    assert np.mean(exact["honest"]) <= 0.1
+    assert np.mean(exact["permuted"]) >= 0.15
 
 
 def test_imprint_recovers_most_of_a_batch_of_8(digits: tuple[np.ndarray, np.ndarray]) -> None:

@@ -3,6 +3,7 @@ words and windows its updates leak, and the next-word metrics."""
 
 from __future__ import annotations
 
+import html
 import json
 import sqlite3
 import subprocess
@@ -28,6 +29,7 @@ from edge import text
 from edge.backends import load_backend
 from edge.manifest import ModelArtifact
 from edgeleak.claims import NOT_TESTED, claims, preset
+from edgeleak.sweep import SweepStore, ingest
 from export import export_model, zoo
 
 TOL = 1e-5
@@ -297,6 +299,21 @@ def test_eavesdropper_reads_the_typed_words_off_the_broker(tmp_path: Path) -> No
     with sqlite3.connect(out / "capture" / "capture.db") as con:
         got = con.execute("SELECT word_precision, word_recall, exact_fraction FROM leakage")
         assert got.fetchall() == [(1.0, 1.0, 1.0)] * 2
+    # The run's report shows the word scores and each update's typed/recovered table.
+    page = (out / "report.html").read_text()
+    assert "<th>word precision</th><th>word recall</th>" in page
+    found = Path(str(rows[0]["text"])).read_text().splitlines()[2]  # "recovered words (n): ..."
+    assert found.startswith("recovered words") and page.count(html.escape(found)) == 1
+    assert page.count("<pre>") == 2 + 1  # two text tables and the configuration
+    # A sweep store keeps the word scores per point and per attacked update.
+    store = SweepStore(tmp_path / "sweep.db")
+    summary = json.loads((out / "summary.json").read_text())
+    ingest(store.db, "p0", summary, out / "run.db")
+    assert store.db.execute("SELECT word_precision, word_recall FROM results").fetchall() == [
+        (1.0, 1.0)
+    ]
+    got = store.db.execute("SELECT device, word_recall, text FROM leakage ORDER BY device")
+    assert got.fetchall() == [(str(r["device"]), 1.0, r["text"]) for r in rows]
 
 
 @needs_fortunes
