@@ -218,6 +218,7 @@ class Coordinator:
         self._state: _RoundState | None = None
         self._inbox: queue.Queue[Received] = queue.Queue()
         self._ready: list[str] = []
+        self._greeted = 0  # len(self._ready) at the last hello
         prefix = f"{wire.TOPIC_PREFIX}/{run}"
         self.client: mqtt.Client = make_client(
             f"coordinator-{run}",
@@ -244,7 +245,9 @@ class Coordinator:
         return self
 
     def hello(self) -> None:
-        """Ask the devices on the broker to announce themselves live (see ``policy``)."""
+        """Ask the devices on the broker to announce themselves live (see ``policy``); devices
+        also send their last update of this run once more (it may have died with a broker)."""
+        self._greeted = len(self._ready)
         self.client.publish(wire.control_topic(self.run), wire.HELLO, qos=QOS)
 
     def __exit__(self, *exc: object) -> None:
@@ -273,7 +276,10 @@ class Coordinator:
     # -- message handling -----------------------------------------------------------------------
 
     def poll(self, timeout: float = 0.05) -> None:
-        """Handle every message that arrives within ``timeout`` (status, late updates)."""
+        """Handle every message that arrives within ``timeout`` (status, late updates); after a
+        reconnect (subscriptions acknowledged again), say ``hello`` first."""
+        if len(self._ready) > self._greeted:
+            self.hello()
         try:
             msg = self._inbox.get(timeout=timeout)
         except queue.Empty:

@@ -202,7 +202,7 @@ def run_devices(
             ended = True
             continue
         for out in device.handle_safely(msg):
-            if hold is None or out.kind == "status":
+            if hold is None or out.kind in ("status", "resend"):
                 clients[device.device_id].publish(
                     out.topic, out.payload, qos=QOS, retain=out.retain
                 )

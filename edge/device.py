@@ -46,7 +46,9 @@ class Outgoing:
 
     topic: str
     payload: bytes
-    kind: str = "update"  # or "status", or "decoy" (published like an update, printed as none)
+    # or "status", "decoy" (published like an update, printed as none), or "resend" (an update
+    # sent again after the coordinator reconnected: published at once, printed as none)
+    kind: str = "update"
     retain: bool = False
     run: str = ""
     round: int = 0
@@ -176,6 +178,11 @@ class Device:
         self.rounds_done = 0
         self.updates: dict[str, int] = {}  # updates sent, per run
         self.last_round: dict[str, int] = {}  # the latest round answered, per run
+        # The last update(s) published (run, messages), kept to send once more when the
+        # coordinator reconnects and asks (``hello``): the broker may have acknowledged them and
+        # then died before passing them on. Once per update, so forged hellos cannot make the
+        # device flood the broker.
+        self.unconfirmed: tuple[str, list[Outgoing]] = ("", [])
         self._seen: collections.deque[str] = collections.deque(maxlen=SEEN_NONCES)
         self.key = key
         self.decoy_data = decoy_data
@@ -379,7 +386,7 @@ class Device:
             return []
         run, channel = where
         if channel == "control":
-            return [self._announce()] if msg.payload == wire.HELLO else []
+            return self._hello(run) if msg.payload == wire.HELLO else []
         if channel == "status":
             on_own = msg.topic == self.status_topic
             return [self._announce()] if on_own and msg.payload != self.status("online") else []
@@ -443,7 +450,7 @@ class Device:
         if self.on_trained is not None:
             rec = TrainingRecord(task.run, task.round, self.device_id, result.used, seconds)
             self.on_trained(rec)
-        return [
+        out = [
             Outgoing(
                 topic,
                 payload,
@@ -457,6 +464,17 @@ class Device:
             )  # fmt: skip
             for i, ((topic, payload), size) in enumerate(zip(sent, sizes, strict=True))
         ]
+        self.unconfirmed = (task.run, out)
+        return out
+
+    def _hello(self, run: str) -> list[Outgoing]:
+        """``hello`` of ``run``: the ``online`` status, and the last update(s) of that run once
+        more if not re-sent yet (the coordinator refuses a second copy as a duplicate)."""
+        mine, outs = self.unconfirmed
+        if mine != run or not outs:
+            return [self._announce()]
+        self.unconfirmed = ("", [])
+        return [self._announce(), *(dataclasses.replace(o, kind="resend") for o in outs)]
 
     def _secagg_start(
         self, task: wire.Task, spec: secagg.SecAggSpec, result: LocalResult, t0: float
