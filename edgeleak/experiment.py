@@ -471,7 +471,7 @@ def run_experiment(
         _check_secure(cfg)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from export import export_model
+    from export.cache import cached_export
 
     data = load_dataset(cfg.dataset)
     if cfg.backdoor_target >= data.num_classes:
@@ -484,7 +484,7 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     run = resume.run if resume else run or new_run_id("demo")
     if artifact is None or artifact.manifest.model != cfg.model:
-        artifact = export_model(
+        artifact = cached_export(
             cfg.model,
             out / "model",
             input_shape=data.input_shape,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,22 @@ import pytest
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress
 from edgeleak.broker import local_broker, mosquitto_path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One export cache for the session (demos run as subprocesses inherit it): each model is
+    exported once per session, never taken from a cache outside the tests."""
+    from export.cache import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("export-cache")
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +41,9 @@ def mosquitto() -> Iterator[BrokerAddress]:
 @pytest.fixture(scope="session")
 def lenet_artifact(tmp_path_factory: pytest.TempPathFactory) -> ModelArtifact:
     """The zoo's ReLU LeNet for 1×28×28, exported once (ONNX gradient + inference graphs)."""
-    from export import export_model
+    from export.cache import cached_export
 
-    out = tmp_path_factory.mktemp("lenet")
-    export_model("lenet", out, seed=0)
-    return ModelArtifact.load(out)
+    return cached_export("lenet", tmp_path_factory.mktemp("lenet"), seed=0)
 
 
 def model_dir(artifact: ModelArtifact) -> Path:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from edge.backends import load_backend
 from edge.manifest import Manifest, ModelArtifact
 from export import TARGETS, export_model, zoo
+from export.cache import CACHE_ENV, cache_dir, cached_export, export_key
 
 # (model, input shape): every zoo model at its default shape, the sigmoid LeNet also at 3x32x32.
 # The resnet's export takes minutes: tests/test_resnet.py covers it (one export, same parity).
@@ -167,3 +168,31 @@ def test_unknown_model_lists_the_valid_names() -> None:
 def test_unknown_target_lists_the_valid_targets(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=", ".join(TARGETS)):
         export_model("mlp", tmp_path, targets=("tflite",))
+
+
+def test_the_export_cache_exports_once_and_repairs_a_corrupt_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    a = cached_export("mlp", tmp_path / "a", seed=0)
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert entry.name == export_key("mlp", None, 10, 0, ("onnx",), ())
+    stamp = (entry / "grad.onnx").stat().st_mtime_ns
+    b = cached_export("mlp", tmp_path / "b", seed=0)  # from the cache: nothing exported
+    assert (entry / "grad.onnx").stat().st_mtime_ns == stamp
+    assert a.manifest == b.manifest and (tmp_path / "b" / "grad.onnx").is_file()
+    for k, v in a.initial_params().items():
+        np.testing.assert_array_equal(v, b.initial_params()[k])
+    # a tampered entry fails its content hash and is exported again
+    (entry / "init.safetensors").write_bytes(b"\0" * 64)
+    d = cached_export("mlp", tmp_path / "d", seed=0)
+    assert (entry / "grad.onnx").stat().st_mtime_ns != stamp
+    for k, v in a.initial_params().items():
+        np.testing.assert_array_equal(v, d.initial_params()[k])
+    key = export_key("mlp", None, 10, 0, ("onnx",), ())
+    for other in (("mlp", None, 10, 1, ("onnx",), ()), ("mlp", (1, 28, 28), 10, 0, ("onnx",), ()),
+                  ("mlp", None, 10, 0, ("onnx",), ("a", "b")), ("lenet", None, 10, 0, ("onnx",), ()),
+                  ("mlp", None, 10, 0, ("onnx", "executorch"), ())):  # fmt: skip
+        assert export_key(*other) != key
+    monkeypatch.setenv(CACHE_ENV, "off")
+    assert cache_dir() is None
