@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgeleak import results
-from edgeleak.claims import claims, preset
+from edgeleak.claims import NOT_TESTED, claims, preset
 from edgeleak.cli import main
 from edgeleak.config import ConfigError
 from edgeleak.figures import pareto_front
@@ -104,7 +104,31 @@ def test_claims_preset_is_a_valid_sweep_that_covers_every_claim() -> None:
     assert len(ids) == len(s.points)
     for c in claims():
         assert c.points, c.id
-    assert {c.id for c in claims()} >= {"1", "2", "3", "4", "5", "6", "8a", "8b", "8c", "8d"}
+    assert {c.id for c in claims()} >= {"1", "2", "3", "4", "4b", "5", "6", "8a", "8b", "8c", "8d"}
+    assert NOT_TESTED == ()  # every claim of the seed article is run
+
+
+def test_claim_4b_permutes_the_same_model_and_judges_the_exact_fraction() -> None:
+    (c,) = [c for c in claims() if c.id == "4b"]
+    honest, permuted = c.points["honest"], c.points["permuted"]
+    assert {**honest, "malicious": "permute"} == permuted  # the same run, rows permuted
+    assert honest["attack"] == "analytic" and honest["batch_size"] == 32
+    assert (
+        c.judge({"honest": {"exact_fraction": 0.02}, "permuted": {"exact_fraction": 0.25}})[1]
+        == "holds"
+    )
+    assert (
+        c.judge({"honest": {"exact_fraction": 0.06}, "permuted": {"exact_fraction": 0.25}})[1]
+        == "partly"
+    )  # more, but not 5x
+    assert (
+        c.judge({"honest": {"exact_fraction": 0.0}, "permuted": {"exact_fraction": 0.05}})[1]
+        == "partly"
+    )  # under 10% of the batch
+    assert (
+        c.judge({"honest": {"exact_fraction": 0.1}, "permuted": {"exact_fraction": 0.1}})[1]
+        == "does not hold"
+    )
 
 
 def test_the_shipped_sweep_files_are_valid() -> None:
