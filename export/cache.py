@@ -86,9 +86,10 @@ def cached_export(
 ) -> ModelArtifact:
     """``export.export_model`` with the same arguments, through the cache: ``out_dir`` gets a
     copy of the cached entry (exported first if missing or corrupt) and is verified."""
+    from export import zoo
     from export.onnx_export import export_model
 
-    shape = tuple(input_shape) if input_shape else None
+    shape = tuple(input_shape) if input_shape else zoo.default_input_shape(name)
     folder = cache_dir()
     if folder is None:
         return export_model(

@@ -39,7 +39,7 @@ def artifact(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> ModelArtifact:
     name, shape = request.param
-    return export_model(name, tmp_path_factory.mktemp(name), input_shape=shape, seed=0)
+    return cached_export(name, tmp_path_factory.mktemp(name), input_shape=shape, seed=0)
 
 
 def _eager(artifact: ModelArtifact) -> torch.nn.Module:
@@ -176,7 +176,7 @@ def test_the_export_cache_exports_once_and_repairs_a_corrupt_entry(
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     a = cached_export("mlp", tmp_path / "a", seed=0)
     (entry,) = (tmp_path / "cache").iterdir()
-    assert entry.name == export_key("mlp", None, 10, 0, ("onnx",), ())
+    assert entry.name == export_key("mlp", (1, 28, 28), 10, 0, ("onnx",), ())
     stamp = (entry / "grad.onnx").stat().st_mtime_ns
     b = cached_export("mlp", tmp_path / "b", seed=0)  # from the cache: nothing exported
     assert (entry / "grad.onnx").stat().st_mtime_ns == stamp
@@ -189,10 +189,11 @@ def test_the_export_cache_exports_once_and_repairs_a_corrupt_entry(
     assert (entry / "grad.onnx").stat().st_mtime_ns != stamp
     for k, v in a.initial_params().items():
         np.testing.assert_array_equal(v, d.initial_params()[k])
-    key = export_key("mlp", None, 10, 0, ("onnx",), ())
-    for other in (("mlp", None, 10, 1, ("onnx",), ()), ("mlp", (1, 28, 28), 10, 0, ("onnx",), ()),
-                  ("mlp", None, 10, 0, ("onnx",), ("a", "b")), ("lenet", None, 10, 0, ("onnx",), ()),
-                  ("mlp", None, 10, 0, ("onnx", "executorch"), ())):  # fmt: skip
+    key = export_key("mlp", (1, 28, 28), 10, 0, ("onnx",), ())
+    shape = (1, 28, 28)
+    for other in (("mlp", shape, 10, 1, ("onnx",), ()), ("mlp", (3, 32, 32), 10, 0, ("onnx",), ()),
+                  ("mlp", shape, 10, 0, ("onnx",), ("a", "b")), ("lenet", shape, 10, 0, ("onnx",), ()),
+                  ("mlp", shape, 10, 0, ("onnx", "executorch"), ())):  # fmt: skip
         assert export_key(*other) != key
     monkeypatch.setenv(CACHE_ENV, "off")
     assert cache_dir() is None

@@ -23,9 +23,9 @@ from tests.fedutil import contiguous_shards, fleet
 
 @pytest.fixture(scope="module")
 def mlp_artifact(tmp_path_factory: pytest.TempPathFactory) -> ModelArtifact:
-    from export import export_model
+    from export.cache import cached_export
 
-    return export_model("mlp", tmp_path_factory.mktemp("mlp"))
+    return cached_export("mlp", tmp_path_factory.mktemp("mlp"))
 
 
 def test_imprinted_weights_leak_most_of_a_batch(

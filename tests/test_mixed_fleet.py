@@ -21,9 +21,9 @@ pytest.importorskip("executorch", reason="pip install 'edgeleak[executorch]'")
 
 @pytest.fixture(scope="module")
 def lenet_all_runtimes(tmp_path_factory: pytest.TempPathFactory) -> ModelArtifact:
-    from export import export_model
+    from export.cache import cached_export
 
-    return export_model(
+    return cached_export(
         "lenet", tmp_path_factory.mktemp("lenet-et"), targets=("onnx", "executorch")
     )
 

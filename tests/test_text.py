@@ -31,6 +31,7 @@ from edge.manifest import ModelArtifact
 from edgeleak.claims import NOT_TESTED, claims, preset
 from edgeleak.sweep import SweepStore, ingest
 from export import export_model, zoo
+from export.cache import cached_export
 
 TOL = 1e-5
 V = 300  # a small vocabulary keeps the export quick; the layout is the same as with 2,000
@@ -51,7 +52,7 @@ def vocab() -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory, vocab: tuple[str, ...]) -> ModelArtifact:
-    return export_model(
+    return cached_export(
         "keyboard",
         tmp_path_factory.mktemp("keyboard"),
         num_classes=V,
