@@ -54,35 +54,33 @@ def linear_input(
 
 def row_inputs(
     weight_grad: np.ndarray, bias_grad: np.ndarray, *, rel_tol: float = 1e-3
-) -> tuple[np.ndarray, np.ndarray]:
-    """(``dW_i / db_i`` [k, D] of the rows with ``|db_i|`` above ``rel_tol`` of the largest, and
-    their ``|db_i|`` [k]), the rows ordered by ``|db_i|``, largest first."""
+) -> np.ndarray:
+    """``dW_i / db_i`` [k, D] of the rows with ``|db_i|`` above ``rel_tol`` of the largest,
+    largest ``|db_i|`` first."""
     db = bias_grad.astype(np.float64)
     scale = np.abs(db).max()
     if not scale > 0:
         raise NotApplicable("all bias gradients are zero: the layer saw no signal")
     rows = np.flatnonzero(np.abs(db) >= rel_tol * scale)
     rows = rows[np.argsort(-np.abs(db[rows]), kind="stable")]
-    return weight_grad[rows].astype(np.float64) / db[rows, None], np.abs(db[rows])
+    return weight_grad[rows].astype(np.float64) / db[rows, None]
 
 
-def agreeing_inputs(candidates: np.ndarray, *, agree: float) -> tuple[list[np.ndarray], list[int]]:
+def agreeing_inputs(candidates: np.ndarray, *, agree: float) -> tuple[np.ndarray, list[int]]:
     """Greedy grouping of row inputs [k, D]: a row joins the first group whose first row is
-    within ``agree`` relative L2 distance. (One input per group, rows per group), largest
-    groups first (ties: the order of first appearance)."""
-    heads: list[np.ndarray] = []
+    within ``agree`` relative L2 distance. (One input per group [g, D], rows per group),
+    largest groups first (ties: the order of first appearance)."""
+    heads = np.empty_like(candidates)
     sizes: list[int] = []
     for c in candidates:
-        norm = float(np.linalg.norm(c)) or 1.0
-        for g, h in enumerate(heads):
-            if float(np.linalg.norm(c - h)) <= agree * norm:
-                sizes[g] += 1
-                break
-        else:
-            heads.append(c)
+        far = np.linalg.norm(heads[: len(sizes)] - c, axis=1) > agree * (np.linalg.norm(c) or 1.0)
+        if far.all():
+            heads[len(sizes)] = c
             sizes.append(1)
-    order = sorted(range(len(heads)), key=lambda g: -sizes[g])
-    return [heads[g] for g in order], [sizes[g] for g in order]
+        else:
+            sizes[int(np.argmin(far))] += 1  # the first group within reach
+    order = sorted(range(len(sizes)), key=lambda g: -sizes[g])
+    return heads[order], [sizes[g] for g in order]
 
 
 @dataclass(frozen=True)
@@ -124,10 +122,11 @@ class AnalyticAttack(BaseAttack):
             image = inputs_to_images(x.reshape(shape), metadata)
             labels = recover_labels(update, global_model, metadata)[0][:1]
             return Recovered(image[None], labels, np.array([1.0], dtype=np.float32))
-        candidates, _ = row_inputs(dw, db, rel_tol=self.config.rel_tol)
-        inputs, rows = agreeing_inputs(candidates, agree=self.config.agree)
+        inputs, rows = agreeing_inputs(
+            row_inputs(dw, db, rel_tol=self.config.rel_tol), agree=self.config.agree
+        )
         inputs, rows = inputs[:batch], rows[:batch]
-        images = inputs_to_images(np.stack(inputs).reshape(len(inputs), *shape), metadata)
+        images = inputs_to_images(inputs.reshape(len(inputs), *shape), metadata)
         # a group of agreeing rows is one example exactly; a lone row may be a mix
         conf = np.array([1.0 if n > 1 else 1.0 / batch for n in rows], dtype=np.float32)
         return Recovered(images, None, conf)
