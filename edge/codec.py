@@ -35,6 +35,9 @@ MAX_HEADER_BYTES = 1024 * 1024
 MAX_HEADER_DEPTH = 8
 MAX_RANK = 8
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NESTING = np.zeros(256, dtype=np.int64)  # +1 opens, -1 closes a JSON array or object
+_NESTING[[ord("["), ord("{")]] = 1
+_NESTING[[ord("]"), ord("}")]] = -1
 
 
 class CodecError(ValueError):
@@ -113,9 +116,7 @@ def json_depth(text: bytes) -> int:
     bare = np.frombuffer(_JSON_STRING.sub(b'""', text), dtype=np.uint8)
     if bare.size == 0:
         return 0
-    step = np.isin(bare, (ord("["), ord("{"))).astype(np.int64)
-    step -= np.isin(bare, (ord("]"), ord("}")))
-    return int(np.cumsum(step).max())
+    return int(np.cumsum(_NESTING[bare]).max())
 
 
 def _shape(value: object) -> tuple[int, ...] | None:
