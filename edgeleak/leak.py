@@ -143,14 +143,15 @@ class GroundTruth:
 
     def batch(self, item: Intercepted) -> tuple[np.ndarray, np.ndarray] | None:
         """The images and labels ``item`` was computed on, for a decoy its owner's real batch
-        (None if the fleet has no record)."""
+        (None if the fleet has no record, or the update used no example: a DP-SGD Poisson
+        sample can be empty, and then there is nothing to leak or score)."""
         slot = self.slot(item)
         device = slot.owner if slot is not None else item.device
         used = self.records.get((item.run, item.round, device))
-        if used is None:
+        if not used:
             return None
         # FedAvg walks its examples once per epoch: the batch is the first epoch's examples.
-        idx = np.asarray(used[: item.update.num_examples])
+        idx = np.asarray(used[: item.update.num_examples], dtype=np.int64)
         return self.x[idx], self.y[idx]
 
     @property

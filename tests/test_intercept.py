@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from attacks.intercept import CaptureStore, Eavesdropper
+from attacks.base import AttackUpdate
+from attacks.intercept import CaptureStore, Eavesdropper, Intercepted
 from coordinator.server import Coordinator, RoundPlan
 from coordinator.store import RunStore
 from devices.fleet import Fleet
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress
-from edgeleak.leak import attack_captures, fleet_truth
+from edgeleak.leak import GroundTruth, attack_captures, fleet_truth
 from tests.fedutil import contiguous_shards, fleet
 
 
@@ -119,3 +120,21 @@ def test_attack_cli_offline_on_a_capture(
     pngs = sorted((tmp_path / "capture" / "attack").glob("*inverting_gradients.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(leak_rows()) == 5
+
+
+def test_the_truth_of_an_update_on_no_examples_is_none() -> None:
+    """DP-SGD's Poisson sample can be empty: nothing to score, and no crash."""
+    x = np.arange(6 * 4, dtype=np.float32).reshape(6, 1, 2, 2)
+    y = np.arange(6)
+    truth = GroundTruth({("r", 1, "d0"): [], ("r", 1, "d1"): [5, 3]}, x, y)
+
+    def item(device: str, n: int) -> Intercepted:
+        update = AttackUpdate(params={}, kind="gradient", num_examples=n, lr=0.1, epochs=1,
+                              batch_size=2, algorithm="fedsgd")  # fmt: skip
+        return Intercepted("r", 1, device, update, {}, 0)
+
+    assert truth.batch(item("d0", 1)) is None
+    got = truth.batch(item("d1", 2))
+    assert got is not None
+    np.testing.assert_array_equal(got[0], x[[5, 3]])
+    np.testing.assert_array_equal(got[1], [5, 3])
