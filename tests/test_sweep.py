@@ -283,3 +283,15 @@ def test_report_of_one_run_and_bad_targets(
     assert "no sweep.db there" in capsys.readouterr().err
     assert main(["export", "resnet1000", "--out", str(tmp_path / "m")]) == 2
     assert "expected a zoo model" in capsys.readouterr().err
+
+
+def test_claim_1_counts_only_a_model_that_trained() -> None:
+    (c,) = [c for c in claims() if c.id == "1"]
+    assert c.points["trained"]["model"] == c.points["untrained"]["model"] == "convnet"
+    row = {"psnr_mean": 20.0, "baseline_psnr": 10.0}
+    trained = {**row, "final_accuracy": 0.7}
+    assert c.judge({"untrained": row, "trained": trained})[1] == "holds"
+    measured, verdict = c.judge({"untrained": row, "trained": {**trained, "final_accuracy": 0.1}})
+    assert verdict == "not tested" and "did not train" in measured
+    low = {**trained, "psnr_mean": 11.0}
+    assert c.judge({"untrained": row, "trained": low})[1] == "partly"
