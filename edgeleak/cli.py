@@ -105,6 +105,10 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} dB"
+
+
 def _device_epilog() -> str:
     from devices.profiles import PROFILES
 
@@ -803,7 +807,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _db(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f} dB"

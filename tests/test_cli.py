@@ -4,6 +4,7 @@ subcommand's --help lists the allowed values, Ctrl-C is one line and 130, `show`
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import signal
 import sqlite3
@@ -264,3 +265,20 @@ def test_ctrl_c_in_a_demo_is_one_line_and_130(tmp_path: Path) -> None:
     assert lines[0] == (
         f"edgeleak demo: interrupted: {done} of 500 rounds completed; partial results in {out}"
     )
+
+
+def test_the_main_guard_is_the_last_statement_of_every_module() -> None:
+    """Run as ``python -m``, a module executes top to bottom: anything defined after its
+    ``if __name__ == "__main__"`` block is missing when ``main()`` runs (a NameError that only
+    ``-m`` runs hit, as the sweep's demo points do)."""
+    late = []
+    for package in ("edgeleak", "edge", "coordinator", "devices", "attacks", "export"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            body = ast.parse(path.read_text()).body
+            guards = [
+                i for i, node in enumerate(body)
+                if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+            ]  # fmt: skip
+            if guards and guards[-1] != len(body) - 1:
+                late.append(str(path.relative_to(ROOT)))
+    assert late == []
