@@ -126,8 +126,9 @@ def _judge_protection(name: str) -> Callable[[Mapping[str, Mapping[str, Any]]], 
             f"attacker {p['psnr_mean']:.1f} dB against {b['psnr_mean']:.1f} dB unprotected "
             f"(mean image {b['baseline_psnr']:.1f} dB); bytes per round × {ratio:.2f}"
         )
-        if p.get("epsilon") is not None:
-            measured += f"; ε = {p['epsilon']:.3g}"
+        eps = p.get("epsilon")
+        if eps is not None and eps == eps:  # pandas reads a missing ε as NaN
+            measured += f"; ε = {eps:.3g}"
         drop = b["psnr_mean"] - p["psnr_mean"]
         return measured, "holds" if drop >= DB_GAP else "partly" if drop > 0 else "does not hold"
 

@@ -295,3 +295,14 @@ def test_claim_1_counts_only_a_model_that_trained() -> None:
     assert verdict == "not tested" and "did not train" in measured
     low = {**trained, "psnr_mean": 11.0}
     assert c.judge({"untrained": row, "trained": low})[1] == "partly"
+
+
+def test_claim_8_prints_epsilon_only_where_dp_ran() -> None:
+    (c,) = [c for c in claims() if c.id == "8d"]
+    base = {"psnr_mean": 30.0, "baseline_psnr": 10.0, "bytes_per_round": 100.0}
+    rows = {"none": base, "top-k + int8": {**base, "psnr_mean": 5.0, "epsilon": float("nan")}}
+    measured, verdict = c.judge(rows)
+    assert verdict == "holds" and "ε" not in measured
+    (dp,) = [c for c in claims() if c.id == "8a"]
+    measured, _ = dp.judge({"none": base, "dp (ε = 8)": {**base, "epsilon": 7.99}})
+    assert measured.endswith("ε = 7.99")
