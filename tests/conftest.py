@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,14 @@ import pytest
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress
 from edgeleak.broker import local_broker, mosquitto_path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started in the background (``cmd &`` in a script) inherits SIGINT ignored, and
+    so would every process the tests start and then interrupt. Handle it again: exec resets a
+    handled signal to its default in the children."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
