@@ -15,6 +15,7 @@ the check is exported again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -54,7 +55,7 @@ def _version(package: str) -> str:
 
 def export_key(
     name: str,
-    input_shape: Sequence[int] | None,
+    input_shape: Sequence[int],
     num_classes: int,
     seed: int,
     targets: Sequence[str],
@@ -63,7 +64,7 @@ def export_key(
     """The cache key of one export (hex)."""
     h = hashlib.sha256()
     what = {
-        "name": name, "input_shape": list(input_shape) if input_shape else None,
+        "name": name, "input_shape": list(input_shape),
         "num_classes": num_classes, "seed": seed, "targets": sorted(targets),
         "vocab": hashlib.sha256("\n".join(vocab).encode()).hexdigest() if vocab else "",
         "versions": {p: _version(p) for p in _PACKAGES},
@@ -90,12 +91,13 @@ def cached_export(
     from export.onnx_export import export_model
 
     shape = tuple(input_shape) if input_shape else zoo.default_input_shape(name)
+    export = functools.partial(
+        export_model, name, input_shape=shape, num_classes=num_classes, seed=seed,
+        targets=targets, vocab=vocab,
+    )  # fmt: skip
     folder = cache_dir()
     if folder is None:
-        return export_model(
-            name, out_dir, input_shape=shape, num_classes=num_classes, seed=seed,
-            targets=targets, vocab=vocab,
-        )  # fmt: skip
+        return export(out_dir)
     entry = folder / export_key(name, shape, num_classes, seed, targets, vocab)
     if entry.is_dir():
         try:
@@ -104,10 +106,7 @@ def cached_export(
             shutil.rmtree(entry, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{entry.name}.{uuid.uuid4().hex[:8]}"
-    export_model(
-        name, tmp, input_shape=shape, num_classes=num_classes, seed=seed, targets=targets,
-        vocab=vocab,
-    )  # fmt: skip
+    export(tmp)
     try:
         tmp.rename(entry)
     except OSError:  # another run put the same entry in place first
