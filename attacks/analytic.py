@@ -36,6 +36,17 @@ from attacks.labels import recover_labels
 from edge.manifest import Manifest
 
 
+def signal_rows(bias_grad: np.ndarray, rel_tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the rows whose ``|db_i|`` is at least ``rel_tol`` of the largest, largest
+    first; ``db`` as float64). ``NotApplicable`` when every bias gradient is zero."""
+    db = bias_grad.astype(np.float64)
+    scale = np.abs(db).max()
+    if not scale > 0:
+        raise NotApplicable("all bias gradients are zero: the layer saw no signal")
+    rows = np.flatnonzero(np.abs(db) >= rel_tol * scale)
+    return rows[np.argsort(-np.abs(db[rows]), kind="stable")], db
+
+
 def linear_input(
     weight_grad: np.ndarray, bias_grad: np.ndarray, *, rel_tol: float = 1e-3
 ) -> np.ndarray:
@@ -44,12 +55,9 @@ def linear_input(
     The least-squares fit of ``dW_i = db_i x`` over the rows with ``|db_i|`` above ``rel_tol``
     of the largest: ``x = sum_i db_i dW_i / sum_i db_i^2``.
     """
-    db = bias_grad.astype(np.float64)
-    keep = np.abs(db) >= rel_tol * np.abs(db).max()
-    if not keep.any():
-        raise NotApplicable("all bias gradients are zero: the layer saw no signal")
-    dw = weight_grad[keep].astype(np.float64)
-    return (db[keep] @ dw) / (db[keep] @ db[keep])
+    rows, db = signal_rows(bias_grad, rel_tol)
+    dw = weight_grad[rows].astype(np.float64)
+    return (db[rows] @ dw) / (db[rows] @ db[rows])
 
 
 def row_inputs(
@@ -57,12 +65,7 @@ def row_inputs(
 ) -> np.ndarray:
     """``dW_i / db_i`` [k, D] of the rows with ``|db_i|`` above ``rel_tol`` of the largest,
     largest ``|db_i|`` first."""
-    db = bias_grad.astype(np.float64)
-    scale = np.abs(db).max()
-    if not scale > 0:
-        raise NotApplicable("all bias gradients are zero: the layer saw no signal")
-    rows = np.flatnonzero(np.abs(db) >= rel_tol * scale)
-    rows = rows[np.argsort(-np.abs(db[rows]), kind="stable")]
+    rows, db = signal_rows(bias_grad, rel_tol)
     return weight_grad[rows].astype(np.float64) / db[rows, None]
 
 
