@@ -6,6 +6,12 @@ What is accounted, per round a device took part in (its update was accepted):
   multiplier σ on the device's clipped update (sensitivity C: the update against no update,
   user-level add/remove). No amplification by client sampling is claimed: the coordinator picks a
   fixed number of devices (not Poisson) and an eavesdropper sees who was picked.
+- ``distributed_dp`` (under secure aggregation): one Gaussian mechanism on the secure sum, whose
+  noise multiplier is σ·√(s/n) when s of the n devices that split the noise survive
+  (``distributed_sigma``): devices that dropped took their share of the noise with them. The
+  accountant treats the sum as continuous; the fixed-point rounding of each noised update
+  (2^-bits per value) is outside the bound (the distributed *discrete* Gaussian of Kairouz et
+  al. 2021 closes that gap; not implemented).
 - ``dpsgd``: the device's local steps, each a Poisson-sampled Gaussian mechanism with rate
   q = batch_size / n (n: the device's examples) and noise multiplier σ, ``edge.protect
   .dpsgd_sampling`` steps per round (example-level add/remove).
@@ -16,18 +22,25 @@ accountants can be compared on the same mechanism).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import dp_accounting
 from dp_accounting import rdp
 
-from edge.protect import DP, DPSGD, CentralDP, dpsgd_sampling
+from edge.protect import DPSGD, DPStep, dpsgd_sampling
 
 ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 SIGMA_MAX = 100.0  # noise beyond 100× the clip norm: the update carries nothing; refuse instead
 
-DPStep = DP | DPSGD | CentralDP
+
+def distributed_sigma(sigma: float, *, survivors: int, shares: int) -> float:
+    """The secure sum's noise multiplier under ``distributed_dp``: ``survivors`` devices each added
+    N(0, σ²C²/``shares``), so the sum carries σ·√(survivors/shares) times the clip norm."""
+    if not 1 <= survivors <= shares:
+        raise ValueError(f"survivors={survivors} of shares={shares}: expected 1..shares")
+    return sigma * math.sqrt(survivors / shares)
 
 
 def round_event(
@@ -129,21 +142,31 @@ class PrivacyLedger:
     sigma: float
     delta: float
     events: dict[str, list[dp_accounting.DpEvent]] = field(default_factory=dict)
+    sigmas: dict[str, list[float]] = field(default_factory=dict)
 
     def record(
-        self, device: str, *, algorithm: str, examples: int, batch_size: int, epochs: int
-    ) -> None:
+        self, device: str, *, algorithm: str, examples: int, batch_size: int, epochs: int,
+        sigma: float | None = None,
+    ) -> None:  # fmt: skip
+        """One more round of ``device``, with the run's σ or (``distributed_dp``) this round's."""
+        s = self.sigma if sigma is None else sigma
         ev = round_event(
-            self.step, sigma=self.sigma, algorithm=algorithm, examples=examples,
+            self.step, sigma=s, algorithm=algorithm, examples=examples,
             batch_size=batch_size, epochs=epochs,
         )  # fmt: skip
         self.events.setdefault(device, []).append(ev)
+        self.sigmas.setdefault(device, []).append(s)
 
     def budgets(self) -> list[DeviceBudget]:
-        """Every device that took part so far, by id."""
+        """Every device that took part so far, by id; ``sigma``: its weakest round's."""
         return [
             DeviceBudget(
-                d, self.step.name, self.sigma, len(evs), epsilon(evs, self.delta), self.delta
-            )
+                d,
+                self.step.name,
+                min(self.sigmas[d]),
+                len(evs),
+                epsilon(evs, self.delta),
+                self.delta,
+            )  # fmt: skip
             for d, evs in sorted(self.events.items())
         ]

@@ -101,4 +101,4 @@ class HECoordinator:
         n = float(sum(u.num_examples for u in updates))
         summed = self.results.pop(round_)
         self.held.clear()
-        return {k: (v.astype(np.float64) / n).astype(np.float32) for k, v in summed.items()}
+        return {k: (v / n).astype(np.float32) for k, v in summed.items()}

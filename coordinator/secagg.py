@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from coordinator.store import MessageRow, RunStore
+from edge import protect as pr
 from edge import secagg as sa
 from edge import wire
 from edge.mqtt import (
@@ -437,8 +438,9 @@ def check_plan(
     spec_text: str, *, decoys: int, codec: str, aggregator: str, protect: str
 ) -> sa.SecAggSpec:
     """The plan's secure-aggregation spec, refused (ValueError saying why) where it cannot work:
-    the coordinator sees only the sum, so no decoys, robust aggregators or central DP, and the
-    fixed-point encoding replaces the uplink codec."""
+    the coordinator sees only the sum, so no decoys, robust aggregators or central DP (the
+    devices add the noise instead: ``distributed_dp``), and the fixed-point encoding replaces the
+    uplink codec."""
     spec = sa.parse_spec(spec_text)
     if decoys:
         raise ValueError("secagg with decoys: the coordinator sees only the sum; use one of them")
@@ -450,10 +452,16 @@ def check_plan(
         raise ValueError(
             f"secagg yields the plain mean of the survivors; use aggregator 'mean', not {aggregator!r}"
         )
-    if protect:
+    dp = pr.dp_step(pr.parse(protect))
+    if isinstance(dp, pr.CentralDP):
         raise ValueError(
-            "secagg with client-side protections is not supported yet (distributed DP is not "
-            f"implemented); drop protect={protect!r} or secagg"
+            "secagg with central_dp: the coordinator sees only the sum; let the devices add the "
+            f"noise with distributed_dp:clip={dp.clip:g},sigma=... instead"
+        )
+    if isinstance(dp, pr.DistributedDP) and spec.clip < dp.clip:
+        raise ValueError(
+            f"secagg clip={spec.clip:g} is below distributed_dp clip={dp.clip:g}: the fixed point "
+            "would cut the clipped update; give secagg a clip >= the DP clip"
         )
     return spec
 

@@ -182,6 +182,7 @@ class Coordinator:
         self.defence = robust.get_defence(plan.aggregator)
         self.protections = protect.parse(plan.protect)
         self.dp = protect.dp_step(self.protections)
+        protect.require_secagg(self.protections, secagg=bool(plan.secagg))
         if isinstance(self.dp, protect.CentralDP) and plan.aggregator != "mean":
             raise ValueError(
                 f"central_dp replaces the aggregator; use aggregator 'mean', not {plan.aggregator!r}"
@@ -483,8 +484,10 @@ class Coordinator:
         )
 
     def broadcast(self, devices: list[str], weights: Params) -> int:
-        """Publish this round's task to each device; returns downlink bytes."""
+        """Publish this round's task to each device; returns downlink bytes. A ``distributed_dp``
+        step gets the round's ``shares``: the noise is split over the devices selected."""
         rows: list[MessageRow] = []
+        spec = protect.with_shares(self.plan.protect, len(devices))
         for device in devices:
             task = wire.Task(
                 run=self.run,
@@ -501,7 +504,7 @@ class Coordinator:
                 uplink=self.plan.codec,
                 decoys=self.plan.decoys,
                 end=self.end_commitment,
-                protect=self.plan.protect,
+                protect=spec,
                 secagg=self.plan.secagg,
                 he=self.he.key if self.he else "",
             )
@@ -643,7 +646,7 @@ class Coordinator:
             round_,
             dropout.dropouts(selected, st.accepted, heard=st.heard, lost=st.lost, late=st.late),
         )
-        self._account(st)
+        self._account(st.round, {d: u.num_examples for d, u in st.accepted.items()})
         return result
 
     def _secure_round(
@@ -670,7 +673,21 @@ class Coordinator:
             model_sha256=params_sha256({k: self.weights[k] for k in self.manifest.param_names}),
         )  # fmt: skip
         self.store.add_round(self.run, result)
+        if sr.mean is not None:
+            self._account_secure(st, sr)
         return result
+
+    def _account_secure(self, st: _RoundState, sr: secure.SecureResult) -> None:
+        """The privacy of the survivors, whose updates are in the secure sum: under
+        ``distributed_dp`` the sum's σ is what the survivors' shares of the noise add up to."""
+        sigma = None
+        if isinstance(self.dp, protect.DistributedDP) and self.privacy is not None:
+            from coordinator.accounting import distributed_sigma
+
+            sigma = distributed_sigma(
+                self.privacy.sigma, survivors=len(sr.survivors), shares=len(st.selected)
+            )
+        self._account(st.round, {d: sr.examples.get(d, 0) for d in sr.survivors}, sigma=sigma)
 
     def _aggregate(self, st: _RoundState, selected: int) -> Params:
         """The round's aggregate (``policy.aggregate``: the plan's defence, or DP-FedAvg's noised
@@ -691,22 +708,25 @@ class Coordinator:
             self.store.add_anomaly(self.run, st.round, rows)
         return agg
 
-    def _account(self, st: _RoundState) -> None:
-        """Add this round to every accepted device's privacy ledger; store each ε so far."""
+    def _account(
+        self, round_: int, accepted: dict[str, int], *, sigma: float | None = None
+    ) -> None:
+        """Add ``round_`` to the privacy ledger of every accepted device (id → the examples its
+        update reports), with the run's σ or this round's; store each ε so far."""
         if self.privacy is None:
             return
-        for device in sorted(st.accepted):
+        for device in sorted(accepted):
             examples = self.online.get(device, {}).get("examples")
             if not isinstance(examples, int) or examples < 1:
                 # DP-SGD's sampling rate needs the shard size the device announced
-                examples = st.accepted[device].num_examples
+                examples = accepted[device]
             self.privacy.record(
                 device, algorithm=self.plan.algorithm, examples=examples,
-                batch_size=self.plan.batch_size, epochs=self.plan.epochs,
+                batch_size=self.plan.batch_size, epochs=self.plan.epochs, sigma=sigma,
             )  # fmt: skip
         rows = [PrivacyRow(b.device, b.mechanism, b.sigma, b.rounds, b.epsilon, b.delta)
                 for b in self.privacy.budgets()]  # fmt: skip
-        self.store.add_privacy(self.run, st.round, rows)
+        self.store.add_privacy(self.run, round_, rows)
 
 
 def anomaly_rows(

@@ -259,7 +259,7 @@ class RunStore:
         run: str,
         *,
         direction: str,
-        kinds: tuple[str, ...] = ("task", "update", "decoy", *SECAGG_KINDS),
+        kinds: tuple[str, ...] = ("task", "update", "aggregate", "decoy", *SECAGG_KINDS),
         round_: int | None = None,
     ) -> int:
         """Sum of packet bytes for a run (optionally one round), one direction, the given kinds."""

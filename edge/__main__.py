@@ -163,20 +163,15 @@ def settings(
 
 def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
     """Load and check the shard, the model and the runtime; ``SetupError`` says what is wrong."""
+    from edge.args import secure_broker
     from edge.backends import load_backend
     from edge.data import check_fits, load_shard
     from edge.decoy import load_key
     from edge.device import Device, TaskLimits
     from edge.manifest import ModelArtifact
-    from edge.mqtt import parse_broker_url, with_pki
 
-    credentials = None
     try:
-        broker = with_pki(parse_broker_url(args.broker), args.pki)
-        if args.pki:
-            from edge.sign import Credentials
-
-            credentials = Credentials.load(args.pki, args.id)
+        broker, credentials = secure_broker(args.broker, args.pki, args.id)
         x, y = load_shard(args.data)
         artifact = ModelArtifact.load(args.model)
         check_fits(x, y, artifact.manifest, where=str(args.data))

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -43,6 +44,9 @@ from edge.mqtt import (
     make_client,
     publish_packet_bytes,
 )
+
+if TYPE_CHECKING:
+    from edge.sign import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +133,12 @@ class EdgeAggregator:
         artifact: ModelArtifact,
         *,
         wait_s: float | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         """``wait_s``: how long a round waits for its devices (default: ``WAIT_FRACTION`` of the
-        task's deadline); then the updates that arrived go upstream."""
+        task's deadline); then the updates that arrived go upstream. ``credentials`` (secure
+        mode, ``edge.sign``): the coordinator's tasks and the devices' updates must be signed by
+        them; the relayed tasks and the upstream update are signed with the aggregator's key."""
         if not devices or len(set(devices)) != len(devices):
             raise ValueError(f"devices {list(devices)!r}: expected distinct device ids")
         self.agg_id = agg_id
@@ -140,6 +147,7 @@ class EdgeAggregator:
         self.devices = tuple(devices)
         self.artifact = artifact
         self.wait_s = wait_s
+        self.credentials = credentials
         self.announced: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.rounds_done = 0
@@ -246,6 +254,10 @@ class EdgeAggregator:
 
     def _relay(self, msg: Received) -> list[Outgoing]:
         try:
+            if self.credentials is not None:
+                from edge.sign import COORDINATOR
+
+                self.credentials.verifier.check(msg.payload, COORDINATOR, role=COORDINATOR)
             task = wire.decode_task(msg.payload, self.artifact.manifest)
             if task.run != self.run or task.device != self.agg_id:
                 raise wire.WireError("not_mine", f"task for {task.run[:40]}/{task.device[:40]}")
@@ -265,6 +277,7 @@ class EdgeAggregator:
         st = _Round(task, msg.t, wait)
         self._state = st
         out = []
+        signer = self.credentials.signer if self.credentials is not None else None
         for d in self.devices:
             sub_task = wire.Task(
                 run=self.sub, round=task.round, device=d, algorithm=task.algorithm, lr=task.lr,
@@ -272,7 +285,7 @@ class EdgeAggregator:
                 weights=task.weights, deadline_s=wait, codec=task.codec, uplink=task.uplink,
                 end=task.end, protect=task.protect,
             )  # fmt: skip
-            topic, payload = wire.task_topic(self.sub, d), wire.encode_task(sub_task)
+            topic, payload = wire.task_topic(self.sub, d), wire.encode_task(sub_task, signer=signer)
             st.down += publish_packet_bytes(topic, len(payload), QOS, protocol=msg.protocol)
             out.append(Outgoing(topic, payload, kind="task", run=self.sub, round=task.round))
         return out
@@ -280,6 +293,8 @@ class EdgeAggregator:
     def _collect(self, msg: Received, device: str) -> None:
         st = self._state
         try:
+            if self.credentials is not None:
+                self.credentials.verifier.check(msg.payload, device, role="device")
             update = wire.decode_update(msg.payload, self.artifact.manifest)
             if st is None or update.round != st.task.round or update.run != self.sub:
                 raise wire.WireError("stale_round", f"{update.run[:40]} round {update.round}")
@@ -330,7 +345,8 @@ class EdgeAggregator:
             defence=defences.pop() if len(defences) == 1 else "{}",
             group=GroupInfo(len(ordered), st.up, st.down).to_json(),
         )  # fmt: skip
-        payload = wire.encode_update(update, tensors=tensors)
+        signer = self.credentials.signer if self.credentials is not None else None
+        payload = wire.encode_update(update, tensors=tensors, signer=signer)
         topic = wire.update_topic(self.run, self.agg_id)
         self.rounds_done += 1
         return Outgoing(
@@ -354,7 +370,7 @@ def run_aggregator(
     ready: list[str] = []
     client = agg.client(inbox, broker.protocol, ready)
     stop = stop or threading.Event()
-    if not connect_with_backoff(client, broker, stop=stop, say=say):
+    if not connect_with_backoff(client, broker, stop=stop, say=say, identity=agg.agg_id):
         return
     client.loop_start()
     hello = 0
@@ -386,11 +402,13 @@ def main(argv: list[str], prog: str = "python -m edge aggregate") -> int:
     import signal
     import sys
 
-    from edge.args import OneLineParser
-    from edge.mqtt import parse_broker_url
+    from edge.args import OneLineParser, secure_broker
 
     p = OneLineParser(prog=prog, description="Run one edge aggregator for a group of devices.")
-    p.add_argument("--broker", required=True, help="mqtt://[USER:PASSWORD@]HOST:PORT")
+    p.add_argument(
+        "--broker", required=True, help="mqtt://[USER:PASSWORD@]HOST:PORT, or mqtts:// with --pki"
+    )
+    p.add_argument("--pki", help="PKI folder with this aggregator's identity (secure mode)")
     p.add_argument("--run", required=True, help="the coordinator's run id")
     p.add_argument("--group", required=True, help="the group name: devices use --run RUN.GROUP")
     p.add_argument("--devices", required=True, help="comma-separated device ids of the group")
@@ -402,12 +420,13 @@ def main(argv: list[str], prog: str = "python -m edge aggregate") -> int:
     )  # fmt: skip
     args: argparse.Namespace = p.parse_args(argv)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    agg_id = args.id or f"agg-{args.group}"
     try:
-        broker = parse_broker_url(args.broker)
+        broker, credentials = secure_broker(args.broker, args.pki, agg_id)
         artifact = ModelArtifact.load(args.model)
         agg = EdgeAggregator(
-            args.id or f"agg-{args.group}", args.run, args.group, devices, artifact,
-            wait_s=args.wait_s,
+            agg_id, args.run, args.group, devices, artifact, wait_s=args.wait_s,
+            credentials=credentials,
         )  # fmt: skip
     except (ValueError, OSError) as e:
         print(f"{prog}: {e}", file=sys.stderr)

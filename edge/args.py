@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from edge.mqtt import BrokerAddress
+    from edge.sign import Credentials
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -21,3 +25,18 @@ def csv_choices(values: str, allowed: tuple[str, ...] | list[str], what: str) ->
     if bad:
         raise ValueError(f"unknown {what} {', '.join(bad)}; expected one of {', '.join(allowed)}")
     return names
+
+
+def secure_broker(
+    url: str, pki: str | None, identity: str
+) -> tuple[BrokerAddress, Credentials | None]:
+    """``--broker URL [--pki DIR]``: the broker address and, with a PKI folder (secure mode),
+    ``identity``'s credentials from it; ``ValueError``/``OSError`` saying what is wrong."""
+    from edge.mqtt import parse_broker_url, with_pki
+
+    broker = with_pki(parse_broker_url(url), pki)
+    if pki is None:
+        return broker, None
+    from edge.sign import Credentials
+
+    return broker, Credentials.load(pki, identity)

@@ -117,6 +117,17 @@ class TrainingRecord:
     seconds: float = 0.0
 
 
+TASK_SIGNERS = ("coordinator", "aggregator")  # roles whose signed tasks a device accepts
+
+
+def noise_rng(seed: int, round_: int, device_id: str) -> np.random.Generator:
+    """The generator of a device's noise and dummies in ``round_``: seeded by (seed, round,
+    device id), so devices sharing a seed still draw different noise. Reproducible by design
+    (emulation, runtime parity); a real deployment keeps its device's seed secret."""
+    device = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, round_, 1, device])
+
+
 class Device:
     """One federated client: its data, its runtime, its identity. No I/O of its own."""
 
@@ -268,9 +279,9 @@ class Device:
         """The task in ``payload``, received on run ``run``'s topic, if this device should run
         it; ``WireError`` saying why not."""
         if self.credentials is not None:
-            from edge.sign import COORDINATOR
-
-            self.credentials.verifier.check(payload, COORDINATOR, role=COORDINATOR)
+            # the coordinator, or (a group's device) its edge aggregator: the broker's ACL lets
+            # only those two write this device's task topic
+            self.credentials.verifier.check_any(payload, TASK_SIGNERS)
         task = wire.decode_task(payload, self.artifact.manifest)
         if task.run != run or task.device != self.device_id:
             raise wire.WireError("not_mine", f"task for {task.run[:40]}/{task.device[:40]}")
@@ -296,11 +307,8 @@ class Device:
         return task
 
     def noise_rng(self, round_: int) -> np.random.Generator:
-        """The generator of this device's noise and dummies in ``round_``: seeded by (seed, round,
-        device id), so devices sharing a seed still draw different noise. Reproducible by design
-        (emulation, runtime parity); a real deployment keeps its device's seed secret."""
-        device = int.from_bytes(hashlib.sha256(self.device_id.encode()).digest()[:8], "little")
-        return np.random.default_rng([self.seed, round_, 1, device])
+        """The generator of this device's noise and dummies in ``round_`` (``noise_rng``)."""
+        return noise_rng(self.seed, round_, self.device_id)
 
     def _mine(self, msg: Received) -> tuple[str, str] | None:
         """(run, channel) of a message on one of this device's topics; None otherwise."""
@@ -358,13 +366,13 @@ class Device:
             codec=codec.name,
             defence=defence,
         )
+        signer = self.credentials.signer if self.credentials is not None else None
         if task.he:
             from edge.he import encrypt_update
 
             _, ctx = self.he_keys[task.run]
-            payload = encrypt_update(update, ctx, task.he, self.artifact.manifest)
+            payload = encrypt_update(update, ctx, task.he, self.artifact.manifest, signer)
         else:
-            signer = self.credentials.signer if self.credentials is not None else None
             payload = wire.encode_update(update, tensors=tensors, signer=signer)
         return wire.update_topic(task.run, device_field), payload
 
@@ -400,6 +408,7 @@ class Device:
                 raise protect.ProtectError(
                     f"{task.protect!r} asks for decoys, the task's decoys field is {task.decoys}"
                 )
+            protect.check_task(steps, secagg=bool(task.secagg))
             sa_spec = secagg.task_spec(task.secagg) if task.secagg else None
             result = self.train(task, steps)
             if self.poison is not None:

@@ -8,13 +8,15 @@ public context alone and divides the decrypted sum by the total examples. Topics
     edgeleak/<run>/he/public     key holder -> all          the public context, retained
     edgeleak/<run>/update/<dev>  device -> coordinator      an update with codec "ckks"
     edgeleak/<run>/he/aggregate  coordinator -> key holder  the summed ciphertext of a round
-    edgeleak/<run>/he/result     key holder -> coordinator  its decryption (dense f32)
+    edgeleak/<run>/he/result     key holder -> coordinator  its decryption (dense float64)
 
 Every message is the usual tensor container. A CKKS payload is the tensor ``ckks`` (uint8: the
 serialized ciphertexts of the flat parameter vector, one per ``slots`` values, concatenated) and
 ``ckks_sizes`` (int64: their byte lengths); the metadata names the key (``he``: SHA-256 hex of
-the public context). Parameters: N = 8192, coefficient moduli 60/40/60 bits, scale 2^40
-(128-bit security; additions only, no multiplicative depth needed).
+the public context). Parameters: N = 8192, coefficient moduli 60/60/60 bits (180 of the 218
+bits 128-bit security allows at this N), scale 2^52: additions only, no multiplicative depth
+needed, so the whole 120-bit data modulus serves precision and the decrypted sum is as exact as a
+float64 sum (values up to 2^67 before it wraps).
 """
 
 from __future__ import annotations
@@ -38,14 +40,16 @@ from edge.manifest import Manifest
 
 if TYPE_CHECKING:
     from edge.mqtt import BrokerAddress, Received
+    from edge.sign import Signer
 
 log = logging.getLogger(__name__)
 
 Params = dict[str, np.ndarray]
+KEYHOLDER = "keyholder"  # the key holder's default identity (secure mode)
 CODEC = "ckks"
 POLY_MODULUS_DEGREE = 8192
-COEFF_MOD_BIT_SIZES = (60, 40, 60)
-SCALE_BITS = 40
+COEFF_MOD_BIT_SIZES = (60, 60, 60)
+SCALE_BITS = 52
 SLOTS = POLY_MODULUS_DEGREE // 2
 MAX_CONTEXT_BYTES = 16 * 1024 * 1024
 INSTALL = (
@@ -124,11 +128,12 @@ def flatten(params: Mapping[str, np.ndarray], manifest: Manifest) -> np.ndarray:
 
 
 def unflatten(vector: np.ndarray, manifest: Manifest) -> Params:
+    """The flat float64 ``vector`` as named float64 arrays in manifest order."""
     out: Params = {}
     at = 0
     for spec in manifest.params:
         size = math.prod(spec.shape)
-        out[spec.name] = vector[at : at + size].reshape(spec.shape).astype(np.float32)
+        out[spec.name] = vector[at : at + size].reshape(spec.shape).astype(np.float64)
         at += size
     return out
 
@@ -201,8 +206,11 @@ def decrypt(keys: KeyPair, tensors: Mapping[str, np.ndarray], size: int) -> np.n
 # -- messages ----------------------------------------------------------------------------------
 
 
-def encode_update(update: wire.Update, key: str, tensors: dict[str, np.ndarray]) -> bytes:
-    """An update message whose tensors are a CKKS payload (codec ``ckks``, key ``he``)."""
+def encode_update(
+    update: wire.Update, key: str, tensors: dict[str, np.ndarray], signer: Signer | None = None
+) -> bytes:
+    """An update message whose tensors are a CKKS payload (codec ``ckks``, key ``he``);
+    ``signer``: signed (secure mode)."""
     payload = wire.encode_update(
         wire.Update(
             run=update.run, round=update.round, device=update.device, kind=update.kind,
@@ -213,13 +221,15 @@ def encode_update(update: wire.Update, key: str, tensors: dict[str, np.ndarray])
     )  # fmt: skip
     tensors_, meta = read_container(payload)
     meta["he"] = key
-    return write_tensors(dict(tensors_), meta)
+    return signer.write(dict(tensors_), meta) if signer else write_tensors(dict(tensors_), meta)
 
 
-def encrypt_update(update: wire.Update, ctx: Any, key: str, manifest: Manifest) -> bytes:
+def encrypt_update(
+    update: wire.Update, ctx: Any, key: str, manifest: Manifest, signer: Signer | None = None
+) -> bytes:
     """A device's encrypted update: ``num_examples × params`` under the public key."""
     vector = flatten(update.params, manifest) * update.num_examples
-    return encode_update(update, key, encrypt(ctx, vector))
+    return encode_update(update, key, encrypt(ctx, vector), signer)
 
 
 @dataclass(frozen=True)
@@ -240,6 +250,7 @@ def decode_update(
         tensors, meta = read_container(buf)
     except CodecError as e:
         raise wire.WireError(e.reason, e.detail) from None
+    tensors = {k: v for k, v in tensors.items() if k != wire.SIG_TENSOR}  # checked before (sign)
     if meta.get("codec") != CODEC:
         raise wire.WireError("not_encrypted", f"codec {meta.get('codec')!r} in an HE run")
     if meta.get("he") != key:
@@ -308,11 +319,23 @@ def read_aggregate(
 
 
 def read_result(buf: bytes, run: str, key: str, manifest: Manifest) -> tuple[int, Params]:
+    """(round, the decrypted sum as float64 arrays: one per parameter, finite)."""
     tensors, meta = _open(buf, "he_result", run)
     if meta.get("he") != key:
         raise wire.WireError("wrong_key", "result under another key")
-    params = wire.get_codec("f32").decode(tensors, manifest)
-    return int(meta.get("round", "-1")), params
+    if set(tensors) != set(manifest.param_names):
+        raise wire.WireError("bad_shape", "result tensors are not the model's parameters")
+    for p in manifest.params:
+        t = tensors[p.name]
+        if t.dtype != np.float64 or t.shape != tuple(p.shape):
+            raise wire.WireError(
+                "bad_shape", f"{p.name}: {t.dtype} {t.shape}; expected F64 {p.shape}"
+            )
+        if not np.isfinite(t).all():
+            raise wire.WireError("non_finite", f"{p.name} has NaN or Inf")
+    return int(meta.get("round", "-1")), {
+        p.name: np.array(tensors[p.name]) for p in manifest.params
+    }
 
 
 # -- the device's side -------------------------------------------------------------------------
@@ -356,9 +379,11 @@ def run_keyholder(
     stop: threading.Event,
     keys: KeyPair | None = None,
     say: Any = log.info,
+    identity: str = KEYHOLDER,
 ) -> KeyPair:
     """Publish the public context (retained), then decrypt each round's aggregate until
-    ``stop``; the retained key is cleared at the end."""
+    ``stop``; the retained key is cleared at the end. ``identity``: its TLS identity in secure
+    mode (the broker's ACL lets enrolled key holders alone publish keys and results)."""
     from edge.mqtt import QOS, make_client, running
 
     keys = keys or new_keys()
@@ -368,7 +393,7 @@ def run_keyholder(
         f"keyholder-{run}", inbox, protocol=broker.protocol,
         subscriptions=(topic(run, "aggregate"),), on_ready=ready,
     )  # fmt: skip
-    with running(client, broker):
+    with running(client, broker, identity=identity):
         pub = public_message(run, keys.public)
         client.publish(topic(run, "public"), pub, qos=QOS, retain=True).wait_for_publish(60)
         say(f"keyholder: public key {keys.key[:12]} on {topic(run, 'public')}")
@@ -396,17 +421,20 @@ def main(argv: list[str], prog: str = "python -m edge keyholder") -> int:
     """``python -m edge keyholder --broker URL --run RUN --model DIR``."""
     import signal
 
-    from edge.args import OneLineParser
+    from edge.args import OneLineParser, secure_broker
     from edge.manifest import ModelArtifact
-    from edge.mqtt import parse_broker_url
 
     p = OneLineParser(prog=prog, description="Hold a run's CKKS secret key; decrypt aggregates.")
-    p.add_argument("--broker", required=True, help="mqtt://[USER:PASSWORD@]HOST:PORT")
+    p.add_argument(
+        "--broker", required=True, help="mqtt://[USER:PASSWORD@]HOST:PORT, or mqtts:// with --pki"
+    )
+    p.add_argument("--pki", help="PKI folder with the key holder's identity (secure mode)")
+    p.add_argument("--id", default=KEYHOLDER, help=f"its identity (default {KEYHOLDER})")
     p.add_argument("--run", required=True, help="the run id")
     p.add_argument("--model", required=True, help="model folder with manifest.json")
     args = p.parse_args(argv)
     try:
-        broker = parse_broker_url(args.broker)
+        broker, _ = secure_broker(args.broker, args.pki, args.id)
         manifest = ModelArtifact.load(args.model).manifest
         tenseal()
     except (ValueError, OSError, HEError) as e:
@@ -415,5 +443,7 @@ def main(argv: list[str], prog: str = "python -m edge keyholder") -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    run_keyholder(args.run, broker, manifest, stop=stop, say=lambda s: print(s, flush=True))
+    run_keyholder(
+        args.run, broker, manifest, stop=stop, say=lambda s: print(s, flush=True), identity=args.id
+    )
     return 0

@@ -6,14 +6,17 @@ A run's protections are one spec string, steps separated by ``;``, each ``name:k
     dp:clip=1,sigma=0.8              update-level (local) DP: clip the update, add N(0, σ²C²)
     dpsgd:clip=1,sigma=1.1           DP-SGD: per-example clipping + noise in every local step
     central_dp:clip=1,sigma=1        DP-FedAvg: the device clips, the coordinator adds the noise
+    distributed_dp:clip=1,sigma=1    distributed DP under secagg: each of n devices adds 1/n of
+                                     the noise variance, so only the secure sum carries N(0, σ²C²)
     dummy:m=4,source=noise           m synthetic examples mixed into every local batch
     decoys:k=3                       k decoy updates published beside the real one (edge.decoy)
 
 The coordinator sends the spec in every task; the device parses it, applies the steps in the
 fixed stage order (batch → step → result → publish: ``dummy``, then ``dpsgd``, then
-``dp``/``central_dp``, then ``decoys``)
+``dp``/``central_dp``/``distributed_dp``, then ``decoys``)
 and writes what it applied into the update's ``defence`` field (``defence_json``). At most one
-differential-privacy step (``dp``, ``dpsgd``, ``central_dp``) per run: ε is accounted for one.
+differential-privacy step (``dp``, ``dpsgd``, ``central_dp``, ``distributed_dp``) per run: ε is
+accounted for one.
 
 Noise comes from the ``numpy.random.Generator`` the caller passes (the device seeds it from its
 seed and the round, so runs are reproducible and every runtime draws the same noise).
@@ -37,7 +40,7 @@ from edge.wire import MAX_DECOYS
 # Stages in the order they apply: to the batch, to the gradient step, to the finished update, to
 # what is published.
 STAGES = ("batch", "step", "result", "publish")
-DP_NAMES = ("dp", "dpsgd", "central_dp")
+DP_NAMES = ("dp", "dpsgd", "central_dp", "distributed_dp")
 
 
 class ProtectError(ValueError):
@@ -77,6 +80,21 @@ class CentralDP:
 
 
 @dataclass(frozen=True)
+class DistributedDP:
+    """Distributed DP (the Gaussian form of Kairouz et al. 2021) under secure aggregation: the
+    device clips its update to L2 norm ``clip`` and adds N(0, σ²·clip²/``shares``), so the sum of
+    ``shares`` devices' updates carries N(0, σ²·clip²) and no single update is more than weakly
+    noised. ``shares`` (the round's selected devices) is set by the coordinator in every task;
+    a device refuses the step without it, or without secure aggregation."""
+
+    name: ClassVar[str] = "distributed_dp"
+    stage: ClassVar[str] = "result"
+    clip: float
+    sigma: float | None = None
+    shares: int | None = None
+
+
+@dataclass(frozen=True)
 class Dummy:
     """``m`` synthetic examples appended to every local batch: uniform noise images in the range
     of the device's data with uniform random labels (``noise``), or examples drawn from a public
@@ -99,18 +117,23 @@ class Decoys:
     k: int
 
 
-Protection = DP | DPSGD | CentralDP | Dummy | Decoys
-REGISTRY: dict[str, type[Any]] = {c.name: c for c in (DP, DPSGD, CentralDP, Dummy, Decoys)}
+Protection = DP | DPSGD | CentralDP | DistributedDP | Dummy | Decoys
+DPStep = DP | DPSGD | CentralDP | DistributedDP
+REGISTRY: dict[str, type[Any]] = {
+    c.name: c for c in (DP, DPSGD, CentralDP, DistributedDP, Dummy, Decoys)
+}
 SOURCES = ("noise", "public")
 
 
 def _check(p: Protection) -> Protection:
     """Range checks of one protection's parameters."""
-    if isinstance(p, DP | DPSGD | CentralDP):
+    if isinstance(p, DPStep):
         if not (math.isfinite(p.clip) and p.clip > 0):
             raise ProtectError(f"{p.name}: clip={p.clip!r}; expected a number > 0")
         if p.sigma is not None and not (math.isfinite(p.sigma) and p.sigma >= 0):
             raise ProtectError(f"{p.name}: sigma={p.sigma!r}; expected a number >= 0")
+        if isinstance(p, DistributedDP) and p.shares is not None and p.shares < 1:
+            raise ProtectError(f"{p.name}: shares={p.shares!r}; expected an integer >= 1")
     elif isinstance(p, Dummy):
         if p.m < 1:
             raise ProtectError(f"dummy: m={p.m!r}; expected an integer >= 1")
@@ -196,9 +219,21 @@ def defence_json(steps: Sequence[Protection]) -> str:
     return json.dumps({"protect": [{"name": s.name, **_params(s)} for s in steps]})
 
 
-def dp_step(steps: Sequence[Protection]) -> DP | DPSGD | CentralDP | None:
+def dp_step(steps: Sequence[Protection]) -> DPStep | None:
     """The run's DP protection, if any."""
-    return next((s for s in steps if isinstance(s, DP | DPSGD | CentralDP)), None)
+    return next((s for s in steps if isinstance(s, DPStep)), None)
+
+
+def with_shares(spec: str, shares: int) -> str:
+    """``spec`` with its ``distributed_dp`` step's noise split over ``shares`` devices (what the
+    coordinator sends in a round of ``shares`` selected devices); unchanged without that step."""
+    steps = parse(spec)
+    if not any(isinstance(s, DistributedDP) for s in steps):
+        return spec
+    return format_spec(
+        [dataclasses.replace(s, shares=shares) if isinstance(s, DistributedDP) else s
+         for s in steps]
+    )  # fmt: skip
 
 
 def decoy_count(steps: Sequence[Protection]) -> int:
@@ -218,10 +253,43 @@ def with_decoys(spec: str, k: int) -> str:
     return format_spec(parse(f"{spec};decoys:k={k}"))
 
 
-def require_sigma(s: DP | DPSGD | CentralDP) -> float:
+def require_secagg(steps: Sequence[Protection], *, secagg: bool) -> None:
+    """``distributed_dp`` only with secure aggregation (``ProtectError``): alone, an update
+    carries 1/√shares of the noise, which protects it from no one."""
+    if not secagg and any(isinstance(s, DistributedDP) for s in steps):
+        raise ProtectError(
+            "distributed_dp needs secagg: each update carries only 1/sqrt(shares) of the noise, "
+            "so without the secure sum it is all but unprotected"
+        )
+
+
+def check_task(steps: Sequence[Protection], *, secagg: bool) -> None:
+    """What a device checks of a task's steps before training (``ProtectError``): the secure
+    aggregation ``distributed_dp`` needs, and the ``shares`` the coordinator must have set."""
+    require_secagg(steps, secagg=secagg)
+    for s in steps:
+        if isinstance(s, DistributedDP):
+            require_shares(s)
+
+
+def require_sigma(s: DPStep) -> float:
     if s.sigma is None:
         raise ProtectError(f"{s.name}: sigma is not set; give sigma=... or calibrate it")
     return s.sigma
+
+
+def require_shares(s: DistributedDP) -> int:
+    if s.shares is None:
+        raise ProtectError("distributed_dp: shares is not set (the coordinator sets it per round)")
+    return s.shares
+
+
+def device_noise_std(s: DP | DistributedDP) -> float:
+    """Std of the Gaussian noise a device adds to its clipped update: σ·C under ``dp``,
+    σ·C/√shares under ``distributed_dp``."""
+    if isinstance(s, DP):
+        return require_sigma(s) * s.clip
+    return require_sigma(s) * s.clip / math.sqrt(require_shares(s))
 
 
 # -- math: pure functions over named arrays ------------------------------------------------------
@@ -387,8 +455,9 @@ def protected_training(
     public: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LocalResult:
     """Local FedSGD/FedAvg with ``steps`` applied in stage order: dummies join every batch,
-    DP-SGD replaces each step's gradient, then ``dp`` clips and noises / ``central_dp`` clips
-    the finished update. Batches come from ``rng``, noise and dummies from ``noise_rng``."""
+    DP-SGD replaces each step's gradient, then ``dp`` clips and noises / ``central_dp`` clips /
+    ``distributed_dp`` clips and adds its share of the noise to the finished update. Batches
+    come from ``rng``, noise and dummies from ``noise_rng``."""
     step_fn: StepFn = backend.loss_and_grad
     sampler: Sampler | None = None
     reported: int | None = None
@@ -417,9 +486,9 @@ def protected_training(
     if reported is not None:
         result = dataclasses.replace(result, num_examples=reported)
     for s in steps:
-        if isinstance(s, DP):
+        if isinstance(s, DP | DistributedDP):
             clipped = clip_l2(result.params, s.clip)
-            noise = gaussian_like(clipped, require_sigma(s) * s.clip, noise_rng)
+            noise = gaussian_like(clipped, device_noise_std(s), noise_rng)
             result = dataclasses.replace(result, params=add_noise(clipped, noise))
         elif isinstance(s, CentralDP):
             result = dataclasses.replace(result, params=clip_l2(result.params, s.clip))

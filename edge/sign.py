@@ -179,6 +179,23 @@ class Verifier:
             raise WireError("revoked", f"{identity}'s certificate (serial {serial:x}) is revoked")
         return key
 
+    def role_of(self, identity: str) -> str:
+        """The role an enrolled, unrevoked ``identity`` has (``WireError`` as ``admit``)."""
+        self.admit(identity)
+        return self._keys[identity][1]
+
+    def check_any(self, buf: bytes, roles: tuple[str, ...]) -> str:
+        """The signer of ``buf`` when it is enrolled in one of ``roles``, unrevoked, and its
+        signature verifies; ``WireError`` otherwise."""
+        named = signed_part(buf)[2]
+        kind = self.role_of(named)
+        if kind not in roles:
+            raise WireError(
+                "bad_signature", f"signed by {named[:64]!r}, expected a {' or '.join(roles)}"
+            )
+        self.check(buf, named, kind)
+        return named
+
     def _certificate_key(self, identity: str) -> tuple[int, str, ed25519.Ed25519PublicKey]:
         try:
             path = cert_path(self.pki, identity)

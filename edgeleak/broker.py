@@ -194,7 +194,7 @@ def _tls(pki: Path | None, folder: str | Path) -> str | None:
     from edgeleak.pki import acl_text, mosquitto_tls
 
     acl = Path(folder) / "acl"
-    acl.write_text(acl_text())
+    acl.write_text(acl_text(pki))
     return mosquitto_tls(pki, acl)
 
 

@@ -150,8 +150,14 @@ def _pki(args: argparse.Namespace) -> int:
         print(f"CA and broker certificate in {folder}; enrol with `edgeleak pki enroll {folder} "
               "--device ID` (and --device coordinator --role coordinator)")  # fmt: skip
     elif args.action == "enroll":
-        path = pki.enroll(folder, args.device, args.role)
-        print(f"enrolled {args.device} ({args.role}): {path} and its .key")
+        if args.group and args.role != "aggregator":
+            raise UsageError(f"--group is for --role aggregator, not {args.role}")
+        if not args.group or pki.role(folder, args.device) is None:
+            path = pki.enroll(folder, args.device, args.role)
+            print(f"enrolled {args.device} ({args.role}): {path} and its .key")
+        for g in args.group or ():
+            pki.serve_group(folder, args.device, g)
+            print(f"{args.device} serves group run {g}; restart the broker so that its ACL says so")
     else:
         path = pki.revoke(folder, args.device)
         print(f"revoked {args.device}: {path} updated; restart the broker so that it reads it")
@@ -548,9 +554,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name == "protect":
             parser.add_argument(
                 "--protect", dest="protect", action="append",
-                help="a client-side protection, repeatable: dp:clip=C,sigma=S | "
-                "dpsgd:clip=C,sigma=S | central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public | "
-                "decoys:k=K",
+                help=f"repeatable; {FIELD_HELP['protect']}",
             )  # fmt: skip
             continue
         if f.name == "he":
@@ -633,6 +637,11 @@ def build_parser() -> argparse.ArgumentParser:
             ke.add_argument(
                 "--role", default="device", choices=("device", "coordinator", "aggregator", "keyholder"),
                 help="device (default), coordinator, aggregator or keyholder",
+            )  # fmt: skip
+            ke.add_argument(
+                "--group", action="append", metavar="RUN.GROUP",
+                help="an aggregator: a group run it serves (repeatable; also for one enrolled "
+                "before); the broker's ACL lets it task and read that group's devices",
             )  # fmt: skip
     k.set_defaults(func=_pki)
 

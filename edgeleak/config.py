@@ -95,7 +95,8 @@ FIELD_HELP: dict[str, str] = {
     "max_batch_size": "a device refuses a task with a larger batch",
     "max_steps": "a device refuses a task costing more SGD steps (epochs x batches)",
     "protect": "client-side protections, ';'-separated: dp:clip=C,sigma=S | dpsgd:clip=C,sigma=S "
-    "| central_dp:clip=C,sigma=S | dummy:m=M,source=noise|public | decoys:k=K",
+    "| central_dp:clip=C,sigma=S | distributed_dp:clip=C,sigma=S (with secagg) "
+    "| dummy:m=M,source=noise|public | decoys:k=K",
     "dp_epsilon": "> 0: calibrate the DP protection's sigma to this epsilon for the whole run",
     "dp_delta": "delta of the privacy accounting and of the calibration",
     "secagg": "secure aggregation (SecAgg+): k=NEIGHBOURS (0: all),t=FRACTION,clip=C,bits=B; "
@@ -301,6 +302,15 @@ class ExperimentConfig:
         if dp is not None and self.dp_epsilon == 0 and dp.sigma is None:
             raise ConfigError(
                 f"{dp.name}: no sigma; give {dp.name}:clip={dp.clip},sigma=S or --dp-epsilon E"
+            )
+        try:
+            protect.require_secagg(steps, secagg=bool(self.secagg))
+        except protect.ProtectError as e:
+            raise ConfigError(f"protect={self.protect!r}: {e}") from None
+        if isinstance(dp, protect.DistributedDP) and dp.shares is not None:
+            raise ConfigError(
+                f"distributed_dp: shares={dp.shares} is set by the coordinator in every round "
+                "(the round's selected devices); leave it out"
             )
         if isinstance(dp, protect.CentralDP) and self.aggregator != "mean":
             raise ConfigError(

@@ -27,6 +27,7 @@ from edge import protect
 from edge.backends import Backend, load_backend
 from edge.decoy import new_key, save_key
 from edge.device import TaskLimits, task_steps
+from edge.he import KEYHOLDER
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, parse_broker_url, with_pki
 from edge.poison import Poison, choose_malicious, replacement_boost
@@ -34,7 +35,7 @@ from edgeleak import checks
 from edgeleak.broker import local_broker
 from edgeleak.config import ConfigError, ExperimentConfig
 from edgeleak.errors import UsageError
-from edgeleak.hierarchy import GroupedFleet, groups, keyholder
+from edgeleak.hierarchy import GroupedFleet, aggregator_ids, groups, keyholder
 from edgeleak.leak import attack_captures, decoy_leaks, fleet_truth
 from edgeleak.report import SUMMARY_UNITS, software_versions
 
@@ -497,7 +498,11 @@ def run_experiment(
     if pki is not None:
         from edgeleak.pki import ensure_fleet
 
-        ensure_fleet(pki, [f"d{i:04d}" for i in range(cfg.devices)])
+        ensure_fleet(
+            pki, [f"d{i:04d}" for i in range(cfg.devices)],
+            keyholder=KEYHOLDER if cfg.he else None,
+            groups=aggregator_ids(run, cfg.devices, cfg.aggregators) if cfg.aggregators else None,
+        )  # fmt: skip
     store = RunStore(out / "run.db")
     cols = (
         TextColumn("[bold]{task.description}"),
@@ -576,11 +581,6 @@ def _check_secure(cfg: ExperimentConfig) -> None:
         )
     if cfg.decoys:
         raise UsageError("decoys publish under pseudonyms, which secure mode's ACL refuses")
-    if cfg.he or cfg.aggregators:
-        raise UsageError(
-            "he and aggregators use topics (he/*, <run>.<group>/*) and unsigned updates that "
-            "secure mode's ACL and signature checks refuse: leave out --secure/--pki"
-        )
 
 
 def build_summary(

@@ -14,13 +14,26 @@ from pathlib import Path
 from devices.fleet import Fleet, FleetSpec
 from devices.orphans import parent_death_hook
 from edge.aggregator import EdgeAggregator, group_run, run_aggregator
+from edge.he import KEYHOLDER
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress
+from edge.sign import Credentials
 
 
 def groups(n_devices: int, k: int) -> list[range]:
     """Consecutive groups of ``k`` device indices (the last may be smaller)."""
     return [range(i, min(i + k, n_devices)) for i in range(0, n_devices, k)]
+
+
+def group_names(i: int) -> tuple[str, str]:
+    """(aggregator id, group name) of the demo's ``i``-th group: ``agg-g<i>``, ``g<i>``."""
+    return f"agg-g{i}", f"g{i}"
+
+
+def aggregator_ids(run: str, n_devices: int, k: int) -> dict[str, str]:
+    """The demo's aggregators and the group run each serves (``<run>.g<i>``)."""
+    names = [group_names(i) for i in range(len(groups(n_devices, k)))]
+    return {agg: group_run(run, group) for agg, group in names}
 
 
 class GroupedFleet:
@@ -31,17 +44,21 @@ class GroupedFleet:
     def __init__(
         self, spec: FleetSpec, k: int, artifact: ModelArtifact, broker: BrokerAddress
     ) -> None:
+        """In secure mode (``broker.pki``) each aggregator signs with its enrolled identity
+        (``aggregator_ids``)."""
         self.broker = broker
         self.parts: list[tuple[EdgeAggregator, FleetSpec]] = []
         for i, idx in enumerate(groups(len(spec.devices), k)):
             devs = tuple(spec.devices[j] for j in idx)
+            agg_id, group = group_names(i)
+            creds = Credentials.load(broker.pki, agg_id) if broker.pki else None
             agg = EdgeAggregator(
-                f"agg-g{i}", spec.run, f"g{i}", [d.device_id for d in devs], artifact
+                agg_id, spec.run, group, [d.device_id for d in devs], artifact, credentials=creds
             )
             sub = dataclasses.replace(
-                spec, run=group_run(spec.run, f"g{i}"), devices=devs, workers=1,
+                spec, run=group_run(spec.run, group), devices=devs, workers=1,
                 # each group's fleet numbers its workers from 0: one truth folder per group
-                truth_dir=str(Path(spec.truth_dir) / f"g{i}") if spec.truth_dir else None,
+                truth_dir=str(Path(spec.truth_dir) / group) if spec.truth_dir else None,
             )  # fmt: skip
             self.parts.append((agg, sub))
         self.fleets = [Fleet(sub) for _, sub in self.parts]
@@ -74,10 +91,12 @@ class GroupedFleet:
 
 @contextmanager
 def keyholder(broker: BrokerAddress, run: str, artifact: ModelArtifact) -> Iterator[None]:
-    """``python -m edge keyholder`` for the block: its own process holds the secret key."""
+    """``python -m edge keyholder`` for the block: its own process holds the secret key (in
+    secure mode under the identity ``keyholder`` of ``broker.pki``)."""
+    secure = ["--pki", broker.pki, "--id", KEYHOLDER] if broker.pki else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge", "keyholder", "--broker", broker.secret_url, "--run", run,
-         "--model", str(artifact.folder)],
+         "--model", str(artifact.folder), *secure],
         stdout=subprocess.DEVNULL, preexec_fn=parent_death_hook(),  # dies with the demo
     )  # fmt: skip
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cryptography import x509
@@ -15,12 +15,15 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge import sign
+from edge.aggregator import group_run as aggregator_group_run
+from edge.wire import WireError
 from edgeleak.errors import UsageError
 
 CA_DAYS = 3650
 CERT_DAYS = 825
 DEFAULT_HOSTS = ("127.0.0.1", "localhost", "::1")
 REVOKED_LIST = "revoked.txt"  # ids revoked so far, one a line (the CRL holds their serials)
+GROUPS = "groups"  # groups/<aggregator>: the group runs it serves, one a line (serve_group)
 
 
 def _now() -> datetime.datetime:
@@ -202,15 +205,57 @@ def _write_crl(
     tmp.replace(pki / sign.CRL)  # atomic: verifiers never read half a CRL
 
 
-def ensure_fleet(pki: Path, devices: Iterable[str]) -> None:
-    """A CA in ``pki`` (created if absent) with the coordinator and every device enrolled."""
+def serve_group(pki: Path, aggregator: str, group_run: str) -> Path:
+    """Let the enrolled ``aggregator`` serve the group run ``group_run`` (``<run>.<group>``):
+    the broker's ACL gives it that group's task and control topics to write and its update and
+    status topics to read (``groups/<aggregator>``, one group run per line; restart the broker
+    to apply)."""
+    if role(pki, aggregator) != "aggregator":
+        raise UsageError(
+            f"{aggregator} is not enrolled in {pki} as an aggregator (--role aggregator)"
+        )
+    run, dot, group = group_run.partition(".")
+    try:
+        if not dot:
+            raise ValueError("expected RUN.GROUP, as the group's devices use in --run")
+        aggregator_group_run(run, group)
+    except ValueError as e:
+        raise UsageError(f"--group {group_run!r}: {e}") from None
+    path = pki / GROUPS / aggregator
+    path.parent.mkdir(exist_ok=True)
+    have = path.read_text().split() if path.is_file() else []
+    if group_run not in have:
+        path.write_text("".join(f"{g}\n" for g in [*have, group_run]))
+    return path
+
+
+def role(pki: Path, identity: str) -> str | None:
+    """The role of an enrolled, unrevoked identity in ``pki``; None for any other."""
+    try:
+        return sign.Verifier(pki).role_of(identity)
+    except (WireError, OSError):
+        return None
+
+
+def ensure_fleet(
+    pki: Path,
+    devices: Iterable[str],
+    *,
+    keyholder: str | None = None,
+    groups: Mapping[str, str] | None = None,
+) -> None:
+    """A CA in ``pki`` (created if absent) with the coordinator and every device enrolled; a
+    ``keyholder`` identity; aggregators (``groups``: aggregator id → the group run it serves)."""
     if not (pki / sign.CA_KEY).is_file():
         init(pki)
-    if not sign.cert_path(pki, sign.COORDINATOR).is_file():
-        enroll(pki, sign.COORDINATOR, sign.COORDINATOR)
-    for d in devices:
-        if not sign.cert_path(pki, d).is_file():
-            enroll(pki, d)
+    need = [(sign.COORDINATOR, sign.COORDINATOR), *((d, "device") for d in devices)]
+    need += [(keyholder, "keyholder")] if keyholder else []
+    need += [(a, "aggregator") for a in groups or {}]
+    for identity, kind in need:
+        if not sign.cert_path(pki, identity).is_file():
+            enroll(pki, identity, kind)
+    for agg, group_run in (groups or {}).items():
+        serve_group(pki, agg, group_run)
 
 
 # -- the broker ---------------------------------------------------------------------------------
@@ -225,18 +270,44 @@ pattern read edgeleak/+/task/%u
 pattern read edgeleak/+/control
 pattern write edgeleak/+/secagg/+/%u
 pattern read edgeleak/+/secagg-to/%u/+
+pattern read edgeleak/+/he/public
 
 user {sign.COORDINATOR}
 topic readwrite edgeleak/#
 """
+KEYHOLDER_ACL = """
+user {id}
+topic read edgeleak/+/he/aggregate
+topic write edgeleak/+/he/public
+topic write edgeleak/+/he/result
+"""
+GROUP_ACL = """\
+topic write edgeleak/{g}/task/+
+topic write edgeleak/{g}/control
+topic read edgeleak/{g}/update/+
+topic read edgeleak/{g}/status/+
+"""
 
 
-def acl_text() -> str:
-    """mosquitto's acl_file: devices write only their own update and status topics and read
-    their own task and status topics and the control topic, and their own secure-aggregation
-    topics (``secagg/<phase>/<id>`` out, ``secagg-to/<id>/<phase>`` in); only the coordinator
-    reads updates and writes tasks and control."""
-    return ACL
+def acl_text(pki: Path | None = None) -> str:
+    """mosquitto's acl_file. Devices write only their own update and status topics and read
+    their own task and status topics, the control topics and the HE public key, and their own
+    secure-aggregation topics (``secagg/<phase>/<id>`` out, ``secagg-to/<id>/<phase>`` in); only
+    the coordinator reads updates and writes tasks and control. From ``pki``: every enrolled
+    key holder may publish HE keys and results and read aggregates; every aggregator may task,
+    and read, the devices of the group runs it serves (``serve_group``), nothing more."""
+    text = ACL
+    if pki is None:
+        return text
+    for crt in sorted((pki / sign.IDENTITIES).glob("*.crt")):
+        identity, kind = crt.stem, role(pki, crt.stem)
+        if kind == "keyholder":
+            text += KEYHOLDER_ACL.format(id=identity)
+        elif kind == "aggregator":
+            path = pki / GROUPS / identity
+            served = path.read_text().split() if path.is_file() else []
+            text += f"\nuser {identity}\n" + "".join(GROUP_ACL.format(g=g) for g in served)
+    return text
 
 
 def mosquitto_tls(pki: Path, acl_file: Path) -> str:

@@ -36,8 +36,8 @@ def test_ckks_sum_within_tolerance(lenet_artifact: ModelArtifact) -> None:
     total = he.add([he.load(public, t, manifest.num_parameters) for t in tensors])
     got = he.decrypt(keys, he.pack(total), manifest.num_parameters)
     want = np.sum(vectors, axis=0)
-    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
-    assert np.abs(got - want).max() > 0  # CKKS is approximate: this is the real thing
+    # CKKS is approximate: at scale 2^52 within ~1e-11 (absolute) of the float64 sum
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-10
     # ciphertexts cannot be decrypted with the public context
     with pytest.raises(ValueError, match="secret"):
         total[0].decrypt()
@@ -78,8 +78,11 @@ def test_he_round_equals_plaintext(
     want = expected_round(
         lenet_artifact, w0, tmp_path / "truth", run, 1, algorithm="fedavg", lr=0.05, batch_size=8
     )
+    # CKKS at scale 2^52: the mean is off by ~1e-13, which rounds to the other float32 only
+    # where the exact mean lies on (or next to) a rounding tie: 1 ULP of the mean, so at most
+    # 2 ULP of a weight after the step
     for k in w0:
-        np.testing.assert_allclose(coord.weights[k], want[k], rtol=0, atol=1e-6)
+        np.testing.assert_array_max_ulp(coord.weights[k], want[k], maxulp=2)
     assert any(np.abs(coord.weights[k] - w0[k]).max() > 1e-4 for k in w0)
     (n, up,) = store.db.execute(
         "SELECT COUNT(*), SUM(bytes) FROM messages WHERE run=? AND kind='update'", (run,)

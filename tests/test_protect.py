@@ -10,7 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from coordinator.accounting import calibrate_sigma, epsilon, round_event, run_epsilon
+from coordinator.accounting import (
+    calibrate_sigma,
+    distributed_sigma,
+    epsilon,
+    round_event,
+    run_epsilon,
+)
 from coordinator.aggregate import central_dp_mean
 from devices.datasets import load_dataset
 from edge import protect, wire
@@ -45,7 +51,7 @@ def test_parse_orders_by_stage_and_formats_back() -> None:
     [
         (
             "laplace:b=1",
-            "unknown protection 'laplace'; expected one of dp, dpsgd, central_dp, dummy",
+            "unknown protection 'laplace'; expected one of dp, dpsgd, central_dp, distributed_dp, dummy",
         ),
         ("dp:clip=1,eps=2", "dp: unknown parameter 'eps'; expected clip, sigma"),
         ("dp:sigma=1", "dp: missing clip (e.g. dp:clip=1)"),
@@ -55,6 +61,8 @@ def test_parse_orders_by_stage_and_formats_back() -> None:
         ("dummy:m=2,source=web", "dummy: source='web'; expected one of noise, public"),
         ("dp:clip=1,sigma=1;dpsgd:clip=1,sigma=1", "dp and dpsgd: at most one DP protection"),
         ("dummy:1;dummy:2", "protection 'dummy' given twice"),
+        ("distributed_dp:clip=1,sigma=1,shares=0", "distributed_dp: shares=0; expected an integer"),
+        ("central_dp:clip=1,sigma=1;distributed_dp:clip=1", "at most one DP protection"),
     ],
 )
 def test_parse_errors_name_what_is_valid(spec: str, message: str) -> None:
@@ -74,6 +82,35 @@ def test_config_checks_protect() -> None:
         ExperimentConfig(protect="central_dp:clip=1,sigma=1", aggregator="median")
     cfg = ExperimentConfig.from_dict({"protect": ["dp:clip=1,sigma=2", "dummy:m=1"]})
     assert cfg.protect == "dp:clip=1,sigma=2;dummy:m=1"
+    with pytest.raises(ConfigError, match="distributed_dp needs secagg"):
+        ExperimentConfig(protect="distributed_dp:clip=1,sigma=1")
+    with pytest.raises(ConfigError, match="shares=4 is set by the coordinator"):
+        ExperimentConfig(protect="distributed_dp:clip=1,sigma=1,shares=4", secagg="k=0")
+    with pytest.raises(ConfigError, match="let the devices add the noise with distributed_dp"):
+        ExperimentConfig(protect="central_dp:clip=1,sigma=1", secagg="k=0")
+    with pytest.raises(ConfigError, match="secagg clip=0.5 is below distributed_dp clip=1"):
+        ExperimentConfig(protect="distributed_dp:clip=1,sigma=1", secagg="k=0,clip=0.5")
+    for spec in (
+        "distributed_dp:clip=1,sigma=1",
+        "dp:clip=1,sigma=1;dummy:m=2",
+        "dpsgd:clip=1,sigma=1",
+    ):
+        assert ExperimentConfig(protect=spec, secagg="k=0").secagg == "k=0"
+
+
+def test_with_shares_sets_the_noise_split_of_distributed_dp_only() -> None:
+    spec = "dummy:m=2;distributed_dp:clip=0.5,sigma=2"
+    (dummy, ddp) = protect.parse(protect.with_shares(spec, 7))
+    assert ddp == protect.DistributedDP(clip=0.5, sigma=2.0, shares=7) and isinstance(
+        dummy, protect.Dummy
+    )
+    assert protect.device_noise_std(ddp) == 2.0 * 0.5 / math.sqrt(7)
+    assert protect.with_shares("dp:clip=1,sigma=1", 7) == "dp:clip=1,sigma=1"
+    with pytest.raises(protect.ProtectError, match="needs secagg"):
+        protect.check_task(protect.parse(protect.with_shares(spec, 7)), secagg=False)
+    with pytest.raises(protect.ProtectError, match="shares is not set"):
+        protect.check_task(protect.parse(spec), secagg=True)
+    protect.check_task(protect.parse(protect.with_shares(spec, 7)), secagg=True)
 
 
 # -- DP-SGD: per-example gradients ---------------------------------------------------------------
@@ -257,7 +294,8 @@ def test_device_refuses_a_task_it_cannot_follow(
         key=bytes(32), decoy_data=batch,
     )  # fmt: skip
     cases = [("dp:clip=1", 0), ("dummy:m=2,source=public", 0), ("laplace:1", 0),
-             ("decoys:k=2", 0), ("decoys:k=2", 1)]  # fmt: skip
+             ("decoys:k=2", 0), ("decoys:k=2", 1),
+             ("distributed_dp:clip=1,sigma=1,shares=4", 0)]  # fmt: skip
     for i, (spec, decoys) in enumerate(cases):
         task = wire.Task(
             run="r", round=1 + i, device="d1", algorithm="fedsgd", lr=0.1, epochs=1,
@@ -266,7 +304,38 @@ def test_device_refuses_a_task_it_cannot_follow(
         )  # fmt: skip
         msg = Received(wire.task_topic("r", "d1"), wire.encode_task(task), False, time.time())
         assert dev.handle(msg) == []
-    assert dev.rejected == {"bad_protect": 5}
+    assert dev.rejected == {"bad_protect": 6}
+
+
+def test_distributed_dp_adds_a_share_of_the_noise(
+    lenet_artifact: ModelArtifact, batch: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = batch
+    backend = load_backend("onnx", lenet_artifact)
+    w0 = lenet_artifact.initial_params()
+    plan = protect.LocalPlan("fedsgd", 1, 8, 0.1)
+    steps = protect.parse("distributed_dp:clip=0.2,sigma=0.5,shares=25")
+    out = protect.protected_training(
+        steps, backend, w0, x, y, plan, rng=device_rng(1, "d", 1),
+        noise_rng=np.random.default_rng(9), num_classes=10,
+    )  # fmt: skip
+    idx = minibatches(len(x), 8, device_rng(1, "d", 1))[0]
+    g = protect.clip_l2(backend.loss_and_grad(w0, x[idx], y[idx]).grads, 0.2)
+    noise = protect.gaussian_like(g, 0.5 * 0.2 / 5, np.random.default_rng(9))
+    for k in g:
+        np.testing.assert_allclose(out.params[k], g[k] + noise[k], rtol=0, atol=1e-7)
+    with pytest.raises(protect.ProtectError, match="shares is not set"):
+        protect.protected_training(
+            protect.parse("distributed_dp:clip=0.2,sigma=0.5"), backend, w0, x, y, plan,
+            rng=device_rng(1, "d", 1), noise_rng=np.random.default_rng(9), num_classes=10,
+        )  # fmt: skip
+
+
+def test_distributed_sigma_counts_the_surviving_shares() -> None:
+    assert distributed_sigma(2.0, survivors=100, shares=100) == 2.0
+    assert distributed_sigma(2.0, survivors=70, shares=100) == pytest.approx(2.0 * math.sqrt(0.7))
+    with pytest.raises(ValueError, match="survivors=0 of shares=10"):
+        distributed_sigma(1.0, survivors=0, shares=10)
 
 
 def test_dummy_examples_join_every_batch(lenet_artifact: ModelArtifact) -> None:

@@ -19,20 +19,27 @@ from coordinator.server import Coordinator, RoundPlan
 from coordinator.store import RunStore
 from devices.datasets import load_dataset
 from devices.fleet import Fleet, read_truth
+from edge import protect
 from edge import secagg as sa
 from edge.backends import load_backend
+from edge.device import noise_rng
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, Received, make_client, running, wait_until
 from edgeleak.config import ConfigError, ExperimentConfig
 from tests.fedutil import contiguous_shards, fleet
 
 
+@pytest.mark.parametrize("ddp", ["", "distributed_dp:clip=0.05,sigma=0.5"])
 def test_fedsgd_round_with_secagg_is_the_fixed_point_mean(
-    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path, ddp: str
 ) -> None:
+    """Plain, and with distributed DP: each device clips and adds N(0, σ²C²/4) (its seeded
+    noise), and the model moves by the fixed-point mean of exactly those updates."""
     run = "t" + uuid.uuid4().hex[:8]
     spec = sa.SecAggSpec(k=0, t=0.5, clip=0.5, bits=20)
-    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=4, deadline_s=120, secagg=spec.text)
+    plan = RoundPlan(
+        algorithm="fedsgd", lr=0.1, batch_size=4, deadline_s=120, secagg=spec.text, protect=ddp
+    )
     store = RunStore(tmp_path / "run.db")
     sizes = [5, 6, 7, 8]
     fspec = fleet(run, mosquitto, lenet_artifact, contiguous_shards(sizes), tmp_path / "truth")
@@ -63,6 +70,12 @@ def test_fedsgd_round_with_secagg_is_the_fixed_point_mean(
             continue
         idx = np.array(rec["examples"])
         g = backend.loss_and_grad(w0, data.x_train[idx], data.y_train[idx]).grads
+        if ddp:
+            g = protect.clip_l2(g, 0.05)
+            noise = protect.gaussian_like(
+                g, 0.5 * 0.05 / 2, noise_rng(int(rec["device"][1:]), 1, rec["device"])
+            )
+            g = protect.add_noise(g, noise)
         enc.append(sa.encode_fixed(sa.flatten(g, names), spec.clip, spec.bits))
     assert len(enc) == 4
     total = np.sum(np.stack(enc).astype(np.uint64), axis=0).astype(np.uint32)  # mod 2^32
@@ -93,6 +106,13 @@ def test_fedsgd_round_with_secagg_is_the_fixed_point_mean(
         (run,),
     ).fetchone()[0]
     assert res.bytes_up == up
+    # ε per device: one Gaussian mechanism on the sum, σ·√(4 survivors / 4 shares) = σ
+    privacy = store.db.execute(
+        "SELECT round, device, mechanism, sigma, rounds FROM privacy WHERE run=? ORDER BY 1, 2",
+        (run,),
+    ).fetchall()
+    want = [(r, f"d{i:04d}", "distributed_dp", 0.5, r) for r in (1, 2) for i in range(4)]
+    assert privacy == (want if ddp else [])
 
 
 def test_config_and_flag_refuse_what_secagg_cannot_do(tmp_path: Path) -> None:
@@ -101,7 +121,7 @@ def test_config_and_flag_refuse_what_secagg_cannot_do(tmp_path: Path) -> None:
         ({"secagg": "k=3"}, "even"),
         ({"secagg": "k=0", "aggregator": "median"}, "aggregator 'mean'"),
         ({"secagg": "k=0", "codec": "int8"}, "codec f32"),
-        ({"secagg": "k=0", "protect": "dp:clip=1,sigma=1"}, "distributed DP"),
+        ({"secagg": "k=0", "protect": "central_dp:clip=1,sigma=1"}, "distributed_dp:clip=1,"),
     ):
         with pytest.raises(ConfigError, match=msg):
             ExperimentConfig(**kw)  # type: ignore[arg-type]

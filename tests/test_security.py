@@ -292,7 +292,7 @@ def test_device_refuses_forged_tasks_and_trains_on_nothing(
     lines = [r.getMessage() for r in caplog.records]
     assert [line.split(": ", 2)[2] for line in lines] == [
         "unsigned message (no __sig__ tensor or signer)",
-        "signed by 'spy', expected 'coordinator'",
+        "signed by 'spy', expected a coordinator or aggregator",
     ]
     genuine = wire.encode_task(task, signer=sign.Signer.load(pki_dir, "coordinator"))
     (out,) = deliver(genuine)
@@ -376,3 +376,130 @@ def test_device_process_with_pki_joins_a_secure_round(
     assert (res.selected, res.accepted, res.rejected) == (1, 1, 0)
     assert f"device d0001: run {run} round 1: 16 examples, loss " in out
     assert "refused tasks: none" in out
+
+
+# -- key holder and edge aggregators in secure mode ----------------------------------------------
+
+
+def test_acl_gives_keyholder_and_aggregators_their_topics_only(tmp_path: Path) -> None:
+    """The broker's ACL from the PKI: the key holder alone (besides the coordinator) publishes
+    HE keys and results; an aggregator tasks and reads the devices of its group run, and no
+    other run's; devices read the public key."""
+    d = tmp_path / "ca"
+    pki.ensure_fleet(d, ["d0000", "d0001"], keyholder="keyholder", groups={"agg-g0": "ra.g0"})
+    with local_broker("mosquitto", pki=d) as (broker, _):
+        agg, dev, kh = (Client(broker, d, who) for who in ("agg-g0", "d0000", "keyholder"))
+        assert [c.outcome() for c in (agg, dev, kh)] == ["Success"] * 3
+        agg.c.subscribe([("edgeleak/ra.g0/update/+", QOS), ("edgeleak/rb.g0/update/+", QOS),
+                         ("edgeleak/ra/update/+", QOS), ("edgeleak/ra/he/result", QOS)])  # fmt: skip
+        dev.c.subscribe([("edgeleak/ra.g0/task/d0000", QOS), ("edgeleak/rb.g0/task/d0000", QOS),
+                         ("edgeleak/ra/he/public", QOS)])  # fmt: skip
+        agg.granted.get(timeout=30)
+        dev.granted.get(timeout=30)
+        kh.c.publish("edgeleak/ra/he/public", b"pk", qos=QOS, retain=True).wait_for_publish(30)
+        for t in ("edgeleak/ra.g0/update/d0000", "edgeleak/rb.g0/update/d0000",
+                  "edgeleak/ra/update/d0000"):  # fmt: skip
+            dev.c.publish(t, t.encode(), qos=QOS).wait_for_publish(30)
+        agg.c.publish("edgeleak/ra.g0/task/d0000", b"task", qos=QOS).wait_for_publish(30)
+        got = [agg.inbox.get(timeout=30).topic, dev.inbox.get(timeout=30).topic]
+        got.append(dev.inbox.get(timeout=30).topic)
+        assert sorted(got) == ["edgeleak/ra.g0/task/d0000", "edgeleak/ra.g0/update/d0000",
+                               "edgeleak/ra/he/public"]  # fmt: skip
+        # outside its group the aggregator's publish costs it the connection, and reaches no one
+        agg.c.publish("edgeleak/rb.g0/task/d0000", b"task", qos=QOS)
+        assert agg.outcome().startswith("disconnect")
+        # a device may not publish a decrypted "result" (only the key holder and coordinator)
+        dev.c.publish("edgeleak/ra/he/result", b"forged", qos=QOS)
+        assert dev.outcome().startswith("disconnect")
+        time.sleep(0.5)
+        assert agg.inbox.qsize() == 0 and dev.inbox.qsize() == 0
+        for c in (agg, dev, kh):
+            c.close()
+    acl = pki.acl_text(d)
+    assert "user keyholder\n" in acl and "user agg-g0\ntopic write edgeleak/ra.g0/task/+\n" in acl
+    with pytest.raises(UsageError, match="not enrolled in .* as an aggregator"):
+        pki.serve_group(d, "d0000", "ra.g1")
+    with pytest.raises(UsageError, match="expected RUN.GROUP"):
+        pki.serve_group(d, "agg-g0", "ra")
+
+
+def test_device_takes_tasks_signed_by_its_aggregator_and_aggregator_checks_signatures(
+    pki_dir: Path, lenet_artifact: ModelArtifact
+) -> None:
+    from edge.aggregator import EdgeAggregator
+
+    ca = pki_dir.parent / "agg-ca"
+    if not ca.exists():
+        pki.ensure_fleet(ca, ["d0000", "d0001"], groups={"agg-g0": "r.g0"})
+    coordinator = sign.Signer.load(ca, "coordinator")
+    agg = EdgeAggregator("agg-g0", "r", "g0", ["d0000"], lenet_artifact,
+                         credentials=sign.Credentials.load(ca, "agg-g0"))  # fmt: skip
+    task = wire.Task(run="r", round=1, device="agg-g0", algorithm="fedavg", lr=0.1, epochs=1,
+                     batch_size=8, model_hash=lenet_artifact.manifest.sha256,
+                     weights=lenet_artifact.initial_params())  # fmt: skip
+    topic = wire.task_topic("r", "agg-g0")
+    now = time.monotonic()
+    assert agg.handle(Received(topic, wire.encode_task(task), False, now)) == []
+    forged = wire.encode_task(task, signer=sign.Signer.load(ca, "d0001"))
+    assert agg.handle(Received(topic, forged, False, now)) == []
+    assert agg.rejected == {"bad_signature": 2}
+    (relayed,) = agg.handle(Received(topic, wire.encode_task(task, signer=coordinator), False, now))
+    assert relayed.topic == "edgeleak/r.g0/task/d0000"
+    assert sign.signed_part(relayed.payload)[2] == "agg-g0"
+    x = np.zeros((8, *lenet_artifact.manifest.input_shape), np.float32)
+    dev = Device("d0000", "r.g0", lenet_artifact, load_backend("onnx", lenet_artifact), x,
+                 np.zeros(8, np.int64), credentials=sign.Credentials.load(ca, "d0000"))  # fmt: skip
+    (update,) = dev.handle(Received(relayed.topic, relayed.payload, False, now))
+    # an update signed by another device than its topic's is refused; the genuine one is taken
+    other = wire.encode_update(
+        _update("r.g0", "d0000", 1, lenet_artifact), signer=sign.Signer.load(ca, "d0001")
+    )
+    agg.handle(Received("edgeleak/r.g0/update/d0000", other, False, now))
+    assert agg.rejected == {"bad_signature": 3}
+    agg.announced["d0000"] = 8
+    (up,) = agg.handle(Received(update.topic, update.payload, False, now))  # type: ignore[attr-defined]
+    assert up.topic == "edgeleak/r/update/agg-g0"
+    sign.Verifier(ca).check(up.payload, "agg-g0", role="aggregator")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, kinds",
+    [
+        (["--secagg", "k=0", "--devices", "3"], {"secagg_masked": 3}),
+        (["--he", "--devices", "3"], {"update": 3}),
+        (["--aggregators", "2", "--devices", "4"], {"aggregate": 2, "group_up": 2}),
+    ],
+    ids=["secagg", "he", "aggregators"],
+)
+def test_secure_demo_with_server_side_protections(
+    tmp_path: Path, flags: list[str], kinds: dict[str, int]
+) -> None:
+    """`edgeleak demo --secure` with each server-side protection: every identity enrolled
+    (key holder, aggregators with their group runs), TLS + ACL + signatures, every round whole."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeleak.cli", "demo", "--secure", "--rounds", "1", "--out",
+         str(out), "--seed", "3", *flags],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    db = sqlite3.connect(out / "run.db")
+    (selected, accepted, rejected) = db.execute(
+        "SELECT selected, accepted, rejected FROM rounds WHERE round=1"
+    ).fetchone()
+    assert selected == accepted > 0 and rejected == 0
+    counts = dict(db.execute("SELECT kind, COUNT(*) FROM messages GROUP BY kind").fetchall())
+    assert {k: counts.get(k) for k in kinds} == kinds
+    s = json.loads((out / "summary.json").read_text())
+    assert s["bytes_up"] == sum(r["bytes_up"] for r in s["rounds"]) > 0
+    roles = {p.stem: pki.role(out / "pki", p.stem) for p in (out / "pki/identities").glob("*.crt")}
+    if "--he" in flags:
+        assert roles["keyholder"] == "keyholder"
+    if "--aggregators" in flags:
+        assert roles["agg-g0"] == roles["agg-g1"] == "aggregator"
+        assert (out / "pki/groups/agg-g1").read_text() == f"{s['run']}.g1\n"
