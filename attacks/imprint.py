@@ -68,6 +68,16 @@ def bin_differences(
     return dw_diff, db_diff, order
 
 
+def imprinted_inputs(
+    weight_grad: np.ndarray, bias_grad: np.ndarray, bias: np.ndarray, *, rel_tol: float = 1e-6
+) -> np.ndarray:
+    """The model inputs [m, D] read off an imprint's rows: one per bin whose bias-gradient
+    difference is above ``rel_tol`` of the largest (the others are empty)."""
+    dw, db, _ = bin_differences(weight_grad, bias_grad, bias)
+    full = np.abs(db) > rel_tol * np.abs(db).max() if db.size and np.abs(db).max() > 0 else db != 0
+    return dw[full] / db[full, None]
+
+
 @dataclass(frozen=True)
 class ImprintConfig:
     """``rel_tol``: bins whose bias-gradient difference is below this fraction of the largest
@@ -96,11 +106,10 @@ class ImprintAttack(BaseAttack):
         deadline: Deadline,
     ) -> Recovered:
         w_name, b_name = first_linear(metadata.manifest)
-        dw, db, _ = bin_differences(
-            update.params[w_name], update.params[b_name], global_model[b_name]
-        )
-        full = np.abs(db) > self.config.rel_tol * np.abs(db).max()
-        inputs = dw[full] / db[full, None]
+        inputs = imprinted_inputs(
+            update.params[w_name], update.params[b_name], global_model[b_name],
+            rel_tol=self.config.rel_tol,
+        )  # fmt: skip
         shape = metadata.manifest.input_shape
         pixels = inputs_to_images(inputs.reshape(-1, *shape), metadata, clip=False)
         return Recovered(np.clip(pixels, 0.0, 1.0), None, in_range_fraction(pixels))

@@ -19,6 +19,12 @@ the bins are one shared vector. The manifest, the parameter names and shapes, th
 the content hash of the artifacts the device runs: all unchanged. A device sees new weights, as it
 does every round. What gives it away is only the structure of those weights (a rank-one first
 layer with a bias ladder), which a device would have to inspect before training.
+
+``plant_loki`` ships every device a different imprint, each in its own block of rows (LOKI, Zhao
+et al., IEEE S&P 2024): secure aggregation sums the gradients, but a block is non-zero in one
+device's gradient only, so the sum still separates per device. Every device sees a model of the
+same shape and statistics; only comparing the weights that different devices received (their
+hashes) gives it away (``edge.device``'s ``verify_model``).
 """
 
 from __future__ import annotations
@@ -31,8 +37,12 @@ from edge.manifest import Manifest
 from edge.wire import Params
 
 
-def quantile_thresholds(mean: float, std: float, bins: int) -> np.ndarray:
-    """``bins`` ascending thresholds at the ``i / (bins + 1)`` quantiles of N(mean, std^2)."""
+def quantile_thresholds(mean: float, std: float, bins: int, *, floor: bool = False) -> np.ndarray:
+    """``bins`` ascending thresholds at the ``i / (bins + 1)`` quantiles of N(mean, std^2); with
+    ``floor``, the first is 10 std below the mean (its bin fires for every input) and the other
+    ``bins - 1`` at the ``i / bins`` quantiles: with few bins, no input goes unseen."""
+    if floor:
+        return np.r_[mean - 10 * std, quantile_thresholds(mean, std, bins - 1)]
     q = np.arange(1, bins + 1) / (bins + 1)
     return (mean + std * ndtri(q)).astype(np.float64)
 
@@ -50,23 +60,54 @@ def second_linear(manifest: Manifest) -> str:
 
 
 def plant_imprint(
-    weights: Params, manifest: Manifest, *, bins: int, mean: float, std: float, seed: int = 0
-) -> Params:
-    """Weights with an imprint of ``bins`` bins planted; brightness ~ N(mean, std^2) sets the ladder."""
+    weights: Params, manifest: Manifest, *, bins: int, mean: float, std: float, seed: int = 0,
+    first: int = 0, floor: bool = False,
+) -> Params:  # fmt: skip
+    """Weights with an imprint of ``bins`` bins planted in rows ``first`` .. ``first + bins - 1``
+    of the first layer; brightness ~ N(mean, std^2) sets the ladder (``quantile_thresholds``,
+    ``floor``); every other row is silent (zero weights, bias -1: it never fires, so its
+    gradient is zero)."""
     w0, b0 = first_linear(manifest)
     w1 = second_linear(manifest)
     hidden, n_in = manifest.shapes()[w0]
-    if not 1 <= bins <= hidden:
-        raise ValueError(f"bins={bins}: the first layer has {hidden} rows; use 1..{hidden}")
+    if not (bins >= 1 and 0 <= first and first + bins <= hidden):
+        raise ValueError(
+            f"bins={bins} from row {first}: the first layer has {hidden} rows; use rows 0..{hidden - 1}"
+        )
+    rows = slice(first, first + bins)
     out = {k: np.array(v, dtype=np.float32) for k, v in weights.items()}
-    out[w0][:bins] = 1.0 / n_in  # every bin measures the mean pixel
-    out[w0][bins:] = 0.0
-    out[b0][:bins] = -quantile_thresholds(mean, std, bins)
-    out[b0][bins:] = -1.0  # rows past the bins never fire (the mean pixel is at most 1)
+    out[w0][:] = 0.0
+    out[w0][rows] = 1.0 / n_in  # every bin measures the mean pixel
+    out[b0][:] = -1.0  # rows outside the bins never fire (the mean pixel is at most 1)
+    out[b0][rows] = -quantile_thresholds(mean, std, bins, floor=floor)
     shared = np.random.default_rng(seed).standard_normal((out[w1].shape[0], 1), dtype=np.float32)
-    out[w1][:, :bins] = 0.1 * shared
-    out[w1][:, bins:] = 0.0
+    out[w1][:] = 0.0
+    out[w1][:, rows] = 0.1 * shared
     return out
+
+
+def loki_rows(manifest: Manifest, devices: int) -> int:
+    """Imprint bins per device when ``devices`` share the first layer's rows in disjoint blocks."""
+    hidden = manifest.shapes()[first_linear(manifest)[0]][0]
+    if not 1 <= devices <= hidden:
+        raise ValueError(f"{devices} devices cannot share the first layer's {hidden} rows")
+    return hidden // devices
+
+
+def plant_loki(
+    weights: Params, manifest: Manifest, *, index: int, devices: int, mean: float, std: float
+) -> Params:
+    """LOKI (Zhao et al., IEEE S&P 2024): device ``index`` of ``devices`` gets an imprint in its
+    own block of ``loki_rows`` rows, silent everywhere else, so that in the sum of all devices'
+    gradients (what secure aggregation reveals) each block holds one device's gradient alone.
+    A block's lowest bin fires for every input (``floor``): with a handful of bins per device,
+    no example falls below the ladder unseen."""
+    bins = loki_rows(manifest, devices)
+    if not 0 <= index < devices:
+        raise ValueError(f"index={index}: expected 0..{devices - 1}")
+    return plant_imprint(
+        weights, manifest, bins=bins, mean=mean, std=std, first=index * bins, floor=True
+    )
 
 
 def permuted_rows(sorted_rows: np.ndarray, keys: np.ndarray) -> np.ndarray:

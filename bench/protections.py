@@ -24,6 +24,9 @@ The DP row calibrated to ε=8 gets its σ from the accuracy run's config (every 
 round, δ=1e-5); the attack runs use that same σ. Decoy rows: the eavesdropper attacks as many
 updates as the others (the first it captured), not knowing which are real; ``decoys`` in the
 JSON adds its real fraction and best PSNR on the real images (``edgeleak.leak.DecoyLeak``).
+The ``distributed_dp`` row runs under secure aggregation (``SECAGG``), also calibrated to ε=8:
+its bytes are what a device uploads per round (all SecAgg phases); the eavesdropper finds no
+update to attack (its attack fields stay null).
 
     python bench/protections.py --json protections.json            # full: 10 rounds
     python bench/protections.py --json protections.json --quick    # 1 round, 5 of 20 devices
@@ -61,6 +64,7 @@ from export import export_model
 
 DELTA = 1e-5
 EPSILON_TARGET = 8.0
+SECAGG = "k=0,t=0.5,clip=1,bits=16"  # the distributed-DP row's secure aggregation
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class Case:
     codec: str = "f32"
     epsilon_target: float = 0.0  # > 0: σ calibrated to this ε over the accuracy run
     rounds_factor: int = 1  # the accuracy run takes this many times the baseline's rounds
+    secagg: str = ""  # secure aggregation under the row (distributed DP)
 
 
 def cases(sigmas: list[float]) -> list[Case]:
@@ -93,6 +98,9 @@ def cases(sigmas: list[float]) -> list[Case]:
         Case("int8", {"codec": "int8"}, codec="int8"),
         Case("topk", {"codec": "topk:0.01"}, codec="topk:0.01"),
         Case("dpsgd", {"clip": 1.0, "sigma": 1.0}, "dpsgd:clip=1,sigma=1"),
+        Case("distributed_dp", {"clip": 1.0, "epsilon": EPSILON_TARGET, "delta": DELTA,
+             "secagg": SECAGG}, "distributed_dp:clip=1", epsilon_target=EPSILON_TARGET,
+             secagg=SECAGG),
     ]  # fmt: skip
 
 
@@ -101,7 +109,11 @@ def calibrated(case: Case, base: ExperimentConfig, shard_sizes: list[int]) -> Ca
     if case.epsilon_target <= 0:
         return case
     cfg = dataclasses.replace(
-        base, protect=case.protect, dp_epsilon=case.epsilon_target, dp_delta=DELTA
+        base,
+        protect=case.protect,
+        dp_epsilon=case.epsilon_target,
+        dp_delta=DELTA,
+        secagg=case.secagg,
     )
     spec = calibrate_protect(cfg, shard_sizes).protect
     dp = protect.dp_step(protect.parse(spec))
@@ -128,7 +140,7 @@ def measure(
     """The three runs of one row; raw figures (ratios are taken against ``none`` later)."""
     res: dict[str, Any] = {}
     for kind, base in configs.items():
-        cfg = dataclasses.replace(base, protect=case.protect, codec=case.codec)
+        cfg = dataclasses.replace(base, protect=case.protect, codec=case.codec, secagg=case.secagg)
         if kind == "accuracy":
             cfg = dataclasses.replace(cfg, rounds=base.rounds * case.rounds_factor)
         t0 = time.monotonic()
@@ -164,11 +176,18 @@ def measure(
 
 def update_bytes(db_path: Path, run: str) -> float:
     """Mean MQTT packet bytes of the run's accepted updates (a device's decoys have the same
-    size, so a device sends (1 + decoys) times this per round)."""
+    size, so a device sends (1 + decoys) times this per round); under secure aggregation, what
+    a device uploads per round (keys, shares, masked input, unmask shares)."""
     db = sqlite3.connect(db_path)
     (mean,) = db.execute(
         "SELECT AVG(bytes) FROM messages WHERE run=? AND kind='update'", (run,)
     ).fetchone()
+    if mean is None:
+        (mean,) = db.execute(
+            "SELECT SUM(bytes) * 1.0 / (SELECT COUNT(*) FROM messages WHERE run=? AND "
+            "kind='secagg_masked') FROM messages WHERE run=? AND direction='up' AND kind LIKE "
+            "'secagg%'", (run, run),
+        ).fetchone()  # fmt: skip
     db.close()
     return float(mean)
 

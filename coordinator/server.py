@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 Evaluator = Callable[[Params], tuple[float, float]]
 # A dishonest coordinator: (round, global weights) -> the weights it actually ships.
 Tamper = Callable[[int, Params], Params]
+# A dishonest coordinator that ships each device its own model: (round, device, weights) -> them.
+DeviceTamper = Callable[[int, str, Params], Params]
 # Nonces of accepted updates are kept for the current round and this many before it; an older
 # update is a stale_round whatever its nonce.
 NONCE_ROUNDS = 2
@@ -86,6 +88,9 @@ class RoundPlan:
     decoys: int = 0  # decoy updates per device and round (needs every device's key)
     secagg: str = ""  # secure aggregation (edge.secagg spec, e.g. "k=0,t=0.5,clip=1,bits=16")
     he: bool = False  # CKKS updates added here, decrypted by the key holder (coordinator.he)
+    # announce each round's global weights on the control topic before the tasks, for devices
+    # that verify the model's consistency (they train only on it: wire.model_announcement)
+    verify_model_consistency: bool = False
     # Size limits (README "Reliability"): an update message, its container header, and how many
     # devices may be online at once (more online statuses are refused: too_many_devices).
     max_payload_bytes: int = wire.MAX_MESSAGE_BYTES
@@ -141,6 +146,7 @@ class Coordinator:
         clock: RoundClock | None = None,
         collect_timeout_s: float = 600.0,
         tamper: Tamper | None = None,
+        tamper_device: DeviceTamper | None = None,
         keys: Mapping[str, bytes] | None = None,
         credentials: Credentials | None = None,
     ) -> None:
@@ -150,7 +156,9 @@ class Coordinator:
         ``keys``: every device's secret key, needed when ``plan.decoys`` > 0 to tell its real
         update from its decoys (``edge.decoy``). ``credentials`` (secure mode, ``edge.sign``):
         tasks are signed with the coordinator's key; an update must be signed by the enrolled,
-        unrevoked device of its topic, and a revoked or unknown device's status is refused."""
+        unrevoked device of its topic, and a revoked or unknown device's status is refused.
+        ``tamper`` / ``tamper_device`` (dishonest-server experiments): the weights shipped to
+        every device / to each device (LOKI) instead of the global model."""
         if plan.algorithm not in UPDATE_KIND:
             raise ValueError(
                 f"algorithm {plan.algorithm!r}; expected one of {', '.join(UPDATE_KIND)}"
@@ -204,6 +212,10 @@ class Coordinator:
         self.seed = seed
         self.clock = clock
         self.tamper = tamper
+        self.tamper_device = tamper_device
+        # the aggregate this coordinator learned in its last round (secure aggregation: the
+        # survivors' mean, all it ever sees); None before any, or when nothing arrived
+        self.revealed: Params | None = None
         self.collect_timeout_s = collect_timeout_s
         self.weights: Params = weights if weights is not None else artifact.initial_params()
         if run == wire.ANY_RUN:
@@ -487,6 +499,8 @@ class Coordinator:
         """Publish this round's task to each device; returns downlink bytes. A ``distributed_dp``
         step gets the round's ``shares``: the noise is split over the devices selected."""
         rows: list[MessageRow] = []
+        if self.plan.verify_model_consistency:
+            rows.append(self._announce_model(weights))
         spec = protect.with_shares(self.plan.protect, len(devices))
         for device in devices:
             task = wire.Task(
@@ -498,7 +512,9 @@ class Coordinator:
                 epochs=self.plan.epochs,
                 batch_size=self.plan.batch_size,
                 model_hash=self.manifest.sha256,
-                weights=weights,
+                weights=self.tamper_device(self.round, device, weights)
+                if self.tamper_device
+                else weights,
                 deadline_s=self.plan.deadline_s,
                 codec=self.plan.task_codec,
                 uplink=self.plan.codec,
@@ -529,8 +545,21 @@ class Coordinator:
             )
         self.store.add_messages(rows)
         if self._state is not None:
-            self._state.down.update({r.device: r.bytes for r in rows})
+            self._state.down.update({r.device: r.bytes for r in rows if r.kind == "task"})
         return sum(r.bytes for r in rows)
+
+    def _announce_model(self, weights: Params) -> MessageRow:
+        """Tell every device of the run which weights this round ships (``verify_model_consistency``)."""
+        digest = wire.model_digest(
+            {k: weights[k] for k in self.manifest.param_names}, self.plan.task_codec
+        )
+        payload = wire.model_announcement(self.round, digest)
+        topic = wire.control_topic(self.run)
+        self.client.publish(topic, payload, qos=QOS)
+        size = publish_packet_bytes(topic, len(payload), QOS, protocol=self.broker.protocol)
+        return MessageRow(
+            self.run, self.round, "", topic, "down", "model", size, len(payload), time.time()
+        )
 
     def _register_slots(self, device: str) -> None:
         """With decoys, the pseudonyms ``device`` will use this round, and which one is real."""
@@ -617,8 +646,9 @@ class Coordinator:
         self._state = None
         self.proven |= set(st.accepted)
         self.standing = policy.after_round(self.standing, selected, st.heard)
-        if st.accepted:
-            self.weights = policy.server_step(sent, self._aggregate(st, len(selected)), self.plan)
+        self.revealed = self._aggregate(st, len(selected)) if st.accepted else None
+        if self.revealed is not None:
+            self.weights = policy.server_step(sent, self.revealed, self.plan)
         else:
             log.warning("round %d: no update arrived before the deadline; model unchanged", round_)
         acc, loss = self.evaluator(self.weights) if self.evaluator else (float("nan"), float("nan"))
@@ -662,6 +692,7 @@ class Coordinator:
         self._state = None
         self.proven |= set(sr.survivors)
         self.standing = policy.after_round(self.standing, sorted(st.selected), sr.heard)
+        self.revealed = sr.mean
         if sr.mean is not None:
             self.weights = policy.server_step(sent, sr.mean, self.plan)
         acc, loss = self.evaluator(self.weights) if self.evaluator else (float("nan"), float("nan"))

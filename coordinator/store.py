@@ -259,7 +259,14 @@ class RunStore:
         run: str,
         *,
         direction: str,
-        kinds: tuple[str, ...] = ("task", "update", "aggregate", "decoy", *SECAGG_KINDS),
+        kinds: tuple[str, ...] = (
+            "task",
+            "update",
+            "aggregate",
+            "decoy",
+            "model",
+            *SECAGG_KINDS,
+        ),  # fmt: skip
         round_: int | None = None,
     ) -> int:
         """Sum of packet bytes for a run (optionally one round), one direction, the given kinds."""

@@ -76,6 +76,7 @@ class FleetSpec:
     # Public examples decoy updates train on: "" none, "test" the dataset's test split (a
     # stand-in for public data of the same domain).
     decoy_pool: str = ""
+    verify_model: bool = False  # devices train only on the model announced to the run
 
 
 class StopFlag(Protocol):
@@ -275,6 +276,7 @@ def _worker(
                 decoy_data=pool,
                 credentials=credentials.get(ds.device_id),
                 poison=parse_poison(ds.poison) if ds.poison else None,
+                verify_model=spec.verify_model,
             )
         )
     try:

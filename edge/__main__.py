@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 SETTINGS = (
     "broker", "data", "model", "run", "id", "runtime", "profile", "seed", "exit_on_end",
     "max_backoff_s", "max_epochs", "max_batch_size", "max_steps", "key", "decoy_data", "pki",
+    "verify_model_consistency",
 )  # fmt: skip
 PATHS = ("data", "model", "key", "decoy_data", "pki")
 PROG = "python -m edge"
@@ -118,6 +119,11 @@ def build_parser(
         "--pki", help="secure mode (with an mqtts:// broker): PKI folder holding this device's "
         "certificate and key (`edgeleak pki enroll`, or a bundle's pki/)",
     )  # fmt: skip
+    p.add_argument(
+        "--verify-model-consistency", action="store_true", default=False,
+        help="train only on the weights the coordinator announced to the whole run (refuses a "
+        "coordinator that ships devices different models, as LOKI does)",
+    )  # fmt: skip
     return p
 
 
@@ -191,6 +197,7 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
     device = Device(
         args.id, args.run, artifact, backend, x, y, seed=args.seed, profile=args.profile,
         limits=limits, key=key, decoy_data=pool, credentials=credentials,
+        verify_model=args.verify_model_consistency,
     )  # fmt: skip
     return device, broker
 

@@ -151,6 +151,7 @@ class Device:
         decoy_data: tuple[np.ndarray, np.ndarray] | None = None,
         credentials: Credentials | None = None,
         poison: Poison | None = None,
+        verify_model: bool = False,
     ) -> None:
         """``run=None``: not pinned, takes part in any run that sends it a task. ``ends`` may be
         shared by the devices of one process (a fleet worker). ``public``: examples anyone may
@@ -159,7 +160,9 @@ class Device:
         decoy updates train on. ``credentials`` (secure mode, ``edge.sign``): tasks must be
         signed by the coordinator, and updates are signed with this device's key. ``poison``:
         a malicious device (back-door experiments): its data and updates as ``edge.poison``
-        says."""
+        says. ``verify_model``: train only on the weights the coordinator announced to every
+        device of the run (``wire.model_announcement`` on the control topic), so a coordinator
+        that ships devices different models (LOKI) is refused as ``model_inconsistent``."""
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
@@ -203,6 +206,8 @@ class Device:
         self.residuals: dict[tuple[str, str, int], wire.Params] = {}
         self.secagg: dict[str, secagg.SecAggClient] = {}  # run -> this round's secure aggregation
         self.he_keys: dict[str, tuple[str, object]] = {}  # run -> (key id, public CKKS context)
+        self.verify_model = verify_model
+        self.announced: dict[str, tuple[int, str]] = {}  # run -> (round, model digest) announced
 
     def _poisoned_data(self, p: Poison, seed: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([seed, zlib.crc32(self.device_id.encode()), 0xBAD])
@@ -296,6 +301,8 @@ class Device:
         if task.round < last:
             raise wire.WireError("stale_round", f"round {task.round} < {last}")
         self.limits.check(task, len(self.x))
+        if self.verify_model:
+            self._check_model(task)
         if task.decoys and self.key is None:
             raise wire.WireError("no_key", "decoys need this device's key (--key)")
         if task.decoys and self.decoy_data is None:
@@ -305,6 +312,21 @@ class Device:
 
             check_key(self.he_keys, task)
         return task
+
+    def _check_model(self, task: wire.Task) -> None:
+        """The task's weights must be those announced to the whole run for its round."""
+        announced = self.announced.get(task.run)
+        if announced is None or announced[0] != task.round:
+            raise wire.WireError(
+                "model_inconsistent", f"no model announced for round {task.round} of the run"
+            )
+        digest = wire.model_digest(task.weights, task.codec)
+        if digest != announced[1]:
+            raise wire.WireError(
+                "model_inconsistent",
+                f"weights {digest[:12]} differ from the model announced to the run "
+                f"({announced[1][:12]}): the coordinator sends devices different models",
+            )
 
     def noise_rng(self, round_: int) -> np.random.Generator:
         """The generator of this device's noise and dummies in ``round_`` (``noise_rng``)."""
@@ -394,6 +416,9 @@ class Device:
             return []
         run, channel = where
         if channel == "control":
+            if (announced := wire.parse_model_announcement(msg.payload)) is not None:
+                self.announced[run] = announced
+                return []
             return self._hello(run) if msg.payload == wire.HELLO else []
         if channel == "status":
             on_own = msg.topic == self.status_topic

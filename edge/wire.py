@@ -8,7 +8,9 @@ Every message is one tensor container (see ``edge.codec``, the safetensors layou
     edgeleak/<run>/status/<device>   device -> all          JSON {"state": "online"|"offline", ...},
                                                             retained; "offline" is the last will
     edgeleak/<run>/control           coordinator -> all     b"end <token>" when the run is over;
-                                                            b"hello": devices re-announce
+                                                            b"hello": devices re-announce;
+                                                            b"model <round> <sha256>": the round's
+                                                            global weights (``model_announcement``)
     edgeleak/any/status/<device>     device -> all          as status, for a device that is not
                                                             pinned to a run (``ANY_RUN``)
 
@@ -39,7 +41,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge import compress
-from edge.codec import MAX_HEADER_BYTES, CodecError, read_container, write_tensors
+from edge.codec import (
+    MAX_HEADER_BYTES,
+    CodecError,
+    params_sha256,
+    read_container,
+    write_tensors,
+)
 from edge.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -265,6 +273,28 @@ def decode_status(payload: bytes) -> dict[str, object]:
     except (ValueError, KeyError, TypeError, RecursionError):
         raise WireError("bad_status", payload[:60].decode(errors="replace")) from None
     return status
+
+
+def model_digest(weights: Mapping[str, np.ndarray], codec: str = "f32") -> str:
+    """SHA-256 of the weights as a device decodes them from a task in ``codec`` (names in the
+    mapping's order): what ``model_announcement`` carries and a verifying device recomputes."""
+    wire_tensors = get_codec(_dense(codec)).encode(dict(weights))
+    return params_sha256({k: v.astype(np.float32) for k, v in wire_tensors.items()})
+
+
+def model_announcement(round_: int, digest: str) -> bytes:
+    """The control message that tells every device of a run the round's global weights
+    (``model_digest``), before the tasks go out; devices that verify compare their own."""
+    return f"model {round_} {digest}".encode()
+
+
+def parse_model_announcement(payload: bytes) -> tuple[int, str] | None:
+    """(round, digest) of a ``model_announcement``; None for any other control payload."""
+    parts = payload.split(b" ")
+    if len(parts) != 3 or parts[0] != b"model" or not parts[1].isdigit() or len(parts[1]) > 12:
+        return None
+    digest = parts[2].decode("ascii", "replace")
+    return (int(parts[1]), digest) if _is_commitment(digest) else None
 
 
 def end_payload(token: bytes) -> bytes:

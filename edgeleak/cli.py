@@ -557,8 +557,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 help=f"repeatable; {FIELD_HELP['protect']}",
             )  # fmt: skip
             continue
-        if f.name == "he":
-            parser.add_argument("--he", action="store_const", const=True, help=FIELD_HELP["he"])
+        if f.type == "bool":
+            flag = "--" + f.name.replace("_", "-")
+            parser.add_argument(flag, action="store_const", const=True, help=FIELD_HELP[f.name])
             continue
         allowed = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
         parser.add_argument(

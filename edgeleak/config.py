@@ -104,6 +104,9 @@ FIELD_HELP: dict[str, str] = {
     "aggregators": "K > 0: groups of K devices answer through an edge aggregator each (0: flat)",
     "he": "CKKS: devices encrypt updates, the coordinator adds ciphertexts, a key holder "
     "process decrypts the aggregate (extra 'he')",
+    "verify_model_consistency": "the coordinator announces each round's model to the whole run; "
+    "devices train only on that one (a coordinator shipping devices different models, as LOKI "
+    "does, is refused)",
     "max_payload_bytes": "the coordinator refuses a larger update message (oversize)",
     "max_header_bytes": "the coordinator refuses an update whose container header is larger",
     "max_devices_online": "the coordinator ignores online statuses of more devices than this "
@@ -167,6 +170,8 @@ class ExperimentConfig:
     secagg: str = ""  # secure aggregation, edge.secagg spec (e.g. "k=0,t=0.5,clip=1,bits=16")
     aggregators: int = 0  # K > 0: groups of K devices behind one edge aggregator each
     he: bool = False  # CKKS updates, added without the secret key (edge.he, coordinator.he)
+    # devices train only on the model the coordinator announced to the whole run (LOKI check)
+    verify_model_consistency: bool = False
     # Size limits of the coordinator (README "Reliability"): message and header bytes, and how
     # many devices may be online in a run (floods of phantom statuses stop there).
     max_payload_bytes: int = MAX_MESSAGE_BYTES
@@ -261,8 +266,9 @@ class ExperimentConfig:
 
     def _check_server_side(self) -> None:
         _at_least("aggregators", self.aggregators, 0)
-        if not isinstance(self.he, bool):
-            raise ConfigError(f"he={self.he!r}: expected true or false")
+        for name in ("he", "verify_model_consistency"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected true or false")
         if self.aggregators and (self.decoys or self.clock != "none" or self.he):
             raise ConfigError(
                 "aggregators: groups answer as one client; not with decoys, a clock or he"

@@ -112,6 +112,7 @@ def fleet_spec(
         speed_scale=speed_scale(cfg, artifact) if realtime else 1.0,
         limits=limits,
         decoy_pool="test" if cfg.decoys else "",
+        verify_model=cfg.verify_model_consistency,
     )
 
 

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from coordinator.server import Coordinator, RoundPlan
@@ -295,9 +296,13 @@ def _arm64_root() -> Path | None:
     reason="no arm64 stand-in: build it with "
     "scripts/rpi_standin.sh and set EDGELEAK_ARM64_ROOT (minutes; CI does not)",
 )
+@pytest.mark.parametrize("secagg", ["", "k=0,t=0.5,clip=1,bits=16"], ids=["plain", "secagg"])
 def test_bundle_runs_on_the_arm64_standin(
-    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path, secagg: str
 ) -> None:
+    """An arm64 device (a bundle under qemu-user) in a round with two x86 devices; with
+    ``secagg`` it runs secure aggregation with them on its aarch64 ``cryptography`` wheel, and
+    the masks cancel: the model moves by the mean of three clipped updates (|Δ| ≤ clip)."""
     root = _arm64_root()
     assert root is not None
     arch = subprocess.run(["chroot", str(root), "uname", "-m"], capture_output=True, text=True)
@@ -333,7 +338,7 @@ def test_bundle_runs_on_the_arm64_standin(
         text=True,
     )
     store = RunStore(tmp_path / "run.db")
-    plan = RoundPlan(algorithm="fedavg", lr=0.05, batch_size=8, deadline_s=300)
+    plan = RoundPlan(algorithm="fedavg", lr=0.05, batch_size=8, deadline_s=300, secagg=secagg)
     spec = fleet(run, mosquitto, lenet_artifact, contiguous_shards([40, 40]), tmp_path / "truth")
     try:
         with Coordinator(run, lenet_artifact, mosquitto, store, plan) as coord, Fleet(spec):
@@ -341,6 +346,7 @@ def test_bundle_runs_on_the_arm64_standin(
             coord.wait_for_devices(3, 400)  # first start installs the wheels under emulation
             ready = time.monotonic() - t0
             assert coord.online["pi-arm64"]["profile"] == "rpi4"
+            w0 = dict(coord.weights)
             res = coord.run_round(1)
             coord.end()
         out, _ = pi.communicate(timeout=120)
@@ -353,5 +359,9 @@ def test_bundle_runs_on_the_arm64_standin(
     )
     print(out)
     assert pi.returncode == 0, out
-    assert ", aarch64, " in out and "ended after 1 updates" in out
+    assert ", aarch64, " in out
     assert (res.selected, res.accepted, res.rejected) == (3, 3, 0)
+    moved = max(float(np.abs(coord.weights[k] - w0[k]).max()) for k in w0)
+    assert 0 < moved <= 1.0  # masks that did not cancel would decode to values up to 2^15
+    if not secagg:
+        assert "ended after 1 updates" in out
