@@ -80,9 +80,24 @@ class FleetSpec:
 
 
 class StopFlag(Protocol):
-    """``threading.Event`` or ``multiprocessing.Event``."""
+    """``threading.Event`` or ``SharedFlag``."""
 
     def is_set(self) -> bool: ...
+
+
+class SharedFlag:
+    """A stop flag shared with worker processes through one byte of shared memory, without a
+    lock. A ``multiprocessing.Event`` takes a semaphore on every ``is_set``: a worker killed
+    (SIGKILL) while holding it would leave ``set`` blocked forever in the parent."""
+
+    def __init__(self) -> None:
+        self._byte = mp.get_context("spawn").RawValue("b", 0)
+
+    def set(self) -> None:
+        self._byte.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._byte.value)
 
 
 # Seconds after a task's arrival before the device's update may be published.
@@ -372,7 +387,7 @@ class Fleet:
         self._lock = threading.Lock()  # a restart and the stop do not interleave
         self._done = threading.Event()  # every worker joined: the watcher may end
         self._watcher: threading.Thread | None = None
-        self._stop = mp.get_context("spawn").Event()  # tells the workers the block is over
+        self._stop = SharedFlag()  # tells the workers the block is over
 
     def _start(self, w: int) -> mp.process.BaseProcess:
         n = max(1, min(self.spec.workers, len(self.spec.devices)))
