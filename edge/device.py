@@ -158,7 +158,8 @@ class Device:
         hold (the source of ``dummy:source=public``). ``key``: this device's secret (enrolment),
         needed for decoys; ``decoy_data``: public examples ``(x, y)`` of the same domain that
         decoy updates train on. ``credentials`` (secure mode, ``edge.sign``): tasks must be
-        signed by the coordinator, and updates are signed with this device's key. ``poison``:
+        signed by the coordinator (or the group's aggregator), and updates are signed with this
+        device's key. ``poison``:
         a malicious device (back-door experiments): its data and updates as ``edge.poison``
         says. ``verify_model``: train only on the weights the coordinator announced to every
         device of the run (``wire.model_announcement`` on the control topic), so a coordinator

@@ -314,7 +314,8 @@ def test_eavesdropper_reads_the_typed_words_off_the_broker(tmp_path: Path) -> No
         (1.0, 1.0)
     ]
     got = store.db.execute("SELECT device, word_recall, text FROM leakage ORDER BY device")
-    assert got.fetchall() == [(str(r["device"]), 1.0, r["text"]) for r in rows]
+    by_device = sorted(rows, key=lambda r: str(r["device"]))  # rows come in arrival order
+    assert got.fetchall() == [(str(r["device"]), 1.0, r["text"]) for r in by_device]
 
 
 @needs_fortunes
