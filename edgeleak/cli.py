@@ -152,6 +152,8 @@ def _pki(args: argparse.Namespace) -> int:
     elif args.action == "enroll":
         if args.group and args.role != "aggregator":
             raise UsageError(f"--group is for --role aggregator, not {args.role}")
+        for g in args.group or ():  # before anything is written
+            pki.check_group_run(g)
         if not args.group or pki.role(folder, args.device) is None:
             path = pki.enroll(folder, args.device, args.role)
             print(f"enrolled {args.device} ({args.role}): {path} and its .key")

@@ -214,6 +214,17 @@ def serve_group(pki: Path, aggregator: str, group_run: str) -> Path:
         raise UsageError(
             f"{aggregator} is not enrolled in {pki} as an aggregator (--role aggregator)"
         )
+    check_group_run(group_run)
+    path = pki / GROUPS / aggregator
+    path.parent.mkdir(exist_ok=True)
+    have = path.read_text().split() if path.is_file() else []
+    if group_run not in have:
+        path.write_text("".join(f"{g}\n" for g in [*have, group_run]))
+    return path
+
+
+def check_group_run(group_run: str) -> None:
+    """``UsageError`` unless ``group_run`` is ``RUN.GROUP`` as a group's devices use in --run."""
     run, dot, group = group_run.partition(".")
     try:
         if not dot:
@@ -221,12 +232,6 @@ def serve_group(pki: Path, aggregator: str, group_run: str) -> Path:
         aggregator_group_run(run, group)
     except ValueError as e:
         raise UsageError(f"--group {group_run!r}: {e}") from None
-    path = pki / GROUPS / aggregator
-    path.parent.mkdir(exist_ok=True)
-    have = path.read_text().split() if path.is_file() else []
-    if group_run not in have:
-        path.write_text("".join(f"{g}\n" for g in [*have, group_run]))
-    return path
 
 
 def role(pki: Path, identity: str) -> str | None:

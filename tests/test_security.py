@@ -325,6 +325,15 @@ def test_pki_cli_and_bundle_carry_credentials(
     assert main(["pki", "init", str(ca), "--host", "pi.lan"]) == 0
     assert main(["pki", "enroll", str(ca), "--device", "a+b"]) == 2
     assert "without '/', '+', '#'" in capsys.readouterr().err
+    agg = ["pki", "enroll", str(ca), "--device", "gw", "--role", "aggregator", "--group"]
+    assert main([*agg, "run1"]) == 2  # a bad group run: nothing is enrolled
+    assert "expected RUN.GROUP" in capsys.readouterr().err
+    assert not sign.cert_path(ca, "gw").exists()
+    assert main([*agg, "run1.g0"]) == 0 and main([*agg, "run2.g0"]) == 0  # enrolled, then added
+    assert (ca / "groups" / "gw").read_text() == "run1.g0\nrun2.g0\n"
+    acl = pki.acl_text(ca)
+    assert "user gw\ntopic write edgeleak/run1.g0/task/+\n" in acl
+    assert "topic read edgeleak/run2.g0/status/+\n" in acl
     assert main(["pki", "enroll", str(ca), "--device", "coordinator", "--role", "coordinator"]) == 0
     assert main(["pki", "enroll", str(ca), "--device", "pi-7"]) == 0
     assert main(["broker", "--secure", "--port", "18999"]) == 2
