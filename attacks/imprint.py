@@ -74,7 +74,7 @@ def imprinted_inputs(
     """The model inputs [m, D] read off an imprint's rows: one per bin whose bias-gradient
     difference is above ``rel_tol`` of the largest (the others are empty)."""
     dw, db, _ = bin_differences(weight_grad, bias_grad, bias)
-    full = np.abs(db) > rel_tol * np.abs(db).max() if db.size and np.abs(db).max() > 0 else db != 0
+    full = np.abs(db) > rel_tol * np.abs(db).max(initial=0.0)
     return dw[full] / db[full, None]
 
 

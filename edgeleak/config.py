@@ -266,9 +266,9 @@ class ExperimentConfig:
 
     def _check_server_side(self) -> None:
         _at_least("aggregators", self.aggregators, 0)
-        for name in ("he", "verify_model_consistency"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r}: expected true or false")
+        for f in fields(self):
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: expected true or false")
         if self.aggregators and (self.decoys or self.clock != "none" or self.he):
             raise ConfigError(
                 "aggregators: groups answer as one client; not with decoys, a clock or he"
