@@ -13,8 +13,9 @@ connection, and bounds what it can cost when it has one:
   announces anew with a live status (or its late update shows it is there after all).
 - *proven*: a device whose update was accepted in this run. At most
   ``max(max_unproven, number of proven devices)`` unproven devices are selected per round.
-- a selected device whose update is rejected as ``FINAL_REJECTIONS`` (NaN or Inf: its local
-  training diverged) is not waited for any longer in that round.
+- a selected device whose *signed* update is rejected as ``FINAL_REJECTIONS`` (NaN or Inf: its
+  local training diverged) is not waited for any longer in that round (``final_rejection``).
+  Unsigned, the same message could come from anyone on the broker: the round keeps waiting.
 - once every proven device of a round has answered, the round waits for unproven ones only
   while answers keep coming: it ends after ``quiet_s`` without one (counted from the broadcast
   while none came).
@@ -99,10 +100,15 @@ def after_round(
 
 
 # Rejections that say the device's own result is unusable (its training diverged): it will not
-# send another this round, so the round stops waiting for it. A forger gains no more than with a
-# forged ``offline`` status: one device left out of one round; a valid update that still comes
-# while the round collects is admitted.
+# send another this round.
 FINAL_REJECTIONS = frozenset({"non_finite"})
+
+
+def final_rejection(reason: str, *, signed: bool) -> bool:
+    """Whether a rejected update ends the wait for its device in this round: a
+    ``FINAL_REJECTIONS`` reason on an update whose signature verified. Unsigned, anyone on the
+    broker could have sent it to knock an honest device's update out of the round."""
+    return signed and reason in FINAL_REJECTIONS
 
 
 def round_over(

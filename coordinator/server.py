@@ -374,7 +374,12 @@ class Coordinator:
             except wire.WireError as e:
                 self._ledger(msg, owner, "rejected")
                 self._reject(msg.topic, owner, e)
-                if st is not None and owner in st.selected and e.reason in policy.FINAL_REJECTIONS:
+                signed = self.credentials is not None  # checked first: only then a content reason
+                if (
+                    st is not None
+                    and owner in st.selected
+                    and policy.final_rejection(e.reason, signed=signed)
+                ):
                     st.lost.add(owner)
                 return
             assert st is not None
@@ -606,6 +611,14 @@ class Coordinator:
 
     def _round_over(self, st: _RoundState, t0: float, limit: float) -> bool:
         now = time.monotonic()
+        if (
+            now - t0 < limit
+            and self.plan.unproven_quiet_s <= 0
+            and len(st.accepted) + len(st.lost) < len(st.selected)
+        ):
+            # Both are subsets of the selected: someone is still awaited. Checked before the
+            # sets below, which cost O(n) per message (10,000 devices: O(n²) a round).
+            return False
         return policy.round_over(
             elapsed=now - t0,
             deadline_s=limit,
@@ -763,9 +776,9 @@ class Coordinator:
 def anomaly_rows(
     defence: str, devices: list[str], updates: list[tuple[Params, int]], out: robust.Defended
 ) -> list[AnomalyRow]:
-    """One row per update: norm and anomaly score (``robust.anomaly_scores``), kept, clip."""
-    flat = robust.flatten(updates)
-    norms, scores = np.linalg.norm(flat, axis=1), robust.anomaly_scores(flat)
+    """One row per update: norm and anomaly score (``robust.anomaly_scores``), kept, clip;
+    over column blocks, so that 10,000 updates never make one float64 matrix."""
+    norms, scores = robust.norms_and_scores(robust.column_blocks(updates))
     return [
         AnomalyRow(d, defence, float(norms[i]), float(scores[i]), out.kept[i], out.clip[i])
         for i, d in enumerate(devices)

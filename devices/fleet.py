@@ -253,6 +253,21 @@ def _worker(
     # Ctrl-C in a terminal reaches the whole process group: the parent ends the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
+    serve_shard(spec, shard, worker_id, stop)
+
+
+def shards(spec: FleetSpec) -> list[list[DeviceSpec]]:
+    """The devices of each worker: device i goes to worker i mod ``spec.workers``."""
+    n = max(1, min(spec.workers, len(spec.devices)))
+    return [list(spec.devices[w::n]) for w in range(n)]
+
+
+def serve_shard(
+    spec: FleetSpec, shard: list[DeviceSpec], worker_id: int, stop: StopFlag | None = None
+) -> None:
+    """One worker's devices, each with its data and one runtime session per runtime, on one
+    selector loop until the run ends or ``stop`` is set (a process of ``Fleet`` or a Ray actor
+    of ``devices.ray_fleet``)."""
     from devices.datasets import load_dataset
 
     data = load_dataset(spec.dataset)
@@ -260,6 +275,7 @@ def _worker(
     backends: dict[str, Backend] = {}
     truth = None
     if spec.truth_dir:
+        Path(spec.truth_dir).mkdir(parents=True, exist_ok=True)
         truth = open(Path(spec.truth_dir) / f"worker-{worker_id}.jsonl", "a")  # noqa: SIM115
 
     pool = (data.x_test, data.y_test) if spec.decoy_pool == "test" else None
@@ -390,8 +406,7 @@ class Fleet:
         self._stop = SharedFlag()  # tells the workers the block is over
 
     def _start(self, w: int) -> mp.process.BaseProcess:
-        n = max(1, min(self.spec.workers, len(self.spec.devices)))
-        shard = list(self.spec.devices[w::n])
+        shard = shards(self.spec)[w]
         p = mp.get_context("spawn").Process(
             target=_worker,
             args=(self.spec, shard, w, os.getpid(), self._stop),
@@ -402,9 +417,7 @@ class Fleet:
         return p
 
     def __enter__(self) -> Fleet:
-        n = max(1, min(self.spec.workers, len(self.spec.devices)))
-        if self.spec.truth_dir:
-            os.makedirs(self.spec.truth_dir, exist_ok=True)
+        n = len(shards(self.spec))
         self.procs = [self._start(w) for w in range(n)]
         self._restarts = [0] * n
         # The watcher starts the restarted workers, so it lives until they are joined

@@ -11,7 +11,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +38,9 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NESTING = np.zeros(256, dtype=np.int64)  # +1 opens, -1 closes a JSON array or object
 _NESTING[[ord("["), ord("{")]] = 1
 _NESTING[[ord("]"), ord("}")]] = -1
+_OPENS = frozenset(b"[{")
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 class CodecError(ValueError):
@@ -51,6 +54,9 @@ class CodecError(ValueError):
 
 def dtype_tag(dtype: np.dtype) -> str:
     """The safetensors tag of a numpy dtype (native byte order accepted)."""
+    tag = _TAGS.get(dtype)
+    if tag is not None:
+        return tag
     dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
     if dt not in _TAGS:
         raise CodecError("bad_dtype", f"{dtype} cannot be encoded; use one of {sorted(_DTYPES)}")
@@ -66,33 +72,22 @@ def write_tensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | Non
             raise TypeError(f"metadata values must be str; not for {bad}")
         header["__metadata__"] = dict(metadata)
     offset = 0
-    arrays: list[np.ndarray] = []
+    chunks: list[bytes | memoryview] = []
     for name, arr in tensors.items():
         a = np.asarray(arr)
         tag = dtype_tag(a.dtype)
-        a = np.asarray(
-            a, dtype=_DTYPES[tag], order="C"
-        )  # keeps 0-d shapes, unlike ascontiguousarray
+        a = np.asarray(a, dtype=_DTYPES[tag], order="C")  # keeps 0-d shapes
         header[name] = {
             "dtype": tag,
             "shape": list(a.shape),
             "data_offsets": [offset, offset + a.nbytes],
         }
         offset += a.nbytes
-        arrays.append(a)
+        chunks.append(memoryview(a.reshape(-1)).cast("B") if a.size else b"")  # type: ignore[arg-type]
     hjson = json.dumps(header, separators=(",", ":")).encode()
     hjson += b" " * (-len(hjson) % 8)
-    # One allocation, one copy of each tensor.
-    out = bytearray(8 + len(hjson) + offset)
-    struct.pack_into("<Q", out, 0, len(hjson))
-    out[8 : 8 + len(hjson)] = hjson
-    pos = 8 + len(hjson)
-    for a in arrays:
-        out[pos : pos + a.nbytes] = (
-            a.reshape(-1).tobytes() if a.size == 0 else memoryview(a.reshape(-1)).cast("B")  # type: ignore[arg-type]
-        )
-        pos += a.nbytes
-    return bytes(out)
+    # One copy of each tensor, straight into the result.
+    return b"".join([struct.pack("<Q", len(hjson)), hjson, *chunks])
 
 
 def params_sha256(tensors: dict[str, np.ndarray]) -> str:
@@ -101,8 +96,7 @@ def params_sha256(tensors: dict[str, np.ndarray]) -> str:
     return hashlib.sha256(write_tensors(tensors)).hexdigest()
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     """One validated header entry: dtype, shape and byte span within the data section."""
 
     dtype: np.dtype
@@ -113,10 +107,20 @@ class TensorEntry:
 
 def json_depth(text: bytes) -> int:
     """Deepest nesting of ``[`` and ``{`` outside JSON strings (no recursion, linear time)."""
-    bare = np.frombuffer(_JSON_STRING.sub(b'""', text), dtype=np.uint8)
-    if bare.size == 0:
-        return 0
-    return int(np.cumsum(_NESTING[bare]).max())
+    if b"\\" in text:  # escaped quotes: strings found by the regex
+        text = _JSON_STRING.sub(b'""', text)
+    # Without escapes, the pieces between quotes alternate outside and inside strings.
+    brackets = b"".join(text.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
+    if len(brackets) > 256:  # a hostile header: vectorised
+        return max(0, int(np.cumsum(_NESTING[np.frombuffer(brackets, np.uint8)]).max()))
+    depth = deepest = 0
+    for c in brackets:
+        if c in _OPENS:
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
 
 
 def _shape(value: object) -> tuple[int, ...] | None:
@@ -159,7 +163,7 @@ def read_header(
     data_len = len(buf) - 8 - hlen
     entries: dict[str, TensorEntry] = {}
     for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        if not isinstance(entry, dict) or entry.keys() != _ENTRY_KEYS:
             raise CodecError(
                 "not_container", f"tensor {name!r}: expected dtype, shape, data_offsets"
             )
@@ -176,7 +180,8 @@ def read_header(
         if not (
             isinstance(offs, list)
             and len(offs) == 2
-            and all(type(o) is int for o in offs)
+            and type(offs[0]) is int
+            and type(offs[1]) is int
             and 0 <= offs[0] <= offs[1] <= data_len
         ):
             raise CodecError(

@@ -39,6 +39,38 @@ log_type warning
 """
 
 
+# What crosses a site broker's bridge to the coordinator's broker: device traffic out, the
+# coordinator's (and key holder's) traffic in. Edge aggregators and key holders connect to the
+# coordinator's broker.
+BRIDGE_OUT = ("update/#", "status/#", "secagg/#")
+BRIDGE_IN = ("task/#", "control", "secagg-to/#", "he/public")
+
+
+def bridge_conf(site: str, remote: str) -> str:
+    """mosquitto lines bridging this (site) broker to the coordinator's at ``remote``
+    (``HOST:PORT``): ``BRIDGE_OUT`` topics of every run out, ``BRIDGE_IN`` in, QoS 1, a
+    persistent session (queued messages cross once the link is back), MQTT 3.1.1 on the hop."""
+    if not site or any(c in site for c in " /+#\0\n"):
+        raise UsageError(f"site {site!r}: expected a name without spaces, '/', '+' or '#'")
+    host, _, port = remote.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"bridge to {remote!r}: expected HOST:PORT")
+    topics = [f"topic edgeleak/+/{t} out 1" for t in BRIDGE_OUT]
+    topics += [f"topic edgeleak/+/{t} in 1" for t in BRIDGE_IN]
+    return "\n".join([
+        f"connection edgeleak-site-{site}",
+        f"address {host}:{port}",
+        "bridge_protocol_version mqttv311",
+        f"remote_clientid edgeleak-site-{site}",
+        "cleansession false",
+        "try_private true",
+        "notifications false",
+        "restart_timeout 1 5",
+        "keepalive_interval 10",
+        *topics,
+    ]) + "\n"  # fmt: skip
+
+
 def mosquitto_conf(
     port: int,
     *,
@@ -47,12 +79,14 @@ def mosquitto_conf(
     log_file: Path | None = None,
     tls: str | None = None,
     persistence_dir: Path | None = None,
+    bridge: str = "",
 ) -> str:
     """The one mosquitto config of the project (demo, tests and ``edgeleak broker``): no silent
     drops, no size limit; anonymous unless ``password_file`` (made with ``mosquitto_passwd``);
     ``tls``: the secure mode's TLS, certificate and ACL lines (``edgeleak.pki.mosquitto_tls``).
     ``persistence_dir``: sessions, subscriptions, retained and queued messages are saved there
-    on every change (mosquitto's default is every 30 minutes) and survive a ``kill -9``."""
+    on every change (mosquitto's default is every 30 minutes) and survive a ``kill -9``;
+    ``bridge``: a site broker's ``bridge_conf`` lines."""
     auth = (
         "allow_anonymous true"
         if password_file is None
@@ -70,8 +104,11 @@ def mosquitto_conf(
         else f"persistence true\npersistence_location {persistence_dir.absolute()}/\n"
         "autosave_on_changes true\nautosave_interval 1"
     )
-    return MOSQUITTO_CONF.format(
-        port=port, bind=bind, user=user, auth=auth, log=log, persistence=persistence
+    return (
+        MOSQUITTO_CONF.format(
+            port=port, bind=bind, user=user, auth=auth, log=log, persistence=persistence
+        )
+        + bridge
     )
 
 
@@ -139,16 +176,18 @@ def local_broker(
     port: int | None = None,
     password_file: Path | None = None,
     pki: Path | None = None,
+    bridge: str = "",
 ) -> Iterator[tuple[BrokerAddress, str]]:
     """Start a broker on loopback for the block; yields (address, "mosquitto" | "amqtt").
 
     ``kind``: "auto" (mosquitto if installed, else amqtt), "mosquitto" or "amqtt";
     ``password_file`` (mosquitto only): clients must log in; ``pki`` (mosquitto only): the
-    secure mode, TLS with client certificates of that PKI folder and the ACL of ``edgeleak.pki``.
+    secure mode, TLS with client certificates of that PKI folder and the ACL of ``edgeleak.pki``;
+    ``bridge`` (mosquitto only): a site broker's ``bridge_conf``.
     """
     if pki is not None and kind == "amqtt":
         raise ValueError("secure mode (TLS, ACL) needs mosquitto: apt-get install -y mosquitto")
-    if pki is not None:
+    if pki is not None or bridge:
         kind = "mosquitto"
     if kind not in ("auto", "mosquitto", "amqtt"):
         raise ValueError(f"broker kind {kind!r}; expected auto, mosquitto or amqtt")
@@ -160,7 +199,9 @@ def local_broker(
     with tempfile.TemporaryDirectory(prefix="edgeleak-broker-") as tmp:
         if use == "mosquitto":
             conf = Path(tmp) / "mosquitto.conf"
-            conf.write_text(mosquitto_conf(port, password_file=password_file, tls=_tls(pki, tmp)))
+            conf.write_text(
+                mosquitto_conf(port, password_file=password_file, tls=_tls(pki, tmp), bridge=bridge)
+            )
             cmd = [str(exe), "-c", str(conf)]
         else:
             if password_file is not None:
@@ -207,6 +248,7 @@ def serve_broker(
     say: Callable[[str], None] = print,
     pki: Path | None = None,
     persist: bool = False,
+    bridge: str = "",
 ) -> int:
     """``edgeleak broker``: mosquitto with the project's config, in the foreground, until
     Ctrl-C or SIGTERM; config and log go to ``data`` (default: a temporary folder)."""
@@ -235,6 +277,7 @@ def serve_broker(
                 log_file=log_file,
                 tls=tls,
                 persistence_dir=folder if persist else None,
+                bridge=bridge,
             )  # fmt: skip
         )
         if bind not in ("127.0.0.1", "localhost", "::1") and password_file is None and not tls:

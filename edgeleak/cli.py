@@ -131,7 +131,15 @@ def _broker(args: argparse.Namespace) -> int:
         raise UsageError("--secure needs --pki DIR (`edgeleak pki init DIR`), and --pki --secure")
     if args.persist and not args.data:
         raise UsageError("--persist saves into --data: give --data FOLDER (kept after a crash)")
+    bridge = ""
+    if bool(args.bridge_to) != bool(args.site):
+        raise UsageError("a site broker needs both --bridge-to HOST:PORT and --site NAME")
+    if args.bridge_to:
+        from edgeleak.broker import bridge_conf
+
+        bridge = bridge_conf(args.site, args.bridge_to)
     return serve_broker(
+        bridge=bridge,
         port=args.port,
         bind=args.bind,
         data=Path(args.data) if args.data else None,
@@ -621,6 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="save sessions and queued messages to --data on every change: they survive a "
         "broker crash (README: Reliability)",
     )  # fmt: skip
+    b.add_argument(
+        "--bridge-to", metavar="HOST:PORT",
+        help="run as a site broker: bridge device traffic to the coordinator's broker there "
+        "(README: Beyond one machine)",
+    )  # fmt: skip
+    b.add_argument("--site", help="the site's name (with --bridge-to)")
     b.set_defaults(func=_broker)
 
     k = sub.add_parser("pki", help="secure mode: a CA, enrolment of identities, revocation")

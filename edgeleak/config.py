@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,6 +31,7 @@ AGGREGATORS = DEFENCES
 CLOCKS = ("none", "virtual", "real")
 CLOCK_BASES = ("flops", "host")
 MALICIOUS = ("none", "imprint", "permute")
+ENGINES = ("local", "ray")
 
 
 # Fields whose values come from a registry (comma-separated lists for runtime, profiles, attack).
@@ -46,6 +48,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attack": ATTACK_NAMES,
     "malicious": MALICIOUS,
     "poison": POISONS,
+    "engine": ENGINES,
 }
 
 # One line per field for ``edgeleak demo --help`` (a test checks that every field has one).
@@ -87,7 +90,11 @@ FIELD_HELP: dict[str, str] = {
     "n/server_lr), flip (labels), scale, signflip (update times +/-boost)",
     "backdoor_target": "class that triggered images are relabelled to (backdoor, replace)",
     "poison_boost": "update scale of replace/scale/signflip (0: devices per round / server_lr)",
-    "workers": "fleet worker processes",
+    "workers": "fleet worker processes (Ray actors with --engine ray)",
+    "engine": "where the fleet's workers run: local (processes here) or ray (actors on a Ray "
+    "cluster; extra 'ray')",
+    "ray_address": "the Ray cluster of --engine ray: auto (started with `ray start`), HOST:PORT "
+    "of its head, or local (a one-machine cluster for the run; the default)",
     "deadline_s": "seconds a round waits for updates",
     "seed": "seed of partition, initial weights and selection",
     "max_examples": "the coordinator refuses an update whose n is above this (or its status)",
@@ -155,6 +162,8 @@ class ExperimentConfig:
     backdoor_target: int = 0  # the backdoor's target class
     poison_boost: float = 0.0  # 0: Bagdasaryan's n/η (devices per round over server_lr)
     workers: int = 2
+    engine: str = "local"  # local | ray (devices.ray_fleet)
+    ray_address: str = ""  # engine ray: auto | HOST:PORT | local ("": local)
     deadline_s: float = 120.0
     seed: int = 0
     # Limits against hostile messages: the coordinator refuses an update whose n is above this
@@ -276,6 +285,13 @@ class ExperimentConfig:
         if self.he and (self.aggregator != "mean" or self.decoys or protect.dp_step(
             protect.parse(self.protect)) is not None):  # fmt: skip
             raise ConfigError("he adds ciphertexts: aggregator 'mean', no decoys, no DP")
+        _choice("engine", self.engine, ENGINES)
+        if self.ray_address and self.engine != "ray":
+            raise ConfigError(f"ray_address={self.ray_address!r} is for engine 'ray'")
+        if self.engine == "ray" and importlib.util.find_spec("ray") is None:
+            raise ConfigError("engine ray needs Ray: pip install 'edgeleak[ray]'")
+        if self.engine == "ray" and self.aggregators:
+            raise ConfigError("engine ray: edge aggregators (aggregators > 0) run locally only")
         if self.secagg and (self.he or self.aggregators):
             raise ConfigError(
                 "secagg: one server-side protection at a time, not with he or aggregators"

@@ -23,6 +23,7 @@ from devices.clock import VirtualClock, assign_profiles, host_speed_scale
 from devices.datasets import Dataset, load_dataset
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.partition import partition
+from devices.ray_fleet import RayFleet
 from edge import protect
 from edge.backends import Backend, load_backend
 from edge.decoy import new_key, save_key
@@ -366,7 +367,7 @@ def _spy_and_fleet(
     broker: BrokerAddress,
     run: str,
     capture: CaptureStore | None,
-    fleet: Fleet | GroupedFleet,
+    fleet: Fleet | GroupedFleet | RayFleet,
     he: ModelArtifact | None = None,
 ) -> Iterator[None]:
     """With ``he`` (the model), the run's key holder process comes first."""
@@ -524,7 +525,9 @@ def run_experiment(
             fleet_size=clients, keys=keys, resume=resume,
         )  # fmt: skip
         capture = CaptureStore(out / "capture") if cfg.attacks else None
-        fleet: Fleet | GroupedFleet = Fleet(spec)
+        fleet: Fleet | GroupedFleet | RayFleet = Fleet(spec)
+        if cfg.engine == "ray":
+            fleet = RayFleet(spec, cfg.ray_address or "local")
         if cfg.aggregators:
             fleet = GroupedFleet(spec, cfg.aggregators, artifact, broker)
         with Progress(*cols, disable=not progress) as bar:

@@ -146,6 +146,27 @@ def test_anomaly_score_is_cosine_distance_plus_log_norm_ratio() -> None:
     np.testing.assert_allclose(anomaly_scores(flat), [0, 0, 1, 2, np.log(4)], atol=1e-12)
 
 
+def test_anomaly_scores_over_column_blocks_equal_those_of_the_whole_matrix() -> None:
+    """The coordinator scores 10,000 updates block by block: any block width gives the norms
+    and scores of the flattened matrix (pairwise cosine distances to its median row)."""
+    from coordinator.robust import column_blocks, cosine_distances, flatten, norms_and_scores
+
+    rng = np.random.default_rng(0)
+    ups = [({"a": rng.normal(size=(3, 5)), "b": rng.normal(size=7)}, 1) for _ in range(9)]
+    ups[0] = ({k: -10 * v for k, v in ups[0][0].items()}, 1)  # flipped and boosted
+    ups[1] = ({k: np.zeros_like(v) for k, v in ups[1][0].items()}, 1)
+    flat = flatten(ups)
+    norms = np.linalg.norm(flat, axis=1)
+    direction = cosine_distances(np.vstack([np.median(flat, axis=0), flat]))[0, 1:]
+    want = direction + np.abs(np.log(np.maximum(norms, 1e-300) / np.median(norms)))
+    for width in (1, 4, 15, 100):
+        got_norms, got = norms_and_scores(column_blocks(ups, width))
+        np.testing.assert_allclose(got_norms, norms, rtol=1e-12)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # the zero update (ln of the smallest float64) and the flipped, boosted one stand out
+    assert sorted(np.argsort(got)[-2:]) == [0, 1] and got[0] > 2
+
+
 def test_defence_specs_parse_and_name_what_is_valid() -> None:
     from coordinator.robust import get_defence, parse_defence
 

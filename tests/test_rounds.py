@@ -131,12 +131,47 @@ def _update(
     )  # type: ignore[arg-type]
 
 
+def test_forged_nan_on_an_honest_devices_topic_costs_it_nothing(
+    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    """Unsigned, a NaN update on a selected device's topic may come from anyone: it is refused
+    and counted, and the round still waits for the device's own update, which is aggregated
+    (were NaN final here, both devices would be dropped before they even got their tasks)."""
+    run = _run_id()
+    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=600)
+    store = RunStore(tmp_path / "run.db")
+    spec = fleet(run, mosquitto, lenet_artifact, contiguous_shards([8, 8]), tmp_path / "truth")
+    rogue = Rogue(mosquitto, run, lenet_artifact.manifest.param_names)
+    names = lenet_artifact.manifest.param_names
+
+    def forge(round_: int, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # before the tasks go out, so the coordinator reads them before the devices' updates
+        for d in ("d0000", "d0001"):
+            rogue.send(d, _update(run, d, round_, {k: w[k] * np.nan for k in names}))
+        return w
+
+    with Coordinator(run, lenet_artifact, mosquitto, store, plan, tamper=forge) as coord:
+        with Fleet(spec):
+            coord.wait_for_devices(2, 60)
+            w0 = dict(coord.weights)
+            res = coord.run_round(1)
+            coord.end()
+    rogue.close()
+    assert (res.selected, res.accepted, res.rejected) == (2, 2, 2)
+    assert store.rejection_counts(run) == {"non_finite": 2}
+    want = expected_round(
+        lenet_artifact, w0, tmp_path / "truth", run, 1, algorithm="fedsgd", lr=0.1, batch_size=8
+    )
+    for k in w0:
+        np.testing.assert_allclose(coord.weights[k], want[k], rtol=0, atol=1e-6)
+
+
 def test_malformed_updates_are_counted_and_never_reach_the_model(
     mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
 ) -> None:
     run = _run_id()
-    # The phantom's last message is a NaN update: the round stops waiting for it then, long
-    # before the deadline (a round that waited for it would outlast the join below).
+    # Unsigned, the phantom's NaN update does not end its wait (anyone could have sent it); its
+    # ``offline`` after it does, long before the deadline (or the round outlasts the join below).
     plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=600)
     store = RunStore(tmp_path / "run.db")
     spec = fleet(run, mosquitto, lenet_artifact, contiguous_shards([8, 8]), tmp_path / "truth")
@@ -173,11 +208,11 @@ def test_malformed_updates_are_counted_and_never_reach_the_model(
             if "fc.2.bias" in g
             else {k: v * np.nan for k, v in g.items()}
         )
-        rogue.send("d9999", _update(run, "d9999", 1, nan))  # non_finite: the round ends
+        rogue.send("d9999", _update(run, "d9999", 1, nan))  # non_finite
+        rogue.status("offline")  # the round ends
         t.join(300)
-        assert result, "the round kept waiting for a device whose update was NaN"
+        assert result, "the round kept waiting for a device that went offline"
         res = result[0]
-        rogue.status("offline")
         wait_until(
             lambda: coord.poll() or "d9999" not in coord.online, 10, "the phantom going offline"
         )

@@ -6,6 +6,7 @@ import json
 import logging
 import queue
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from coordinator.server import Coordinator, RoundPlan
-from coordinator.store import RunStore
+from coordinator.store import RoundResult, RunStore
 from devices.fleet import Fleet
 from edge import sign, wire
 from edge.backends import load_backend
@@ -240,6 +241,44 @@ def test_secure_round_acl_and_signatures(
     ).fetchall()
     assert rows == [("spy", wire.update_topic(run, "spy"), "device_mismatch")]
     assert store.ledger_bytes(run, direction="up", kinds=("update",)) == res.bytes_up
+
+
+def test_signed_nan_update_ends_its_devices_wait(
+    secure_broker: BrokerAddress,
+    pki_dir: Path,
+    lenet_artifact: ModelArtifact,
+    tmp_path: Path,
+) -> None:
+    """A signed update with NaN is the device's own (its training diverged): the round stops
+    waiting for that device at once. Unsigned, it waits on (``test_rounds``)."""
+    run = _run_id()
+    plan = RoundPlan(algorithm="fedavg", lr=0.05, epochs=1, batch_size=8, deadline_s=600)
+    store = RunStore(tmp_path / "run.db")
+    creds = sign.Credentials.load(pki_dir, "coordinator")
+    spec = fleet(run, secure_broker, lenet_artifact, contiguous_shards([8, 8]), tmp_path / "t")
+    spy = Client(secure_broker, pki_dir, "spy")
+    assert spy.outcome() == "Success"
+    spy.c.subscribe(wire.task_topic(run, "spy"), QOS)
+    spy.granted.get(timeout=30)
+    result: list[RoundResult] = []
+    coord = Coordinator(run, lenet_artifact, secure_broker, store, plan, credentials=creds)
+    with coord, Fleet(spec):
+        online = json.dumps({"state": "online", "examples": 8}).encode()
+        spy.c.publish(wire.status_topic(run, "spy"), online, qos=QOS).wait_for_publish(30)
+        coord.wait_for_devices(3, 60)
+        t = threading.Thread(target=lambda: result.append(coord.run_round(1)))
+        t.start()
+        spy.inbox.get(timeout=120)  # its task: the round is on
+        nan = _update(run, "spy", 1, lenet_artifact)
+        next(iter(nan.params.values())).flat[0] = np.nan
+        signed = wire.encode_update(nan, signer=sign.Signer.load(pki_dir, "spy"))
+        spy.c.publish(wire.update_topic(run, "spy"), signed, qos=QOS).wait_for_publish(30)
+        t.join(300)  # a round that waited for the spy would hold until its 600 s deadline
+        coord.end()
+    spy.close()
+    assert result, "the round kept waiting for a device whose signed update was NaN"
+    assert (result[0].selected, result[0].accepted) == (3, 2)
+    assert store.rejection_counts(run) == {"non_finite": 1}
 
 
 def test_revoked_device_is_refused_by_the_coordinator(
