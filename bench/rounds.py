@@ -5,6 +5,11 @@ one FedAvg epoch (B=32) per round on the ONNX runtime, over mosquitto. The basel
 local training and aggregation in a bare in-process loop, no MQTT, measured in the same run.
 
     python bench/rounds.py --json rounds.json [--devices 10 100 1000] [--rounds 3]
+                           [--engine local|ray [--ray-address local|auto|HOST:PORT]]
+
+Peak memory is sampled every 0.2 s over this process (the coordinator), the broker and the
+fleet's workers, in all and per part. The codec line compares encode+decode of one LeNet update
+with a copy of the same bytes, both measured here.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from devices.datasets import load_dataset
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.partition import iid
 from edge import wire
+from edge.codec import keep_message_buffers
 from edge.backends import load_backend
 from edge.manifest import ModelArtifact
 from edge.train import fedavg
@@ -130,6 +136,8 @@ def fleet_rounds(
     plan: RoundPlan,
     shards: list[np.ndarray],
     workers: int,
+    engine: str = "local",
+    ray_address: str = "local",
 ) -> dict[str, Any]:
     run = "bench" + uuid.uuid4().hex[:6]
     with (
@@ -141,7 +149,18 @@ def fleet_rounds(
         devices = tuple(DeviceSpec(f"d{i:04d}", s, "onnx", seed=i) for i, s in enumerate(shards))
         spec = FleetSpec(run, broker.url, str(artifact.folder), "fashion-mnist", devices, workers)
         t_connect = time.perf_counter()
-        with Coordinator(run, artifact, broker, store, plan) as coord, Fleet(spec):
+        if engine == "ray":
+            from devices.ray_fleet import RayFleet
+
+            devices_on: Fleet | RayFleet = RayFleet(spec, ray_address)
+        else:
+            devices_on = Fleet(spec)
+        nodes = 1
+        with Coordinator(run, artifact, broker, store, plan) as coord, devices_on:
+            if engine == "ray":
+                import ray
+
+                nodes = sum(1 for node in ray.nodes() if node["Alive"])
             coord.wait_for_devices(n, 120 + n * 0.2)
             t_connect = time.perf_counter() - t_connect
             results = [coord.run_round(r) for r in range(1, rounds + 1)]
@@ -149,6 +168,8 @@ def fleet_rounds(
         store.close()
     timed = results[1:] if len(results) > 1 else results  # round 1 pays for session warm-up
     return {
+        "engine": engine,
+        "nodes": nodes,
         "devices": n,
         "seconds_per_round": float(np.mean([r.seconds for r in timed])),
         "peak_rss_mb": round(rss.peak, 1),
@@ -199,7 +220,12 @@ def main() -> None:
     ap.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--engine", choices=("local", "ray"), default="local")
+    ap.add_argument(
+        "--ray-address", default="local", help="with --engine ray: local|auto|HOST:PORT"
+    )
     args = ap.parse_args()
+    keep_message_buffers()  # as the CLI's processes do
 
     from rich.console import Console
     from rich.table import Table
@@ -218,7 +244,9 @@ def main() -> None:
             console.print(f"[bold]{n} devices[/]: bare loop ...")
             bare = bare_round(artifact, data.x_train, data.y_train, shards, plan)
             console.print(f"[bold]{n} devices[/]: fleet over mosquitto, {args.rounds} rounds ...")
-            row = fleet_rounds(artifact, n, args.rounds, plan, shards, args.workers)
+            row = fleet_rounds(
+                artifact, n, args.rounds, plan, shards, args.workers, args.engine, args.ray_address
+            )
             row["bare_loop_seconds"] = bare
             row["overhead_ratio"] = row["seconds_per_round"] / bare
             rows.append(row)

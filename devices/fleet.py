@@ -34,6 +34,7 @@ import paho.mqtt.client as mqtt
 
 from devices.orphans import die_with_parent
 from edge.backends import Backend, load_backend
+from edge.codec import keep_message_buffers
 from edge.device import Device, Outgoing, TaskLimits, TrainingRecord
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, connect, parse_broker_url
@@ -253,6 +254,7 @@ def _worker(
     # Ctrl-C in a terminal reaches the whole process group: the parent ends the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
+    keep_message_buffers()
     serve_shard(spec, shard, worker_id, stop)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from devices.fleet import FleetSpec, serve_shard, shards
+from edge.codec import keep_message_buffers
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class FleetActor:
 
     def run(self) -> int:
         """Serve the devices until the run's end or ``stop``; returns how many there were."""
+        keep_message_buffers()
         serve_shard(self.spec, self.shard, self.worker_id, self._stop)
         return len(self.shard)
 

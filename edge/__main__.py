@@ -210,6 +210,9 @@ def main(
     profiles: Sequence[str] = (),
 ) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from edge.codec import keep_message_buffers
+
+    keep_message_buffers()
     if argv and argv[0] == "calibrate":
         from edge.calibrate import main as calibrate
 

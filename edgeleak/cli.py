@@ -800,6 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from edge.codec import keep_message_buffers
+
+    keep_message_buffers()
     if argv[:1] == ["device"]:
         # The device's own flags belong to `python -m edge`; argparse cannot pass them through.
         logging.basicConfig(level=logging.WARNING)

@@ -354,3 +354,10 @@ def test_task_limits_refuse_work_over_the_configured_maximum() -> None:
         assert (e.value.reason, e.value.detail) == ("over_limit", detail)
     with pytest.raises(ValueError, match="max_epochs=0"):
         TaskLimits(max_epochs=0)
+
+
+def test_message_buffers_come_from_the_heap_under_glibc() -> None:
+    """``keep_message_buffers`` tunes glibc's malloc (and says so); elsewhere it does nothing."""
+    import platform
+
+    assert codec.keep_message_buffers() is (platform.libc_ver()[0] == "glibc")
