@@ -33,8 +33,8 @@ from devices.datasets import load_dataset
 from devices.fleet import DeviceSpec, Fleet, FleetSpec
 from devices.partition import iid
 from edge import wire
-from edge.codec import keep_message_buffers
 from edge.backends import load_backend
+from edge.codec import keep_message_buffers
 from edge.manifest import ModelArtifact
 from edge.train import fedavg
 from edgeleak.broker import local_broker
