@@ -163,6 +163,8 @@ def fleet_rounds(
                 nodes = sum(1 for node in ray.nodes() if node["Alive"])
             coord.wait_for_devices(n, 120 + n * 0.2)
             t_connect = time.perf_counter() - t_connect
+            time.sleep(2)  # idle: every device connected, none training
+            idle = rss_mb([os.getpid(), *child_pids(os.getpid())])
             results = [coord.run_round(r) for r in range(1, rounds + 1)]
             coord.end()
         store.close()
@@ -176,6 +178,7 @@ def fleet_rounds(
         "peak_rss_mb_by_part": {k: round(v, 1) for k, v in rss.parts.items()},
         "lost_messages": int(sum(r.selected - r.accepted for r in results)),
         "connect_seconds": round(t_connect, 2),
+        "idle_rss_mb": round(idle, 1),  # all connected, before the first round
         "mb_per_round": (results[-1].bytes_up + results[-1].bytes_down) / 1e6,
     }
 
@@ -259,6 +262,7 @@ def main() -> None:
         "bare loop s",
         "ratio",
         "peak RSS MB",
+        "idle RSS MB",
         "lost",
         "connect s",
         "MB/round",
@@ -271,6 +275,7 @@ def main() -> None:
             f"{r['bare_loop_seconds']:.2f}",
             f"{r['overhead_ratio']:.2f}",
             f"{r['peak_rss_mb']:.0f}",
+            f"{r['idle_rss_mb']:.0f}",
             str(r["lost_messages"]),
             f"{r['connect_seconds']:.1f}",
             f"{r['mb_per_round']:.1f}",

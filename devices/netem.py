@@ -234,6 +234,11 @@ class DelayRelay:
                 s.close()
 
 
+def set_link(iface: str, *, up: bool) -> None:
+    """Bring a link of a lab up or down (``NetLab.link``)."""
+    _run(["ip", "link", "set", iface, "up" if up else "down"])
+
+
 class NetLab:
     """Namespaces ``edgeleak-<tag>-<i>`` for devices with the given links, a bridge, and a relay
     to ``broker``. Use as a context manager; ``argv(i, [...])`` runs a command in device ``i``'s
@@ -281,9 +286,13 @@ class NetLab:
     def _host_end(self, i: int) -> str:
         return f"elh{self.tag}{i}"
 
+    def link(self, i: int) -> str:
+        """The host end of namespace ``i``'s link (for ``set_link``)."""
+        return self._host_end(i)
+
     def set_link(self, i: int, *, up: bool) -> None:
         """Bring namespace ``i``'s link up or down (down: its packets stop, no FIN is sent)."""
-        _run(["ip", "link", "set", self._host_end(i), "up" if up else "down"])
+        set_link(self._host_end(i), up=up)
 
     def __enter__(self) -> NetLab:
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 import threading
 from pathlib import Path
@@ -71,11 +72,13 @@ class RayFleet:
         self.actors: list[Any] = []
         self.runs: list[Any] = []
         self._started = False
+        self._env: dict[str, str] = {}  # RAY_* variables before this fleet started a cluster
 
     def __enter__(self) -> RayFleet:
         ray = _ray()
         if not ray.is_initialized():
             address = None if self.address == "local" else self.address
+            self._env = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)  # fmt: skip
             self._started = True
@@ -105,3 +108,7 @@ class RayFleet:
             ray.kill(a)
         if self._started:
             ray.shutdown()
+            # ray.init leaves RAY_* settings (its auth mode) that a later cluster must not inherit
+            for k in [k for k in os.environ if k.startswith("RAY_") and k not in self._env]:
+                del os.environ[k]
+            os.environ.update(self._env)

@@ -3,12 +3,14 @@ to the coordinator's broker (README: Beyond one machine)."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,8 +18,8 @@ import pytest
 
 from coordinator.server import Coordinator, RoundPlan, RoundResult
 from coordinator.store import RunStore
-from devices.fleet import Fleet
-from devices.netem import LinkShape, NetLab, missing_tools
+from devices.fleet import Fleet, FleetSpec
+from devices.netem import LinkShape, NetLab, missing_tools, set_link
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress
 from edge.wire import Params
@@ -27,6 +29,9 @@ from tests.fedutil import contiguous_shards, fleet
 PER_SITE = 500
 FAST = LinkShape(down_mbps=10_000, up_mbps=10_000, delay_ms=0)  # an unshaped LAN
 RAY = str(Path(sys.executable).with_name("ray"))
+# Ray without its token authentication on the namespaces' private bridge, for every node and
+# the driver alike (README: Beyond one machine)
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def _why_not() -> str | None:
@@ -70,9 +75,7 @@ def _site_broker(lab: NetLab, i: int, upstream: str, tmp: Path) -> Iterator[Brok
 def _ray_cluster(lab: NetLab, sites: int) -> Iterator[str]:
     """A Ray head here (no CPUs: no actor runs on it) and one 1-CPU node per namespace."""
     head = f"{lab.host_ip}:{free_port()}"
-    # Without Ray's token authentication on this private veth network (the driver, this
-    # process, may have imported Ray before: its mode cannot change; README: Beyond one machine)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **RAY_ENV}
     try:
         _run(
             [RAY, "start", "--head", f"--node-ip-address={lab.host_ip}",
@@ -97,27 +100,19 @@ def test_two_sites_on_ray_nodes_behind_bridges_train_the_one_site_models(
     site broker, give the models of 1 × 1,000 devices on one broker with the same seed; then
     one namespace's link is cut in the middle of the run: its devices are that round's dropouts
     and the run goes on with the other site."""
-    import ray
-
-    from devices.ray_fleet import RayFleet
-
     plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=60)
     n = 2 * PER_SITE
-
-    def rounds(coord: Coordinator, count: int) -> list[RoundResult]:
-        coord.wait_for_devices(n, 300)
-        return [coord.run_round(r) for r in range(1, count + 1)]
 
     run = "n" + uuid.uuid4().hex[:8]
     with local_broker("mosquitto") as (alone, _):
         spec = fleet(run, alone, lenet_artifact, contiguous_shards([8] * n), tmp_path / "t1")
         with Coordinator(run, lenet_artifact, alone, RunStore(tmp_path / "one.db"), plan,
                          seed=7) as coord, Fleet(spec):  # fmt: skip
-            one_site = rounds(coord, 2)
+            coord.wait_for_devices(n, 300)
+            one_site = [coord.run_round(r) for r in (1, 2)]
             coord.end()
 
     run = "n" + uuid.uuid4().hex[:8]
-    store = RunStore(tmp_path / "two.db")
     shards = contiguous_shards([8] * n)
     with (
         local_broker("mosquitto") as (central, _),
@@ -129,7 +124,6 @@ def test_two_sites_on_ray_nodes_behind_bridges_train_the_one_site_models(
             _site_broker(lab, 0, upstream, tmp_path) as site0,
             _site_broker(lab, 1, upstream, tmp_path) as site1,
         ):
-            ray.init(address=head, _node_ip_address=lab.host_ip, log_to_driver=False)
             halves = [
                 fleet(
                     run,
@@ -140,25 +134,14 @@ def test_two_sites_on_ray_nodes_behind_bridges_train_the_one_site_models(
                 )  # fmt: skip
                 for i, site in enumerate((site0, site1))
             ]
-            try:
-                with (
-                    Coordinator(
-                        run,
-                        lenet_artifact,
-                        central,
-                        store,
-                        plan,
-                        seed=7,
-                        tamper=lambda r, w: _cut(lab, r, w),
-                    ) as coord,  # fmt: skip
-                    RayFleet(halves[0], node_ip=lab.device_ip(0)),
-                    RayFleet(halves[1], node_ip=lab.device_ip(1)),
-                ):
-                    two_sites = rounds(coord, 4)
-                    lab.set_link(0, up=True)  # so that site 0 hears the end
-                    coord.end()
-            finally:
-                ray.shutdown()
+            nodes = [lab.device_ip(0), lab.device_ip(1)]
+            # The driver in a fresh process: this one may hold another Ray cluster's state.
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as driver:
+                two_sites = driver.submit(
+                    _two_sites,
+                    head, lab.host_ip, nodes, halves, central, tmp_path / "two.db", lab.link(0),
+                ).result()  # fmt: skip
+    store = RunStore(tmp_path / "two.db")
     assert [(r.selected, r.accepted) for r in one_site] == [(n, n)] * 2
     assert [(r.selected, r.accepted) for r in two_sites[:2]] == [(n, n)] * 2
     assert [r.model_sha256 for r in two_sites[:2]] == [r.model_sha256 for r in one_site]
@@ -171,9 +154,43 @@ def test_two_sites_on_ray_nodes_behind_bridges_train_the_one_site_models(
     assert (two_sites[3].selected, two_sites[3].accepted) == (PER_SITE, PER_SITE)
 
 
-def _cut(lab: NetLab, round_: int, w: Params) -> Params:
-    """Round 3: site 0's link goes down as the round starts (before its tasks go out, so that
-    none of its updates can make it: the outcome does not depend on timing)."""
-    if round_ == 3:
-        lab.set_link(0, up=False)
-    return w
+def _two_sites(
+    head: str,
+    driver_ip: str,
+    nodes: list[str],
+    halves: list[FleetSpec],
+    central: BrokerAddress,
+    db: Path,
+    cut: str,
+) -> list[RoundResult]:
+    """The Ray driver: the coordinator on ``central``, each half pinned to its node; four rounds,
+    ``cut`` (site 0's link) taken down as round 3 starts (before its tasks go out, so that none
+    of its updates can make it: the outcome does not depend on timing), up again at the end."""
+    os.environ.update(RAY_ENV)  # before Ray is imported in this fresh process
+    import ray
+
+    from devices.ray_fleet import RayFleet
+
+    def tamper(round_: int, w: Params) -> Params:
+        if round_ == 3:
+            set_link(cut, up=False)
+        return w
+
+    art = ModelArtifact.load(halves[0].model_dir)
+    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=60)
+    ray.init(address=head, _node_ip_address=driver_ip, log_to_driver=False)
+    try:
+        with (
+            Coordinator(
+                halves[0].run, art, central, RunStore(db), plan, seed=7, tamper=tamper
+            ) as coord,  # fmt: skip
+            RayFleet(halves[0], node_ip=nodes[0]),
+            RayFleet(halves[1], node_ip=nodes[1]),
+        ):
+            coord.wait_for_devices(2 * PER_SITE, 300)
+            results = [coord.run_round(r) for r in range(1, 5)]
+            set_link(cut, up=True)  # so that site 0 hears the end
+            coord.end()
+    finally:
+        ray.shutdown()
+    return results
