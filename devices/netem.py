@@ -283,16 +283,13 @@ class NetLab:
         """``command`` run inside device ``i``'s namespace."""
         return _ns(self.names[i], command)
 
-    def _host_end(self, i: int) -> str:
-        return f"elh{self.tag}{i}"
-
     def link(self, i: int) -> str:
         """The host end of namespace ``i``'s link (for ``set_link``)."""
-        return self._host_end(i)
+        return f"elh{self.tag}{i}"
 
     def set_link(self, i: int, *, up: bool) -> None:
         """Bring namespace ``i``'s link up or down (down: its packets stop, no FIN is sent)."""
-        set_link(self._host_end(i), up=up)
+        set_link(self.link(i), up=up)
 
     def __enter__(self) -> NetLab:
         try:
@@ -313,7 +310,7 @@ class NetLab:
         _run(["ip", "addr", "add", f"{self.host_ip}/{plen}", "dev", self.bridge])
         _run(["ip", "link", "set", self.bridge, "up"])
         for i, (ns, link) in enumerate(zip(self.names, self.links, strict=True)):
-            host_end, dev_end = self._host_end(i), f"eld{self.tag}{i}"
+            host_end, dev_end = self.link(i), f"eld{self.tag}{i}"
             _run(["ip", "netns", "add", ns])
             self._made.append(["ip", "netns", "del", ns])  # removes the veth pair with it
             _run(
