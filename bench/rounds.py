@@ -62,6 +62,15 @@ def _comm(pid: int) -> str:
         return "?"
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def child_pids(pid: int) -> list[int]:
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -76,11 +85,14 @@ def child_pids(pid: int) -> list[int]:
 
 class PeakRss:
     """Samples the RSS of this process and all its descendants (fleet workers, broker): the
-    peak of their sum, and each part's own peak (``parts``: coordinator, broker, fleet)."""
+    peak of their sum, and each part's own peak (``parts``: coordinator, broker, fleet); and
+    the CPU seconds each part has used (``cpu``, from each process's last sample)."""
 
     def __init__(self, period: float = 0.2) -> None:
         self.peak = 0.0
         self.parts: dict[str, float] = {}
+        self._cpu: dict[int, tuple[str, float]] = {}
+        self._cpu_before = _cpu_seconds(os.getpid())  # this process's CPU before the fleet
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, args=(period,), daemon=True)
 
@@ -88,13 +100,22 @@ class PeakRss:
         me = os.getpid()
         while not self._stop.is_set():
             now = {"coordinator": _rss_kb(me) / 1024, "broker": 0.0, "fleet": 0.0}
+            self._cpu[me] = ("coordinator", _cpu_seconds(me))
             for pid in child_pids(me):
                 part = "broker" if _comm(pid) == "mosquitto" else "fleet"
                 now[part] += _rss_kb(pid) / 1024
+                self._cpu[pid] = (part, _cpu_seconds(pid) or self._cpu.get(pid, ("", 0.0))[1])
             self.peak = max(self.peak, sum(now.values()))
             for k, v in now.items():
                 self.parts[k] = max(self.parts.get(k, 0.0), v)
             time.sleep(period)
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds per part, as last sampled."""
+        out = {"coordinator": -self._cpu_before, "broker": 0.0, "fleet": 0.0}
+        for part, seconds in self._cpu.values():
+            out[part] += seconds
+        return {k: round(v, 1) for k, v in out.items()}
 
     def __enter__(self) -> PeakRss:
         self._t.start()
@@ -103,6 +124,22 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join()
+
+
+def bare_round_apart(model_dir: str, shards: list[np.ndarray], plan: RoundPlan) -> float:
+    """``bare_round`` in a process of its own, so that its memory is not counted as the
+    coordinator's (this process's heap keeps what it once held: ``keep_message_buffers``)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_bare_round_of, model_dir, shards, plan).result()
+
+
+def _bare_round_of(model_dir: str, shards: list[np.ndarray], plan: RoundPlan) -> float:
+    keep_message_buffers()  # the same allocator settings as the fleet's processes
+    data = load_dataset("fashion-mnist")
+    return bare_round(ModelArtifact.load(model_dir), data.x_train, data.y_train, shards, plan)
 
 
 def bare_round(
@@ -176,6 +213,7 @@ def fleet_rounds(
         "seconds_per_round": float(np.mean([r.seconds for r in timed])),
         "peak_rss_mb": round(rss.peak, 1),
         "peak_rss_mb_by_part": {k: round(v, 1) for k, v in rss.parts.items()},
+        "cpu_seconds_by_part": rss.cpu(),  # the whole run: connect, idle and every round
         "lost_messages": int(sum(r.selected - r.accepted for r in results)),
         "connect_seconds": round(t_connect, 2),
         "idle_rss_mb": round(idle, 1),  # all connected, before the first round
@@ -245,7 +283,7 @@ def main() -> None:
         for n in args.devices:
             shards = iid(len(data.y_train), n, seed=0)
             console.print(f"[bold]{n} devices[/]: bare loop ...")
-            bare = bare_round(artifact, data.x_train, data.y_train, shards, plan)
+            bare = bare_round_apart(str(artifact.folder), shards, plan)
             console.print(f"[bold]{n} devices[/]: fleet over mosquitto, {args.rounds} rounds ...")
             row = fleet_rounds(
                 artifact, n, args.rounds, plan, shards, args.workers, args.engine, args.ray_address

@@ -6,6 +6,7 @@ Reasons (the ``dropouts`` table of the run store):
 - ``rejected``: it sent something on its update topic, and nothing of it was accepted;
 - ``offline``: it went offline during the round (its status, or its last will when the broker
   lost the connection: a killed process, a cut link once the keepalive runs out);
+- ``not_sent``: the round ended before its task was sent (pace steering, ``max_concurrent``);
 - ``no_answer``: nothing came from it before the round's deadline.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-REASONS = ("straggler", "rejected", "offline", "no_answer")
+REASONS = ("straggler", "rejected", "offline", "not_sent", "no_answer")
 
 
 def dropouts(
@@ -23,10 +24,11 @@ def dropouts(
     heard: Collection[str],
     lost: Collection[str],
     late: Collection[str],
+    untasked: Collection[str] = (),
 ) -> list[tuple[str, str]]:
     """(device, reason) for every selected device without an accepted update, sorted by device;
     ``heard``: selected devices that sent an update, ``lost``: went offline, ``late``: updates
-    dropped as stragglers."""
+    dropped as stragglers, ``untasked``: never sent their task."""
     out: list[tuple[str, str]] = []
     for device in sorted(set(selected) - set(accepted)):
         if device in late:
@@ -35,6 +37,8 @@ def dropouts(
             reason = "rejected"
         elif device in lost:
             reason = "offline"
+        elif device in untasked:
+            reason = "not_sent"
         else:
             reason = "no_answer"
         out.append((device, reason))

@@ -27,7 +27,7 @@ forged ``offline`` on their own status topic, and ``hello``, with ``online``.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -137,6 +137,7 @@ def admit(
     device: str,
     round_: int | None,
     selected: Collection[str],
+    tasked: Collection[str],
     accepted: Collection[str],
     nonces: Iterable[Collection[str]],
     kind: str,
@@ -145,7 +146,8 @@ def admit(
 ) -> wire.WireError | None:
     """Why a decoded ``update`` of ``device`` (sent on ``topic_device``: its pseudonym with
     decoys) is refused in round ``round_`` (None: no round open), or None to admit it.
-    ``nonces``: those of the updates accepted in the recent rounds; ``kind``: the update kind the
+    ``tasked``: the selected devices sent their task so far (pace steering holds the others
+    back); ``nonces``: those of the updates accepted in the recent rounds; ``kind``: the update kind the
     run's algorithm expects; ``announced``: the examples the device said it holds."""
     current = "none" if round_ is None else str(round_)
     if update.run != run:
@@ -160,6 +162,8 @@ def admit(
         return wire.WireError("future_round", f"round {update.round}, current {round_}")
     if device not in selected:
         return wire.WireError("not_selected", f"{device} was not selected in round {round_}")
+    if device not in tasked:
+        return wire.WireError("no_task", f"{device} has not been sent its task of round {round_}")
     if any(update.nonce in seen for seen in nonces):
         return wire.WireError("replayed_nonce", update.nonce)
     if device in accepted:
@@ -203,27 +207,28 @@ class WeightsPlan(Protocol):
 
 
 def aggregate(
-    accepted: Mapping[str, wire.Update],
+    updates: Sequence[robust.Weighted],
     plan: WeightsPlan,
     *,
     selected: int,
     noise_seed: list[int],
     defence_seed: list[int],
 ) -> tuple[Params, robust.Defended | None]:
-    """The plan's aggregate of the ``accepted`` updates, taken in device-id order (it does not
-    depend on arrival order): under ``central_dp`` DP-FedAvg's noised mean over the ``selected``
-    devices (noise from ``noise_seed``; no defence result), else the plan's aggregator (a
-    ``coordinator.robust`` defence, its randomness from ``defence_seed``) and what it kept."""
-    ordered = [accepted[d] for d in sorted(accepted)]
+    """The plan's aggregate of the accepted ``updates`` ((params, examples) in device-id order,
+    so that it does not depend on arrival order): under ``central_dp`` DP-FedAvg's noised mean
+    over the ``selected`` devices (noise from ``noise_seed``; no defence result), else the plan's
+    aggregator (a ``coordinator.robust`` defence, its randomness from ``defence_seed``) and what
+    it kept. FedAvg's mean reads each update once (they may come from ``coordinator.spool``);
+    the other rules get them all in memory."""
     dp = protect.dp_step(protect.parse(plan.protect))
     if isinstance(dp, protect.CentralDP):
         sigma = protect.require_sigma(dp)
-        params = [u.params for u in ordered]
+        params = [p for p, _ in updates]
         noise = protect.gaussian_like(params[0], sigma * dp.clip, np.random.default_rng(noise_seed))
         return central_dp_mean(params, clip=dp.clip, noise=noise, denominator=selected), None
-    out = robust.get_defence(plan.aggregator)(
-        [(u.params, u.num_examples) for u in ordered], np.random.default_rng(defence_seed)
-    )
+    if robust.parse_defence(plan.aggregator)[0] != "mean":
+        updates = list(updates)
+    out = robust.get_defence(plan.aggregator)(updates, np.random.default_rng(defence_seed))
     return out.params, out
 
 
@@ -248,7 +253,8 @@ def next_weights(
     updates; no update: ``weights`` unchanged."""
     if not accepted:
         return weights
+    ordered = [(accepted[d].params, accepted[d].num_examples) for d in sorted(accepted)]
     agg, _ = aggregate(
-        accepted, plan, selected=selected, noise_seed=noise_seed, defence_seed=defence_seed or [0]
+        ordered, plan, selected=selected, noise_seed=noise_seed, defence_seed=defence_seed or [0]
     )
     return server_step(weights, agg, plan)

@@ -25,7 +25,7 @@ whatever the defence, stored per device and round (run store table ``anomaly``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,7 +83,7 @@ def anomaly_scores(flat: np.ndarray) -> np.ndarray:
     [0, 2]) plus |ln(‖u‖ / median norm)| (magnitude): 0 for an update like the median; a
     sign-flipped or boosted update scores high either way. A zero update's log term is ln of
     the smallest positive float64."""
-    return norms_and_scores([flat])[1]
+    return norms_and_scores(median_update(flat[:: median_step(len(flat))]), [flat])[1]
 
 
 # Above this many updates, the median update is taken over this many of them, evenly spaced in
@@ -91,48 +91,40 @@ def anomaly_scores(flat: np.ndarray) -> np.ndarray:
 MEDIAN_SAMPLE = 1024
 
 
-def norms_and_scores(blocks: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(‖u_i‖, ``anomaly_scores``) of the updates whose flattened rows are split into column
-    ``blocks`` (each n × c): memory of one block, not of the n × d matrix. With more than
-    ``MEDIAN_SAMPLE`` updates the median update is that of every ⌈n / MEDIAN_SAMPLE⌉-th."""
-    sq = dots = None
-    med_sq = 0.0
-    wide = np.empty(0)
-    for block in blocks:
-        if wide.shape != block.shape:  # one float64 buffer for the blocks of one shape
-            wide = np.empty(block.shape, np.float64)
-        b = wide
-        np.copyto(b, block)
-        med = np.median(b[:: -(-len(b) // MEDIAN_SAMPLE)], axis=0)
-        b_sq = np.einsum("ij,ij->i", b, b)
-        b_dots = b @ med
-        sq = b_sq if sq is None else sq + b_sq
-        dots = b_dots if dots is None else dots + b_dots
-        med_sq += float(med @ med)
-    if sq is None or dots is None:
+def median_step(n: int) -> int:
+    """Every how many of ``n`` updates one is in the median's sample (``MEDIAN_SAMPLE``)."""
+    return max(1, -(-n // MEDIAN_SAMPLE))
+
+
+def median_update(sample: np.ndarray, width: int = 4096) -> np.ndarray:
+    """The coordinate-wise median of the ``sample``'s rows in float64, ``width`` columns at a
+    time (memory of one float64 slice, not of the sample)."""
+    return np.concatenate(  # transposed: each column's values contiguous (1.6x faster)
+        [np.median(np.ascontiguousarray(sample[:, lo : lo + width].T, np.float64), axis=1)
+         for lo in range(0, sample.shape[1], width)]
+    )  # fmt: skip
+
+
+def norms_and_scores(
+    median: np.ndarray, chunks: Iterable[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(‖u_i‖, ``anomaly_scores``) of the updates whose flattened rows come in ``chunks`` (each
+    k × d, in order), against the ``median`` update (``median_update``): one pass, memory of
+    one chunk, not of the n × d matrix."""
+    sq: list[np.ndarray] = []
+    dots: list[np.ndarray] = []
+    for chunk in chunks:
+        b = chunk.astype(np.float64)
+        sq.append(np.einsum("ij,ij->i", b, b))
+        dots.append(b @ median)
+    if not sq:
         raise ValueError("no updates to score")
-    norms = np.sqrt(sq)
-    denom = np.where(norms > 0, norms, 1.0) * (np.sqrt(med_sq) if med_sq > 0 else 1.0)
-    cos = np.clip(1.0 - dots / denom, 0.0, 2.0)
+    norms = np.sqrt(np.concatenate(sq))
+    med_norm_2 = float(median @ median)
+    denom = np.where(norms > 0, norms, 1.0) * (np.sqrt(med_norm_2) if med_norm_2 > 0 else 1.0)
+    cos = np.clip(1.0 - np.concatenate(dots) / denom, 0.0, 2.0)
     med_norm = max(float(np.median(norms)), 1e-300)
     return norms, cos + np.abs(np.log(np.maximum(norms, 1e-300) / med_norm))
-
-
-def column_blocks(updates: Sequence[Weighted], width: int = 4096) -> Iterator[np.ndarray]:
-    """The updates' flattened rows (parameters in the first update's order), ``width`` columns
-    at a time, as n × width blocks in the updates' own dtype (``flatten`` in pieces). Full-width
-    blocks share one buffer: a block is valid until the next is asked for."""
-    if not updates:
-        raise ValueError("no updates to aggregate")
-    first = updates[0][0]
-    dtype = np.result_type(*(np.asarray(v) for v in first.values()))
-    buf = np.empty((len(updates), width), dtype)
-    for name in first:
-        size = np.asarray(first[name]).size
-        for lo in range(0, size, width):
-            hi = min(size, lo + width)
-            rows = [np.asarray(p[name]).reshape(-1)[lo:hi] for p, _ in updates]
-            yield np.stack(rows, out=buf) if hi - lo == width else np.stack(rows).astype(dtype)
 
 
 def median_norm_factors(flat: np.ndarray, bound: float) -> np.ndarray:

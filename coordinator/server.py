@@ -8,6 +8,7 @@ import logging
 import queue
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -17,6 +18,7 @@ import paho.mqtt.client as mqtt
 
 from coordinator import dropout, policy, robust
 from coordinator import secagg as secure
+from coordinator.spool import UpdateSpool
 from coordinator.store import AnomalyRow, MessageRow, PrivacyRow, RoundResult, RunStore
 from edge import decoy, protect, wire
 from edge.aggregator import GroupInfo, parse_group
@@ -96,6 +98,9 @@ class RoundPlan:
     max_payload_bytes: int = wire.MAX_MESSAGE_BYTES
     max_header_bytes: int = MAX_HEADER_BYTES
     max_devices_online: int = 20_000
+    # Pace steering: at most this many selected devices hold a task they have not answered;
+    # the others get theirs in selection order as answers come in. 0: every task at once.
+    max_concurrent: int = 1000
 
     @property
     def task_codec(self) -> str:
@@ -115,7 +120,7 @@ class _Slot:
 class _RoundState:
     round: int
     selected: set[str]
-    heard: set[str] = field(default_factory=set)  # selected devices that sent an update
+    heard: set[str] = field(default_factory=set)  # tasked devices that sent an update
     last_answer: float | None = None  # monotonic time of the last update from a selected device
     accepted: dict[str, wire.Update] = field(default_factory=dict)
     rejections: dict[str, int] = field(default_factory=dict)
@@ -127,6 +132,15 @@ class _RoundState:
     decoy_n: dict[str, int] = field(default_factory=dict)  # decoys of each device so far
     down: dict[str, int] = field(default_factory=dict)  # packet bytes of each device's task
     up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
+    waiting: deque[str] = field(default_factory=deque)  # selected, task not sent yet (paced)
+    tasked: set[str] = field(default_factory=set)  # selected devices sent their task
+    open: set[str] = field(default_factory=set)  # tasked and not answered yet
+    weights: Params = field(default_factory=dict)  # what this round's tasks ship
+    bytes_down: int = 0  # the round's tasks (and model announcement) so far
+
+    def answered(self, device: str) -> None:
+        """``device`` accepted, or not waited for any longer: its slot goes to the next one."""
+        self.open.discard(device)
 
 
 class Coordinator:
@@ -218,6 +232,9 @@ class Coordinator:
         self.revealed: Params | None = None
         self.collect_timeout_s = collect_timeout_s
         self.weights: Params = weights if weights is not None else artifact.initial_params()
+        # the round's accepted plaintext updates, on disk next to the run store (their
+        # ``wire.Update`` in ``_RoundState.accepted`` keeps every field but the parameters)
+        self.spool = UpdateSpool({p.name: p.shape for p in self.manifest.params}, store.path.parent)
         if run == wire.ANY_RUN:
             raise ValueError(f"run id {run!r} is reserved for devices not pinned to a run")
         self.online: dict[str, dict[str, object]] = {}  # last online status of each device
@@ -266,6 +283,7 @@ class Coordinator:
     def __exit__(self, *exc: object) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.spool.close()
 
     def end(self) -> None:
         """Tell every device that the run is over: reveal the token its tasks committed to."""
@@ -297,16 +315,19 @@ class Coordinator:
             msg = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return
-        while True:
-            try:
-                self._handle(msg)
-            except Exception as e:  # a message must never take the coordinator down
-                log.exception("unexpected error on %s", msg.topic)
-                self._reject(msg.topic, "?", wire.WireError("internal_error", repr(e)))
-            try:
-                msg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        with self.store.deferred():  # one commit for the batch
+            while True:
+                try:
+                    self._handle(msg)
+                except Exception as e:  # a message must never take the coordinator down
+                    log.exception("unexpected error on %s", msg.topic)
+                    self._reject(msg.topic, "?", wire.WireError("internal_error", repr(e)))
+                try:
+                    msg = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+            if self._state is not None and self._state.waiting:
+                self._send_waiting(self._state)
 
     def _ledger(self, msg: Received, device: str, kind: str, round_: int | None = None) -> int:
         """Record an incoming message; ``kind`` "rejected" keeps it apart from device traffic."""
@@ -354,7 +375,7 @@ class Coordinator:
             slot = self._slots.get(device) if self.plan.decoys else None
             owner = slot.device if slot else device
             st = self._state
-            if st is not None and owner in st.selected:
+            if st is not None and owner in st.tasked:
                 st.heard.add(owner)
             if owner in self.standing and self.standing[owner].silent:
                 # a late answer: the device is there, only slow
@@ -377,10 +398,11 @@ class Coordinator:
                 signed = self.credentials is not None  # checked first: only then a content reason
                 if (
                     st is not None
-                    and owner in st.selected
+                    and owner in st.tasked
                     and policy.final_rejection(e.reason, signed=signed)
                 ):
                     st.lost.add(owner)
+                    st.answered(owner)
                 return
             assert st is not None
             group = parse_group(update.group)  # an edge aggregator's update: its own kinds
@@ -388,7 +410,11 @@ class Coordinator:
             if group is not None:
                 self._ledger_group(owner, msg.topic, group)
             st.bytes_up += size
+            if self.he is None:
+                self.spool.put(owner, update.params)
+                update = dataclasses.replace(update, params={})
             st.accepted[owner] = dataclasses.replace(update, device=owner)
+            st.answered(owner)
             st.up[owner] = size
             st.last_answer = time.monotonic()
             self.nonces.setdefault(st.round, set()).add(update.nonce)
@@ -439,6 +465,7 @@ class Coordinator:
             self.online.pop(device, None)
             if self._state is not None and device in self._state.selected:
                 self._state.lost.add(device)
+                self._state.answered(device)
             if self.secagg_round is not None:
                 self.secagg_round.device_gone(device)
         new = policy.on_status(self.standing.get(device), online=online, retained=msg.retain)
@@ -464,7 +491,8 @@ class Coordinator:
         refused = policy.admit(
             update, run=self.run, topic_device=topic_device, device=device,
             round_=None if st is None else st.round,
-            selected=st.selected if st else (), accepted=st.accepted if st else (),
+            selected=st.selected if st else (), tasked=st.tasked if st else (),
+            accepted=st.accepted if st else (),
             nonces=self.nonces.values(), kind=UPDATE_KIND[self.plan.algorithm],
             announced=self.announced.get(device, 0), max_examples=self.plan.max_examples,
         )  # fmt: skip
@@ -500,13 +528,34 @@ class Coordinator:
             rng=np.random.default_rng([self.seed, round_]),
         )
 
-    def broadcast(self, devices: list[str], weights: Params) -> int:
-        """Publish this round's task to each device; returns downlink bytes. A ``distributed_dp``
-        step gets the round's ``shares``: the noise is split over the devices selected."""
-        rows: list[MessageRow] = []
+    def broadcast(self, st: _RoundState) -> None:
+        """Start the round's tasks (``st.weights``): the model announcement when devices verify
+        it, then the first ``max_concurrent`` selected devices' tasks (all under secure
+        aggregation, whose phases need every device); ``poll`` sends the rest as slots free."""
         if self.plan.verify_model_consistency:
-            rows.append(self._announce_model(weights))
-        spec = protect.with_shares(self.plan.protect, len(devices))
+            row = self._announce_model(st.weights)
+            self.store.add_messages([row])
+            st.bytes_down += row.bytes
+        st.waiting = deque(sorted(st.selected))
+        self._send_waiting(st, everyone=self.secagg is not None)
+
+    def _send_waiting(self, st: _RoundState, *, everyone: bool = False) -> None:
+        """Tasks for the next waiting devices, while fewer than ``max_concurrent`` are open
+        (``everyone``: all of them); a device gone offline meanwhile is skipped."""
+        cap = self.plan.max_concurrent
+        devices: list[str] = []
+        while st.waiting and (everyone or cap <= 0 or len(st.open) + len(devices) < cap):
+            device = st.waiting.popleft()
+            if device not in st.lost:
+                devices.append(device)
+        if devices:
+            self._send_tasks(st, devices)
+
+    def _send_tasks(self, st: _RoundState, devices: list[str]) -> None:
+        """Publish the round's task to each of ``devices``; book its bytes. A ``distributed_dp``
+        step gets the round's ``shares``: the noise is split over the devices selected."""
+        spec = protect.with_shares(self.plan.protect, len(st.selected))
+        rows: list[MessageRow] = []
         for device in devices:
             task = wire.Task(
                 run=self.run,
@@ -517,9 +566,9 @@ class Coordinator:
                 epochs=self.plan.epochs,
                 batch_size=self.plan.batch_size,
                 model_hash=self.manifest.sha256,
-                weights=self.tamper_device(self.round, device, weights)
+                weights=self.tamper_device(self.round, device, st.weights)
                 if self.tamper_device
-                else weights,
+                else st.weights,
                 deadline_s=self.plan.deadline_s,
                 codec=self.plan.task_codec,
                 uplink=self.plan.codec,
@@ -534,7 +583,10 @@ class Coordinator:
                 task, signer=self.credentials.signer if self.credentials else None
             )
             topic = wire.task_topic(self.run, device)
+            st.tasked.add(device)
+            st.open.add(device)
             self.client.publish(topic, payload, qos=QOS)
+            size = publish_packet_bytes(topic, len(payload), QOS, protocol=self.broker.protocol)
             rows.append(
                 MessageRow(
                     self.run,
@@ -543,15 +595,14 @@ class Coordinator:
                     topic,
                     "down",
                     "task",
-                    publish_packet_bytes(topic, len(payload), QOS, protocol=self.broker.protocol),
+                    size,
                     len(payload),
                     time.time(),
-                )
+                )  # fmt: skip
             )
+            st.down[device] = size
+            st.bytes_down += size
         self.store.add_messages(rows)
-        if self._state is not None:
-            self._state.down.update({r.device: r.bytes for r in rows if r.kind == "task"})
-        return sum(r.bytes for r in rows)
 
     def _announce_model(self, weights: Params) -> MessageRow:
         """Tell every device of the run which weights this round ships (``verify_model_consistency``)."""
@@ -640,15 +691,17 @@ class Coordinator:
         selected = self.select(round_)
         st = _RoundState(round_, set(selected))
         self._state = st
+        self.spool.clear()
         self.nonces = {r: n for r, n in self.nonces.items() if r >= round_ - NONCE_ROUNDS}
         # Pseudonyms of the last round stay known for its late decoys; older ones are dropped.
         self._slots = {p: s for p, s in self._slots.items() if s.round >= round_ - 1}
         sent = self.tamper(round_, self.weights) if self.tamper else self.weights
+        st.weights = sent
         if self.he is not None:
             self.he.wait_for_key(self.poll, self.plan.deadline_s)
-        bytes_down = self.broadcast(selected, sent)
+        self.broadcast(st)
         if self.secagg is not None:
-            return self._secure_round(st, sent, bytes_down, t0)
+            return self._secure_round(st, sent, st.bytes_down, t0)
         limit = self.collect_timeout_s if self.clock is not None else self.plan.deadline_s
         while not self._round_over(st, t0, limit):
             self.poll(0.05)
@@ -658,7 +711,7 @@ class Coordinator:
         virtual = self._drop_stragglers(st) if self.clock is not None else None
         self._state = None
         self.proven |= set(st.accepted)
-        self.standing = policy.after_round(self.standing, selected, st.heard)
+        self.standing = policy.after_round(self.standing, sorted(st.tasked), st.heard)
         self.revealed = self._aggregate(st, len(selected)) if st.accepted else None
         if self.revealed is not None:
             self.weights = policy.server_step(sent, self.revealed, self.plan)
@@ -673,7 +726,7 @@ class Coordinator:
             accepted=len(st.accepted),
             rejected=sum(st.rejections.values()),
             bytes_up=st.bytes_up,
-            bytes_down=bytes_down,
+            bytes_down=st.bytes_down,
             accuracy=acc,
             loss=loss,
             train_loss=train_loss,
@@ -687,7 +740,14 @@ class Coordinator:
         self.store.add_dropouts(
             self.run,
             round_,
-            dropout.dropouts(selected, st.accepted, heard=st.heard, lost=st.lost, late=st.late),
+            dropout.dropouts(
+                selected,
+                st.accepted,
+                heard=st.heard,
+                lost=st.lost,
+                late=st.late,
+                untasked=st.selected - st.tasked,
+            ),  # fmt: skip
         )
         self._account(st.round, {d: u.num_examples for d, u in st.accepted.items()})
         return result
@@ -741,14 +801,16 @@ class Coordinator:
         if self.he is not None:
             ups = [st.accepted[d] for d in order]
             return self.he.aggregate(self.client, st.round, ups, self.poll, self.plan.deadline_s)
+        updates = self.spool.updates(order, [st.accepted[d].num_examples for d in order])
         agg, out = policy.aggregate(
-            st.accepted, self.plan, selected=selected,
+            updates, self.plan, selected=selected,
             noise_seed=central_noise_seed(self.seed, st.round),
             defence_seed=robust.defence_seed(self.seed, st.round),
         )  # fmt: skip
         if out is not None:
-            updates = [(st.accepted[d].params, st.accepted[d].num_examples) for d in order]
-            rows = anomaly_rows(self.plan.aggregator, order, updates, out)
+            median = robust.median_update(self.spool.rows(order[:: robust.median_step(len(order))]))
+            scored = robust.norms_and_scores(median, self.spool.row_chunks(order))
+            rows = anomaly_rows(self.plan.aggregator, order, scored, out)
             self.store.add_anomaly(self.run, st.round, rows)
         return agg
 
@@ -774,11 +836,14 @@ class Coordinator:
 
 
 def anomaly_rows(
-    defence: str, devices: list[str], updates: list[tuple[Params, int]], out: robust.Defended
+    defence: str,
+    devices: list[str],
+    scored: tuple[np.ndarray, np.ndarray],
+    out: robust.Defended,
 ) -> list[AnomalyRow]:
-    """One row per update: norm and anomaly score (``robust.anomaly_scores``), kept, clip;
-    over column blocks, so that 10,000 updates never make one float64 matrix."""
-    norms, scores = robust.norms_and_scores(robust.column_blocks(updates))
+    """One row per update: its norm and anomaly score (``scored``: ``robust.norms_and_scores``),
+    whether the defence kept it, and its clip factor."""
+    norms, scores = scored
     return [
         AnomalyRow(d, defence, float(norms[i]), float(scores[i]), out.kept[i], out.clip[i])
         for i, d in enumerate(devices)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +127,7 @@ class RunStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._deferring = 0  # inside ``deferred``: commit at its end
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -136,7 +139,23 @@ class RunStore:
                 self.db.execute(f"ALTER TABLE rounds ADD COLUMN {col} {sql_type}")
 
     def close(self) -> None:
+        self.db.commit()
         self.db.close()
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Rows added inside are committed once, at the end (the coordinator's batch of
+        messages: one commit per batch, not per message); nests."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+            self._commit()
+
+    def _commit(self) -> None:
+        if not self._deferring:
+            self.db.commit()
 
     def add_run(
         self,
@@ -162,7 +181,7 @@ class RunStore:
                 model_hash,
             ),
         )
-        self.db.commit()
+        self._commit()
 
     def add_messages(self, rows: list[MessageRow]) -> None:
         self.db.executemany(
@@ -182,7 +201,7 @@ class RunStore:
                 for r in rows
             ],
         )
-        self.db.commit()
+        self._commit()
 
     def add_rejection(
         self, run: str, round_: int, device: str, topic: str, reason: str, detail: str
@@ -191,7 +210,7 @@ class RunStore:
             "INSERT INTO rejections VALUES (?,?,?,?,?,?,?)",
             (run, round_, device, topic, reason, detail[:500], time.time()),
         )
-        self.db.commit()
+        self._commit()
 
     def add_round(self, run: str, r: RoundResult) -> None:
         self.db.execute(
@@ -202,7 +221,7 @@ class RunStore:
              r.accuracy, r.loss, r.train_loss, r.seconds, r.virtual_seconds, r.bytes_rejected,
              r.model_sha256),
         )  # fmt: skip
-        self.db.commit()
+        self._commit()
 
     def add_dropouts(self, run: str, round_: int, rows: list[tuple[str, str]]) -> None:
         """Selected devices of ``round_`` without an accepted update: (device, reason), the
@@ -211,7 +230,7 @@ class RunStore:
             "INSERT OR REPLACE INTO dropouts VALUES (?,?,?,?)",
             [(run, round_, device, reason) for device, reason in rows],
         )
-        self.db.commit()
+        self._commit()
 
     def dropouts(self, run: str) -> list[tuple[int, str, str]]:
         """(round, device, reason) of every dropout of ``run``, in round and device order."""
@@ -227,7 +246,7 @@ class RunStore:
             [(run, round_, r.device, r.mechanism, r.sigma, r.rounds, r.epsilon, r.delta)
              for r in rows],
         )  # fmt: skip
-        self.db.commit()
+        self._commit()
 
     def add_anomaly(self, run: str, round_: int, rows: list[AnomalyRow]) -> None:
         self.db.executemany(
@@ -235,7 +254,7 @@ class RunStore:
             [(run, round_, r.device, r.defence, r.norm, r.score, int(r.kept), r.clip)
              for r in rows],
         )  # fmt: skip
-        self.db.commit()
+        self._commit()
 
     def anomaly(self, run: str) -> list[dict[str, object]]:
         """Every scored update of ``run``, by round and device."""

@@ -35,7 +35,7 @@ import paho.mqtt.client as mqtt
 from devices.orphans import die_with_parent
 from edge.backends import Backend, load_backend
 from edge.codec import keep_message_buffers
-from edge.device import Device, Outgoing, TaskLimits, TrainingRecord
+from edge.device import Device, Outgoing, SpillFile, TaskLimits, TrainingRecord
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, connect, parse_broker_url
 from edge.poison import parse_poison
@@ -285,6 +285,7 @@ def serve_shard(
     credentials = _credentials(broker.pki, [ds.device_id for ds in shard])
     devices = []
     ends = EndCommitments()  # one for the worker: its devices serve one run
+    spill = SpillFile()  # the devices' last updates, kept on disk (one file per worker)
     for ds in shard:
         if ds.runtime not in backends:
             backends[ds.runtime] = load_backend(ds.runtime, artifact)
@@ -310,11 +311,13 @@ def serve_shard(
                 credentials=credentials.get(ds.device_id),
                 poison=parse_poison(ds.poison) if ds.poison else None,
                 verify_model=spec.verify_model,
+                spill=spill,
             )
         )
     try:
         run_devices(devices, broker, hold=_realtime_hold(spec, shard), stop=stop)
     finally:
+        spill.close()
         if truth is not None:
             truth.close()
 

@@ -56,19 +56,27 @@ WAIT_FRACTION = 0.8  # by default the group waits this fraction of the task's de
 MAX_GROUP_CHARS = 256
 
 
+def example_counts(updates: Sequence[tuple[Params, int]]) -> list[int]:
+    """The updates' example counts. A sequence that knows them without reading its updates
+    says so with an ``examples`` list (``coordinator.spool.SpooledUpdates``)."""
+    known = getattr(updates, "examples", None)
+    return list(known) if known is not None else [n for _, n in updates]
+
+
 def weighted_mean(updates: Sequence[tuple[Params, int]]) -> Params:
     """Mean of the updates weighted by their example counts (FedAvg, McMahan et al. 2017),
-    accumulated in float64 in the given order."""
+    accumulated in float64 in the given order; one pass over the updates (each is read once:
+    ``coordinator.spool`` serves them from disk)."""
     if not updates:
         raise ValueError("no updates to aggregate")
-    total = float(sum(n for _, n in updates))
-    out: Params = {}
-    for k in updates[0][0]:
-        acc = np.zeros_like(updates[0][0][k], dtype=np.float64)
-        for p, n in updates:
-            acc += p[k].astype(np.float64) * (n / total)
-        out[k] = acc.astype(np.float32)
-    return out
+    total = float(sum(example_counts(updates)))
+    acc: dict[str, np.ndarray] = {}
+    for p, n in updates:
+        for k, v in p.items():
+            if k not in acc:
+                acc[k] = np.zeros(v.shape, np.float64)
+            acc[k] += v.astype(np.float64) * (n / total)
+    return {k: a.astype(np.float32) for k, a in acc.items()}
 
 
 def group_run(run: str, group: str) -> str:

@@ -7,8 +7,10 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 import queue
 import secrets
+import tempfile
 import threading
 import time
 import zlib
@@ -63,6 +65,41 @@ class Outgoing:
             f"device {device}: run {self.run} round {self.round}: {self.examples} examples, "
             f"loss {self.loss:.4f}, {self.packet_bytes} bytes up, {self.seconds:.2f} s"
         )
+
+
+class SpillFile:
+    """The payloads the devices of one process keep to send once more (``Device.unconfirmed``),
+    in one unnamed temporary file instead of memory: a fleet worker's 5,000 devices would
+    otherwise hold 5,000 updates. Each device has one slot, rewritten in place while its
+    payloads fit."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self._file = tempfile.TemporaryFile(prefix="edgeleak-spill-", dir=directory)
+        self._end = 0
+        self._slots: dict[str, tuple[int, int, list[int]]] = {}  # offset, capacity, sizes
+
+    def put(self, device: str, payloads: list[bytes]) -> None:
+        """Keep ``payloads`` for ``device`` (replacing what it kept before)."""
+        size = sum(len(p) for p in payloads)
+        offset, capacity, _ = self._slots.get(device, (self._end, 0, []))
+        if size > capacity:
+            offset, capacity = self._end, size
+            self._end += size
+        os.pwrite(self._file.fileno(), b"".join(payloads), offset)
+        self._slots[device] = (offset, capacity, [len(p) for p in payloads])
+
+    def take(self, device: str) -> list[bytes]:
+        """The payloads ``device`` kept, in order (none: an empty list); its slot stays."""
+        offset, _, sizes = self._slots.get(device, (0, 0, []))
+        data = os.pread(self._file.fileno(), sum(sizes), offset)
+        out = []
+        for n in sizes:
+            out.append(data[:n])
+            data = data[n:]
+        return out
+
+    def close(self) -> None:
+        self._file.close()
 
 
 @dataclass(frozen=True)
@@ -152,6 +189,7 @@ class Device:
         credentials: Credentials | None = None,
         poison: Poison | None = None,
         verify_model: bool = False,
+        spill: SpillFile | None = None,
     ) -> None:
         """``run=None``: not pinned, takes part in any run that sends it a task. ``ends`` may be
         shared by the devices of one process (a fleet worker). ``public``: examples anyone may
@@ -163,7 +201,8 @@ class Device:
         a malicious device (back-door experiments): its data and updates as ``edge.poison``
         says. ``verify_model``: train only on the weights the coordinator announced to every
         device of the run (``wire.model_announcement`` on the control topic), so a coordinator
-        that ships devices different models (LOKI) is refused as ``model_inconsistent``."""
+        that ships devices different models (LOKI) is refused as ``model_inconsistent``.
+        ``spill``: keep the last update's bytes on disk (a fleet worker's devices share one)."""
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
@@ -198,6 +237,7 @@ class Device:
         # then died before passing them on. Once per update, so forged hellos cannot make the
         # device flood the broker.
         self.unconfirmed: tuple[str, list[Outgoing]] = ("", [])
+        self.spill = spill  # where the payloads of ``unconfirmed`` are, when not in it
         self._seen: collections.deque[str] = collections.deque(maxlen=SEEN_NONCES)
         self.key = key
         self.decoy_data = decoy_data
@@ -499,8 +539,16 @@ class Device:
             )  # fmt: skip
             for i, ((topic, payload), size) in enumerate(zip(sent, sizes, strict=True))
         ]
-        self.unconfirmed = (task.run, out)
+        self._keep(task.run, out)
         return out
+
+    def _keep(self, run: str, out: list[Outgoing]) -> None:
+        """Keep ``out`` to send once more on ``hello`` (its payloads in ``spill`` if any)."""
+        if self.spill is None:
+            self.unconfirmed = (run, out)
+            return
+        self.spill.put(self.device_id, [o.payload for o in out])
+        self.unconfirmed = (run, [dataclasses.replace(o, payload=b"") for o in out])
 
     def _hello(self, run: str) -> list[Outgoing]:
         """``hello`` of ``run``: the ``online`` status, and the last update(s) of that run once
@@ -509,7 +557,12 @@ class Device:
         if mine != run or not outs:
             return [self._announce()]
         self.unconfirmed = ("", [])
-        return [self._announce(), *(dataclasses.replace(o, kind="resend") for o in outs)]
+        payloads = self.spill.take(self.device_id) if self.spill else [o.payload for o in outs]
+        again = [
+            dataclasses.replace(o, kind="resend", payload=p)
+            for o, p in zip(outs, payloads, strict=True)
+        ]
+        return [self._announce(), *again]
 
     def _secagg_start(
         self, task: wire.Task, spec: secagg.SecAggSpec, result: LocalResult, t0: float

@@ -118,6 +118,8 @@ FIELD_HELP: dict[str, str] = {
     "max_header_bytes": "the coordinator refuses an update whose container header is larger",
     "max_devices_online": "the coordinator ignores online statuses of more devices than this "
     "(too_many_devices)",
+    "max_concurrent": "pace steering: at most this many devices hold an unanswered task, the "
+    "others get theirs as answers come in (0: all at once)",
 }
 
 
@@ -186,6 +188,7 @@ class ExperimentConfig:
     max_payload_bytes: int = MAX_MESSAGE_BYTES
     max_header_bytes: int = MAX_HEADER_BYTES
     max_devices_online: int = 20_000
+    max_concurrent: int = 1000  # tasks out and unanswered at once (0: no limit)
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
@@ -238,6 +241,7 @@ class ExperimentConfig:
         _at_least("max_payload_bytes", self.max_payload_bytes, 64)
         _at_least("max_header_bytes", self.max_header_bytes, 8)
         _at_least("max_devices_online", self.max_devices_online, 1)
+        _at_least("max_concurrent", self.max_concurrent, 0)
         if self.epochs > self.max_epochs:
             raise ConfigError(f"epochs={self.epochs} is above max_epochs={self.max_epochs}")
         if self.batch_size > self.max_batch_size:

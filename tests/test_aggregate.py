@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -146,25 +148,62 @@ def test_anomaly_score_is_cosine_distance_plus_log_norm_ratio() -> None:
     np.testing.assert_allclose(anomaly_scores(flat), [0, 0, 1, 2, np.log(4)], atol=1e-12)
 
 
-def test_anomaly_scores_over_column_blocks_equal_those_of_the_whole_matrix() -> None:
-    """The coordinator scores 10,000 updates block by block: any block width gives the norms
-    and scores of the flattened matrix (pairwise cosine distances to its median row)."""
-    from coordinator.robust import column_blocks, cosine_distances, flatten, norms_and_scores
+def test_anomaly_scores_over_spooled_row_chunks_equal_those_of_the_whole_matrix(
+    tmp_path: Path,
+) -> None:
+    """The coordinator scores 10,000 updates chunk by chunk from its spool: any chunk size
+    gives the norms and scores of the flattened matrix (pairwise cosine distances to its median
+    row), in the order asked for, whatever the order the updates were spooled in."""
+    from coordinator.robust import cosine_distances, flatten, median_update, norms_and_scores
+    from coordinator.spool import UpdateSpool
 
     rng = np.random.default_rng(0)
-    ups = [({"a": rng.normal(size=(3, 5)), "b": rng.normal(size=7)}, 1) for _ in range(9)]
+    f32 = np.float32
+    ups = [({"a": rng.normal(size=(3, 5)).astype(f32), "b": rng.normal(size=7).astype(f32)}, 1)
+           for _ in range(9)]  # fmt: skip
     ups[0] = ({k: -10 * v for k, v in ups[0][0].items()}, 1)  # flipped and boosted
     ups[1] = ({k: np.zeros_like(v) for k, v in ups[1][0].items()}, 1)
     flat = flatten(ups)
     norms = np.linalg.norm(flat, axis=1)
     direction = cosine_distances(np.vstack([np.median(flat, axis=0), flat]))[0, 1:]
     want = direction + np.abs(np.log(np.maximum(norms, 1e-300) / np.median(norms)))
-    for width in (1, 4, 15, 100):
-        got_norms, got = norms_and_scores(column_blocks(ups, width))
+    spool = UpdateSpool({"a": (3, 5), "b": (7,)}, tmp_path)
+    devices = [f"d{i}" for i in range(len(ups))]
+    for i in reversed(range(len(ups))):  # arrival order is not the device order
+        spool.put(devices[i], ups[i][0])
+    for size, width in ((1, 1), (4, 5), (100, 4096)):
+        median = median_update(spool.rows(devices), width)
+        got_norms, got = norms_and_scores(median, spool.row_chunks(devices, size))
         np.testing.assert_allclose(got_norms, norms, rtol=1e-12)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     # the zero update (ln of the smallest float64) and the flipped, boosted one stand out
     assert sorted(np.argsort(got)[-2:]) == [0, 1] and got[0] > 2
+
+
+def test_fedavg_of_spooled_updates_is_bit_identical_and_reads_each_once(tmp_path: Path) -> None:
+    """The coordinator's FedAvg mean over its disk spool equals the in-memory mean bit for bit,
+    reading every update once; the spool is empty again after ``clear``."""
+    from coordinator.spool import UpdateSpool
+
+    rng = np.random.default_rng(1)
+    shapes = {"w": (4, 3), "b": (3,)}
+    ups = [({k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}, int(n))
+           for n in rng.integers(1, 50, size=6)]  # fmt: skip
+    spool = UpdateSpool(shapes, tmp_path)
+    devices = [f"d{i}" for i in range(len(ups))]
+    for d, (p, _) in zip(devices, ups, strict=True):
+        spool.put(d, p)
+    lazy = spool.updates(devices, [n for _, n in ups])
+    reads: list[str] = []
+    read = spool.params
+    spool.params = lambda d: reads.append(d) or read(d)  # type: ignore[method-assign]
+    got, want = weighted_mean(lazy), weighted_mean(ups)
+    assert reads == devices
+    for k in shapes:
+        assert got[k].tobytes() == want[k].tobytes()
+        assert np.array_equal(read("d3")[k], ups[3][0][k])
+    spool.clear()
+    assert len(spool) == 0 and "d0" not in spool
 
 
 def test_defence_specs_parse_and_name_what_is_valid() -> None:

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from coordinator.resume import model_path, resume_point
 from coordinator.server import Coordinator, RoundPlan
@@ -26,7 +27,7 @@ from edge import wire
 from edge.backends import load_backend
 from edge.codec import params_sha256
 from edge.data import save_shard
-from edge.device import Device
+from edge.device import Device, SpillFile
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress, Received, publish_packet_bytes, varint_len, wait_until
 from tests.faultlab import broker_crash_run
@@ -290,15 +291,27 @@ def test_broker_kill_9_mid_round_loses_and_doubles_nothing(
         np.testing.assert_allclose(models[2][k], want2[k], rtol=0, atol=1e-6)
 
 
-def test_hello_gets_the_last_update_once_more_and_only_once(lenet_artifact: ModelArtifact) -> None:
+@pytest.mark.parametrize("spilled", [False, True], ids=["in_memory", "spill_file"])
+def test_hello_gets_the_last_update_once_more_and_only_once(
+    spilled: bool, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    """Kept in memory or in a fleet worker's spill file, the update sent again is the same."""
     data = load_dataset("fashion-mnist")
+    spill = SpillFile(str(tmp_path)) if spilled else None
     dev = Device("d1", None, lenet_artifact, load_backend("onnx", lenet_artifact),
-                 data.x_train[:8], data.y_train[:8])  # fmt: skip
+                 data.x_train[:8], data.y_train[:8], spill=spill)  # fmt: skip
+    if spill is not None:  # another device's slot before and after it
+        spill.put("d0", [b"x" * 10])
+    assert dev.handle(Received(wire.control_topic("r1"), wire.HELLO, False, 0))[0].kind == "status"
     task = wire.Task(
         run="r1", round=1, device="d1", algorithm="fedsgd", lr=0.1, epochs=1, batch_size=8,
         model_hash=lenet_artifact.manifest.sha256, weights=lenet_artifact.initial_params(),
     )  # fmt: skip
     (update,) = dev.handle(Received(wire.task_topic("r1", "d1"), wire.encode_task(task), False, 0))
+    if spill is not None:
+        spill.put("d2", [b"y" * 7, b"z"])
+        assert dev.unconfirmed[1][0].payload == b""  # on disk, not in memory
+        assert spill.take("d2") == [b"y" * 7, b"z"] and spill.take("d0") == [b"x" * 10]
     hello = Received(wire.control_topic("r1"), wire.HELLO, False, 0)
     online, again = dev.handle(hello)
     assert (online.kind, again.kind) == ("status", "resend")

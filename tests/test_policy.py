@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from coordinator import policy
+from coordinator import dropout, policy
 from coordinator.server import RoundPlan
 from edge import protect, wire
 
@@ -22,7 +22,7 @@ def upd(device: str = "d1", **kw: object) -> wire.Update:
 
 ADMIT = {
     "run": "r", "topic_device": "d1", "device": "d1", "round_": 3, "selected": {"d1", "d2"},
-    "accepted": set(), "nonces": [{"b" * 24}], "kind": "delta", "announced": 20,
+    "tasked": {"d1", "d2"}, "accepted": set(), "nonces": [{"b" * 24}], "kind": "delta", "announced": 20,
     "max_examples": 15,
 }  # fmt: skip
 
@@ -40,6 +40,7 @@ def test_admit_accepts_a_good_update_and_names_each_rejection() -> None:
     assert reason(upd(round=2)) == "stale_round"
     assert reason(upd(round=4)) == "future_round"
     assert reason(upd(), device="d3") == "not_selected"
+    assert reason(upd(), tasked={"d2"}) == "no_task"  # selected, its task not sent yet
     assert reason(upd(nonce="b" * 24)) == "replayed_nonce"
     assert reason(upd(), accepted={"d1"}) == "duplicate"
     assert reason(upd(kind="gradient")) == "bad_kind"
@@ -112,3 +113,15 @@ def test_next_weights_central_dp_adds_the_seeded_noise_once_over_the_selected() 
 def test_update_kinds_live_in_the_wire_contract() -> None:
     assert wire.UPDATE_KIND == {"fedsgd": "gradient", "fedavg": "delta"}
     assert wire.UPDATE_KINDS == ("gradient", "delta")
+
+
+def test_dropouts_name_one_reason_per_missing_device_in_order_of_precedence() -> None:
+    rows = dropout.dropouts(
+        ["a", "b", "c", "d", "e", "f"], {"a"}, heard={"b", "c"}, lost={"c", "d", "e"},
+        late={"b"}, untasked={"e", "f"},
+    )  # fmt: skip
+    assert rows == [
+        ("b", "straggler"), ("c", "rejected"), ("d", "offline"), ("e", "offline"),
+        ("f", "not_sent"),
+    ]  # fmt: skip
+    assert {why for _, why in rows} <= set(dropout.REASONS)

@@ -78,8 +78,11 @@ def test_round_aggregate_equals_reference(
 class Rogue:
     """A client that plays a phantom device and injects malformed updates through the broker."""
 
-    def __init__(self, broker: BrokerAddress, run: str, manifest_names: list[str]) -> None:
+    def __init__(
+        self, broker: BrokerAddress, run: str, manifest_names: list[str], phantom: str = "d9999"
+    ) -> None:
         self.run = run
+        self.phantom = phantom
         self.tasks: list[bytes] = []
         self.honest: list[bytes] = []
         self.c = mqtt.Client(
@@ -89,7 +92,7 @@ class Rogue:
         self.c.connect(broker.host, broker.port)
         self.c.loop_start()
         self.c.subscribe(
-            [(wire.task_topic(run, "d9999"), QOS), (wire.update_topic(run, "d0000"), QOS)]
+            [(wire.task_topic(run, phantom), QOS), (wire.update_topic(run, "d0000"), QOS)]
         )
         time.sleep(0.3)
 
@@ -98,7 +101,7 @@ class Rogue:
 
     def status(self, state: str) -> None:
         self.c.publish(
-            wire.status_topic(self.run, "d9999"),
+            wire.status_topic(self.run, self.phantom),
             json.dumps({"state": state}).encode(),
             qos=QOS,
             retain=True,
@@ -109,7 +112,7 @@ class Rogue:
 
     def close(self) -> None:
         self.c.publish(
-            wire.status_topic(self.run, "d9999"), b"", qos=QOS, retain=True
+            wire.status_topic(self.run, self.phantom), b"", qos=QOS, retain=True
         ).wait_for_publish(5)
         self.c.disconnect()
         self.c.loop_stop()
@@ -129,6 +132,71 @@ def _update(
             **kw,
         )
     )  # type: ignore[arg-type]
+
+
+def test_paced_rounds_send_a_task_only_when_a_slot_frees_and_aggregate_the_same(
+    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    """``max_concurrent=1``: each task goes out only after the previous device's update was
+    accepted (the ledger's order), and the aggregate is the reference's."""
+    run = _run_id()
+    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=600, max_concurrent=1)
+    store = RunStore(tmp_path / "run.db")
+    spec = fleet(run, mosquitto, lenet_artifact, contiguous_shards([8, 8, 8]), tmp_path / "truth")
+    with Coordinator(run, lenet_artifact, mosquitto, store, plan) as coord, Fleet(spec):
+        coord.wait_for_devices(3, 60)
+        w0 = dict(coord.weights)
+        res = coord.run_round(1)
+        coord.end()
+    assert (res.selected, res.accepted, res.rejected) == (3, 3, 0)
+    want = expected_round(
+        lenet_artifact, w0, tmp_path / "truth", run, 1, algorithm="fedsgd", lr=0.1, batch_size=8
+    )
+    for k in w0:
+        np.testing.assert_allclose(coord.weights[k], want[k], rtol=0, atol=1e-6)
+    rows = store.db.execute(
+        "SELECT kind, device FROM messages WHERE run=? AND round=1 AND kind IN ('task','update') "
+        "ORDER BY rowid",
+        (run,),
+    ).fetchall()
+    assert rows == [(k, f"d000{i}") for i in range(3) for k in ("task", "update")]
+
+
+def test_a_silent_device_holding_the_only_slot_leaves_the_rest_not_sent(
+    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    """A selected device that never answers keeps its slot until the deadline: with
+    ``max_concurrent=1`` the devices after it never get their task (dropout ``not_sent``), and
+    an update on such a device's topic is refused as ``no_task``."""
+    run = _run_id()
+    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=3, max_concurrent=1)
+    store = RunStore(tmp_path / "run.db")
+    spec = fleet(run, mosquitto, lenet_artifact, contiguous_shards([8, 8]), tmp_path / "truth")
+    rogue = Rogue(mosquitto, run, lenet_artifact.manifest.param_names, phantom="a0000")
+    names = lenet_artifact.manifest.param_names
+
+    def forge(round_: int, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rogue.send("d0001", _update(run, "d0001", round_, {k: w[k] for k in names}))
+        return w
+
+    with Coordinator(run, lenet_artifact, mosquitto, store, plan, tamper=forge) as coord:
+        rogue.status("online")  # live, after the coordinator subscribed
+        with Fleet(spec):
+            coord.wait_for_devices(3, 60)
+            w0 = dict(coord.weights)
+            res = coord.run_round(1)
+            eligible = coord.eligible()
+            coord.end()
+    rogue.close()
+    assert (res.selected, res.accepted) == (3, 0)
+    assert eligible == ["d0000", "d0001"]  # never asked, so not silent; the phantom is
+    assert store.dropouts(run) == [
+        (1, "a0000", "no_answer"), (1, "d0000", "not_sent"), (1, "d0001", "not_sent")
+    ]  # fmt: skip
+    assert store.rejection_counts(run) == {"no_task": 1}
+    assert len(rogue.tasks) == 1  # the phantom's, the only task sent
+    for k in w0:
+        assert np.array_equal(coord.weights[k], w0[k])
 
 
 def test_forged_nan_on_an_honest_devices_topic_costs_it_nothing(
