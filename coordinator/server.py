@@ -234,7 +234,8 @@ class Coordinator:
         self.weights: Params = weights if weights is not None else artifact.initial_params()
         # the round's accepted plaintext updates, on disk next to the run store (their
         # ``wire.Update`` in ``_RoundState.accepted`` keeps every field but the parameters)
-        self.spool = UpdateSpool({p.name: p.shape for p in self.manifest.params}, store.path.parent)
+        spool_dir = None if str(store.path) == ":memory:" else store.path.parent
+        self.spool = UpdateSpool({p.name: p.shape for p in self.manifest.params}, spool_dir)
         if run == wire.ANY_RUN:
             raise ValueError(f"run id {run!r} is reserved for devices not pinned to a run")
         self.online: dict[str, dict[str, object]] = {}  # last online status of each device
@@ -598,7 +599,7 @@ class Coordinator:
                     size,
                     len(payload),
                     time.time(),
-                )  # fmt: skip
+                )
             )
             st.down[device] = size
             st.bytes_down += size
@@ -747,7 +748,7 @@ class Coordinator:
                 lost=st.lost,
                 late=st.late,
                 untasked=st.selected - st.tasked,
-            ),  # fmt: skip
+            ),
         )
         self._account(st.round, {d: u.num_examples for d, u in st.accepted.items()})
         return result
