@@ -147,8 +147,8 @@ def admit(
     """Why a decoded ``update`` of ``device`` (sent on ``topic_device``: its pseudonym with
     decoys) is refused in round ``round_`` (None: no round open), or None to admit it.
     ``tasked``: the selected devices sent their task so far (pace steering holds the others
-    back); ``nonces``: those of the updates accepted in the recent rounds; ``kind``: the update kind the
-    run's algorithm expects; ``announced``: the examples the device said it holds."""
+    back); ``nonces``: those of the updates accepted in the recent rounds; ``kind``: the update
+    kind the run's algorithm expects; ``announced``: the examples the device said it holds."""
     current = "none" if round_ is None else str(round_)
     if update.run != run:
         return wire.WireError("wrong_run", f"run {update.run!r}")

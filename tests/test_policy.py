@@ -22,8 +22,8 @@ def upd(device: str = "d1", **kw: object) -> wire.Update:
 
 ADMIT = {
     "run": "r", "topic_device": "d1", "device": "d1", "round_": 3, "selected": {"d1", "d2"},
-    "tasked": {"d1", "d2"}, "accepted": set(), "nonces": [{"b" * 24}], "kind": "delta", "announced": 20,
-    "max_examples": 15,
+    "tasked": {"d1", "d2"}, "accepted": set(), "nonces": [{"b" * 24}], "kind": "delta",
+    "announced": 20, "max_examples": 15,
 }  # fmt: skip
 
 
