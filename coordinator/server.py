@@ -240,6 +240,7 @@ class Coordinator:
             raise ValueError(f"run id {run!r} is reserved for devices not pinned to a run")
         self.online: dict[str, dict[str, object]] = {}  # last online status of each device
         self.announced: dict[str, int] = {}  # examples each device last said it holds
+        self.sites: dict[str, str] = {}  # device -> the site broker it said it is behind
         self.standing: dict[str, policy.Standing] = {}
         self.proven: set[str] = set()
         self._end_token = wire.new_end_token()
@@ -335,22 +336,26 @@ class Coordinator:
         size = msg.packet_bytes
         if kind == "rejected" and self._state is not None:
             self._state.bytes_rejected += size
-        self.store.add_messages(
-            [
-                MessageRow(
-                    self.run,
-                    self.round if round_ is None else round_,
-                    device,
-                    msg.topic,
-                    "up",
-                    kind,
-                    size,
-                    len(msg.payload),
-                    time.time(),
-                )
-            ]
-        )
+        row = MessageRow(
+            self.run, self.round if round_ is None else round_, device, msg.topic, "up", kind,
+            size, len(msg.payload), time.time(),
+        )  # fmt: skip
+        self.store.add_messages([row, *self._bridge_rows([row])])
         return size
+
+    def _bridge_rows(self, rows: list[MessageRow]) -> list[MessageRow]:
+        """For each of ``rows`` (a device's messages on this broker) whose device is behind a
+        site broker, the same message on the site's bridge: kind ``bridge``, its bytes as the
+        bridge's MQTT 3.1.1 PUBLISH at QoS 1 (``edgeleak.broker.bridge_conf``)."""
+        return [
+            dataclasses.replace(
+                r,
+                kind="bridge",
+                bytes=publish_packet_bytes(r.topic, r.payload_bytes, QOS, protocol=mqtt.MQTTv311),
+            )  # fmt: skip
+            for r in rows
+            if r.device in self.sites
+        ]
 
     def _handle(self, msg: Received) -> None:
         if self.secagg is not None and secure.upload(self.secagg_round, msg):
@@ -462,6 +467,10 @@ class Coordinator:
             self.online[device] = status
             examples = status.get("examples")
             self.announced[device] = examples if type(examples) is int and examples > 0 else 0
+            site = str(status.get("site", ""))  # checked by decode_status
+            if site and self.sites.get(device) != site:
+                self.sites[device] = site
+                self.store.add_site(self.run, device, site)
         else:
             self.online.pop(device, None)
             if self._state is not None and device in self._state.selected:
@@ -603,7 +612,7 @@ class Coordinator:
             )
             st.down[device] = size
             st.bytes_down += size
-        self.store.add_messages(rows)
+        self.store.add_messages(rows + self._bridge_rows(rows))
 
     def _announce_model(self, weights: Params) -> MessageRow:
         """Tell every device of the run which weights this round ships (``verify_model_consistency``)."""

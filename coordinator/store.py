@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS dropouts (
     run TEXT, round INTEGER, device TEXT, reason TEXT,
     PRIMARY KEY (run, round, device)
 );
+CREATE TABLE IF NOT EXISTS sites (
+    run TEXT, device TEXT, site TEXT, PRIMARY KEY (run, device)
+);
 CREATE INDEX IF NOT EXISTS messages_run_round ON messages (run, round);
 """
 
@@ -77,7 +80,9 @@ class MessageRow:
     device: str
     topic: str
     direction: str  # "up" (device -> broker) or "down" (broker -> device)
-    kind: str  # "task", "update", "decoy" (a dropped decoy), "status", "control"; "rejected": refused incoming traffic
+    # "task", "update", "decoy" (a dropped decoy), "status", "control"; "rejected": refused
+    # incoming traffic; "bridge": a site device's message again, on its site's bridge
+    kind: str
     bytes: int
     payload_bytes: int
     t: float
@@ -231,6 +236,22 @@ class RunStore:
             [(run, round_, device, reason) for device, reason in rows],
         )
         self._commit()
+
+    def add_site(self, run: str, device: str, site: str) -> None:
+        """``device`` announced that it connects through ``site``'s bridged broker."""
+        self.db.execute("INSERT OR REPLACE INTO sites VALUES (?,?,?)", (run, device, site))
+        self._commit()
+
+    def bridge_bytes(self, run: str) -> dict[tuple[str, str], int]:
+        """(site, direction) -> the packet bytes of the ledger's ``bridge`` rows: what crossed
+        each site's bridge to and from the coordinator's broker."""
+        rows = self.db.execute(
+            "SELECT s.site, m.direction, SUM(m.bytes) FROM messages m JOIN sites s "
+            "ON m.run = s.run AND m.device = s.device WHERE m.run=? AND m.kind='bridge' "
+            "GROUP BY s.site, m.direction",
+            (run,),
+        ).fetchall()
+        return {(str(site), str(d)): int(b) for site, d, b in rows}
 
     def dropouts(self, run: str) -> list[tuple[int, str, str]]:
         """(round, device, reason) of every dropout of ``run``, in round and device order."""

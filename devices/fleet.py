@@ -78,6 +78,7 @@ class FleetSpec:
     # stand-in for public data of the same domain).
     decoy_pool: str = ""
     verify_model: bool = False  # devices train only on the model announced to the run
+    site: str = ""  # the site broker the devices connect to, bridged to the coordinator's
 
 
 class StopFlag(Protocol):
@@ -312,6 +313,7 @@ def serve_shard(
                 poison=parse_poison(ds.poison) if ds.poison else None,
                 verify_model=spec.verify_model,
                 spill=spill,
+                site=spec.site,
             )
         )
     try:

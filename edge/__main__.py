@@ -3,7 +3,7 @@ safetensors), as a deployment bundle's ``start.sh`` runs it on a Raspberry Pi or
 
     python -m edge --broker mqtt://[USER:PASSWORD@]HOST:PORT --data shard.npz --model model/
                    [--id ID] [--run RUN [--exit-on-end]] [--runtime onnx] [--profile rpi4]
-                   [--seed 0] [--max-backoff-s 30] [--config config.json]
+                   [--seed 0] [--site NAME] [--max-backoff-s 30] [--config config.json]
                    [--max-epochs 10] [--max-batch-size 1024] [--max-steps 10000]
                    [--key device.key --decoy-data public.npz]
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 SETTINGS = (
     "broker", "data", "model", "run", "id", "runtime", "profile", "seed", "exit_on_end",
     "max_backoff_s", "max_epochs", "max_batch_size", "max_steps", "key", "decoy_data", "pki",
-    "verify_model_consistency",
+    "verify_model_consistency", "site",
 )  # fmt: skip
 PATHS = ("data", "model", "key", "decoy_data", "pki")
 PROG = "python -m edge"
@@ -88,6 +88,11 @@ def build_parser(
         help=f"device profile name it announces{known}",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of local shuffling (default 0)")
+    p.add_argument(
+        "--site", default="",
+        help="the site whose broker it connects to (edgeleak broker --site), announced so that "
+        "the coordinator books the bridge hop",
+    )  # fmt: skip
     p.add_argument(
         "--max-backoff-s", type=float, default=30.0,
         help="longest wait between attempts to reach the broker (default 30 s)",
@@ -164,6 +169,10 @@ def settings(
         parser.error("--exit-on-end needs --run (an unpinned device serves run after run)")
     if not args.max_backoff_s >= 1:
         parser.error(f"--max-backoff-s {args.max_backoff_s}: expected a number >= 1")
+    from edge.wire import SITE
+
+    if args.site and not SITE.fullmatch(args.site):
+        parser.error(f"--site {args.site!r}: expected 1 to 64 letters, digits, '.', '_' or '-'")
     return args
 
 
@@ -197,7 +206,7 @@ def prepare(args: argparse.Namespace) -> tuple[Device, BrokerAddress]:
     device = Device(
         args.id, args.run, artifact, backend, x, y, seed=args.seed, profile=args.profile,
         limits=limits, key=key, decoy_data=pool, credentials=credentials,
-        verify_model=args.verify_model_consistency,
+        verify_model=args.verify_model_consistency, site=args.site,
     )  # fmt: skip
     return device, broker
 

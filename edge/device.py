@@ -190,6 +190,7 @@ class Device:
         poison: Poison | None = None,
         verify_model: bool = False,
         spill: SpillFile | None = None,
+        site: str = "",
     ) -> None:
         """``run=None``: not pinned, takes part in any run that sends it a task. ``ends`` may be
         shared by the devices of one process (a fleet worker). ``public``: examples anyone may
@@ -202,7 +203,9 @@ class Device:
         says. ``verify_model``: train only on the weights the coordinator announced to every
         device of the run (``wire.model_announcement`` on the control topic), so a coordinator
         that ships devices different models (LOKI) is refused as ``model_inconsistent``.
-        ``spill``: keep the last update's bytes on disk (a fleet worker's devices share one)."""
+        ``spill``: keep the last update's bytes on disk (a fleet worker's devices share one).
+        ``site``: the site broker it connects to, bridged to the coordinator's (announced in its
+        status, so that the coordinator's ledger books the bridge hop too)."""
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"device {device_id}: need as many labels as examples, and some ({len(x)}, {len(y)})"
@@ -238,6 +241,9 @@ class Device:
         # device flood the broker.
         self.unconfirmed: tuple[str, list[Outgoing]] = ("", [])
         self.spill = spill  # where the payloads of ``unconfirmed`` are, when not in it
+        if site and not wire.SITE.fullmatch(site):
+            raise ValueError(f"site {site!r}: expected 1 to 64 letters, digits, '.', '_' or '-'")
+        self.site = site
         self._seen: collections.deque[str] = collections.deque(maxlen=SEEN_NONCES)
         self.key = key
         self.decoy_data = decoy_data
@@ -287,6 +293,8 @@ class Device:
         info: dict[str, object] = {"runtime": self.backend.name, "examples": len(self.x)}
         if self.profile:
             info["profile"] = self.profile
+        if self.site:
+            info["site"] = self.site
         return wire.encode_status(state, **info)
 
     def train(

@@ -66,6 +66,7 @@ END_TOKEN_BYTES = 32
 # MQTT caps a packet at 268,435,455 bytes; brokers usually allow far less. Checked before publish.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_STATUS_BYTES = 4096  # a status is a small JSON object
+SITE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a site name (the broker a device is bridged from)
 MAX_PROTECT_CHARS = 1024  # a task's protection spec
 NONCE_HEX = 24  # a nonce is 12 random bytes as lowercase hex
 _NONCE = re.compile(f"[0-9a-f]{{{NONCE_HEX}}}")
@@ -262,7 +263,8 @@ def encode_status(state: str, **info: object) -> bytes:
 
 def decode_status(payload: bytes) -> dict[str, object]:
     """A status message's JSON object; ``WireError("bad_status")`` for one over
-    ``MAX_STATUS_BYTES``, not a JSON object, or without ``state``."""
+    ``MAX_STATUS_BYTES``, not a JSON object, without ``state``, or with a ``site`` that is
+    not a name of 1 to 64 letters, digits, '.', '_' or '-'."""
     try:
         if len(payload) > MAX_STATUS_BYTES:
             raise ValueError(f"{len(payload)} bytes > {MAX_STATUS_BYTES}")
@@ -270,6 +272,9 @@ def decode_status(payload: bytes) -> dict[str, object]:
         if not isinstance(status, dict):
             raise TypeError("not a JSON object")
         status["state"]
+        site = status.get("site", "x")
+        if not isinstance(site, str) or not SITE.fullmatch(site):
+            raise ValueError(f"site {site!r}")
     except (ValueError, KeyError, TypeError, RecursionError):
         raise WireError("bad_status", payload[:60].decode(errors="replace")) from None
     return status

@@ -90,6 +90,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
         ([*device, "--data", "noy.npz"], "expected an .npz with arrays 'x' and 'y', found ['x']"),
         ([*device, "--data", "rgb.npz"], "but model 'lenet' expects (1, 28, 28)"),
         ([*device, "--data", "rgb.npz", "--runtime", "onnxx"], "invalid choice: 'onnxx'"),
+        ([*device, "--data", "rgb.npz", "--site", "a/b"], "--site 'a/b': expected 1 to 64"),
         ([*device, "--data", "rgb.npz", "--config", "bad.json"], "--config bad.json"),
         (
             ["device", "--broker", "mqtt://h:1", "--run", "r", "--model", ".", "--data", "rgb.npz"],

@@ -361,3 +361,13 @@ def test_message_buffers_come_from_the_heap_under_glibc() -> None:
     import platform
 
     assert codec.keep_message_buffers() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_a_status_names_its_site_with_a_plain_name_or_is_refused() -> None:
+    ok = wire.decode_status(wire.encode_status("online", site="north-2.a_b"))
+    assert ok["site"] == "north-2.a_b"
+    assert "site" not in wire.decode_status(wire.encode_status("online"))
+    for site in ("", "a/b", "a b", "x" * 65, 3, None, ["a"]):
+        with pytest.raises(wire.WireError) as e:
+            wire.decode_status(wire.encode_status("online", site=site))
+        assert e.value.reason == "bad_status", site
