@@ -3,6 +3,7 @@ to the coordinator's broker (README: Beyond one machine)."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import subprocess
@@ -125,12 +126,15 @@ def test_two_sites_on_ray_nodes_behind_bridges_train_the_one_site_models(
             _site_broker(lab, 1, upstream, tmp_path) as site1,
         ):
             halves = [
-                fleet(
-                    run,
-                    site,
-                    lenet_artifact,
-                    shards[i * PER_SITE : (i + 1) * PER_SITE],
-                    tmp_path / f"t2-{i}",
+                dataclasses.replace(
+                    fleet(
+                        run,
+                        site,
+                        lenet_artifact,
+                        shards[i * PER_SITE : (i + 1) * PER_SITE],
+                        tmp_path / f"t2-{i}",
+                    ),
+                    site=f"site{i}",
                 )  # fmt: skip
                 for i, site in enumerate((site0, site1))
             ]
@@ -152,6 +156,16 @@ def test_two_sites_on_ray_nodes_behind_bridges_train_the_one_site_models(
     assert dropped == {f"d{i:04d}" for i in range(PER_SITE)}
     # Round 4: the silent site is not selected; the other trains on.
     assert (two_sites[3].selected, two_sites[3].accepted) == (PER_SITE, PER_SITE)
+    # The ledger per hop: each site's bridge carried its own half of the tasks and updates.
+    bridge = {(site, r, d): b for site, r, d, b in store.db.execute(
+        "SELECT s.site, m.round, m.direction, SUM(m.bytes) FROM messages m JOIN sites s "
+        "ON m.run = s.run AND m.device = s.device WHERE m.run=? AND m.kind='bridge' "
+        "AND m.topic NOT LIKE '%/status/%' GROUP BY 1, 2, 3", (run,))}  # fmt: skip
+    for r in (1, 2):
+        assert bridge[("site0", r, "down")] == bridge[("site1", r, "down")] > 0
+        up0, up1 = bridge[("site0", r, "up")], bridge[("site1", r, "up")]
+        assert abs(up0 - up1) < 0.001 * up1  # updates differ by a few header bytes (the loss)
+    assert ("site0", 3, "up") not in bridge and bridge[("site1", 3, "up")] > 0
 
 
 def _two_sites(
