@@ -169,10 +169,13 @@ def settings(
         parser.error("--exit-on-end needs --run (an unpinned device serves run after run)")
     if not args.max_backoff_s >= 1:
         parser.error(f"--max-backoff-s {args.max_backoff_s}: expected a number >= 1")
-    from edge.wire import SITE
+    from edge.wire import check_site
 
-    if args.site and not SITE.fullmatch(args.site):
-        parser.error(f"--site {args.site!r}: expected 1 to 64 letters, digits, '.', '_' or '-'")
+    try:
+        if args.site:
+            check_site(args.site)
+    except ValueError as e:
+        parser.error(f"--{e}")
     return args
 
 

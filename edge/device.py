@@ -241,9 +241,7 @@ class Device:
         # device flood the broker.
         self.unconfirmed: tuple[str, list[Outgoing]] = ("", [])
         self.spill = spill  # where the payloads of ``unconfirmed`` are, when not in it
-        if site and not wire.SITE.fullmatch(site):
-            raise ValueError(f"site {site!r}: expected 1 to 64 letters, digits, '.', '_' or '-'")
-        self.site = site
+        self.site = wire.check_site(site) if site else ""
         self._seen: collections.deque[str] = collections.deque(maxlen=SEEN_NONCES)
         self.key = key
         self.decoy_data = decoy_data

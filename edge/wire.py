@@ -261,6 +261,14 @@ def encode_status(state: str, **info: object) -> bytes:
     return json.dumps({"state": state, **info}, sort_keys=True).encode()
 
 
+def check_site(site: object) -> str:
+    """``site`` if it is a site name (``SITE``: 1 to 64 letters, digits, '.', '_' or '-'),
+    else ``ValueError`` saying so."""
+    if not isinstance(site, str) or not SITE.fullmatch(site):
+        raise ValueError(f"site {site!r}: expected 1 to 64 letters, digits, '.', '_' or '-'")
+    return site
+
+
 def decode_status(payload: bytes) -> dict[str, object]:
     """A status message's JSON object; ``WireError("bad_status")`` for one over
     ``MAX_STATUS_BYTES``, not a JSON object, without ``state``, or with a ``site`` that is
@@ -272,9 +280,8 @@ def decode_status(payload: bytes) -> dict[str, object]:
         if not isinstance(status, dict):
             raise TypeError("not a JSON object")
         status["state"]
-        site = status.get("site", "x")
-        if not isinstance(site, str) or not SITE.fullmatch(site):
-            raise ValueError(f"site {site!r}")
+        if "site" in status:
+            check_site(status["site"])
     except (ValueError, KeyError, TypeError, RecursionError):
         raise WireError("bad_status", payload[:60].decode(errors="replace")) from None
     return status

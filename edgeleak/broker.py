@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from devices.orphans import parent_death_hook
+from edge import wire
 from edge.mqtt import BrokerAddress
 from edgeleak.errors import UsageError
 
@@ -50,8 +51,10 @@ def bridge_conf(site: str, remote: str) -> str:
     """mosquitto lines bridging this (site) broker to the coordinator's at ``remote``
     (``HOST:PORT``): ``BRIDGE_OUT`` topics of every run out, ``BRIDGE_IN`` in, QoS 1, a
     persistent session (queued messages cross once the link is back), MQTT 3.1.1 on the hop."""
-    if not site or any(c in site for c in " /+#\0\n"):
-        raise UsageError(f"site {site!r}: expected a name without spaces, '/', '+' or '#'")
+    try:
+        wire.check_site(site)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     host, _, port = remote.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"bridge to {remote!r}: expected HOST:PORT")
