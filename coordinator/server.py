@@ -134,7 +134,9 @@ class _RoundState:
     up: dict[str, int] = field(default_factory=dict)  # packet bytes of each accepted update
     waiting: deque[str] = field(default_factory=deque)  # selected, task not sent yet (paced)
     tasked: set[str] = field(default_factory=set)  # selected devices sent their task
-    open: set[str] = field(default_factory=set)  # tasked and not answered yet
+    # tasked and not answered yet; a device that went offline before its turn still gets its
+    # task (a forged offline must not cost it the round) but holds no slot
+    open: set[str] = field(default_factory=set)
     weights: Params = field(default_factory=dict)  # what this round's tasks ship
     bytes_down: int = 0  # the round's tasks (and model announcement) so far
 
@@ -551,13 +553,13 @@ class Coordinator:
 
     def _send_waiting(self, st: _RoundState, *, everyone: bool = False) -> None:
         """Tasks for the next waiting devices, while fewer than ``max_concurrent`` are open
-        (``everyone``: all of them); a device gone offline meanwhile is skipped."""
+        (``everyone``: all of them)."""
         cap = self.plan.max_concurrent
         devices: list[str] = []
-        while st.waiting and (everyone or cap <= 0 or len(st.open) + len(devices) < cap):
-            device = st.waiting.popleft()
+        while st.waiting and (everyone or cap <= 0 or len(st.open) < cap):
+            devices.append(device := st.waiting.popleft())
             if device not in st.lost:
-                devices.append(device)
+                st.open.add(device)
         if devices:
             self._send_tasks(st, devices)
 
@@ -594,7 +596,6 @@ class Coordinator:
             )
             topic = wire.task_topic(self.run, device)
             st.tasked.add(device)
-            st.open.add(device)
             self.client.publish(topic, payload, qos=QOS)
             size = publish_packet_bytes(topic, len(payload), QOS, protocol=self.broker.protocol)
             rows.append(

@@ -162,6 +162,37 @@ def test_paced_rounds_send_a_task_only_when_a_slot_frees_and_aggregate_the_same(
     assert rows == [(k, f"d000{i}") for i in range(3) for k in ("task", "update")]
 
 
+def test_a_forged_offline_before_its_turn_does_not_cost_a_device_its_task(
+    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    """Anyone on the broker can forge an ``offline``: a device that has one before its turn
+    still gets its task (without holding a slot), as it would without pace steering."""
+    run = _run_id()
+    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=600, max_concurrent=1)
+    store = RunStore(tmp_path / "run.db")
+    spec = fleet(run, mosquitto, lenet_artifact, contiguous_shards([8, 8]), tmp_path / "truth")
+    rogue = Rogue(mosquitto, run, lenet_artifact.manifest.param_names)
+
+    def forge(round_: int, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # acknowledged by the broker before the first task goes out: read before any update
+        offline = wire.encode_status("offline")
+        rogue.c.publish(wire.status_topic(run, "d0001"), offline, qos=QOS).wait_for_publish(5)
+        return w
+
+    with Coordinator(run, lenet_artifact, mosquitto, store, plan, tamper=forge) as coord:
+        with Fleet(spec):
+            coord.wait_for_devices(2, 60)
+            res = coord.run_round(1)
+            coord.end()
+    rogue.close()
+    tasks = store.db.execute(
+        "SELECT device FROM messages WHERE run=? AND round=1 AND kind='task' ORDER BY rowid",
+        (run,),
+    ).fetchall()
+    assert tasks == [("d0000",), ("d0001",)]
+    assert res.selected == 2 and res.accepted >= 1  # d0001's answer may come after the round
+
+
 def test_a_silent_device_holding_the_only_slot_leaves_the_rest_not_sent(
     mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
 ) -> None:
