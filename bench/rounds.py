@@ -274,14 +274,15 @@ def main() -> None:
     from export import export_model
 
     console = Console()
-    data = load_dataset("fashion-mnist")
+    # only its size: the coordinator (this process) holds no dataset, as in a real run
+    n_train = len(load_dataset("fashion-mnist").y_train)
     plan = RoundPlan(algorithm="fedavg", lr=0.05, epochs=1, batch_size=32, deadline_s=600)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_model("lenet", tmp, seed=0)
         codec = codec_figures(artifact)
         for n in args.devices:
-            shards = iid(len(data.y_train), n, seed=0)
+            shards = iid(n_train, n, seed=0)
             console.print(f"[bold]{n} devices[/]: bare loop ...")
             bare = bare_round_apart(str(artifact.folder), shards, plan)
             console.print(f"[bold]{n} devices[/]: fleet over mosquitto, {args.rounds} rounds ...")
