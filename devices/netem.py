@@ -3,22 +3,29 @@
 Each device namespace is joined to a bridge on the host by a veth pair. ``tc`` shapes both ends
 from the device's profile: a token bucket (``tbf``) at the downlink rate on the host end (traffic
 towards the device) and at the uplink rate on the device end. The one-way delay (half the
-profile's RTT) is a ``netem`` qdisc under each token bucket where the kernel has ``sch_netem``;
-where it does not (some VM kernels), the relay below holds every chunk for the delay in each
-direction instead. Devices reach the broker through that relay, which listens on the bridge
-address (an address this module creates) and forwards to the broker's own address (loopback), so
-the broker binds nothing new.
+profile's RTT) and the packet loss are a ``netem`` qdisc under each token bucket where the kernel
+has ``sch_netem``. Where it does not (some VM kernels), the relay below holds every chunk for the
+delay in each direction instead; and a device whose link loses packets is joined by a pair of TUN
+interfaces instead of the veth pair, with ``LossyWire`` between them: it drops IP packets at the
+link's rate and delays the rest, so the device's and the host's TCP see real losses and
+retransmit. Devices reach the broker through the relay, which listens on the bridge address (an
+address this module creates) and forwards to the broker's own address (loopback), so the broker
+binds nothing new.
 
 Needs root and iproute2 (``ip``, ``tc``). Everything created is removed on exit, also on errors.
 """
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
 import os
 import queue
+import random
+import select
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -37,13 +44,23 @@ FRAME_BYTES = 1514  # a full Ethernet frame
 QUEUE_SECONDS = 2.0  # tbf queue bound, as time at the shaped rate
 
 
+TUNSETIFF = 0x400454CA  # linux/if_tun.h
+IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+
+
 @dataclass(frozen=True)
 class LinkShape:
-    """A device's access link: rates in Mbit/s (10^6 bit/s) and one-way delay in milliseconds."""
+    """A device's access link: rates in Mbit/s (10^6 bit/s), one-way delay in milliseconds, and
+    the fraction of IP packets lost in each direction."""
 
     down_mbps: float
     up_mbps: float
     delay_ms: float
+    loss: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.loss < 1.0:
+            raise ValueError(f"loss={self.loss}: expected a fraction in [0, 1)")
 
 
 def link_shape(profile: DeviceProfile) -> LinkShape:
@@ -62,15 +79,18 @@ def tbf_burst(rate_mbps: float) -> int:
     return max(2 * FRAME_BYTES, round(rate_mbps * 1e6 / 8 / 1e3))
 
 
-def tc_commands(dev: str, *, rate_mbps: float, delay_ms: float, netem: bool) -> list[list[str]]:
-    """``tc`` argument lists that shape the egress of ``dev``: netem delay (when ``netem``) with a
-    token bucket at ``rate_mbps`` under it, or the token bucket alone."""
+def tc_commands(
+    dev: str, *, rate_mbps: float, delay_ms: float, netem: bool, loss: float = 0.0
+) -> list[list[str]]:
+    """``tc`` argument lists that shape the egress of ``dev``: netem delay and loss (when
+    ``netem``) with a token bucket at ``rate_mbps`` under it, or the token bucket alone."""
     kbit = max(1, round(rate_mbps * 1000))
     burst = tbf_burst(rate_mbps)
     limit = max(burst * 4, round(rate_mbps * 1e6 / 8 * QUEUE_SECONDS))
     tbf = ["tbf", "rate", f"{kbit}kbit", "burst", str(burst), "limit", str(limit)]
-    if not netem or delay_ms <= 0:
+    if not netem or (delay_ms <= 0 and loss <= 0):
         return [["tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", *tbf]]
+    lose = ["loss", f"{loss * 100:g}%"] if loss > 0 else []
     return [
         [
             "tc",
@@ -84,6 +104,7 @@ def tc_commands(dev: str, *, rate_mbps: float, delay_ms: float, netem: bool) -> 
             "netem",
             "delay",
             f"{delay_ms}ms",
+            *lose,
             "limit",
             "100000",
         ],
@@ -154,6 +175,80 @@ def _free_subnet() -> ipaddress.IPv4Network:
         if not any(net.overlaps(u) for u in used if u.prefixlen):
             return net
     raise RuntimeError(f"no free /24 left in {SUPERNET}")
+
+
+def open_tun(name: str) -> int:
+    """A new TUN interface ``name`` (IP packets, no extra header) in this process's namespace.
+    Returns its descriptor; the interface goes away when the descriptor is closed, and may be
+    moved to another namespace meanwhile (``ip link set NAME netns NS``)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class LossyWire:
+    """Carries IP packets between two TUN descriptors: each direction drops a packet with
+    probability ``loss`` (its own generator, seeded) and delivers the others ``delay_s`` after
+    they were read, in order. ``dropped``/``forwarded``: packets per direction (0: a to b)."""
+
+    def __init__(self, a: int, b: int, *, loss: float, delay_s: float, seed: int) -> None:
+        self.fds = (a, b)
+        self.loss = loss
+        self.delay_s = delay_s
+        self.dropped = [0, 0]
+        self.forwarded = [0, 0]
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+        for k, (src, dst) in enumerate(((a, b), (b, a))):
+            due: queue.Queue[tuple[float, bytes]] = queue.Queue()
+            rng = random.Random(seed * 2 + k)
+            self._threads += [
+                threading.Thread(target=self._read, args=(k, src, due, rng), daemon=True),
+                threading.Thread(target=self._write, args=(k, dst, due), daemon=True),
+            ]
+        for t in self._threads:
+            t.start()
+
+    def _read(
+        self, k: int, src: int, due: queue.Queue[tuple[float, bytes]], rng: random.Random
+    ) -> None:
+        while not self._closing.is_set():
+            if not select.select([src], [], [], 0.2)[0]:
+                continue
+            try:
+                packet = os.read(src, 1 << 16)
+            except OSError:
+                return
+            if rng.random() < self.loss:
+                self.dropped[k] += 1
+            else:
+                due.put((time.monotonic() + self.delay_s, packet))
+
+    def _write(self, k: int, dst: int, due: queue.Queue[tuple[float, bytes]]) -> None:
+        while not self._closing.is_set():
+            try:
+                at, packet = due.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if (wait := at - time.monotonic()) > 0:
+                time.sleep(wait)
+            try:
+                os.write(dst, packet)
+            except OSError:  # the far end is down (``set_link``): lost, as on a cut cable
+                continue
+            self.forwarded[k] += 1
+
+    def close(self) -> None:
+        """Stop both directions, then close both descriptors (which removes the interfaces)."""
+        self._closing.set()
+        for t in self._threads:
+            t.join()
+        for fd in self.fds:
+            os.close(fd)
 
 
 class DelayRelay:
@@ -259,6 +354,7 @@ class NetLab:
         self.names = [f"{PREFIX}{self.tag}-{i}" for i in range(len(links))]
         self.subnet: ipaddress.IPv4Network | None = None
         self.relay: DelayRelay | None = None
+        self.wires: dict[int, LossyWire] = {}  # device index -> its wire (``wired``)
         self._made: list[list[str]] = []  # undo commands, in creation order
 
     @property
@@ -313,47 +409,75 @@ class NetLab:
             host_end, dev_end = self.link(i), f"eld{self.tag}{i}"
             _run(["ip", "netns", "add", ns])
             self._made.append(["ip", "netns", "del", ns])  # removes the veth pair with it
-            _run(
-                [
-                    "ip",
-                    "link",
-                    "add",
-                    host_end,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    dev_end,
-                    "netns",
-                    ns,
-                ]
-            )
-            # Deleting the host end removes the pair at once (a namespace's own teardown is lazy).
-            self._made.append(["ip", "link", "del", host_end])
-            _run(["ip", "link", "set", host_end, "master", self.bridge, "up"])
-            _run(["ip", "-n", ns, "addr", "add", f"{self.device_ip(i)}/{plen}", "dev", dev_end])
+            if self.wired(i):
+                self._join_by_wire(i, ns, host_end, dev_end)
+            else:
+                self._join_by_veth(i, ns, host_end, dev_end, plen)
             _run(["ip", "-n", ns, "link", "set", dev_end, "up"])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
             for cmd in tc_commands(
-                host_end, rate_mbps=link.down_mbps, delay_ms=link.delay_ms, netem=self.netem
+                host_end,
+                rate_mbps=link.down_mbps,
+                delay_ms=link.delay_ms,
+                netem=self.netem,
+                loss=link.loss,
             ):
                 _run(cmd)
             for cmd in tc_commands(
-                dev_end, rate_mbps=link.up_mbps, delay_ms=link.delay_ms, netem=self.netem
+                dev_end,
+                rate_mbps=link.up_mbps,
+                delay_ms=link.delay_ms,
+                netem=self.netem,
+                loss=link.loss,
             ):
                 _run(_ns(ns, cmd))
-        delays = (
-            {}
-            if self.netem
-            else {self.device_ip(i): link.delay_ms / 1e3 for i, link in enumerate(self.links)}
-        )
+        delays = {
+            self.device_ip(i): link.delay_ms / 1e3
+            for i, link in enumerate(self.links)
+            if not self.netem and not self.wired(i)
+        }
         self.relay = DelayRelay((self.host_ip, 0), (self.broker.host, self.broker.port), delays)
+
+    def wired(self, i: int) -> bool:
+        """Whether device ``i`` is joined through a ``LossyWire`` (loss, and no netem here)."""
+        return self.links[i].loss > 0 and not self.netem
+
+    def _join_by_veth(self, i: int, ns: str, host_end: str, dev_end: str, plen: int) -> None:
+        """A veth pair, its host end on the bridge; the device's address in the lab's subnet."""
+        _run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", dev_end, "netns", ns])
+        # Deleting the host end removes the pair at once (a namespace's own teardown is lazy).
+        self._made.append(["ip", "link", "del", host_end])
+        _run(["ip", "link", "set", host_end, "master", self.bridge, "up"])
+        _run(["ip", "-n", ns, "addr", "add", f"{self.device_ip(i)}/{plen}", "dev", dev_end])
+
+    def _join_by_wire(self, i: int, ns: str, host_end: str, dev_end: str) -> None:
+        """Two point-to-point TUN interfaces, ``host_ip`` on the host's and the device's address
+        on the namespace's, with a ``LossyWire`` (the link's loss and delay) between them."""
+        host_fd = open_tun(host_end)
+        try:
+            dev_fd = open_tun(dev_end)
+        except OSError:
+            os.close(host_fd)
+            raise
+        link = self.links[i]
+        self.wires[i] = LossyWire(
+            host_fd, dev_fd, loss=link.loss, delay_s=link.delay_ms / 1e3, seed=i
+        )
+        _run(["ip", "link", "set", dev_end, "netns", ns])
+        _run(["ip", "addr", "add", self.host_ip, "peer", self.device_ip(i), "dev", host_end])
+        _run(["ip", "link", "set", host_end, "up"])
+        _run(
+            ["ip", "-n", ns, "addr", "add", self.device_ip(i), "peer", self.host_ip, "dev", dev_end]
+        )
 
     def close(self) -> None:
         """Stop the relay and remove every namespace, veth and bridge this lab created."""
         if self.relay is not None:
             self.relay.close()
             self.relay = None
+        for wire in self.wires.values():
+            wire.close()
+        self.wires.clear()
         for cmd in reversed(self._made):
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:

@@ -62,6 +62,10 @@ def test_link_shape_and_tc_commands() -> None:
     assert tbf[8:11] == ["tbf", "rate", "2000kbit"]
     delay, child = tc_commands("veth0", rate_mbps=2.0, delay_ms=50, netem=True)
     assert delay[8:11] == ["netem", "delay", "50ms"] and child[5:7] == ["parent", "1:1"]
+    lossy, _ = tc_commands("veth0", rate_mbps=2.0, delay_ms=0, netem=True, loss=0.01)
+    assert lossy[8:13] == ["netem", "delay", "0ms", "loss", "1%"]
+    with pytest.raises(ValueError, match=r"loss=1.0: expected a fraction in \[0, 1\)"):
+        LinkShape(1.0, 1.0, 0.0, loss=1.0)
 
 
 @needs_root
@@ -111,36 +115,31 @@ def test_a_message_takes_bytes_over_rate_plus_delay(mosquitto: BrokerAddress) ->
     assert lab.names[0] not in namespaces()
 
 
+def device_in_lab(
+    lab: NetLab, artifact: ModelArtifact, run: str, tmp_path: Path
+) -> subprocess.Popen[str]:
+    """A real ``edgeleak device`` (phone-low, 16 Fashion-MNIST examples) in namespace 0."""
+    data = load_dataset("fashion-mnist")
+    save_shard(tmp_path / "shard.npz", data.x_train[:16], data.y_train[:16])
+    argv = device_argv(
+        lab.broker_url, tmp_path / "shard.npz", artifact, run, "phone-1",
+        "--profile", "phone-low", "--exit-on-end",
+    )  # fmt: skip
+    return subprocess.Popen(
+        lab.argv(0, argv), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
 @needs_root
 def test_device_process_in_a_namespace_joins_a_round(
     mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
 ) -> None:
     run = "n" + uuid.uuid4().hex[:8]
-    data = load_dataset("fashion-mnist")
-    save_shard(tmp_path / "shard.npz", data.x_train[:16], data.y_train[:16])
     link = link_shape(load_profile("phone-low"))
     store = RunStore(tmp_path / "run.db")
     plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=60)
     with NetLab([link], mosquitto) as lab:
-        proc = subprocess.Popen(
-            lab.argv(
-                0,
-                device_argv(
-                    lab.broker_url,
-                    tmp_path / "shard.npz",
-                    lenet_artifact,
-                    run,
-                    "phone-1",
-                    "--profile",
-                    "phone-low",
-                    "--exit-on-end",
-                ),  # fmt: skip
-            ),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        proc = device_in_lab(lab, lenet_artifact, run, tmp_path)
         try:
             with Coordinator(run, lenet_artifact, mosquitto, store, plan) as coord:
                 coord.wait_for_devices(1, 60)
@@ -157,6 +156,45 @@ def test_device_process_in_a_namespace_joins_a_round(
         res.bytes_up - tbf_burst(link.up_mbps), rate_mbps=link.up_mbps, delay_ms=link.delay_ms
     )
     assert res.seconds >= least, (res.seconds, least)
+
+
+def tcp_retransmitted(argv: list[str]) -> int:
+    """Segments TCP retransmitted in a namespace (``/proc/net/snmp``), through ``argv`` prefix."""
+    snmp = subprocess.run([*argv, "cat", "/proc/net/snmp"], capture_output=True, text=True).stdout
+    names, values = (line.split() for line in snmp.splitlines() if line.startswith("Tcp:"))
+    return int(values[names.index("RetransSegs")])
+
+
+@needs_root
+def test_a_device_behind_1pct_loss_and_300ms_rtt_finishes_its_rounds(
+    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    run = "l" + uuid.uuid4().hex[:8]
+    link = LinkShape(down_mbps=15.0, up_mbps=5.0, delay_ms=150.0, loss=0.01)
+    store = RunStore(tmp_path / "run.db")
+    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=120)
+    with NetLab([link], mosquitto) as lab:
+        proc = device_in_lab(lab, lenet_artifact, run, tmp_path)
+        try:
+            with Coordinator(run, lenet_artifact, mosquitto, store, plan) as coord:
+                coord.wait_for_devices(1, 60)
+                results = [coord.run_round(r) for r in (1, 2, 3)]
+                coord.end()
+            out, _ = proc.communicate(timeout=60)
+            retransmitted = tcp_retransmitted(lab.argv(0, []))
+        finally:
+            proc.kill()
+        dropped = lab.wires[0].dropped if lab.wired(0) else None
+    print(
+        f"rounds {[round(r.seconds, 2) for r in results]} s, dropped {dropped}, resent {retransmitted}"
+    )
+    assert proc.returncode == 0, out
+    assert [(r.selected, r.accepted, r.rejected) for r in results] == [(1, 1, 0)] * 3
+    # Packets were lost on the way, and the device's TCP resent them.
+    assert retransmitted > 0, out
+    assert dropped is None or min(dropped) > 0, dropped
+    # Each round took at least the 300 ms RTT per exchange (task out, update in).
+    assert all(r.seconds >= 2 * link.delay_ms / 1e3 for r in results)
 
 
 @needs_root
