@@ -252,6 +252,16 @@ def first_linear(manifest: Manifest) -> tuple[str, str]:
     )
 
 
+def first_dense(manifest: Manifest) -> tuple[str, str] | None:
+    """Names of the first linear layer's weight ``[out, in]`` and bias ``[out]``, wherever it is
+    in the model (after convolutions too); ``None`` when it has no linear layer with a bias."""
+    specs = manifest.params
+    for w, b in zip(specs, specs[1:], strict=False):
+        if len(w.shape) == 2 and b.shape == (w.shape[0],):
+            return w.name, b.name
+    return None
+
+
 def last_layer(manifest: Manifest) -> tuple[str, str | None]:
     """Names of the classifier's weight ``[classes, features]`` and bias ``[classes]`` (or None)."""
     specs = list(manifest.params)

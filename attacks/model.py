@@ -95,6 +95,20 @@ class FunctionalModel:
     def logits(self, weights: Mapping[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(self.module, dict(weights), (self.input_map(images),))
 
+    def layer_input(
+        self, weights: Mapping[str, torch.Tensor], images: torch.Tensor, layer: str
+    ) -> torch.Tensor:
+        """What submodule ``layer`` receives for ``images`` at ``weights``, flattened per example."""
+        seen: list[torch.Tensor] = []
+        hook = self.module.get_submodule(layer).register_forward_pre_hook(
+            lambda _, args: seen.append(args[0])
+        )
+        try:
+            self.logits(weights, images)
+        finally:
+            hook.remove()
+        return seen[0].flatten(1)
+
     def loss(
         self, weights: Mapping[str, torch.Tensor], images: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:

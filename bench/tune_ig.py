@@ -37,7 +37,9 @@ from attacks.truth.leakage import evaluate
 from attacks.truth.victim import simulate_update
 from export import zoo
 
-PLAIN: dict[str, Any] = {"cosine": "global", "tv_weight": 0.1, "tv_decay": False}
+PLAIN: dict[str, Any] = {
+    "cosine": "global", "tv_weight": 0.1, "tv_decay": False, "feature_weight": 0.0,
+}  # fmt: skip
 """Geiping et al.'s recipe as inversefed ships it (signed Adam, lr 0.1, step decay, TV 1e-1)."""
 
 MODALITIES: dict[str, tuple[str, tuple[int, ...], int, str]] = {
@@ -47,14 +49,20 @@ MODALITIES: dict[str, tuple[str, tuple[int, ...], int, str]] = {
     "b4_digits": ("lenet_zhu", (1, 28, 28), 4, "mnist-digits"),
 }
 
+NO_FEATURE: dict[str, Any] = {"tv_decay": False, "feature_weight": 0.0}
 SETTINGS: tuple[dict[str, Any], ...] = (
     PLAIN,
-    {"cosine": "global", "tv_weight": 1e-2, "tv_decay": False},
-    {"cosine": "per_layer", "tv_weight": 1e-2, "tv_decay": False},
-    {"cosine": "global", "tv_weight": 1e-4, "tv_decay": False},
-    {"cosine": "per_layer", "tv_weight": 1e-1, "tv_decay": False},
-    {"cosine": "per_layer", "tv_weight": 1e-4, "tv_decay": False},
-    {"cosine": "per_layer", "tv_weight": 1e-4, "tv_decay": True},  # the defaults before tuning
+    {"cosine": "global", "tv_weight": 1e-2, **NO_FEATURE},
+    {"cosine": "per_layer", "tv_weight": 1e-2, **NO_FEATURE},
+    {"cosine": "global", "tv_weight": 1e-4, **NO_FEATURE},
+    {"cosine": "per_layer", "tv_weight": 1e-1, **NO_FEATURE},
+    {"cosine": "per_layer", "tv_weight": 1e-4, **NO_FEATURE},
+    {"cosine": "per_layer", "tv_weight": 1e-4, "tv_decay": True, "feature_weight": 0.0},
+    # the feature term (IGConfig.feature_weight), over the defaults otherwise
+    {"feature_weight": 1e2},
+    {"feature_weight": 1e3},
+    {"feature_weight": 3e3},  # the default
+    {"feature_weight": 1e4},
 )
 """The grid, most informative first (a run cut short still compares plain IG and TV 1e-2)."""
 
