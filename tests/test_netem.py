@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from coordinator.server import Coordinator, RoundPlan
-from coordinator.store import RunStore
+from coordinator.store import RoundResult, RunStore
 from devices import netem
 from devices.datasets import load_dataset
 from devices.netem import (
@@ -130,32 +131,42 @@ def device_in_lab(
     )
 
 
-@needs_root
-def test_device_process_in_a_namespace_joins_a_round(
-    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
-) -> None:
+@dataclass
+class LabRun:
+    """Rounds with a real device behind a shaped link, and what the lab saw."""
+
+    results: list[RoundResult]
+    output: str  # the device process's
+    returncode: int | None
+    retransmitted: int  # TCP segments the device resent
+    dropped: list[int] | None  # packets the LossyWire dropped per direction (None: no wire)
+
+
+def rounds_in_lab(
+    mosquitto: BrokerAddress,
+    artifact: ModelArtifact,
+    tmp_path: Path,
+    link: LinkShape,
+    rounds: int,
+    deadline_s: float,
+) -> LabRun:
+    """Rounds 1..``rounds`` of LeNet FedSGD with one real device process behind ``link``."""
     run = "n" + uuid.uuid4().hex[:8]
-    link = link_shape(load_profile("phone-low"))
     store = RunStore(tmp_path / "run.db")
-    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=60)
+    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=deadline_s)
     with NetLab([link], mosquitto) as lab:
-        proc = device_in_lab(lab, lenet_artifact, run, tmp_path)
+        proc = device_in_lab(lab, artifact, run, tmp_path)
         try:
-            with Coordinator(run, lenet_artifact, mosquitto, store, plan) as coord:
+            with Coordinator(run, artifact, mosquitto, store, plan) as coord:
                 coord.wait_for_devices(1, 60)
-                res = coord.run_round(1)
+                results = [coord.run_round(r) for r in range(1, rounds + 1)]
                 coord.end()
-            out, _ = proc.communicate(timeout=30)
+            out, _ = proc.communicate(timeout=60)
+            retransmitted = tcp_retransmitted(lab.argv(0, []))
         finally:
             proc.kill()
-    assert proc.returncode == 0, out
-    assert (res.selected, res.accepted) == (1, 1)
-    least = transfer_seconds(
-        res.bytes_down - tbf_burst(link.down_mbps), rate_mbps=link.down_mbps, delay_ms=link.delay_ms
-    ) + transfer_seconds(
-        res.bytes_up - tbf_burst(link.up_mbps), rate_mbps=link.up_mbps, delay_ms=link.delay_ms
-    )
-    assert res.seconds >= least, (res.seconds, least)
+        dropped = lab.wires[0].dropped if lab.wired(0) else None
+    return LabRun(results, out, proc.returncode, retransmitted, dropped)
 
 
 def tcp_retransmitted(argv: list[str]) -> int:
@@ -166,35 +177,39 @@ def tcp_retransmitted(argv: list[str]) -> int:
 
 
 @needs_root
+def test_device_process_in_a_namespace_joins_a_round(
+    mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
+) -> None:
+    link = link_shape(load_profile("phone-low"))
+    lab = rounds_in_lab(mosquitto, lenet_artifact, tmp_path, link, rounds=1, deadline_s=60)
+    (res,) = lab.results
+    assert lab.returncode == 0, lab.output
+    assert (res.selected, res.accepted) == (1, 1)
+    least = transfer_seconds(
+        res.bytes_down - tbf_burst(link.down_mbps), rate_mbps=link.down_mbps, delay_ms=link.delay_ms
+    ) + transfer_seconds(
+        res.bytes_up - tbf_burst(link.up_mbps), rate_mbps=link.up_mbps, delay_ms=link.delay_ms
+    )
+    assert res.seconds >= least, (res.seconds, least)
+
+
+@needs_root
 def test_a_device_behind_1pct_loss_and_300ms_rtt_finishes_its_rounds(
     mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
 ) -> None:
-    run = "l" + uuid.uuid4().hex[:8]
     link = LinkShape(down_mbps=15.0, up_mbps=5.0, delay_ms=150.0, loss=0.01)
-    store = RunStore(tmp_path / "run.db")
-    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=120)
-    with NetLab([link], mosquitto) as lab:
-        proc = device_in_lab(lab, lenet_artifact, run, tmp_path)
-        try:
-            with Coordinator(run, lenet_artifact, mosquitto, store, plan) as coord:
-                coord.wait_for_devices(1, 60)
-                results = [coord.run_round(r) for r in (1, 2, 3)]
-                coord.end()
-            out, _ = proc.communicate(timeout=60)
-            retransmitted = tcp_retransmitted(lab.argv(0, []))
-        finally:
-            proc.kill()
-        dropped = lab.wires[0].dropped if lab.wired(0) else None
+    lab = rounds_in_lab(mosquitto, lenet_artifact, tmp_path, link, rounds=3, deadline_s=120)
     print(
-        f"rounds {[round(r.seconds, 2) for r in results]} s, dropped {dropped}, resent {retransmitted}"
+        f"rounds {[round(r.seconds, 2) for r in lab.results]} s, dropped {lab.dropped}, "
+        f"resent {lab.retransmitted}"
     )
-    assert proc.returncode == 0, out
-    assert [(r.selected, r.accepted, r.rejected) for r in results] == [(1, 1, 0)] * 3
+    assert lab.returncode == 0, lab.output
+    assert [(r.selected, r.accepted, r.rejected) for r in lab.results] == [(1, 1, 0)] * 3
     # Packets were lost on the way, and the device's TCP resent them.
-    assert retransmitted > 0, out
-    assert dropped is None or min(dropped) > 0, dropped
+    assert lab.retransmitted > 0, lab.output
+    assert lab.dropped is None or min(lab.dropped) > 0, lab.dropped
     # Each round took at least the 300 ms RTT per exchange (task out, update in).
-    assert all(r.seconds >= 2 * link.delay_ms / 1e3 for r in results)
+    assert all(r.seconds >= 2 * link.delay_ms / 1e3 for r in lab.results)
 
 
 @needs_root
