@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import time
+from functools import cache
 from types import ModuleType
 from typing import Any
 
@@ -37,9 +38,20 @@ from attacks.truth.leakage import evaluate
 from attacks.truth.victim import simulate_update
 from export import zoo
 
-PLAIN: dict[str, Any] = {
-    "cosine": "global", "tv_weight": 0.1, "tv_decay": False, "feature_weight": 0.0,
-}  # fmt: skip
+
+@cache
+def bench_module() -> ModuleType:
+    """``bench/attacks.py`` (its data splits), loaded by path."""
+    path = Path(__file__).resolve().parent / "attacks.py"
+    spec = importlib.util.spec_from_file_location("bench_attacks", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_attacks"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PLAIN: dict[str, Any] = bench_module().PLAIN_IG
 """Geiping et al.'s recipe as inversefed ships it (signed Adam, lr 0.1, step decay, TV 1e-1)."""
 
 MODALITIES: dict[str, tuple[str, tuple[int, ...], int, str]] = {
@@ -65,17 +77,6 @@ SETTINGS: tuple[dict[str, Any], ...] = (
     {"feature_weight": 1e4},
 )
 """The grid, most informative first (a run cut short still compares plain IG and TV 1e-2)."""
-
-
-def bench_module() -> ModuleType:
-    """``bench/attacks.py`` (its data splits), loaded by path."""
-    path = Path(__file__).resolve().parent / "attacks.py"
-    spec = importlib.util.spec_from_file_location("bench_attacks", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_attacks"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_setting(
