@@ -273,7 +273,7 @@ class _UpdateMatching(BaseAttack):
         hit = False
         for r in range(cfg.restarts):
             x0 = initial_images(shape, cfg.init, cfg.seed + r).to(device)
-            x, hit = self.optimize(objective, x0, deadline)
+            x, hit = self.optimize(objective, x0, deadline, update)
             score = float(objective(x.requires_grad_(True), 1.0)[1].detach())
             if best is None or not math.isfinite(best[0]) or score < best[0]:
                 best = (score, x.detach())
@@ -332,7 +332,7 @@ class _UpdateMatching(BaseAttack):
         raise NotImplementedError
 
     def optimize(
-        self, objective: Objective, x0: torch.Tensor, deadline: Deadline
+        self, objective: Objective, x0: torch.Tensor, deadline: Deadline, update: AttackUpdate
     ) -> tuple[torch.Tensor, bool]:
         raise NotImplementedError
 
@@ -355,7 +355,7 @@ class DLG(_UpdateMatching):
         return 1.0 / (1.0 + score)
 
     def optimize(
-        self, objective: Objective, x0: torch.Tensor, deadline: Deadline
+        self, objective: Objective, x0: torch.Tensor, deadline: Deadline, update: AttackUpdate
     ) -> tuple[torch.Tensor, bool]:
         return lbfgs(objective, x0, max_iterations=self.config.max_iterations, deadline=deadline)
 
@@ -424,7 +424,7 @@ class InvertingGradients(_UpdateMatching):
         return 1.0 - score
 
     def optimize(
-        self, objective: Objective, x0: torch.Tensor, deadline: Deadline
+        self, objective: Objective, x0: torch.Tensor, deadline: Deadline, update: AttackUpdate
     ) -> tuple[torch.Tensor, bool]:
         c = self.config
         return signed_adam(
@@ -447,7 +447,6 @@ class FedAvgInversion(InvertingGradients):
     def __init__(self, config: FedAvgConfig | None = None) -> None:
         self.config = config or FedAvgConfig()
         self._fitted: list[tuple[int, ...]] = []  # shuffled: the order hypothesis, per epoch
-        self._update: AttackUpdate | None = None
 
     def orders(self, update: AttackUpdate) -> tuple[tuple[int, ...], ...]:
         n = update.num_examples
@@ -461,22 +460,12 @@ class FedAvgInversion(InvertingGradients):
                 raise ValueError(f"epoch order {order} is not a permutation of 0..{n - 1}")
         return cfg.epoch_orders
 
-    def run(
-        self,
-        update: AttackUpdate,
-        global_model: Mapping[str, np.ndarray],
-        metadata: AttackMetadata,
-        deadline: Deadline,
-    ) -> Recovered:
-        self._update = update
-        return super().run(update, global_model, metadata, deadline)
-
     def optimize(
-        self, objective: Objective, x0: torch.Tensor, deadline: Deadline
+        self, objective: Objective, x0: torch.Tensor, deadline: Deadline, update: AttackUpdate
     ) -> tuple[torch.Tensor, bool]:
-        c, update = self.config, self._update
-        if not c.shuffled or update is None:
-            return super().optimize(objective, x0, deadline)
+        c = self.config
+        if not c.shuffled:
+            return super().optimize(objective, x0, deadline, update)
         n = update.num_examples
         self._fitted = [tuple(range(n))] * update.epochs  # start: the given order every epoch
         candidates = epoch_orders(n, update.local_batches, c.order_candidates, c.seed)
