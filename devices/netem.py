@@ -29,9 +29,9 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
 from devices.profiles import DeviceProfile
 from edge.mqtt import BrokerAddress
@@ -177,6 +177,20 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise RuntimeError(f"no free /24 left in {SUPERNET}")
 
 
+Due = queue.Queue[tuple[float, bytes]]
+"""Chunks to deliver, each with the ``time.monotonic()`` at which it is due."""
+
+
+def deliver(due: Due, write: Callable[[bytes], bool]) -> None:
+    """Write each chunk of ``due`` at its time, in order, until ``write`` returns False."""
+    while True:
+        at, data = due.get()
+        if (wait := at - time.monotonic()) > 0:
+            time.sleep(wait)
+        if not write(data):
+            return
+
+
 def open_tun(name: str) -> int:
     """A new TUN interface ``name`` (IP packets, no extra header) in this process's namespace.
     Returns its descriptor; the interface goes away when the descriptor is closed, and may be
@@ -203,19 +217,20 @@ class LossyWire:
         self.forwarded = [0, 0]
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._due: list[Due] = []
         for k, (src, dst) in enumerate(((a, b), (b, a))):
-            due: queue.Queue[tuple[float, bytes]] = queue.Queue()
+            due: Due = queue.Queue()
             rng = random.Random(seed * 2 + k)
+            write = partial(self._write, k, dst)
+            self._due.append(due)
             self._threads += [
                 threading.Thread(target=self._read, args=(k, src, due, rng), daemon=True),
-                threading.Thread(target=self._write, args=(k, dst, due), daemon=True),
+                threading.Thread(target=deliver, args=(due, write), daemon=True),
             ]
         for t in self._threads:
             t.start()
 
-    def _read(
-        self, k: int, src: int, due: queue.Queue[tuple[float, bytes]], rng: random.Random
-    ) -> None:
+    def _read(self, k: int, src: int, due: Due, rng: random.Random) -> None:
         while not self._closing.is_set():
             if not select.select([src], [], [], 0.2)[0]:
                 continue
@@ -228,23 +243,21 @@ class LossyWire:
             else:
                 due.put((time.monotonic() + self.delay_s, packet))
 
-    def _write(self, k: int, dst: int, due: queue.Queue[tuple[float, bytes]]) -> None:
-        while not self._closing.is_set():
-            try:
-                at, packet = due.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if (wait := at - time.monotonic()) > 0:
-                time.sleep(wait)
-            try:
-                os.write(dst, packet)
-            except OSError:  # the far end is down (``set_link``): lost, as on a cut cable
-                continue
-            self.forwarded[k] += 1
+    def _write(self, k: int, dst: int, packet: bytes) -> bool:
+        if not packet:  # close()
+            return False
+        try:
+            os.write(dst, packet)
+        except OSError:  # the far end is down (``set_link``): lost, as on a cut cable
+            return True
+        self.forwarded[k] += 1
+        return True
 
     def close(self) -> None:
         """Stop both directions, then close both descriptors (which removes the interfaces)."""
         self._closing.set()
+        for due in self._due:
+            due.put((0.0, b""))
         for t in self._threads:
             t.join()
         for fd in self.fds:
@@ -289,7 +302,7 @@ class DelayRelay:
             self._pipe(up, down, d)
 
     def _pipe(self, src: socket.socket, dst: socket.socket, delay: float) -> None:
-        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
+        chunks: Due = queue.Queue()
 
         def read() -> None:
             while True:
@@ -301,21 +314,18 @@ class DelayRelay:
                 if not data:
                     return
 
-        def write() -> None:
-            while True:
-                due, data = chunks.get()
-                if (wait := due - time.monotonic()) > 0:
-                    time.sleep(wait)
-                try:
-                    if not data:
-                        dst.shutdown(socket.SHUT_WR)
-                        return
-                    dst.sendall(data)
-                except OSError:
-                    return
+        def write(data: bytes) -> bool:
+            try:
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return False
+                dst.sendall(data)
+            except OSError:
+                return False
+            return True
 
         threading.Thread(target=read, daemon=True).start()
-        threading.Thread(target=write, daemon=True).start()
+        threading.Thread(target=deliver, args=(chunks, write), daemon=True).start()
 
     def close(self) -> None:
         self._closing.set()
