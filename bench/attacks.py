@@ -168,8 +168,9 @@ def heldout_fashion(n: int, seed: int) -> Images:
 # -- cases ---------------------------------------------------------------------------------------
 
 IG_1000: dict[str, Any] = {"max_iterations": 1000}
-"""IG's B=1 cases, held-out ones too, run its defaults (chosen on the tuning split) for 1,000
-iterations: the same figure on any machine; the case's budget is only a safety net."""
+"""IG's B=1 cases, held-out ones too, and the shallow/deep pairs run its defaults (chosen on the
+tuning split) for 1,000 iterations: the same figure on any machine; the case's budget is only a
+safety net."""
 IG_RELU: dict[str, Any] = {
     "cosine": "global", "tv_weight": 0.1, "tv_decay": False, "feature_weight": 0.0,
 }  # fmt: skip
@@ -223,8 +224,9 @@ CASES: dict[str, Case] = {
         Case("ig_b8", fashion, "lenet_zhu", (1, 28, 28), 8, 16,
              "inverting_gradients", 600.0, "psnr >= 30 dB (matched)",
              config={"max_iterations": 2000}),
-        Case("fedavg_b4", fashion, "lenet_zhu", (1, 28, 28), 4, 12, "fedavg", 60.0,
-             "psnr >= 18 dB (matched)", algorithm="fedavg", lr=0.01, epochs=5),
+        Case("fedavg_b4", fashion, "lenet_zhu", (1, 28, 28), 4, 12, "fedavg", 120.0,
+             "psnr >= 18 dB (matched)", algorithm="fedavg", lr=0.01, epochs=5,
+             config={"max_iterations": 1000}),
         Case("labels_b1", fashion, "lenet_zhu", (1, 28, 28), 1, 20, "idlg", 10.0,
              "label accuracy 100%"),
         Case("labels_b32", fashion, "lenet_zhu", (1, 28, 28), 32, 320, "label_count", 10.0,
@@ -235,11 +237,13 @@ CASES: dict[str, Case] = {
              "exact fraction >= 60%", imprint_bins=128),
         # Deep vs shallow on the same photo crops (ig_b1_rgb is the shallow B=1 side).
         Case("resnet_ig_b1", photo_crops, "resnet", (3, 32, 32), 1, 4,
-             "inverting_gradients", 60.0, "deep vs ig_b1_rgb (shallow), same images"),
+             "inverting_gradients", 300.0, "deep vs ig_b1_rgb (shallow), same images",
+             config=IG_1000),
         Case("ig_b8_rgb", photo_crops, "lenet_zhu", (3, 32, 32), 8, 8,
-             "inverting_gradients", 120.0, "shallow side of resnet_ig_b8"),
+             "inverting_gradients", 600.0, "shallow side of resnet_ig_b8", config=IG_1000),
         Case("resnet_ig_b8", photo_crops, "resnet", (3, 32, 32), 8, 8,
-             "inverting_gradients", 120.0, "deep vs ig_b8_rgb (shallow), same images"),
+             "inverting_gradients", 1200.0, "deep vs ig_b8_rgb (shallow), same images",
+             config=IG_1000),
         # Trained vs untrained: ig_b1_relu's attack on the demo's model after 10 FedAvg rounds.
         Case("trained_ig_b1", digits_and_fashion, "lenet", (1, 28, 28), 1, 8,
              "inverting_gradients", 20.0, "trained vs ig_b1_relu (untrained)",

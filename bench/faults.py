@@ -2,8 +2,10 @@
 
 Runs, each with the real broker and real processes: a fleet worker holding 30% of the devices
 SIGKILLed mid-round; mosquitto killed with ``kill -9`` mid-round and restarted (persistence on
-every change, persistent MQTT 5 sessions); and ``--flood`` hostile messages through the broker
-during a real run, compared with the clean run of the same seed. Writes::
+every change, persistent MQTT 5 sessions); a device process in a network namespace behind 1%
+packet loss each way and a 300 ms RTT (needs root and ``ip``/``tc``; skipped with the reason
+otherwise; its ``recovery_seconds`` is the slowest round); and ``--flood`` hostile messages
+through the broker during a real run, compared with the clean run of the same seed. Writes::
 
     {"faults": [{"fault", "rounds_completed", "updates_sent", "updates_accepted",
                  "duplicates_aggregated", "lost", "recovery_seconds"}],
@@ -23,9 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devices.netem import missing_tools  # noqa: E402
 from edge.manifest import ModelArtifact  # noqa: E402
 from edgeleak.broker import local_broker  # noqa: E402
-from tests.faultlab import broker_crash_run, clean_and_flooded, dropout_run  # noqa: E402
+from tests.faultlab import (  # noqa: E402
+    broker_crash_run,
+    clean_and_flooded,
+    dropout_run,
+    lossy_link_run,
+)
 
 ROW = ("fault", "rounds_completed", "updates_sent", "updates_accepted", "duplicates_aggregated",
        "lost", "recovery_seconds")  # fmt: skip
@@ -46,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         faults = []
         with local_broker("mosquitto") as (broker, _):
             faults.append(dropout_run(artifact, broker, tmp, rounds=args.rounds))
+            if (why := missing_tools()) is None:
+                faults.append(lossy_link_run(artifact, broker, tmp, rounds=args.rounds)[0])
+            else:
+                print(f"lossy link skipped: {why}")
             clean, hostile = clean_and_flooded(
                 broker, artifact, tmp, total=args.flood, rounds=args.rounds
             )

@@ -59,6 +59,7 @@ MODALITIES: dict[str, tuple[str, tuple[int, ...], int, str]] = {
     "photos": ("lenet_zhu", (3, 32, 32), 1, "photos"),
     "relu_digits": ("lenet", (1, 28, 28), 1, "mnist-digits"),
     "b4_digits": ("lenet_zhu", (1, 28, 28), 4, "mnist-digits"),
+    "b8_digits": ("lenet_zhu", (1, 28, 28), 8, "mnist-digits"),
 }
 
 NO_FEATURE: dict[str, Any] = {"tv_decay": False, "feature_weight": 0.0}

@@ -25,14 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.server import Coordinator, RoundPlan
-from coordinator.store import RunStore
+from coordinator.store import RoundResult, RunStore
+from devices.datasets import load_dataset
 from devices.fleet import Fleet, read_truth
+from devices.netem import LinkShape, NetLab
 from edge import wire
 from edge.codec import params_sha256, read_container, write_tensors
+from edge.data import save_shard
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, make_client, wait_until
 from edgeleak.broker import _stop, _wait_listening, free_port, mosquitto_conf, mosquitto_path
-from tests.fedutil import contiguous_shards, fleet
+from tests.fedutil import contiguous_shards, device_argv, fleet
 
 Params = dict[str, np.ndarray]
 DEVICES = 4
@@ -273,28 +276,37 @@ class FaultResult:
 
 
 def _tally(
-    store: RunStore, run: str, truth: Path, fault: str, t_fault: float, fault_round: int
+    store: RunStore, run: str, sent: set[tuple[int, str]], fault: str, recovery_seconds: float
 ) -> FaultResult:
+    """The row for ``run``: ``sent`` are the (round, device) updates that alive selected devices
+    published."""
     rows = store.db.execute(
         "SELECT round, device FROM messages WHERE run=? AND kind='update' AND direction='up'",
         (run,),
     ).fetchall()
-    sent = {(r["round"], r["device"]) for r in read_truth(truth) if r["run"] == run}
     accepted = Counter((int(r), str(d)) for r, d in rows)
-    rounds = store.rounds(run)
-    ends = store.db.execute(
-        "SELECT MAX(t) FROM messages WHERE run=? AND round=? AND kind='update'", (run, fault_round)
-    ).fetchone()[0]
     return FaultResult(
         fault=fault,
-        rounds_completed=len(rounds),
+        rounds_completed=len(store.rounds(run)),
         updates_sent=len(sent),
         updates_accepted=sum(accepted.values()),
         duplicates_aggregated=sum(n - 1 for n in accepted.values()),
         lost=len(sent - set(accepted)),
-        recovery_seconds=round(max(0.0, float(ends or t_fault) - t_fault), 3),
+        recovery_seconds=round(recovery_seconds, 3),
         rejected_by_reason=store.rejection_counts(run),
     )
+
+
+def _fleet_tally(
+    store: RunStore, run: str, truth: Path, fault: str, t_fault: float, fault_round: int
+) -> FaultResult:
+    """``_tally`` with the fleet's truth records as what was sent, and the recovery from
+    ``t_fault`` to the last update of ``fault_round``."""
+    sent = {(r["round"], r["device"]) for r in read_truth(truth) if r["run"] == run}
+    ends = store.db.execute(
+        "SELECT MAX(t) FROM messages WHERE run=? AND round=? AND kind='update'", (run, fault_round)
+    ).fetchone()[0]
+    return _tally(store, run, sent, fault, max(0.0, float(ends or t_fault) - t_fault))
 
 
 def broker_crash_run(
@@ -351,7 +363,12 @@ def broker_crash_run(
         watcher.loop_stop()
     finally:
         broker.close()
-    return _tally(store, run, truth, "broker_kill_9", t_fault, crash_round), models, truth, run
+    return (
+        _fleet_tally(store, run, truth, "broker_kill_9", t_fault, crash_round),
+        models,
+        truth,
+        run,
+    )
 
 
 def dropout_run(
@@ -382,4 +399,85 @@ def dropout_run(
                 coord.wait_for_devices(10, 300)
             coord.run_round(r)
         coord.end()
-    return _tally(store, run, truth, "device_sigkill_30pct", t_fault[0], 2)
+    return _fleet_tally(store, run, truth, "device_sigkill_30pct", t_fault[0], 2)
+
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE_IN_LAB = "phone-1"
+
+
+def device_in_lab(
+    lab: NetLab, artifact: ModelArtifact, run: str, tmp_path: Path
+) -> subprocess.Popen[str]:
+    """A real ``edgeleak device`` (phone-low, 16 Fashion-MNIST examples) in namespace 0."""
+    data = load_dataset("fashion-mnist")
+    save_shard(tmp_path / "shard.npz", data.x_train[:16], data.y_train[:16])
+    argv = device_argv(
+        lab.broker_url, tmp_path / "shard.npz", artifact, run, DEVICE_IN_LAB,
+        "--profile", "phone-low", "--exit-on-end",
+    )  # fmt: skip
+    return subprocess.Popen(
+        lab.argv(0, argv), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@dataclass
+class LabRun:
+    """Rounds with a real device behind a shaped link, and what the lab saw."""
+
+    results: list[RoundResult]
+    output: str  # the device process's
+    returncode: int | None
+    retransmitted: int  # TCP segments the device resent
+    dropped: list[int] | None  # packets the LossyWire dropped per direction (None: no wire)
+    store: RunStore
+    run: str
+
+
+def rounds_in_lab(
+    mosquitto: BrokerAddress,
+    artifact: ModelArtifact,
+    tmp_path: Path,
+    link: LinkShape,
+    rounds: int,
+    deadline_s: float,
+) -> LabRun:
+    """Rounds 1..``rounds`` of LeNet FedSGD with one real device process behind ``link``."""
+    run = "n" + uuid.uuid4().hex[:8]
+    store = RunStore(tmp_path / "run.db")
+    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=deadline_s)
+    with NetLab([link], mosquitto) as lab:
+        proc = device_in_lab(lab, artifact, run, tmp_path)
+        try:
+            with Coordinator(run, artifact, mosquitto, store, plan) as coord:
+                coord.wait_for_devices(1, 60)
+                results = [coord.run_round(r) for r in range(1, rounds + 1)]
+                coord.end()
+            out, _ = proc.communicate(timeout=60)
+            retransmitted = tcp_retransmitted(lab.argv(0, []))
+        finally:
+            proc.kill()
+        dropped = lab.wires[0].dropped if lab.wired(0) else None
+    return LabRun(results, out, proc.returncode, retransmitted, dropped, store, run)
+
+
+def tcp_retransmitted(argv: list[str]) -> int:
+    """Segments TCP retransmitted in a namespace (``/proc/net/snmp``), through ``argv`` prefix."""
+    snmp = subprocess.run([*argv, "cat", "/proc/net/snmp"], capture_output=True, text=True).stdout
+    names, values = (line.split() for line in snmp.splitlines() if line.startswith("Tcp:"))
+    return int(values[names.index("RetransSegs")])
+
+
+LOSSY = LinkShape(down_mbps=15.0, up_mbps=5.0, delay_ms=150.0, loss=0.01)
+"""1% of packets lost each way, 300 ms RTT."""
+
+
+def lossy_link_run(
+    artifact: ModelArtifact, broker: BrokerAddress, tmp: Path, *, rounds: int = 3
+) -> tuple[FaultResult, LabRun]:
+    """A real device process in a namespace behind ``LOSSY`` for ``rounds`` LeNet FedSGD rounds
+    (needs root). Sent: one update per round it was selected in; recovery: the slowest round."""
+    lab = rounds_in_lab(broker, artifact, tmp, LOSSY, rounds, deadline_s=120)
+    sent = {(i + 1, DEVICE_IN_LAB) for i, r in enumerate(lab.results) if r.selected}
+    slowest = max(r.seconds for r in lab.results)
+    return _tally(lab.store, lab.run, sent, "link_1pct_loss_300ms_rtt", slowest), lab

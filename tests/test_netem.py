@@ -7,16 +7,11 @@ import queue
 import subprocess
 import sys
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from coordinator.server import Coordinator, RoundPlan
-from coordinator.store import RoundResult, RunStore
 from devices import netem
-from devices.datasets import load_dataset
 from devices.netem import (
     LinkShape,
     NetLab,
@@ -27,10 +22,9 @@ from devices.netem import (
     transfer_seconds,
 )
 from devices.profiles import load_profile
-from edge.data import save_shard
 from edge.manifest import ModelArtifact
 from edge.mqtt import QOS, BrokerAddress, Received, make_client, publish_packet_bytes, running
-from tests.fedutil import device_argv
+from tests.faultlab import LOSSY, lossy_link_run, rounds_in_lab
 
 REPO = Path(__file__).resolve().parents[1]
 WHY = netem.missing_tools()
@@ -116,66 +110,6 @@ def test_a_message_takes_bytes_over_rate_plus_delay(mosquitto: BrokerAddress) ->
     assert lab.names[0] not in namespaces()
 
 
-def device_in_lab(
-    lab: NetLab, artifact: ModelArtifact, run: str, tmp_path: Path
-) -> subprocess.Popen[str]:
-    """A real ``edgeleak device`` (phone-low, 16 Fashion-MNIST examples) in namespace 0."""
-    data = load_dataset("fashion-mnist")
-    save_shard(tmp_path / "shard.npz", data.x_train[:16], data.y_train[:16])
-    argv = device_argv(
-        lab.broker_url, tmp_path / "shard.npz", artifact, run, "phone-1",
-        "--profile", "phone-low", "--exit-on-end",
-    )  # fmt: skip
-    return subprocess.Popen(
-        lab.argv(0, argv), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-@dataclass
-class LabRun:
-    """Rounds with a real device behind a shaped link, and what the lab saw."""
-
-    results: list[RoundResult]
-    output: str  # the device process's
-    returncode: int | None
-    retransmitted: int  # TCP segments the device resent
-    dropped: list[int] | None  # packets the LossyWire dropped per direction (None: no wire)
-
-
-def rounds_in_lab(
-    mosquitto: BrokerAddress,
-    artifact: ModelArtifact,
-    tmp_path: Path,
-    link: LinkShape,
-    rounds: int,
-    deadline_s: float,
-) -> LabRun:
-    """Rounds 1..``rounds`` of LeNet FedSGD with one real device process behind ``link``."""
-    run = "n" + uuid.uuid4().hex[:8]
-    store = RunStore(tmp_path / "run.db")
-    plan = RoundPlan(algorithm="fedsgd", lr=0.1, batch_size=8, deadline_s=deadline_s)
-    with NetLab([link], mosquitto) as lab:
-        proc = device_in_lab(lab, artifact, run, tmp_path)
-        try:
-            with Coordinator(run, artifact, mosquitto, store, plan) as coord:
-                coord.wait_for_devices(1, 60)
-                results = [coord.run_round(r) for r in range(1, rounds + 1)]
-                coord.end()
-            out, _ = proc.communicate(timeout=60)
-            retransmitted = tcp_retransmitted(lab.argv(0, []))
-        finally:
-            proc.kill()
-        dropped = lab.wires[0].dropped if lab.wired(0) else None
-    return LabRun(results, out, proc.returncode, retransmitted, dropped)
-
-
-def tcp_retransmitted(argv: list[str]) -> int:
-    """Segments TCP retransmitted in a namespace (``/proc/net/snmp``), through ``argv`` prefix."""
-    snmp = subprocess.run([*argv, "cat", "/proc/net/snmp"], capture_output=True, text=True).stdout
-    names, values = (line.split() for line in snmp.splitlines() if line.startswith("Tcp:"))
-    return int(values[names.index("RetransSegs")])
-
-
 @needs_root
 def test_device_process_in_a_namespace_joins_a_round(
     mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
@@ -197,19 +131,20 @@ def test_device_process_in_a_namespace_joins_a_round(
 def test_a_device_behind_1pct_loss_and_300ms_rtt_finishes_its_rounds(
     mosquitto: BrokerAddress, lenet_artifact: ModelArtifact, tmp_path: Path
 ) -> None:
-    link = LinkShape(down_mbps=15.0, up_mbps=5.0, delay_ms=150.0, loss=0.01)
-    lab = rounds_in_lab(mosquitto, lenet_artifact, tmp_path, link, rounds=3, deadline_s=120)
+    row, lab = lossy_link_run(lenet_artifact, mosquitto, tmp_path, rounds=3)
     print(
         f"rounds {[round(r.seconds, 2) for r in lab.results]} s, dropped {lab.dropped}, "
         f"resent {lab.retransmitted}"
     )
     assert lab.returncode == 0, lab.output
     assert [(r.selected, r.accepted, r.rejected) for r in lab.results] == [(1, 1, 0)] * 3
+    assert (row.rounds_completed, row.updates_sent, row.updates_accepted) == (3, 3, 3)
+    assert (row.duplicates_aggregated, row.lost, row.rejected_by_reason) == (0, 0, {})
     # Packets were lost on the way, and the device's TCP resent them.
     assert lab.retransmitted > 0, lab.output
     assert lab.dropped is None or min(lab.dropped) > 0, lab.dropped
     # Each round took at least the 300 ms RTT per exchange (task out, update in).
-    assert all(r.seconds >= 2 * link.delay_ms / 1e3 for r in lab.results)
+    assert all(r.seconds >= 2 * LOSSY.delay_ms / 1e3 for r in lab.results)
 
 
 @needs_root
