@@ -233,7 +233,7 @@ class IGConfig:
     it off there. For a batch the term applies only where the classifier's inputs number at
     least ``feature_min_ratio`` of an example's input values: on the bundled photo crops
     (LeNetZhu, 3x32x32: 768 inputs for 3,072 values, ratio 0.25), B=8, 500 iterations, it
-    drops IG from 16.8 to 8.7 dB (12.9 at a tenth of the weight; 15.9 to 9.1 with distinct
+    drops IG from 16.8 to 8.7 dB (12.9 at an eighth of the weight; 15.9 to 9.1 with distinct
     labels), where on 28x28 digits (588 for 784, ratio 0.75) it lifts B=8 from 11.7 to 47.3 dB.
     """
 

@@ -6,6 +6,9 @@ fleet trains: random bytes, truncated, oversize, NaN/Inf, wrong version/type/run
 rounds, replays of honest updates with their nonce and with a fresh one, impersonations of the
 selected devices, floods of ``online`` statuses for thousands of phantom devices, and forged
 ``end`` messages. The same fleet with the same seed also runs clean, for the bit-identity check.
+
+Also the other fault runs of ``bench/faults.py`` (device dropout, broker crash, a lossy link) and
+the link lab's helpers (``rounds_in_lab``), shared with ``tests/test_netem.py``.
 """
 
 from __future__ import annotations

@@ -178,7 +178,11 @@ def test_sweep_resumes_exports_and_reports(tmp_path: Path) -> None:
     for _ in range(6000):  # wait (up to 10 min on a loaded machine) for one finished point
         if db_path.exists():
             with sqlite3.connect(db_path) as db:
-                if db.execute("SELECT COUNT(*) FROM points WHERE status='done'").fetchone()[0]:
+                try:
+                    done = db.execute("SELECT COUNT(*) FROM points WHERE status='done'").fetchone()
+                except sqlite3.OperationalError:  # the file is there, its tables not yet
+                    done = (0,)
+                if done[0]:
                     break
         if first.poll() is not None:
             break
