@@ -11,7 +11,7 @@ import torch
 from attacks import get_attack
 from attacks.base import AttackMetadata, NotApplicable
 from attacks.model import FunctionalModel, InputMap, manifest_for
-from attacks.spear import solve_batch
+from attacks.spear import isolated, solve_batch, zero_sets
 from attacks.truth.leakage import evaluate
 from attacks.truth.victim import simulate_update
 from devices.datasets import load_dataset
@@ -41,7 +41,8 @@ def _batch(size: int, index: int) -> tuple[np.ndarray, np.ndarray]:
     return ds.x_test[sl].astype(np.float32), ds.y_test[sl].astype(np.int64)
 
 
-@pytest.mark.parametrize(("size", "index"), [(4, 0), (4, 1), (8, 0)])
+# (8, 6): test images 48-55, four pullovers whose mixtures once crowded a direction out.
+@pytest.mark.parametrize(("size", "index"), [(4, 0), (4, 1), (8, 0), (8, 6)])
 def test_spear_recovers_every_image_exactly(
     mlp: tuple[FunctionalModel, dict[str, np.ndarray], AttackMetadata], size: int, index: int
 ) -> None:
@@ -79,3 +80,22 @@ def test_spear_says_where_it_does_not_apply(
     big = simulate_update(client, weights, *_batch(17, 0))
     with pytest.raises(NotApplicable, match="1 to 16"):
         get_attack("spear").reconstruct(big, weights, meta)
+
+
+def test_isolated_drops_a_mixture_that_one_sampled_row_pins_down() -> None:
+    rng = np.random.default_rng(0)
+    b, m = 4, 60
+    out_grads = rng.standard_normal((b, m)) * (rng.random((b, m)) < 0.5)  # ReLU-sparse dZ
+    q = rng.standard_normal((b, b))
+    both_zero = (out_grads[0] == 0) & (out_grads[1] == 0)
+    j = int(np.flatnonzero((out_grads[0] != 0) & (out_grads[1] != 0))[0])
+    out_grads[1, j] = -out_grads[0, j]  # the mixture q_0 + q_1 is also zero on unit j
+    left = out_grads.T @ np.linalg.inv(q)  # dZ^T = L Q
+    genuine = q[:, 0] / np.linalg.norm(q[:, 0])
+    mixture = (q[:, 0] + q[:, 1]) / np.linalg.norm(q[:, 0] + q[:, 1])
+    dirs = np.stack([genuine, mixture])
+    zeros = zero_sets(dirs, left, zero_tol=1e-9)
+    assert zeros[1].sum() == both_zero.sum() + 1  # where both examples are zero, and unit j
+    kept = isolated(dirs, zeros, left, min_gap=1e-3, max_leverage=0.99)
+    assert kept.shape == (1, b)
+    assert abs(kept[0] @ genuine) == pytest.approx(1.0, abs=1e-12)
