@@ -36,6 +36,7 @@ restarts: when it runs out the attack stops where it is and the result says so
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +79,25 @@ def cosine_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tor
     return (
         torch.as_tensor(sum((x / na - y / nb).pow(2).sum() for x, y in zip(a, b, strict=True))) / 2
     )
+
+
+def global_mismatch(
+    images: np.ndarray,
+    labels: np.ndarray,
+    update: AttackUpdate,
+    global_model: Mapping[str, np.ndarray],
+    metadata: AttackMetadata,
+) -> float:
+    """One cosine distance over the whole update between ``update`` and the update that
+    ``images`` [B, C, H, W] with ``labels`` [B] give on ``global_model``."""
+    device = select_device(metadata.device, metadata.threads)
+    model = FunctionalModel.from_metadata(metadata, device)
+    weights = {k: v.requires_grad_(True) for k, v in to_weights(global_model, device).items()}
+    x = torch.as_tensor(images, device=device)
+    targets = torch.as_tensor(labels, device=device)
+    dummy = model.update(weights, x, targets, update)
+    observed = to_weights(update.params, device).values()
+    return float(cosine_distance(list(dummy.values()), list(observed)))
 
 
 def l2_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -235,6 +255,14 @@ class IGConfig:
     (LeNetZhu, 3x32x32: 768 inputs for 3,072 values, ratio 0.25), B=8, 500 iterations, it
     drops IG from 16.8 to 8.7 dB (12.9 at an eighth of the weight; 15.9 to 9.1 with distinct
     labels), where on 28x28 digits (588 for 784, ratio 0.75) it lifts B=8 from 11.7 to 47.3 dB.
+    ``plain_restart`` (the FedSGD gradient of one example): one more run with plain IG's recipe (``PLAIN_RECIPE``)
+    and the same labels, keeping whichever result's gradient is nearer the observed one in one
+    global cosine distance (``global_mismatch``; each recipe's own objective would favour
+    itself). On a flat held-out photo (dark sky) the defaults leave noise at 21.5 dB where
+    plain IG reaches 34.2 dB, and plain IG matches the gradient slightly better (3.32e-9 against
+    3.48e-9); on the 13 other held-out and tuning photos the defaults match it 10 to 1,000 times
+    better and are kept. It doubles the time; skipped when the recipe is plain IG's, and for
+    batches (held-out batches of 4 digits: 59.9 dB against plain IG's 13.4).
     """
 
     max_iterations: int = 24_000
@@ -250,6 +278,14 @@ class IGConfig:
     given_labels: tuple[int, ...] = ()
     feature_weight: float = 3000.0
     feature_min_ratio: float = 0.5
+    plain_restart: bool = True
+
+
+PLAIN_RECIPE: dict[str, object] = {
+    "cosine": "global", "tv_weight": 0.1, "tv_decay": False, "feature_weight": 0.0,
+}  # fmt: skip
+"""Geiping et al.'s recipe as inversefed ships it: one cosine distance over the whole update,
+TV 0.1 throughout, no feature term."""
 
 
 @dataclass(frozen=True)
@@ -400,6 +436,38 @@ class InvertingGradients(_UpdateMatching):
 
     def __init__(self, config: IGConfig | None = None) -> None:
         self.config = config or IGConfig()
+
+    def run(
+        self,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+        deadline: Deadline,
+    ) -> Recovered:
+        found = super().run(update, global_model, metadata, deadline)
+        cfg = self.config
+        plain = all(getattr(cfg, k) == v for k, v in PLAIN_RECIPE.items())
+        single = update.kind == "gradient" and update.num_examples == 1
+        if not cfg.plain_restart or plain or not single or found.budget_hit:
+            return found
+        assert found.labels is not None
+        recipe = dataclasses.replace(
+            cfg,
+            **PLAIN_RECIPE,  # type: ignore[arg-type]
+            restarts=1,
+            plain_restart=False,
+            labels="given",
+            given_labels=tuple(int(v) for v in found.labels),
+        )
+        other = type(self)(recipe).run(update, global_model, metadata, deadline)
+        assert found.images is not None and other.images is not None
+        mine, theirs = (
+            global_mismatch(images, found.labels, update, global_model, metadata)
+            for images in (found.images, other.images)
+        )
+        if theirs < mine:
+            return other
+        return dataclasses.replace(found, budget_hit=other.budget_hit)
 
     def distance(
         self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], batch: int

@@ -39,6 +39,7 @@ from attacks import get_attack
 from attacks.base import Algorithm, AttackMetadata, AttackUpdate
 from attacks.imprint import brightness
 from attacks.imprint_model import build_imprint_model
+from attacks.inversion import PLAIN_RECIPE
 from attacks.malicious import quantile_thresholds
 from attacks.model import FunctionalModel, InputMap, manifest_for
 from attacks.truth.leakage import LeakageReport, evaluate, matched_images
@@ -171,20 +172,15 @@ IG_1000: dict[str, Any] = {"max_iterations": 1000}
 """IG's B=1 cases, held-out ones too, and the shallow/deep pairs run its defaults (chosen on the
 tuning split) for 1,000 iterations: the same figure on any machine; the case's budget is only a
 safety net."""
-IG_RELU: dict[str, Any] = {
-    "cosine": "global", "tv_weight": 0.1, "tv_decay": False, "feature_weight": 0.0,
-}  # fmt: skip
+IG_RELU: dict[str, Any] = dict(PLAIN_RECIPE)
 """ReLU LeNet, B=1: the best of bench/tune_ig.py's grid on the tuning digits (16.6 dB on 4 of
 them; the defaults' feature term gives about 10 dB there); it is plain IG's recipe, with the
 labels recovered (iDLG) instead of given."""
 IG_RELU_BUNDLED: dict[str, Any] = {**IG_RELU, "tv_weight": 1e-2}
 """``ig_b1_relu`` and ``trained_ig_b1`` (bundled images): IG_RELU with TV 1e-2, as before the
 tuning split."""
-PLAIN_IG: dict[str, Any] = {
-    "cosine": "global", "tv_weight": 0.1, "tv_decay": False, "feature_weight": 0.0,
-}  # fmt: skip
-"""Geiping et al.'s recipe as inversefed ships it: one cosine, TV 0.1 throughout, no feature
-term (labels given)."""
+PLAIN_IG: dict[str, Any] = dict(PLAIN_RECIPE)
+"""Geiping et al.'s recipe (``attacks.inversion.PLAIN_RECIPE``), run with the labels given."""
 
 
 @dataclass(frozen=True)
