@@ -255,14 +255,14 @@ class IGConfig:
     (LeNetZhu, 3x32x32: 768 inputs for 3,072 values, ratio 0.25), B=8, 500 iterations, it
     drops IG from 16.8 to 8.7 dB (12.9 at an eighth of the weight; 15.9 to 9.1 with distinct
     labels), where on 28x28 digits (588 for 784, ratio 0.75) it lifts B=8 from 11.7 to 47.3 dB.
-    ``plain_restart`` (the FedSGD gradient of one example): one more run with plain IG's recipe (``PLAIN_RECIPE``)
-    and the same labels, keeping whichever result's gradient is nearer the observed one in one
-    global cosine distance (``global_mismatch``; each recipe's own objective would favour
-    itself). On a flat held-out photo (dark sky) the defaults leave noise at 21.5 dB where
-    plain IG reaches 34.2 dB, and plain IG matches the gradient slightly better (3.32e-9 against
-    3.48e-9); on the 13 other held-out and tuning photos the defaults match it 10 to 1,000 times
-    better and are kept. It doubles the time; skipped when the recipe is plain IG's, and for
-    batches (held-out batches of 4 digits: 59.9 dB against plain IG's 13.4).
+    ``plain_restart`` (the FedSGD gradient of one example): one more run with plain IG's recipe
+    (``PLAIN_RECIPE``) and the same labels, keeping whichever result's gradient is nearer the
+    observed one in one global cosine distance (``global_mismatch``; each recipe's own objective
+    would favour itself). On a flat held-out photo (dark sky) the defaults leave noise at 21.5
+    dB where plain IG reaches 34.2 dB, and plain IG matches the gradient slightly better
+    (3.32e-9 against 3.48e-9); on the 13 other held-out and tuning photos the defaults match it
+    10 to 1,000 times better and are kept. It doubles the time; skipped when the recipe is plain
+    IG's, and for batches (held-out batches of 4 digits: 59.9 dB against plain IG's 13.4).
     """
 
     max_iterations: int = 24_000

@@ -237,9 +237,9 @@ class SpearConfig:
     gradient (a wrong one is zero only on the B-1 sampled rows); ``zero_tol``: what counts as zero,
     relative to the largest entry; ``min_gap``: how far (relative singular value) a zero set's
     rows must be from a second null direction, and ``max_leverage``: the most any one row may
-    matter, for them to pin their direction down (``isolated``); ``min_agreement``: the ReLU pattern agreement that accepts a
-    solved batch, trying up to ``max_subsets`` B-subsets of the candidates; ``seed`` draws the
-    submatrices."""
+    matter, for them to pin their direction down (``isolated``); ``min_agreement``: the ReLU
+    pattern agreement that accepts a solved batch, trying up to ``max_subsets`` B-subsets of the
+    candidates; ``seed`` draws the submatrices."""
 
     samples: int = 400_000
     chunk: int = 4096
