@@ -82,22 +82,24 @@ def cosine_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tor
 
 
 def global_mismatch(
-    images: np.ndarray,
+    candidates: Sequence[np.ndarray],
     labels: np.ndarray,
     update: AttackUpdate,
     global_model: Mapping[str, np.ndarray],
     metadata: AttackMetadata,
-) -> float:
-    """One cosine distance over the whole update between ``update`` and the update that
-    ``images`` [B, C, H, W] with ``labels`` [B] give on ``global_model``."""
+) -> list[float]:
+    """Per candidate batch of images [B, C, H, W] with ``labels`` [B]: one cosine distance over
+    the whole update between ``update`` and the update those images give on ``global_model``."""
     device = select_device(metadata.device, metadata.threads)
     model = FunctionalModel.from_metadata(metadata, device)
     weights = {k: v.requires_grad_(True) for k, v in to_weights(global_model, device).items()}
-    x = torch.as_tensor(images, device=device)
     targets = torch.as_tensor(labels, device=device)
-    dummy = model.update(weights, x, targets, update)
-    observed = to_weights(update.params, device).values()
-    return float(cosine_distance(list(dummy.values()), list(observed)))
+    observed = list(to_weights(update.params, device).values())
+    out = []
+    for images in candidates:
+        dummy = model.update(weights, torch.as_tensor(images, device=device), targets, update)
+        out.append(float(cosine_distance(list(dummy.values()), observed)))
+    return out
 
 
 def l2_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -461,9 +463,8 @@ class InvertingGradients(_UpdateMatching):
         )
         other = type(self)(recipe).run(update, global_model, metadata, deadline)
         assert found.images is not None and other.images is not None
-        mine, theirs = (
-            global_mismatch(images, found.labels, update, global_model, metadata)
-            for images in (found.images, other.images)
+        mine, theirs = global_mismatch(
+            [found.images, other.images], found.labels, update, global_model, metadata
         )
         if theirs < mine:
             return other

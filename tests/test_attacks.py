@@ -626,10 +626,7 @@ def test_the_plain_restart_keeps_the_result_nearer_the_gradient(
             given_labels=told,
         ).reconstruct(update, weights, meta)  # fmt: skip
         assert plain.images is not None and both.images is not None
-        mismatch = [
-            global_mismatch(r, ours.labels, update, weights, meta)
-            for r in (ours.images, plain.images)
-        ]
+        mismatch = global_mismatch([ours.images, plain.images], ours.labels, update, weights, meta)
         psnr = [evaluate(r, xb, yb).psnr[0] for r in (ours, plain)]
         k = int(np.argmin(mismatch))
         np.testing.assert_array_equal(both.images, (ours, plain)[k].images)
