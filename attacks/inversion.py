@@ -15,7 +15,11 @@
   fixes that sum exactly and each alone only to ~1e-3 in float32. Such examples are the
   weak spot of batch inversion: the summed gradient of two images of one class barely tells
   them from two blends of them (a cosine of ~5e-10 apart on an untrained LeNetZhu, B=8), and
-  the TV prior prefers the blends.
+  the TV prior prefers the blends. Both end with a polish (``IGConfig.polish_iterations``):
+  L-BFGS in float64 on the update distance alone, from the kept images (``lbfgs_polish``).
+  Signed Adam in float32 stops far from the optimum: on a batch of 8 Fashion-MNIST images the
+  gradient's cosine distance was 7e-9 where the true images give 4e-15, and 2,000 polish steps
+  bring it to 3e-12 and the examples with a label of their own from 34-39 dB to 52-56 dB.
 - ``fedavg`` (Geiping et al. 2020 §6, Dimitrov et al. 2022): the same objective on a FedAvg weight
   delta, with the client's local SGD steps simulated differentiably on the dummy images. The
   local data order is an assumption (``FedAvgConfig.epoch_orders``; default: the same
@@ -81,6 +85,23 @@ def cosine_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tor
     )
 
 
+def rebuild(
+    update: AttackUpdate,
+    global_model: Mapping[str, np.ndarray],
+    metadata: AttackMetadata,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[FunctionalModel, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The attacker's copy of the model, its global weights (requiring grad) and the observed
+    update's tensors, in ``dtype`` on the metadata's device."""
+    device = select_device(metadata.device, metadata.threads)
+    model = FunctionalModel.from_metadata(metadata, device)
+    weights = {
+        k: v.to(dtype).requires_grad_(True) for k, v in to_weights(global_model, device).items()
+    }
+    observed = [v.to(dtype) for v in to_weights(update.params, device).values()]
+    return model, weights, observed
+
+
 def global_mismatch(
     candidates: Sequence[np.ndarray],
     labels: np.ndarray,
@@ -90,15 +111,13 @@ def global_mismatch(
 ) -> list[float]:
     """Per candidate batch of images [B, C, H, W] with ``labels`` [B]: one cosine distance over
     the whole update between ``update`` and the update those images give on ``global_model``."""
-    device = select_device(metadata.device, metadata.threads)
-    model = FunctionalModel.from_metadata(metadata, device)
-    weights = {k: v.requires_grad_(True) for k, v in to_weights(global_model, device).items()}
+    model, weights, observed = rebuild(update, global_model, metadata)
+    device = observed[0].device
     targets = torch.as_tensor(labels, device=device)
-    observed = list(to_weights(update.params, device).values())
     out = []
     for images in candidates:
         dummy = model.update(weights, torch.as_tensor(images, device=device), targets, update)
-        out.append(float(cosine_distance(list(dummy.values()), observed)))
+        out.append(float(cosine_distance(list(dummy.values()), observed).detach()))
     return out
 
 
@@ -213,6 +232,45 @@ def lbfgs(
     return x.detach(), False
 
 
+def lbfgs_polish(
+    distance: Callable[[torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    *,
+    iterations: int,
+    deadline: Deadline,
+    chunk: int = 50,
+    margin: float = 1e-4,
+) -> tuple[torch.Tensor, bool]:
+    """Minimise ``distance(images)`` from ``x0`` with L-BFGS (strong-Wolfe line search) over
+    ``sigmoid(z)``, images kept in (0, 1) and started from ``x0`` clamped to ``[margin,
+    1 - margin]``; the distance is divided by its value at ``x0``, and no tolerance ends the run
+    early: it runs ``iterations`` steps (the deadline is checked every ``chunk``). Returns
+    (images, whether ``deadline`` stopped it); ``x0`` when the result is farther or not finite."""
+    z = torch.logit(x0.clamp(margin, 1 - margin)).requires_grad_(True)
+    start = distance(x0).detach().clamp_min(1e-300)
+    opt = torch.optim.LBFGS(
+        [z], lr=1.0, max_iter=chunk, history_size=100, tolerance_grad=0.0,
+        tolerance_change=0.0, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        loss = distance(torch.sigmoid(z)) / start
+        (z.grad,) = torch.autograd.grad(loss, [z])
+        return loss.detach()
+
+    done = 0
+    while done < iterations:
+        if deadline.expired():
+            break
+        opt.param_groups[0]["max_iter"] = min(chunk, iterations - done)
+        opt.step(closure)
+        done += chunk
+    found = torch.sigmoid(z).detach()
+    if not float(distance(found).detach()) <= float(start):
+        found = x0
+    return found, done < iterations
+
+
 # -- attacks ------------------------------------------------------------------------------------
 
 
@@ -265,6 +323,14 @@ class IGConfig:
     (3.32e-9 against 3.48e-9); on the 13 other held-out and tuning photos the defaults match it
     10 to 1,000 times better and are kept. It doubles the time; skipped when the recipe is plain
     IG's, and for batches (held-out batches of 4 digits: 59.9 dB against plain IG's 13.4).
+    ``polish_iterations``: L-BFGS steps in float64 on the update distance alone after the
+    restarts (at most ``max_iterations``; 0 turns it off); with the plain restart, both results
+    get the first fifth and the nearer one the rest. On the tuning images (labels given, 1,000
+    iterations before): photos at B=1 with the plain restart 31.0 -> 47.7 dB (500 steps; 16.5
+    -> 24.3 s per image alone; polishing only the result chosen before it: 38.4 dB), the recipe
+    alone 31.0 -> 36.1 (300) and 43.4 dB (1,000); Fashion-MNIST batches of 8 (2,000 before)
+    26.8 -> 33.2 (500) and 35.8 dB (2,000); photo batches of 8 15.0 -> 15.4 dB; the ReLU LeNet
+    unchanged (23.6 dB: its gradient is piecewise in the image, L-BFGS stalls at the kinks).
     """
 
     max_iterations: int = 24_000
@@ -281,6 +347,7 @@ class IGConfig:
     feature_weight: float = 3000.0
     feature_min_ratio: float = 0.5
     plain_restart: bool = True
+    polish_iterations: int = 500
 
 
 PLAIN_RECIPE: dict[str, object] = {
@@ -319,12 +386,21 @@ class _UpdateMatching(BaseAttack):
         metadata: AttackMetadata,
         deadline: Deadline,
     ) -> Recovered:
-        device = select_device(metadata.device, metadata.threads)
-        model = FunctionalModel.from_metadata(metadata, device)
-        weights = {k: v.requires_grad_(True) for k, v in to_weights(global_model, device).items()}
+        found = self.search(update, global_model, metadata, deadline)
+        return self.polish(found, update, global_model, metadata, deadline)
+
+    def search(
+        self,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+        deadline: Deadline,
+    ) -> Recovered:
+        """The restarts of the optimisation; the best match."""
+        model, weights, observed = rebuild(update, global_model, metadata)
+        device = observed[0].device
         labels = self.labels(update, global_model, metadata)
         targets = torch.tensor(labels, device=device)
-        observed = list(to_weights(update.params, device).values())
         shape = (update.num_examples, *metadata.manifest.input_shape)
 
         feature = self.feature_match(model, weights, update, metadata, labels)
@@ -397,6 +473,18 @@ class _UpdateMatching(BaseAttack):
     def orders(self, update: AttackUpdate) -> tuple[tuple[int, ...], ...]:
         return ()
 
+    def polish(
+        self,
+        found: Recovered,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+        deadline: Deadline,
+        steps: int | None = None,
+    ) -> Recovered:
+        """A last refinement of the kept result, ``steps`` long (none here)."""
+        return found
+
     def confidence(self, score: float) -> float:
         raise NotImplementedError
 
@@ -446,11 +534,13 @@ class InvertingGradients(_UpdateMatching):
         metadata: AttackMetadata,
         deadline: Deadline,
     ) -> Recovered:
-        found = super().run(update, global_model, metadata, deadline)
         cfg = self.config
         plain = all(getattr(cfg, k) == v for k, v in PLAIN_RECIPE.items())
         single = update.kind == "gradient" and update.num_examples == 1
-        if not cfg.plain_restart or plain or not single or found.budget_hit:
+        if not cfg.plain_restart or plain or not single:
+            return super().run(update, global_model, metadata, deadline)
+        found = self.search(update, global_model, metadata, deadline)
+        if found.budget_hit:
             return found
         assert found.labels is not None
         recipe = dataclasses.replace(
@@ -461,14 +551,20 @@ class InvertingGradients(_UpdateMatching):
             labels="given",
             given_labels=tuple(int(v) for v in found.labels),
         )
-        other = type(self)(recipe).run(update, global_model, metadata, deadline)
-        assert found.images is not None and other.images is not None
+        rival = type(self)(recipe)
+        other = rival.search(update, global_model, metadata, deadline)
+        steps = min(cfg.polish_iterations, cfg.max_iterations)
+        first = steps // 5  # both polished this far, then the nearer one the rest of the way
+        found = self.polish(found, update, global_model, metadata, deadline, first)
+        other = rival.polish(other, update, global_model, metadata, deadline, first)
+        assert found.images is not None and other.images is not None and found.labels is not None
         mine, theirs = global_mismatch(
             [found.images, other.images], found.labels, update, global_model, metadata
         )
         if theirs < mine:
-            return other
-        return dataclasses.replace(found, budget_hit=other.budget_hit)
+            return rival.polish(other, update, global_model, metadata, deadline, steps - first)
+        found = dataclasses.replace(found, budget_hit=other.budget_hit)
+        return self.polish(found, update, global_model, metadata, deadline, steps - first)
 
     def distance(
         self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], batch: int
@@ -521,6 +617,36 @@ class InvertingGradients(_UpdateMatching):
         return lambda x: (
             weight * group_feature_distance(model.layer_input(weights, x, layer), target, groups)
         )
+
+    def polish(
+        self,
+        found: Recovered,
+        update: AttackUpdate,
+        global_model: Mapping[str, np.ndarray],
+        metadata: AttackMetadata,
+        deadline: Deadline,
+        steps: int | None = None,
+    ) -> Recovered:
+        """``steps`` (default ``polish_iterations``, at most ``max_iterations``) L-BFGS steps in
+        float64 on the update distance alone (no prior, no feature term) from the kept images
+        (``lbfgs_polish``); skipped when the deadline has hit."""
+        if steps is None:
+            steps = min(self.config.polish_iterations, self.config.max_iterations)
+        if steps <= 0 or found.budget_hit or found.images is None or found.labels is None:
+            return found
+        model, weights, observed = rebuild(update, global_model, metadata, torch.float64)
+        device = observed[0].device
+        targets = torch.as_tensor(found.labels, device=device)
+        orders = self.orders(update)
+
+        def distance(images: torch.Tensor) -> torch.Tensor:
+            dummy = model.update(weights, images, targets, update, orders=orders, create_graph=True)
+            return self.distance(list(dummy.values()), observed, update.num_examples)
+
+        x0 = torch.as_tensor(found.images, dtype=torch.float64, device=device)
+        x, hit = lbfgs_polish(distance, x0, iterations=steps, deadline=deadline)
+        images = x.clamp(0, 1).cpu().numpy().astype(np.float32)
+        return dataclasses.replace(found, images=images, budget_hit=hit)
 
     def confidence(self, score: float) -> float:
         return 1.0 - score

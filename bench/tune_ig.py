@@ -89,8 +89,8 @@ def run_setting(
     config: dict[str, Any],
     iterations: int,
 ) -> dict[str, Any]:
-    """Mean PSNR of IG with ``config`` (labels given, no plain restart: the recipe alone) over
-    the batches of ``x``."""
+    """Mean PSNR of IG with ``config`` (labels given; no plain restart unless ``config`` asks
+    for one: the recipe alone) over the batches of ``x``."""
     torch.manual_seed(0)
     module = zoo.build(model, shape)
     meta = AttackMetadata(manifest_for(model, module, shape, 10), budget_s=3600.0, device="cpu")
@@ -105,8 +105,7 @@ def run_setting(
             max_iterations=iterations,
             labels="given",
             given_labels=tuple(int(v) for v in yb),
-            plain_restart=False,
-            **config,
+            **{"plain_restart": False, **config},
         )
         rec = attack.reconstruct(simulate_update(client, weights, xb, yb), weights, meta)
         report = evaluate(rec, xb, yb)
