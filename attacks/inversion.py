@@ -15,7 +15,7 @@
   fixes that sum exactly and each alone only to ~1e-3 in float32. Such examples are the
   weak spot of batch inversion: the summed gradient of two images of one class barely tells
   them from two blends of them (a cosine of ~5e-10 apart on an untrained LeNetZhu, B=8), and
-  the TV prior prefers the blends. Both end with a polish (``IGConfig.polish_iterations``):
+  the TV prior prefers the blends. IG and ``fedavg`` end with a polish (``polish_iterations``):
   L-BFGS in float64 on the update distance alone, from the kept images (``lbfgs_polish``).
   Signed Adam in float32 stops far from the optimum: on a batch of 8 Fashion-MNIST images the
   gradient's cosine distance was 7e-9 where the true images give 4e-15, and 2,000 polish steps
