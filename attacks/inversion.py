@@ -349,6 +349,11 @@ class IGConfig:
     plain_restart: bool = True
     polish_iterations: int = 500
 
+    @property
+    def polish_steps(self) -> int:
+        """The polish's length: ``polish_iterations``, at most ``max_iterations``."""
+        return min(self.polish_iterations, self.max_iterations)
+
 
 PLAIN_RECIPE: dict[str, object] = {
     "cosine": "global", "tv_weight": 0.1, "tv_decay": False, "feature_weight": 0.0,
@@ -553,7 +558,7 @@ class InvertingGradients(_UpdateMatching):
         )
         rival = type(self)(recipe)
         other = rival.search(update, global_model, metadata, deadline)
-        steps = min(cfg.polish_iterations, cfg.max_iterations)
+        steps = cfg.polish_steps
         first = steps // 5  # both polished this far, then the nearer one the rest of the way
         found = self.polish(found, update, global_model, metadata, deadline, first)
         other = rival.polish(other, update, global_model, metadata, deadline, first)
@@ -631,7 +636,7 @@ class InvertingGradients(_UpdateMatching):
         float64 on the update distance alone (no prior, no feature term) from the kept images
         (``lbfgs_polish``); skipped when the deadline has hit."""
         if steps is None:
-            steps = min(self.config.polish_iterations, self.config.max_iterations)
+            steps = self.config.polish_steps
         if steps <= 0 or found.budget_hit or found.images is None or found.labels is None:
             return found
         model, weights, observed = rebuild(update, global_model, metadata, torch.float64)
