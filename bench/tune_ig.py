@@ -66,6 +66,8 @@ NO_FEATURE: dict[str, Any] = {"tv_decay": False, "feature_weight": 0.0}
 SETTINGS: tuple[dict[str, Any], ...] = (
     PLAIN,
     {"cosine": "global", "tv_weight": 1e-2, **NO_FEATURE},
+    # surrogate second derivatives through ReLUs and max-pools (IGConfig.surrogate)
+    {"cosine": "global", "tv_weight": 1e-2, **NO_FEATURE, "surrogate": 3.0},
     {"cosine": "per_layer", "tv_weight": 1e-2, **NO_FEATURE},
     {"cosine": "global", "tv_weight": 1e-4, **NO_FEATURE},
     {"cosine": "per_layer", "tv_weight": 1e-1, **NO_FEATURE},
