@@ -186,7 +186,8 @@ annealed to 0.5 24.6, 10 23.7; 6 digits: 0.1 17.4, 0.3 23.4, 1 25.8, 2 25.2, 3 2
 with two restarts 29.1 dB (6 digits). The float64 polish added nothing there (3 digits: 25.9
 dB with and without; 2.8 s per image), so it is off; 800 iterations (27.5 dB; 1,000: 29.1, 600:
 25.5) keep a digit under 20 s alone; at 800, TV 0.02 gave 24.3 dB and 0.005 25.0. Adam's
-learning rate 0.2 (12 digits: 25.7 -> 27.4 dB; 6 digits 27.5 -> 28.5; the sign dropped: 22.6)."""
+learning rate 0.2 (12 digits: 25.7 -> 27.4 dB, 0.3 27.7, within the digits' spread; 6 digits
+27.5 -> 28.5; the sign dropped: 22.6)."""
 PLAIN_IG: dict[str, Any] = {**PLAIN_RECIPE, "polish_iterations": 0}
 """Geiping et al.'s recipe as published (``attacks.inversion.PLAIN_RECIPE``, without the float64
 polish), run with the labels given."""
