@@ -123,7 +123,6 @@ class SurrogateMaxPool2d(nn.Module):
         self.tau = tau
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
         if ph or pw:
             x = F.pad(x, (pw, pw, ph, ph), value=float("-inf"))

@@ -636,6 +636,28 @@ def test_the_plain_restart_keeps_the_result_nearer_the_gradient(
     assert chose == ["plain", "ours"]
 
 
+def test_inverting_gradients_searches_through_the_surrogate_only_when_asked(
+    digits: tuple[np.ndarray, np.ndarray],
+) -> None:
+    client, weights, meta = victim("lenet", budget_s=60.0)
+    x, y = digits
+    update = simulate_update(client, weights, x[:1], y[:1])
+    images = []
+    for tau in (0.0, 3.0):
+        attack = get_attack(
+            "inverting_gradients", max_iterations=20, surrogate=tau, polish_iterations=0,
+            plain_restart=False, labels="given", given_labels=(int(y[0]),),
+            cosine="global", tv_weight=1e-2, feature_weight=0.0,
+        )  # fmt: skip
+        searched = attack.searched_model(client)  # type: ignore[attr-defined]
+        assert (searched is client) == (tau == 0)
+        assert any(isinstance(m, torch.nn.ReLU) for m in searched.module.modules()) == (tau == 0)
+        rec = attack.reconstruct(update, weights, meta)
+        assert rec.images is not None
+        images.append(rec.images)
+    assert not (images[0] == images[1]).all()  # the surrogate moved the search elsewhere
+
+
 def test_lbfgs_polish_runs_on_iterations_inside_the_box_and_never_ends_worse() -> None:
     goal = torch.linspace(-0.2, 1.2, 12, dtype=torch.float64).reshape(1, 1, 3, 4)
 
