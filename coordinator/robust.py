@@ -83,7 +83,7 @@ def anomaly_scores(flat: np.ndarray) -> np.ndarray:
     [0, 2]) plus |ln(‖u‖ / median norm)| (magnitude): 0 for an update like the median; a
     sign-flipped or boosted update scores high either way. A zero update's log term is ln of
     the smallest positive float64."""
-    return norms_and_scores(median_update(flat[:: median_step(len(flat))]), [flat])[1]
+    return norms_and_scores(median_update([flat[:: median_step(len(flat))]]), [flat])[1]
 
 
 # Above this many updates, the median update is taken over this many of them, evenly spaced in
@@ -96,13 +96,24 @@ def median_step(n: int) -> int:
     return max(1, -(-n // MEDIAN_SAMPLE))
 
 
-def median_update(sample: np.ndarray, width: int = 4096) -> np.ndarray:
-    """The coordinate-wise median of the ``sample``'s rows in float64, ``width`` columns at a
-    time (memory of one float64 slice, not of the sample)."""
+def median_update(blocks: Iterable[np.ndarray], width: int = 512) -> np.ndarray:
+    """The coordinate-wise median in float64 of a sample of updates whose columns come in
+    ``blocks`` (each k × w, left to right), ``width`` columns at a time (memory of one float64
+    slice, not of the sample)."""
     return np.concatenate(  # transposed: each column's values contiguous (1.6x faster)
-        [np.median(np.ascontiguousarray(sample[:, lo : lo + width].T, np.float64), axis=1)
-         for lo in range(0, sample.shape[1], width)]
+        [row_medians(np.ascontiguousarray(block[:, lo : lo + width].T, np.float64))
+         for block in blocks for lo in range(0, block.shape[1], width)]
     )  # fmt: skip
+
+
+def row_medians(t: np.ndarray) -> np.ndarray:
+    """``np.median(t, axis=1)`` bit for bit (finite values), with one partition: for an even
+    count numpy partitions at both middle ranks, which took 5x as long here."""
+    half = t.shape[1] // 2
+    p = np.partition(t, half, axis=1)
+    if t.shape[1] % 2:
+        return p[:, half]
+    return (p[:, :half].max(axis=1) + p[:, half]) / 2
 
 
 def norms_and_scores(

@@ -171,8 +171,8 @@ def test_anomaly_scores_over_spooled_row_chunks_equal_those_of_the_whole_matrix(
     devices = [f"d{i}" for i in range(len(ups))]
     for i in reversed(range(len(ups))):  # arrival order is not the device order
         spool.put(devices[i], ups[i][0])
-    for size, width in ((1, 1), (4, 5), (100, 4096)):
-        median = median_update(spool.rows(devices), width)
+    for size, block, width in ((1, 1, 1), (4, 5, 3), (100, 4096, 512)):
+        median = median_update(spool.column_blocks(devices, block), width)
         got_norms, got = norms_and_scores(median, spool.row_chunks(devices, size))
         np.testing.assert_allclose(got_norms, norms, rtol=1e-12)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
@@ -182,7 +182,8 @@ def test_anomaly_scores_over_spooled_row_chunks_equal_those_of_the_whole_matrix(
 
 def test_fedavg_of_spooled_updates_is_bit_identical_and_reads_each_once(tmp_path: Path) -> None:
     """The coordinator's FedAvg mean over its disk spool equals the in-memory mean bit for bit,
-    reading every update once; the spool is empty again after ``clear``."""
+    reading every update once; the spool is empty again after ``clear``, and the next round's
+    rows overwrite the last's without growing its file."""
     from coordinator.spool import UpdateSpool
 
     rng = np.random.default_rng(1)
@@ -202,8 +203,12 @@ def test_fedavg_of_spooled_updates_is_bit_identical_and_reads_each_once(tmp_path
     for k in shapes:
         assert got[k].tobytes() == want[k].tobytes()
         assert np.array_equal(read("d3")[k], ups[3][0][k])
+    size = spool.file_bytes()
     spool.clear()
     assert len(spool) == 0 and "d0" not in spool
+    spool.put("e", ups[5][0])  # the next round's first row: in place of d0's, the file as big
+    assert len(spool) == 1 and spool.file_bytes() == size
+    assert all(np.array_equal(spool.params("e")[k], ups[5][0][k]) for k in shapes)
 
 
 def test_defence_specs_parse_and_name_what_is_valid() -> None:
