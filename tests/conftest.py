@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 from collections.abc import Iterator
@@ -12,6 +13,28 @@ import pytest
 from edge.manifest import ModelArtifact
 from edge.mqtt import BrokerAddress
 from edgeleak.broker import local_broker, mosquitto_path
+
+# The files whose tests change machine-wide state (network namespaces, bridges, a Ray cluster).
+# When the suite runs in parallel (``-n 2 --dist loadfile``: pytest-xdist, a file at a time on
+# each worker, so that its module fixtures are made once), they take turns (``_machine_wide``).
+MACHINE_WIDE = frozenset({"test_netem.py", "test_sites.py", "test_faults.py", "test_ray_fleet.py"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _machine_wide(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Under xdist, a ``MACHINE_WIDE`` file holds a lock shared by the workers while it runs
+    (its module fixtures included: this one is set up before them)."""
+    if request.path.name not in MACHINE_WIDE or "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    with open(tmp_path_factory.getbasetemp().parent / "machine-wide.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,10 +48,13 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One export cache for the session (demos run as subprocesses inherit it): each model is
-    exported once per session, never taken from a cache outside the tests."""
+    exported once per session, never taken from a cache outside the tests. The parallel
+    suite's workers share it (the cache renames finished entries into place)."""
     from export.cache import CACHE_ENV
 
-    folder = tmp_path_factory.mktemp("export-cache")
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "export-cache"
+    folder.mkdir(exist_ok=True)
     before = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(folder)
     yield folder
