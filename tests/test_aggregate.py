@@ -140,6 +140,19 @@ def test_flame_excludes_the_odd_direction_and_clips_to_the_median_norm() -> None
     np.testing.assert_allclose(delta, np.random.default_rng(0).normal(0, 0.01 * s, 2), atol=1e-7)
 
 
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 999, 1000])
+def test_row_medians_are_numpys_medians_bit_for_bit(count: int) -> None:
+    """One partition instead of numpy's two for an even count, the same float64 bits; ties and
+    repeated values included."""
+    from coordinator.robust import row_medians
+
+    rng = np.random.default_rng(count)
+    normal = rng.normal(size=(50, count))
+    ties = rng.integers(-3, 3, size=(50, count)).astype(np.float64)
+    for t in (normal, ties, np.float32(normal).astype(np.float64)):
+        assert row_medians(t).tobytes() == np.median(t, axis=1).tobytes()
+
+
 def test_anomaly_score_is_cosine_distance_plus_log_norm_ratio() -> None:
     from coordinator.robust import anomaly_scores
 
