@@ -68,10 +68,7 @@ class UpdateSpool:
 
     def rows(self, devices: Sequence[str]) -> np.ndarray:
         """``devices``' rows as one len(devices) × width float32 matrix."""
-        out = np.empty((len(devices), self.width), np.float32)
-        for i, d in enumerate(devices):
-            self._read(out[i], self._rows[d], 0)
-        return out
+        return next(self.column_blocks(devices, self.width))
 
     def row_chunks(self, devices: Sequence[str], size: int = 64) -> Iterator[np.ndarray]:
         """``devices``' rows, ``size`` at a time (the last chunk may be shorter). The float64
