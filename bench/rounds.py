@@ -2,7 +2,9 @@
 
 For each fleet size N, all of Fashion-MNIST is split IID over N devices and every device runs
 one FedAvg epoch (B=32) per round on the ONNX runtime, over mosquitto. The baseline is the same
-local training and aggregation in a bare in-process loop, no MQTT, measured in the same run.
+local training and aggregation in a bare in-process loop, no MQTT, measured in the same run:
+once before and once after the fleet's rounds, and their mean is the baseline (this VM's speed
+drifts by tens of percent within minutes; both figures are in the JSON).
 
     python bench/rounds.py --json rounds.json [--devices 10 100 1000] [--rounds 3]
                            [--engine local|ray [--ray-address local|auto|HOST:PORT]]
@@ -202,10 +204,16 @@ def fleet_rounds(
             t_connect = time.perf_counter() - t_connect
             time.sleep(2)  # idle: every device connected, none training
             idle = rss_mb([os.getpid(), *child_pids(os.getpid())])
-            results = [coord.run_round(r) for r in range(1, rounds + 1)]
+            warmup = 1 if rounds > 1 else 0  # round 1 pays for session warm-up
+            results = [coord.run_round(r) for r in range(1, warmup + 1)]
+            cpu_before = rss.cpu()
+            results += [coord.run_round(r) for r in range(warmup + 1, rounds + 1)]
+            timed_cpu = {
+                k: round((v - cpu_before[k]) / (rounds - warmup), 1) for k, v in rss.cpu().items()
+            }
             coord.end()
         store.close()
-    timed = results[1:] if len(results) > 1 else results  # round 1 pays for session warm-up
+    timed = results[warmup:]
     return {
         "engine": engine,
         "nodes": nodes,
@@ -214,6 +222,7 @@ def fleet_rounds(
         "peak_rss_mb": round(rss.peak, 1),
         "peak_rss_mb_by_part": {k: round(v, 1) for k, v in rss.parts.items()},
         "cpu_seconds_by_part": rss.cpu(),  # the whole run: connect, idle and every round
+        "cpu_seconds_per_round_by_part": timed_cpu,  # the timed rounds only
         "lost_messages": int(sum(r.selected - r.accepted for r in results)),
         "connect_seconds": round(t_connect, 2),
         "idle_rss_mb": round(idle, 1),  # all connected, before the first round
@@ -284,11 +293,15 @@ def main() -> None:
         for n in args.devices:
             shards = iid(n_train, n, seed=0)
             console.print(f"[bold]{n} devices[/]: bare loop ...")
-            bare = bare_round_apart(str(artifact.folder), shards, plan)
+            before = bare_round_apart(str(artifact.folder), shards, plan)
             console.print(f"[bold]{n} devices[/]: fleet over mosquitto, {args.rounds} rounds ...")
             row = fleet_rounds(
                 artifact, n, args.rounds, plan, shards, args.workers, args.engine, args.ray_address
             )
+            console.print(f"[bold]{n} devices[/]: bare loop again ...")
+            after = bare_round_apart(str(artifact.folder), shards, plan)
+            bare = (before + after) / 2
+            row["bare_loop_seconds_before_after"] = [before, after]
             row["bare_loop_seconds"] = bare
             row["overhead_ratio"] = row["seconds_per_round"] / bare
             rows.append(row)

@@ -109,15 +109,23 @@ HoldFn = Callable[[Device, Received, Outgoing], float]
 class SelectorLoop:
     """Drives many paho clients from one selector, in the calling thread."""
 
+    RECONNECT_S = 1.0  # how often clients whose socket closed try again
+    # How often every client's keepalive is checked: devices keep alive for 120 s (the broker
+    # waits 1.5 times that); a check of 5,000 clients takes tens of ms.
+    KEEPALIVE_SWEEP_S = 10.0
+
     def __init__(self) -> None:
         self.sel = selectors.DefaultSelector()
         self.clients: list[mqtt.Client] = []
+        self.lost: set[mqtt.Client] = set()  # socket closed: reconnect on the next ``misc``
+        self._last_misc = self._last_sweep = time.monotonic()
 
     def add(self, client: mqtt.Client) -> None:
         def opened(c: mqtt.Client, _u: Any, sock: Any) -> None:
             self.sel.register(sock, selectors.EVENT_READ, c)
 
-        def closed(_c: mqtt.Client, _u: Any, sock: Any) -> None:
+        def closed(c: mqtt.Client, _u: Any, sock: Any) -> None:
+            self.lost.add(c)
             try:
                 self.sel.unregister(sock)
             except (KeyError, ValueError):
@@ -148,13 +156,21 @@ class SelectorLoop:
                 c.loop_write()
 
     def misc(self) -> None:
-        """Keepalives and reconnects."""
-        for c in self.clients:
+        """When due: reconnect the clients whose socket closed (every ``RECONNECT_S``), and
+        check every client's keepalive, a ping where one is due (every ``KEEPALIVE_SWEEP_S``)."""
+        now = time.monotonic()
+        if now - self._last_misc < self.RECONNECT_S:
+            return
+        sweep = now - self._last_sweep >= self.KEEPALIVE_SWEEP_S
+        clients, self.lost = (self.clients if sweep else list(self.lost)), set()
+        self._last_misc, self._last_sweep = now, (now if sweep else self._last_sweep)
+        for c in clients:
             if c.loop_misc() == mqtt.MQTT_ERR_NO_CONN:
                 try:
                     c.reconnect()
                 except OSError as e:
                     log.warning("reconnect failed: %s", e)
+                    self.lost.add(c)
 
 
 def _raise_fd_limit() -> None:
@@ -195,7 +211,7 @@ def run_devices(
     ended = False
     held: list[tuple[float, int, str, Outgoing]] = []  # (due, order, device, update): a heap
     order = itertools.count()
-    last_misc = last_msg = time.monotonic()
+    last_msg = time.monotonic()
     while not ended and not (stop is not None and stop.is_set()):
         wait = 0.05 if not held else min(0.05, max(0.0, held[0][0] - time.monotonic()))
         loop.poll(0 if not inbox.empty() else wait)
@@ -203,9 +219,7 @@ def run_devices(
         while held and held[0][0] <= now:
             _, _, device_id, due_out = heapq.heappop(held)
             clients[device_id].publish(due_out.topic, due_out.payload, qos=QOS)
-        if now - last_misc > 1.0:
-            loop.misc()
-            last_misc = now
+        loop.misc()
         try:
             msg = inbox.get_nowait()
         except queue.Empty:

@@ -80,7 +80,7 @@ class LightSecAggFleet:
             c.disconnect()
 
     def _serve(self) -> None:
-        last_misc = 0.0
+        last_poll = time.monotonic()
         while not self._stop.is_set():
             self.loop.poll(0.02)
             while True:
@@ -89,13 +89,11 @@ class LightSecAggFleet:
                 except queue.Empty:
                     break
                 self._handle(msg)
-                if time.monotonic() - last_misc > 5.0:
+                if time.monotonic() - last_poll > 5.0:
                     self.loop.poll(0)  # send what is queued, keep the connections alive
                     self.loop.misc()
-                    last_misc = time.monotonic()
-            if time.monotonic() - last_misc > 1.0:
-                self.loop.misc()
-                last_misc = time.monotonic()
+                    last_poll = time.monotonic()
+            self.loop.misc()
 
     def _publish(self, device: str, topic: str, payload: bytes) -> None:
         self.clients[device].publish(topic, payload, qos=QOS)

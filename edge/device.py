@@ -85,7 +85,9 @@ class SpillFile:
         if size > capacity:
             offset, capacity = self._end, size
             self._end += size
-        os.pwrite(self._file.fileno(), b"".join(payloads), offset)
+        wrote = os.pwritev(self._file.fileno(), payloads, offset)  # no joined copy
+        if wrote != size:
+            raise OSError(f"spill: wrote {wrote} of {size} bytes of {device}'s payloads")
         self._slots[device] = (offset, capacity, [len(p) for p in payloads])
 
     def take(self, device: str) -> list[bytes]:
