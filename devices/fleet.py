@@ -117,6 +117,7 @@ class SelectorLoop:
     def __init__(self) -> None:
         self.sel = selectors.DefaultSelector()
         self.clients: list[mqtt.Client] = []
+        self._serving: set[mqtt.Client] = set()  # ``clients``, for membership
         self.lost: set[mqtt.Client] = set()  # socket closed: reconnect on the next ``misc``
         self._last_misc = self._last_sweep = time.monotonic()
 
@@ -137,7 +138,7 @@ class SelectorLoop:
         def done_write(c: mqtt.Client, _u: Any, sock: Any) -> None:
             try:
                 self.sel.modify(sock, selectors.EVENT_READ, c)
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, OSError):  # the socket or the selector is closed
                 pass
 
         client.on_socket_open = opened
@@ -145,6 +146,12 @@ class SelectorLoop:
         client.on_socket_register_write = want_write
         client.on_socket_unregister_write = done_write
         self.clients.append(client)
+        self._serving.add(client)
+
+    def drop(self, client: mqtt.Client) -> None:
+        """Stop keeping ``client`` alive and connected (it leaves on purpose)."""
+        self.clients.remove(client)
+        self._serving.discard(client)
 
     def poll(self, timeout: float) -> None:
         """Serve every ready socket once."""
@@ -162,7 +169,8 @@ class SelectorLoop:
         if now - self._last_misc < self.RECONNECT_S:
             return
         sweep = now - self._last_sweep >= self.KEEPALIVE_SWEEP_S
-        clients, self.lost = (self.clients if sweep else list(self.lost)), set()
+        lost = [c for c in self.lost if c in self._serving]
+        clients, self.lost = (self.clients if sweep else lost), set()
         self._last_misc, self._last_sweep = now, (now if sweep else self._last_sweep)
         for c in clients:
             if c.loop_misc() == mqtt.MQTT_ERR_NO_CONN:

@@ -133,4 +133,4 @@ class LightSecAggFleet:
             status = json.dumps({"state": "offline"}).encode()
             self._publish(device, wire.status_topic(run, device), status)
             self.clients[device].disconnect()
-            self.loop.clients.remove(self.clients[device])  # no reconnect by ``misc``
+            self.loop.drop(self.clients[device])  # no reconnect by ``misc``
