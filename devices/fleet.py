@@ -116,8 +116,7 @@ class SelectorLoop:
 
     def __init__(self) -> None:
         self.sel = selectors.DefaultSelector()
-        self.clients: list[mqtt.Client] = []
-        self._serving: set[mqtt.Client] = set()  # ``clients``, for membership
+        self.clients: set[mqtt.Client] = set()
         self.lost: set[mqtt.Client] = set()  # socket closed: reconnect on the next ``misc``
         self._last_misc = self._last_sweep = time.monotonic()
 
@@ -145,13 +144,11 @@ class SelectorLoop:
         client.on_socket_close = closed
         client.on_socket_register_write = want_write
         client.on_socket_unregister_write = done_write
-        self.clients.append(client)
-        self._serving.add(client)
+        self.clients.add(client)
 
     def drop(self, client: mqtt.Client) -> None:
         """Stop keeping ``client`` alive and connected (it leaves on purpose)."""
-        self.clients.remove(client)
-        self._serving.discard(client)
+        self.clients.discard(client)
 
     def poll(self, timeout: float) -> None:
         """Serve every ready socket once."""
@@ -169,8 +166,8 @@ class SelectorLoop:
         if now - self._last_misc < self.RECONNECT_S:
             return
         sweep = now - self._last_sweep >= self.KEEPALIVE_SWEEP_S
-        lost = [c for c in self.lost if c in self._serving]
-        clients, self.lost = (self.clients if sweep else lost), set()
+        clients = list(self.clients if sweep else self.lost & self.clients)
+        self.lost = set()
         self._last_misc, self._last_sweep = now, (now if sweep else self._last_sweep)
         for c in clients:
             if c.loop_misc() == mqtt.MQTT_ERR_NO_CONN:
